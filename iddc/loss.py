@@ -1,0 +1,303 @@
+"""`IDDCLoss`: the drop-in IDDC objective (SPEC section 2) with interchangeable exact backends.
+
+A backend computes only the pair terms: for the positive set and every negative shift, the sum
+of the selected pairs' values and their count (see :func:`iddc.reference.pair_sums` for the
+contract). This module normalises the inputs, draws the shifts, turns sums into means and adds
+the imbalance regulariser; all of that is O(B N (D + K)) and never touches a pair matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .reference import H_VARIANTS, REGULARISERS
+
+BACKENDS = ("auto", "reference", "streaming", "triton")
+
+#: SPEC section 3: (lambda1, lambda2, t_pos, t_neg) per data set and backbone.
+PRESETS = {
+    "cocostuff27-vits8": dict(lambda1=1.4, lambda2=0.25, t_pos=0.2, t_neg=0.12),
+    "cocostuff27-vits16": dict(lambda1=1.4, lambda2=0.4, t_pos=0.2, t_neg=0.12),
+    "cocostuff171": dict(lambda1=9.0, lambda2=0.61, t_pos=0.15, t_neg=0.15),
+    "cityscapes-vitb8": dict(lambda1=0.38, lambda2=0.22, t_pos=0.2, t_neg=0.28),
+    "cityscapes-vits8": dict(lambda1=0.25, lambda2=0.3, t_pos=0.15, t_neg=0.25),
+}
+
+
+@dataclass
+class IDDCConfig:
+    """Every hyper-parameter of the objective, as data (YAML- and CLI-friendly)."""
+    t_pos: float = 0.2
+    t_neg: float = 0.12
+    lambda1: float = 1.4
+    lambda2: float = 0.25
+    regulariser: str = "weibull"
+    weibull_shape: float = 0.3
+    weibull_scale: float = 5.0
+    reg_scale: float = 1.0 / 50
+    h: str = "exp"
+    num_shifts: int = 3
+    backend: str = "auto"
+    check_finite: bool = True
+    # triton only: "ieee" (exact fp32 feature dot) or "tf32" (tensor cores; may flip pairs
+    # within ~1e-3 of a threshold), and bit-identical results run to run
+    precision: str = "ieee"
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.h not in H_VARIANTS:
+            raise ValueError(f"h={self.h!r} is not a known variant; expected one of {H_VARIANTS}")
+        if self.regulariser not in REGULARISERS:
+            raise ValueError(f"regulariser={self.regulariser!r} is not known; expected one of "
+                             f"{REGULARISERS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not known; expected one of {BACKENDS}")
+        if self.precision not in ("ieee", "tf32"):
+            raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
+        if int(self.num_shifts) != self.num_shifts or self.num_shifts < 0:
+            raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
+        if self.weibull_scale <= 0 or self.weibull_shape <= 0:
+            raise ValueError("weibull_shape and weibull_scale must be positive, got "
+                             f"{self.weibull_shape} and {self.weibull_scale}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "IDDCConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown IDDCConfig fields {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class IDDCOutput:
+    """What `IDDCLoss` returns: the total and each term (0-dim tensors) with the pair counts."""
+    loss: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    reg: torch.Tensor
+    pos_count: torch.Tensor
+    neg_counts: torch.Tensor
+    shifts: tuple = field(default_factory=tuple)
+
+
+PairSums = Callable[..., tuple]
+
+
+def _streaming_backend() -> PairSums:
+    from .streaming import streaming_pair_sums
+    return streaming_pair_sums
+
+
+def _triton_backend() -> PairSums:
+    try:
+        from iddc_kernels import triton_pair_sums
+    except ImportError as err:  # triton missing, or the package not installed
+        raise RuntimeError(f"backend='triton' needs Triton and the iddc_kernels package: {err}") \
+            from err
+    return triton_pair_sums
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import iddc_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend `name` means for tensors on `device` ("auto": fastest exact path)."""
+    if name == "auto":
+        return "triton" if _triton_usable(device) else "streaming"
+    if name == "triton" and device.type != "cuda":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                             f"before triton is imported, for testing); got {device}")
+    return name
+
+
+def get_pair_sums(name: str) -> PairSums:
+    if name == "reference":
+        return reference.pair_sums
+    if name == "streaming":
+        return _streaming_backend()
+    if name == "triton":
+        return _triton_backend()
+    raise ValueError(f"backend={name!r} is not known; expected one of {BACKENDS}")
+
+
+def check_inputs(feats_a, feats_b, logits_a, logits_b, check_finite: bool = True) -> None:
+    """Raise ValueError naming the problem if the four maps cannot form an IDDC batch."""
+    named = {"feats_a": feats_a, "feats_b": feats_b, "logits_a": logits_a, "logits_b": logits_b}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (B x C x h x w), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        raise ValueError("inputs are on different devices: "
+                         + ", ".join(f"{k} on {v.device}" for k, v in named.items()))
+    batch = {k: v.shape[0] for k, v in named.items()}
+    if len(set(batch.values())) > 1:
+        raise ValueError(f"batch sizes differ: {batch}")
+    if feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"feature dim D differs between views: feats_a has {feats_a.shape[1]}, "
+                         f"feats_b has {feats_b.shape[1]}")
+    if logits_a.shape[1] != logits_b.shape[1]:
+        raise ValueError(f"class count K differs between views: logits_a has "
+                         f"{logits_a.shape[1]}, logits_b has {logits_b.shape[1]}")
+    if logits_a.shape[1] < 2:
+        raise ValueError(f"need at least 2 classes, logits have K={logits_a.shape[1]}")
+    for view, f, z in (("a", feats_a, logits_a), ("b", feats_b, logits_b)):
+        if f.shape[2:] != z.shape[2:]:
+            raise ValueError(f"view {view}: feats_{view} is {tuple(f.shape[2:])} (h x w) but "
+                             f"logits_{view} is {tuple(z.shape[2:])}; they must match")
+    if check_finite:
+        for name, t in named.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip "
+                                 "this check)")
+
+
+def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator] = None) -> tuple:
+    """S shifts drawn uniformly from 1..B-1, with replacement (a CPU draw: no device sync)."""
+    if num_shifts == 0:
+        return ()
+    if batch < 2:
+        raise ValueError(f"negative pairs need at least 2 images, got batch size {batch}; pass "
+                         "num_shifts=0 (or shifts=()) for a positive-only loss")
+    device = generator.device if generator is not None else "cpu"
+    r = torch.randint(1, batch, (num_shifts,), generator=generator, device=device)
+    return tuple(int(x) for x in r.tolist())
+
+
+def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
+    try:
+        out = tuple(int(r) for r in shifts)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}") from err
+    bad = [r for r in out if not 1 <= r <= batch - 1]
+    if bad:
+        raise ValueError(f"shifts {bad} are out of range: each must lie in 1..B-1 = 1..{batch - 1}")
+    return out
+
+
+def flatten_views(feats_a, feats_b, logits_a, logits_b):
+    """Unit features (no grad) and probabilities, as B x N x D and B x N x K, float32 or 64."""
+    dtype = torch.float64 if torch.float64 in (feats_a.dtype, logits_a.dtype) else torch.float32
+    with torch.no_grad():
+        u = [F.normalize(f.to(dtype), dim=1, eps=1e-12).flatten(2).transpose(1, 2).contiguous()
+             for f in (feats_a, feats_b)]
+    p = [torch.softmax(z.to(dtype), dim=1).flatten(2).transpose(1, 2).contiguous()
+         for z in (logits_a, logits_b)]
+    return u[0], u[1], p[0], p[1]
+
+
+class IDDCLoss(nn.Module):
+    r"""IDDC objective: transfer ViT pixel-pair affinities to the label space, plus a Weibull
+    imbalance regulariser (Liu, Zhang, Tang, IJCV 2024; SPEC section 2).
+
+    With unit features :math:`u` and probabilities :math:`p = \mathrm{softmax}(z)` of views A and
+    B, :math:`f_{ij} = u_i \cdot u_j` (a constant) and :math:`c_{ij} = p_i \cdot p_j`:
+
+    .. math::
+        L^+ = \frac{\sum_{f_{ij} > t^+} \max(f_{ij}, 10^{-8})\, h^+(c_{ij})}{\#\{f_{ij} > t^+\}}
+        \quad (i \in A_b,\ j \in B_b)
+
+        L^-_r = \frac{\sum_{f_{ij} < t^-} (1 - \max(f_{ij}, 0))\, h^-(c_{ij})}{\#\{f_{ij} < t^-\}}
+        \quad (i \in A_b,\ j \in A_{(b + r) \bmod B})
+
+        L = L^+ + \lambda_1 \operatorname{mean}_r L^-_r + \lambda_2\, s\, L_W
+
+    with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (or ``linear``: :math:`1-c, c`; ``log``:
+    :math:`-\log c, -\log(1-c)`), counts global over the batch, an empty selection contributing
+    0, and :math:`L_W` the Weibull (or entropy) regulariser on view A's class masses, scaled by
+    ``reg_scale`` :math:`s = 1/50`.
+
+    Shapes:
+        feats_a: B x D x h_a x w_a, feats_b: B x D x h_b x w_b (backbone features),
+        logits_a: B x K x h_a x w_a, logits_b: B x K x h_b x w_b (head logits).
+        N = h_a w_a and M = h_b w_b may differ. Returns an :class:`IDDCOutput` of 0-dim tensors.
+
+    Backends (all exact, same maths): ``"reference"`` materialises B x N x M matrices;
+    ``"streaming"`` walks tiles of pairs on any device, never building an N x M matrix;
+    ``"triton"`` runs fused kernels on CUDA; ``"auto"`` picks triton on CUDA, else streaming.
+
+    Example:
+        >>> loss_fn = IDDCLoss.from_preset("cocostuff27-vits8")
+        >>> fa, fb = torch.randn(4, 384, 28, 28), torch.randn(4, 384, 28, 28)
+        >>> za = torch.randn(4, 27, 28, 28, requires_grad=True)
+        >>> zb = torch.randn(4, 27, 28, 28, requires_grad=True)
+        >>> out = loss_fn(fa, fb, za, zb, shifts=(1, 2, 3))
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, t_pos: float = 0.2, t_neg: float = 0.12, lambda1: float = 1.4,
+                 lambda2: float = 0.25, regulariser: str = "weibull", weibull_shape: float = 0.3,
+                 weibull_scale: float = 5.0, reg_scale: float = 1.0 / 50, h: str = "exp",
+                 num_shifts: int = 3, backend: str = "auto", check_finite: bool = True,
+                 precision: str = "ieee", deterministic: bool = False):
+        super().__init__()
+        self.config = IDDCConfig(t_pos=t_pos, t_neg=t_neg, lambda1=lambda1, lambda2=lambda2,
+                                 regulariser=regulariser, weibull_shape=weibull_shape,
+                                 weibull_scale=weibull_scale, reg_scale=reg_scale, h=h,
+                                 num_shifts=num_shifts, backend=backend, check_finite=check_finite,
+                                 precision=precision, deterministic=deterministic)
+
+    @classmethod
+    def from_config(cls, config: IDDCConfig) -> "IDDCLoss":
+        return cls(**asdict(config))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "IDDCLoss":
+        """A loss with SPEC section 3's hyper-parameters, e.g. ``"cocostuff27-vits8"``."""
+        return cls.from_config(IDDCConfig.from_preset(name, **overrides))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+    def forward(self, feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
+                generator: Optional[torch.Generator] = None) -> IDDCOutput:
+        cfg = self.config
+        check_inputs(feats_a, feats_b, logits_a, logits_b, cfg.check_finite)
+        batch = feats_a.shape[0]
+        if shifts is None:
+            shifts = draw_shifts(batch, cfg.num_shifts, generator)
+        else:
+            shifts = check_shifts(shifts, batch)
+        backend = resolve_backend(cfg.backend, feats_a.device)
+        u_a, u_b, p_a, p_b = flatten_views(feats_a, feats_b, logits_a, logits_b)
+        options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
+                   if backend == "triton" else {})
+        sums, counts = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,
+                                               t_neg=cfg.t_neg, h=cfg.h, **options)
+        # counts carry no gradient; an empty selection has sum 0, so the term is 0 with 0 grad
+        means = sums / counts.clamp_min(1).to(sums.dtype)
+        pos = means[0]
+        neg = means[1:].mean() if len(shifts) else means.new_zeros(())
+        reg = reference.regulariser(p_a, cfg.regulariser, cfg.weibull_shape, cfg.weibull_scale)
+        loss = pos + cfg.lambda1 * neg + cfg.lambda2 * cfg.reg_scale * reg
+        return IDDCOutput(loss=loss, pos=pos, neg=neg, reg=reg, pos_count=counts[0],
+                          neg_counts=counts[1:], shifts=shifts)
+
+
+def iddc_loss(feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
+              generator: Optional[torch.Generator] = None, **config) -> IDDCOutput:
+    """Functional form of :class:`IDDCLoss`: ``iddc_loss(fa, fb, za, zb, shifts, **config)``."""
+    return IDDCLoss(**config)(feats_a, feats_b, logits_a, logits_b, shifts=shifts,
+                              generator=generator)
