@@ -1,0 +1,233 @@
+"""IDDC model (SPEC section 1): frozen timm ViT backbone -> conv head -> K-way logits, plus the
+linear probe trained alongside on the detached "inter" map.
+
+Weight loading lives in :func:`load_backbone_weights` (a local DINO or timm checkpoint) and
+:func:`build_backbone` (``pretrained=True``: timm's hub, needs network or a cache).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger("iddc")
+
+#: wrappers around the backbone's state dict in DINO / generic training checkpoints
+WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "backbone")
+#: prefixes of the backbone's keys inside those wrappers
+STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+class WeightsError(RuntimeError):
+    """A weights file could not be found, read or applied."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch8_224"
+    #: the backbone's native input size (its positional-embedding grid); any crop size works,
+    #: timm resamples the embedding on the fly (dynamic_img_size)
+    backbone_img_size: int = 224
+    weights: Optional[str] = None     # a local DINO or timm checkpoint
+    pretrained: bool = False          # ask timm's hub (needs network or a cache)
+    freeze_backbone: bool = True
+    #: extra keyword arguments of timm.create_model (e.g. depth, embed_dim for a tiny test ViT)
+    backbone_kwargs: dict = field(default_factory=dict)
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm ViT without classifier, randomly initialised (from torch's current RNG state)
+    unless ``cfg.pretrained``. Raises WeightsError if pretrained weights cannot be fetched."""
+    kwargs = dict(num_classes=0, img_size=cfg.backbone_img_size, dynamic_img_size=True)
+    kwargs.update(cfg.backbone_kwargs or {})
+    if cfg.pretrained:
+        try:
+            return timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+        except Exception as err:  # no network, no cache, unknown tag, ...
+            raise WeightsError(
+                f"no pretrained weights could be fetched for backbone {cfg.backbone!r} "
+                f"({type(err).__name__}: {err}); this machine may be offline. Download the "
+                "checkpoint elsewhere and pass it with --weights PATH (DINO's .pth files and "
+                "timm state dicts are accepted)") from err
+    try:
+        return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
+
+
+def backbone_data_config(backbone: nn.Module) -> dict:
+    """The backbone's own input normalisation (mean, std) from its pretrained config."""
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    return {"mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
+
+
+def _read_checkpoint(path: str):
+    if not os.path.exists(path):
+        raise WeightsError(f"weights file not found: {path}")
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights path is not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError, AttributeError, KeyError, IndexError, TypeError) as err:
+        first = err
+    # DINO's full training checkpoints pickle an argparse Namespace next to the tensors; only
+    # fall back to full unpickling for that "unsupported global" case.
+    if "weights_only" in str(first) or "Unsupported global" in str(first):
+        log.warning("weights file %s holds non-tensor objects; loading it with full unpickling "
+                    "(only do this with files you trust)", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001
+            first = err
+    raise WeightsError(f"could not read weights file {path}: it is corrupt, truncated or not a "
+                       f"PyTorch checkpoint ({type(first).__name__}: {first})") from first
+
+
+def extract_backbone_state(obj) -> dict:
+    """The backbone's state dict inside a DINO / timm / wrapped checkpoint, prefixes removed."""
+    for _ in range(4):
+        if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("no tensor state dict found in the checkpoint (looked under "
+                           f"{WRAPPER_KEYS})")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for p in STRIP_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) -> dict:
+    """Load a local checkpoint (DINO's .pth, a timm state dict, possibly wrapped under
+    teacher/student/state_dict/model with module./backbone. prefixes) into ``backbone``.
+
+    The positional embedding is resampled (timm.layers.resample_abs_pos_embed) when its grid
+    differs from the backbone's. DINO's projection-head keys (``head.*``) are dropped. Returns a
+    report ``{"path", "loaded", "missing", "unexpected", "resampled"}``; raises WeightsError for
+    a missing/corrupt file, a file with no matching key, a shape mismatch, or (``strict``) any
+    missing/unexpected key.
+    """
+    state = extract_backbone_state(_read_checkpoint(path))
+    own = backbone.state_dict()
+    dropped = sorted(k for k in state if k.startswith("head.") and k not in own)
+    for k in dropped:
+        state.pop(k)
+    resampled = False
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+        grid = backbone.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid),
+                                                    num_prefix_tokens=prefix)
+        resampled = True
+    bad_shape = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                 if k in own and v.shape != own[k].shape}
+    if bad_shape:
+        raise WeightsError(f"weights file {path} does not fit the backbone: shape mismatches "
+                           f"(file vs model) {bad_shape}; is it the right architecture?")
+    result = backbone.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    loaded = len(state) - len(unexpected)
+    if loaded == 0:
+        raise WeightsError(f"weights file {path}: none of its {len(state)} keys match the backbone "
+                           f"(first keys: {list(state)[:5]})")
+    if missing:
+        log.warning("weights %s: %d backbone keys MISSING from the file (left at their random "
+                    "init): %s", path, len(missing), missing)
+    if unexpected:
+        log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)
+    if strict and (missing or unexpected):
+        raise WeightsError(f"weights file {path}: missing keys {missing}, unexpected {unexpected}")
+    return {"path": os.path.abspath(path), "loaded": loaded, "missing": missing,
+            "unexpected": unexpected, "dropped": dropped, "resampled": resampled}
+
+
+class IDDCModel(nn.Module):
+    """Backbone features -> "inter" (Conv3x3+ReLU+Conv1x1+ReLU) -> logits (Conv1x1, K), and the
+    linear probe (Conv1x1, K) on the detached inter map."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, freeze_backbone: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.freeze_backbone = freeze_backbone
+        d = backbone.embed_dim
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
+        self.head = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(d, d, 1), nn.ReLU(inplace=True))
+        self.classifier = nn.Conv2d(d, num_classes, 1)
+        self.probe = nn.Conv2d(d, num_classes, 1)
+        if freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen: no dropout / drop-path noise in the features
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B x D x h x w patch-token map of the last block (prefix tokens dropped)."""
+        b, _, hh, ww = x.shape
+        h, w = hh // self.patch_size, ww // self.patch_size
+        grad = torch.is_grad_enabled() and not self.freeze_backbone
+        with torch.set_grad_enabled(grad):
+            tokens = self.backbone.forward_features(x)
+        tokens = tokens[:, self.backbone.num_prefix_tokens:]
+        return tokens.transpose(1, 2).reshape(b, -1, h, w)
+
+    def heads(self, feats: torch.Tensor):
+        """(inter, logits, probe logits) of a feature map; the probe sees inter detached."""
+        inter = self.head(feats)
+        return inter, self.classifier(inter), self.probe(inter.detach())
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self.features(x)
+        inter, logits, probe = self.heads(feats)
+        return {"feats": feats, "inter": inter, "logits": logits, "probe": probe}
+
+    def head_parameters(self):
+        return list(self.head.parameters()) + list(self.classifier.parameters())
+
+
+def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True):
+    """(IDDCModel, weights report). Without weights the backbone is random (a warning)."""
+    backbone = create_backbone(cfg)
+    if cfg.weights and load_weights:
+        report = load_backbone_weights(backbone, cfg.weights)
+        report["source"] = "file"
+    elif cfg.pretrained:
+        report = {"source": "timm-pretrained", "name": cfg.backbone}
+    else:
+        report = {"source": "random-init"}
+    return IDDCModel(backbone, num_classes, cfg.freeze_backbone), report
+
+
+RANDOM_INIT_BANNER = """
+##########################################################################################
+#  WARNING: the backbone is RANDOMLY INITIALISED (no --weights, no --pretrained).         #
+#  Features are a random ViT's, not DINO's: results say nothing about IDDC on real       #
+#  self-supervised features. Pass --weights dino_deitsmall8_pretrain.pth (or --pretrained  #
+#  with network access) to reproduce the paper's setting.                                #
+##########################################################################################"""
