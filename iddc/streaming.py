@@ -1,0 +1,210 @@
+"""Streaming IDDC pair sums: exact loss and gradients, tile by tile, never an N x M matrix.
+
+`streaming_pair_sums` implements the backend contract of :func:`iddc.reference.pair_sums` for
+any device. It walks row tiles of view A, image by image; for each tile it visits the positive
+partner (view B of the same image) and every negative partner (view A of image (b + r) mod B,
+picked by index), computes the affinity tile with one GEMM per side, applies the threshold and
+the penalty in place on a reused buffer, and accumulates
+
+* the term's sum and count (in float64 / int64),
+* the gradient of the term's sum w.r.t. this tile's rows:      G_l += g @ p_r
+* the gradient of the term's sum w.r.t. the partner's rows:    G_r += g^T @ p_l
+
+where g = dvalue/dc is the masked weight times h'(c). Gradients are kept per term, since the
+global pair counts (the normalisers) are only known after the walk; backward scales them by
+grad_output, which already holds 1/count (the division happens outside, in `iddc.loss`).
+
+The largest temporary is a tile of ``rows x M`` with ``rows < N``, chosen so the tile stays
+around ``tile_elems`` elements (cache-sized).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .reference import LOG_EPS, POS_WEIGHT_FLOOR
+
+#: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
+DEFAULT_TILE_ELEMS = 1 << 21
+_ONE = torch.ones(())
+
+
+def tile_rows(n: int, m: int, tile_elems: int = DEFAULT_TILE_ELEMS) -> int:
+    """Rows per tile: about tile_elems / m, and always fewer than n (no N x M buffer)."""
+    rows = max(1, tile_elems // max(m, 1))
+    if n > 1:
+        rows = min(rows, -(-n // 2))  # at least two tiles per image
+    return max(1, min(rows, n))
+
+
+class _TileBuffers:
+    """Reusable contiguous tile buffers, one pair per partner width: no allocation per step."""
+
+    def __init__(self, rows: int, like: torch.Tensor):
+        self.rows, self.like, self.by_width = rows, like, {}
+
+    def get(self, rows: int, width: int):
+        if width not in self.by_width:
+            self.by_width[width] = (self.like.new_empty(self.rows * width),
+                                    self.like.new_empty(self.rows * width))
+        f, c = self.by_width[width]
+        return f[:rows * width].view(rows, width), c[:rows * width].view(rows, width)
+
+
+def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
+    """Fill f with the masked weight and c with g/alpha; return (value sum, count, alpha).
+
+    The gradient of the tile's value sum w.r.t. c is alpha * c (after the call).
+    """
+    torch.mm(u_l, u_r.t(), out=f)
+    # weight max(f, 1e-8) on f > t: threshold(f, t, 0) keeps f where f > t, zero elsewhere
+    if t_pos >= POS_WEIGHT_FLOOR:
+        torch.threshold(f, t_pos, 0.0, out=f)
+    else:  # the floor matters only when the threshold lets non-positive affinities through
+        f.copy_(torch.where(f > t_pos, f.clamp_min(POS_WEIGHT_FLOOR), 0.0))
+    count = torch.count_nonzero(f)  # the masked weight is > 0 exactly on the selection
+    torch.mm(p_l_neg, p_r.t(), out=c)  # c holds -c_ij
+    if h == "exp":  # value = w e^{1-c}, dvalue/dc = -value
+        c.exp_().mul_(f)
+        return c.sum() * math.e, count, -math.e
+    if h == "linear":  # value = w (1 - c), dvalue/dc = -w
+        value = f.sum() + torch.vdot(f.flatten(), c.flatten())
+        c.copy_(f)
+        return value, count, -1.0
+    if h == "log":  # value = -w log(c + eps), dvalue/dc = -w / (c + eps)
+        c.neg_().add_(LOG_EPS)
+        value = -torch.vdot(f.flatten(), torch.log(c).flatten())
+        torch.div(f, c, out=c)
+        return value, count, -1.0
+    raise ValueError(f"unknown h variant {h!r}")
+
+
+def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
+    """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t."""
+    # f <- 1 - f_ij straight from the GEMM; f < t  <=>  1 - f > 1 - t
+    torch.addmm(_ONE.to(f.device, f.dtype), u_l, u_r.t(), beta=1.0, alpha=-1.0, out=f)
+    if t_neg <= 1.0:
+        # threshold keeps 1 - f > 1 - t (the selection), zero elsewhere; then
+        # w = 1 - max(f, 0) = min(1 - f, 1) is > 0 exactly on the selection (f < t <= 1)
+        torch.threshold(f, 1.0 - t_neg, 0.0, out=f)
+        f.clamp_max_(1.0)
+        count = torch.count_nonzero(f)
+    else:  # a threshold above 1 selects pairs whose weight can be 0 or negative
+        mask = f > 1.0 - t_neg
+        count = mask.sum()
+        f.clamp_max_(1.0).mul_(mask)
+    torch.mm(p_l, p_r.t(), out=c)
+    if h == "exp":  # value = w e^{c}, dvalue/dc = value
+        c.exp_().mul_(f)
+        return c.sum(), count, 1.0
+    if h == "linear":  # value = w c, dvalue/dc = w
+        value = torch.vdot(f.flatten(), c.flatten())
+        c.copy_(f)
+        return value, count, 1.0
+    if h == "log":  # value = -w log(1 - c + eps), dvalue/dc = w / (1 - c + eps)
+        c.neg_().add_(1.0 + LOG_EPS)
+        value = -torch.vdot(f.flatten(), torch.log(c).flatten())
+        torch.div(f, c, out=c)
+        return value, count, 1.0
+    raise ValueError(f"unknown h variant {h!r}")
+
+
+def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elems):
+    batch, n, _ = u_a.shape
+    m = u_b.shape[1]
+    terms = 1 + len(shifts)
+    acc = torch.float64 if u_a.device.type == "cpu" or u_a.dtype == torch.float64 else u_a.dtype
+    sums = torch.zeros(terms, dtype=acc, device=u_a.device)
+    counts = torch.zeros(terms, dtype=torch.int64, device=u_a.device)
+    # gradient of each term's sum: negatives reach p_a on both sides, the positive reaches p_b
+    grad_a = p_a.new_zeros((terms,) + p_a.shape) if need_a else None
+    grad_b = p_b.new_zeros(p_b.shape) if need_b else None
+    need_partner_a = need_a and len(shifts) > 0
+
+    rows = tile_rows(n, max(m, n) if shifts else m, tile_elems)
+    tiles = _TileBuffers(rows, u_a)
+    p_a_neg = -p_a  # so the positive GEMM yields -c and exp(1 - c) needs one pass
+    for b in range(batch):
+        # partner list: (term, partner features, partner probs, its grad buffer or None)
+        partners = [(0, u_b[b], p_b[b], grad_b[b] if need_b else None)]
+        for s, r in enumerate(shifts):
+            j = (b + r) % batch
+            partners.append((1 + s, u_a[j], p_a[j], grad_a[1 + s, j] if need_partner_a else None))
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            u_l, p_l = u_a[b, i0:i1], p_a[b, i0:i1]
+            for term, u_r, p_r, grad_r in partners:
+                f, c = tiles.get(i1 - i0, u_r.shape[0])
+                if term == 0:
+                    value, count, alpha = _positive_tile(f, c, u_l, u_r, p_a_neg[b, i0:i1], p_r,
+                                                         t_pos, h)
+                else:
+                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h)
+                sums[term] += value
+                counts[term] += count
+                # c now holds dvalue/dc / alpha for every pair of the tile
+                if need_a:
+                    grad_a[term, b, i0:i1].addmm_(c, p_r, alpha=alpha)
+                if grad_r is not None:
+                    grad_r.addmm_(c.t(), p_l, alpha=alpha)
+    return sums, counts, grad_a, grad_b
+
+
+class StreamingPairSums(torch.autograd.Function):
+    """Pair sums and counts with their gradients computed in the forward walk."""
+
+    @staticmethod
+    def forward(ctx, u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, tile_elems):
+        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        sums, counts, grad_a, grad_b = _walk(u_a.detach(), u_b.detach(), p_a.detach(),
+                                             p_b.detach(), shifts, t_pos, t_neg, h, need_a,
+                                             need_b, tile_elems)
+        ctx.save_for_backward(grad_a, grad_b)
+        ctx.mark_non_differentiable(counts)
+        return sums.to(p_a.dtype), counts
+
+    @staticmethod
+    def backward(ctx, grad_sums, grad_counts):
+        grad_a, grad_b = ctx.saved_tensors
+        go = grad_sums.to(grad_a.dtype if grad_a is not None else grad_sums.dtype)
+        d_a = d_b = None
+        if ctx.needs_input_grad[2]:
+            d_a = torch.tensordot(go, grad_a, dims=1)
+        if ctx.needs_input_grad[3]:
+            d_b = grad_b * go[0]
+        return None, None, d_a, d_b, None, None, None, None, None
+
+
+def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
+                        p_b: torch.Tensor, shifts: Sequence[int], *, t_pos: float, t_neg: float,
+                        h: str = "exp", tile_elems: int = DEFAULT_TILE_ELEMS):
+    r"""IDDC pair sums and counts by streaming tiles (same contract as `reference.pair_sums`).
+
+    For the positive set (image b of view A against image b of view B) and each negative shift
+    r (image b of view A against image (b + r) mod B of view A), with
+    :math:`f_{ij} = u_i \cdot u_j` and :math:`c_{ij} = p_i \cdot p_j`:
+
+    .. math::
+        S^+ = \sum_{f_{ij} > t^+} \max(f_{ij}, 10^{-8})\, h^+(c_{ij}), \qquad
+        S^-_r = \sum_{f_{ij} < t^-} (1 - \max(f_{ij}, 0))\, h^-(c_{ij})
+
+    Args:
+        u_a: B x N x D unit features of view A; u_b: B x M x D of view B (constants).
+        p_a: B x N x K probabilities of view A; p_b: B x M x K of view B (differentiable).
+        shifts: negative shifts, each in 1..B-1.
+        t_pos, t_neg: affinity thresholds; h: "exp", "linear" or "log".
+        tile_elems: target pair-tile size (rows x partner pixels).
+
+    Returns:
+        (sums, counts): (1 + S,) tensors, positive first; counts are int64 without gradient.
+
+    Example:
+        >>> u = torch.nn.functional.normalize(torch.randn(2, 49, 16), dim=-1)
+        >>> p = torch.randn(2, 49, 5).softmax(-1).requires_grad_()
+        >>> sums, counts = streaming_pair_sums(u, u, p, p, (1,), t_pos=0.2, t_neg=0.1)
+        >>> sums.sum().backward()
+    """
+    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, tuple(int(r) for r in shifts),
+                                   float(t_pos), float(t_neg), h, int(tile_elems))
