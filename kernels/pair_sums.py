@@ -1,0 +1,535 @@
+"""Fused IDDC pair sums: one Triton kernel family, its launcher and its autograd.Function.
+
+The maths is :func:`iddc.reference.pair_sums` (SPEC section 2); see :func:`triton_pair_sums`.
+
+Kernels
+-------
+``_pair_sums_rows_kernel``
+    One program per (block of BLOCK_I rows of view A, image b, pair set). The program walks the
+    partner's column blocks (view B of image b for the positive set; view A of image
+    ``(b + r) % B`` for a negative shift r -- the partner image is an index computed in the kernel,
+    nothing is rolled or copied), builds the BLOCK_I x BLOCK_J tile of feature affinities
+    ``f = u_rows . u_cols`` (looping over D in BLOCK_D chunks) and label affinities
+    ``c = p_rows . p_cols`` (K padded to a power of two, masked), selects the pairs, and
+    accumulates in registers: the tile sum of ``w(f) h(c)``, the count, and the gradient of its own
+    rows ``sum_j w(f_ij) h'(c_ij) p_cols[j]``. In the default (fast) mode it also adds the
+    partner rows' gradient ``sum_i w h' p_rows[i]`` with atomics. It writes one partial sum and
+    one partial count per program (reduced afterwards in a fixed order).
+``_pair_sums_cols_grad_kernel``
+    Deterministic mode only: the transposed pass. One program per (block of partner rows, partner
+    image, pair set), walking the row blocks and recomputing the very same tiles (same helper, same
+    block sizes, same D-chunk order, hence bit-identical f and masks) to produce the partner rows'
+    gradient without atomics.
+
+No B x N x M or N x M buffer exists anywhere: the only outputs are per-program partials and the
+per-term gradients (1+S, B, N, K) and (B, M, K).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_pair_sums", "TritonPairSums"]
+
+#: constants shared with iddc.reference (POS_WEIGHT_FLOOR, LOG_EPS)
+POS_WEIGHT_FLOOR = 1e-8
+LOG_EPS = 1e-8
+
+_H_CODES = {"exp": 0, "linear": 1, "log": 2}
+_PRECISIONS = ("ieee", "tf32")
+_MAX_K = 256
+#: negative shifts handled by one launch (passed as scalar arguments, no device tensor, no sync)
+_SHIFTS_PER_LAUNCH = 8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _select_shift(slot, r0, r1, r2, r3, r4, r5, r6, r7):
+    """Shift of launch slot `slot` (0..7) from scalar arguments (no device tensor needed)."""
+    r = tl.where(slot == 0, r0, r1)
+    r = tl.where(slot == 2, r2, r)
+    r = tl.where(slot == 3, r3, r)
+    r = tl.where(slot == 4, r4, r)
+    r = tl.where(slot == 5, r5, r)
+    r = tl.where(slot == 6, r6, r)
+    r = tl.where(slot == 7, r7, r)
+    return r
+
+
+@triton.jit
+def _feature_affinity_tile(ur_ptr, uc_ptr, offs_i, offs_j, mask_i, mask_j, s_rn, s_rd, s_cn, s_cd,
+                           D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """f[i, j] = u_rows[i] . u_cols[j] over D in BLOCK_D chunks, float32 accumulation.
+
+    Both passes call this helper with the same block sizes, so f (and the selection masks) are
+    bit-identical between the row pass and the transposed pass.
+    """
+    f = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        md = dd < D
+        a = tl.load(ur_ptr + offs_i[:, None] * s_rn + dd[None, :] * s_rd,
+                    mask=mask_i[:, None] & md[None, :], other=0.0)
+        bt = tl.load(uc_ptr + offs_j[None, :] * s_cn + dd[:, None] * s_cd,
+                     mask=mask_j[None, :] & md[:, None], other=0.0)
+        f = tl.dot(a, bt, f, input_precision=PRECISION)
+    return f
+
+
+@triton.jit
+def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.constexpr):
+    """Selection mask, pair value w(f) h(c) and d value / d c, zero outside the selection."""
+    if POSITIVE:
+        sel = (f > t_pos) & valid
+        w = tl.maximum(f, 1e-8)
+        if H == 0:
+            e = tl.exp(1.0 - c)
+            hv = e
+            dh = -e
+        elif H == 1:
+            hv = 1.0 - c
+            dh = c * 0.0 - 1.0
+        else:
+            q = c + 1e-8
+            hv = -tl.log(q)
+            dh = -1.0 / q
+    else:
+        sel = (f < t_neg) & valid
+        w = 1.0 - tl.maximum(f, 0.0)
+        if H == 0:
+            e = tl.exp(c)
+            hv = e
+            dh = e
+        elif H == 1:
+            hv = c
+            dh = c * 0.0 + 1.0
+        else:
+            q = 1.0 - c + 1e-8
+            hv = -tl.log(q)
+            dh = 1.0 / q
+    val = tl.where(sel, w * hv, 0.0)
+    g = tl.where(sel, w * dh, 0.0)
+    return sel, val, g
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
+def _pair_sums_rows_kernel(
+        ur_ptr, uc_ptr, pr_ptr, pc_ptr,          # rows: view A; columns: partner view
+        gr_ptr, gc_ptr,                          # gradient of rows / of partner rows
+        psum_ptr, pcnt_ptr,                      # (slots, B, NBLK) partials
+        B, N_ROWS, N_COLS, D, K, NBLK,
+        s_urb, s_urn, s_urd, s_ucb, s_ucn, s_ucd,
+        s_prb, s_prn, s_prk, s_pcb, s_pcn, s_pck,
+        s_grt, s_grb, s_grn, s_grk, s_gct, s_gcb, s_gcn, s_gck,
+        t_pos, t_neg,
+        r0, r1, r2, r3, r4, r5, r6, r7,
+        N_KEY, M_KEY, D_KEY,                     # bucketed sizes: autotune key only
+        POSITIVE: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
+        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial sums/counts of a block of rows against all partner columns, and its gradients."""
+    pid_i = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    slot = tl.program_id(2).to(tl.int64)
+    if POSITIVE:
+        bc = b
+    else:
+        r = _select_shift(slot, r0, r1, r2, r3, r4, r5, r6, r7).to(tl.int64)
+        bc = (b + r) % B
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    mask_i = offs_i < N_ROWS
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    ur = ur_ptr + b * s_urb
+    uc = uc_ptr + bc * s_ucb
+    p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
+                     mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    acc_sum = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    acc_cnt = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.int32)
+    g_rows = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
+    for j0 in range(0, N_COLS, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        mask_j = offs_j < N_COLS
+        f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
+        p_cols_t = tl.load(pc_ptr + bc * s_pcb + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
+                           mask=mask_j[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
+        c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
+        valid = mask_i[:, None] & mask_j[None, :]
+        sel, val, g = _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE, H)
+        acc_sum += val
+        acc_cnt += sel.to(tl.int32)
+        if NEED_GRAD:
+            g_rows = tl.dot(g, tl.trans(p_cols_t), g_rows, input_precision=PRECISION)
+            if ATOMIC:
+                g_cols = tl.dot(tl.trans(g), p_rows, input_precision=PRECISION)
+                gc = gc_ptr + slot * s_gct + bc * s_gcb
+                tl.atomic_add(gc + offs_j[:, None] * s_gcn + offs_k[None, :] * s_gck, g_cols,
+                              mask=mask_j[:, None] & mask_k[None, :], sem="relaxed")
+    part = (slot * B + b) * NBLK + pid_i
+    tl.store(psum_ptr + part, tl.sum(tl.sum(acc_sum, axis=1), axis=0))
+    tl.store(pcnt_ptr + part, tl.sum(tl.sum(acc_cnt, axis=1), axis=0))
+    if NEED_GRAD:
+        gr = gr_ptr + slot * s_grt + b * s_grb + offs_i[:, None] * s_grn + offs_k[None, :] * s_grk
+        gmask = mask_i[:, None] & mask_k[None, :]
+        if ATOMIC:
+            tl.atomic_add(gr, g_rows, mask=gmask, sem="relaxed")
+        else:
+            tl.store(gr, g_rows, mask=gmask)
+
+
+@triton.jit(do_not_specialize=["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
+def _pair_sums_cols_grad_kernel(
+        ur_ptr, uc_ptr, pr_ptr, pc_ptr, gc_ptr,
+        B, N_ROWS, N_COLS, D, K,
+        s_urb, s_urn, s_urd, s_ucb, s_ucn, s_ucd,
+        s_prb, s_prn, s_prk, s_pcb, s_pcn, s_pck,
+        s_gct, s_gcb, s_gcn, s_gck,
+        t_pos, t_neg,
+        r0, r1, r2, r3, r4, r5, r6, r7,
+        POSITIVE: tl.constexpr, H: tl.constexpr, ACCUMULATE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Deterministic transposed pass: gradient of a block of partner rows, no atomics.
+
+    The program owns partner rows j of partner image bc and walks every row block of the image
+    b whose partner bc is (b = bc for the positive set, b = (bc - r) mod B for shift r), with
+    tiles computed exactly as in the row pass. ACCUMULATE adds onto what the row pass stored
+    (negative shifts: the partner rows are rows of view A of the same term).
+    """
+    pid_j = tl.program_id(0).to(tl.int64)
+    bc = tl.program_id(1).to(tl.int64)
+    slot = tl.program_id(2).to(tl.int64)
+    if POSITIVE:
+        b = bc
+    else:
+        r = _select_shift(slot, r0, r1, r2, r3, r4, r5, r6, r7).to(tl.int64)
+        b = (bc + B - r) % B
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    mask_j = offs_j < N_COLS
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    ur = ur_ptr + b * s_urb
+    uc = uc_ptr + bc * s_ucb
+    p_cols_t = tl.load(pc_ptr + bc * s_pcb + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
+                       mask=mask_j[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
+    g_cols = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+    for i0 in range(0, N_ROWS, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        mask_i = offs_i < N_ROWS
+        f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
+        p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
+                         mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
+        valid = mask_i[:, None] & mask_j[None, :]
+        sel, val, g = _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE, H)
+        g_cols = tl.dot(tl.trans(g), p_rows, g_cols, input_precision=PRECISION)
+    gc = gc_ptr + slot * s_gct + bc * s_gcb + offs_j[:, None] * s_gcn + offs_k[None, :] * s_gck
+    gmask = mask_j[:, None] & mask_k[None, :]
+    if ACCUMULATE:
+        g_cols += tl.load(gc, mask=gmask, other=0.0)
+    tl.store(gc, g_cols, mask=gmask)
+
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+#: the single configuration used under TRITON_INTERPRET=1 (no autotuning: tests stay fast)
+INTERPRETER_CONFIG = dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=128)
+
+
+def _hopper_configs():
+    """Candidate configurations for Hopper-class GPUs (pruned by K below)."""
+    cfgs = []
+    for bi, bj, bd, warps, stages in [
+        (64, 64, 64, 4, 3), (64, 64, 128, 4, 2), (128, 64, 64, 8, 3), (128, 64, 32, 4, 3),
+        (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 32, 128, 4, 3),
+        (32, 64, 128, 4, 3), (32, 32, 128, 4, 2),
+    ]:
+        cfgs.append(triton.Config(dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd), num_warps=warps,
+                                  num_stages=stages))
+    return cfgs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep register-feasible tiles: the row block's probabilities and gradient are on chip."""
+    block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
+    d = named_args.get("D", 1 << 30)
+    kept = []
+    for cfg in configs:
+        bi, bj, bd = cfg.kwargs["BLOCK_I"], cfg.kwargs["BLOCK_J"], cfg.kwargs["BLOCK_D"]
+        if block_k >= 128 and max(bi, bj) * block_k > 64 * 128:
+            continue
+        if bd > max(32, triton.next_power_of_2(d)):
+            continue
+        kept.append(cfg)
+    return kept or [triton.Config(dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64), num_warps=4,
+                                  num_stages=2)]
+
+
+if _interpreting():
+    _ROWS_KERNEL = _pair_sums_rows_kernel
+    _MIN_BLOCK_I = INTERPRETER_CONFIG["BLOCK_I"]
+else:
+    _ROWS_KERNEL = triton.autotune(
+        configs=_hopper_configs(),
+        key=["N_KEY", "M_KEY", "D_KEY", "K", "POSITIVE", "H", "NEED_GRAD", "ATOMIC", "PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+        reset_to_zero=["gr_ptr", "gc_ptr"],
+    )(_pair_sums_rows_kernel)
+    _MIN_BLOCK_I = min(c.kwargs["BLOCK_I"] for c in _hopper_configs())
+
+
+def _bucket(n: int) -> int:
+    """Autotune key of a size: the next power of two (sizes in a bucket share a config)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, deterministic,
+            need_grad, config=None):
+    """Run the kernels; return float32 partial sums, int32 partial counts and gradients."""
+    B, N, D = u_a.shape
+    M = u_b.shape[1]
+    K = p_a.shape[2]
+    S = len(shifts)
+    T = 1 + S
+    dev = u_a.device
+    block_k = max(16, triton.next_power_of_2(K))
+    interp = _interpreting()
+    if config is None and interp:
+        config = INTERPRETER_CONFIG
+    min_bi = config["BLOCK_I"] if config is not None else _MIN_BLOCK_I
+    nblk = triton.cdiv(max(N, 1), min_bi)
+    # partials of programs that do not exist under a larger BLOCK_I stay zero
+    psum = torch.zeros((T, B, nblk), device=dev, dtype=torch.float32)
+    pcnt = torch.zeros((T, B, nblk), device=dev, dtype=torch.int32)
+    if need_grad:
+        alloc = torch.empty if deterministic else torch.zeros
+        grad_a = alloc((T, B, N, K), device=dev, dtype=torch.float32)
+        grad_b = alloc((B, M, K), device=dev, dtype=torch.float32)
+    else:
+        grad_a = grad_b = psum  # never touched (NEED_GRAD=False)
+    h_code = int(h_code)
+    common = dict(H=h_code, PRECISION=precision, BLOCK_K=block_k)
+    explicit = {} if config is None else dict(config)
+    if config is not None and not interp:
+        explicit.setdefault("num_warps", 4)
+        explicit.setdefault("num_stages", 2)
+    elif interp:
+        explicit.pop("num_warps", None)
+        explicit.pop("num_stages", None)
+
+    def grad_strides(g, term_dim):
+        if not need_grad:
+            return (0, 0, 0, 0)
+        if term_dim:
+            return g.stride()
+        return (0,) + tuple(g.stride())
+
+    # one launch for the positive set, then launches of up to 8 negative shifts
+    groups = [(True, 0, ())]
+    for s0 in range(0, S, _SHIFTS_PER_LAUNCH):
+        groups.append((False, 1 + s0, tuple(shifts[s0:s0 + _SHIFTS_PER_LAUNCH])))
+    for positive, t0, rs in groups:
+        slots = 1 if positive else len(rs)
+        rpad = tuple(int(r) for r in rs) + (0,) * (_SHIFTS_PER_LAUNCH - len(rs))
+        uc, pc = (u_b, p_b) if positive else (u_a, p_a)
+        n_cols = M if positive else N
+        gr = grad_a[t0:t0 + slots] if need_grad else grad_a
+        gc = (grad_b if positive else gr) if need_grad else grad_a
+        gr_str = grad_strides(gr, True)
+        gc_str = grad_strides(gc, not positive)
+        psum_g, pcnt_g = psum[t0:t0 + slots], pcnt[t0:t0 + slots]
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_I"]), B, slots)
+
+        rows_kernel = _ROWS_KERNEL if config is None else _pair_sums_rows_kernel
+        rows_kernel[grid](
+            u_a, uc, p_a, pc, gr, gc, psum_g, pcnt_g,
+            B, N, n_cols, D, K, nblk,
+            *u_a.stride(), *uc.stride(), *p_a.stride(), *pc.stride(),
+            *gr_str, *gc_str,
+            float(t_pos), float(t_neg), *rpad,
+            _bucket(N), _bucket(n_cols), _bucket(D),
+            POSITIVE=positive, NEED_GRAD=need_grad, ATOMIC=not deterministic, **common,
+            **explicit)
+        if need_grad and deterministic:
+            if config is None:  # the row pass's tuned configuration: bit-identical tiles
+                best = rows_kernel.best_config
+                cols_meta = dict(best.kwargs, num_warps=best.num_warps,
+                                 num_stages=best.num_stages)
+            else:
+                cols_meta = explicit
+            grid_c = (triton.cdiv(n_cols, cols_meta["BLOCK_J"]), B, slots)
+            _pair_sums_cols_grad_kernel[grid_c](
+                u_a, uc, p_a, pc, gc,
+                B, N, n_cols, D, K,
+                *u_a.stride(), *uc.stride(), *p_a.stride(), *pc.stride(), *gc_str,
+                float(t_pos), float(t_neg), *rpad,
+                POSITIVE=positive, H=h_code, ACCUMULATE=not positive, PRECISION=precision,
+                BLOCK_K=block_k, **cols_meta)
+    return psum, pcnt, grad_a, grad_b
+
+
+class TritonPairSums(torch.autograd.Function):
+    """Autograd wrapper: forward runs the fused kernels (sums, counts and, when p_a or p_b need
+    it, the per-term gradients in the same launch); backward only contracts the saved per-term
+    gradients with grad_output: grad_p_a = sum_t g[t] grad_a[t], grad_p_b = g[0] grad_b."""
+
+    @staticmethod
+    def forward(ctx, p_a, p_b, u_a, u_b, shifts, t_pos, t_neg, h_code, precision, deterministic,
+                out_dtype, config):
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = bool(need_a or need_b)
+        psum, pcnt, grad_a, grad_b = _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code,
+                                             precision, deterministic, need_grad, config)
+        # fixed-order reductions of the per-program partials (float64 for the sums)
+        sums = psum.flatten(1).to(torch.float64).sum(1).to(out_dtype)
+        counts = pcnt.flatten(1).to(torch.int64).sum(1)
+        ctx.mark_non_differentiable(counts)
+        ctx.save_for_backward(grad_a if need_a else None, grad_b if need_b else None)
+        ctx.p_dtypes = (p_a.dtype, p_b.dtype)
+        return sums, counts
+
+    @staticmethod
+    def backward(ctx, grad_sums, grad_counts=None):
+        grad_a, grad_b = ctx.saved_tensors
+        gp_a = gp_b = None
+        if grad_sums is None:
+            return (None,) * 12
+        g = grad_sums.to(torch.float32)
+        if grad_a is not None:
+            gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
+        if grad_b is not None:
+            gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
+        return (gp_a, gp_b) + (None,) * 10
+
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_b: torch.Tensor,
+                     shifts: Sequence[int] = (), *, t_pos: float, t_neg: float, h: str = "exp",
+                     precision: str = "ieee", deterministic: bool = False,
+                     _config: Optional[dict] = None):
+    r"""Fused IDDC pair sums and counts (the contract of :func:`iddc.reference.pair_sums`).
+
+    With :math:`f_{ij} = u_a[b,i] \cdot u_b[b,j]` (a constant) and
+    :math:`c_{ij} = p_a[b,i] \cdot p_b[b,j]`:
+
+    .. math::
+        \mathrm{sums}[0] = \sum_{b,i,j:\ f_{ij} > t^+} \max(f_{ij}, 10^{-8})\, h^+(c_{ij}),
+        \qquad \mathrm{counts}[0] = \#\{f_{ij} > t^+\}
+
+    and for each shift :math:`r_s`, pairing image b of view A with image :math:`(b + r_s) \bmod B`
+    of view A (:math:`f_{ij} = u_a[b,i] \cdot u_a[(b+r_s)\%B, j]`, likewise c):
+
+    .. math::
+        \mathrm{sums}[1+s] = \sum_{f_{ij} < t^-} (1 - \max(f_{ij}, 0))\, h^-(c_{ij}),
+        \qquad \mathrm{counts}[1+s] = \#\{f_{ij} < t^-\}
+
+    with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (``"exp"``), :math:`1-c, c` (``"linear"``) or
+    :math:`-\log(c + 10^{-8}), -\log(1 - c + 10^{-8})` (``"log"``). Gradients flow to p_a and
+    p_b only (a negative pair reaches both p_a[b,i] and p_a[(b+r)%B, j]); they are computed in
+    the forward launch and kept per term, so backward is a (1+S)-term contraction.
+
+    Args:
+        u_a: B x N x D, u_b: B x M x D unit feature vectors (no gradient).
+        p_a: B x N x K, p_b: B x M x K probabilities, K <= 256.
+        shifts: python ints r in 1..B-1 (possibly empty).
+        t_pos, t_neg: thresholds of the positive and negative selections.
+        h: ``"exp"``, ``"linear"`` or ``"log"``.
+        precision: ``"ieee"`` computes the feature dot products in exact float32;
+            ``"tf32"`` uses TF32 tensor cores for float32 inputs (and for the small label-side
+            products). TF32 rounds the inputs to a 10-bit mantissa, so f may be off by about
+            1e-3: pairs whose f lies within ~1e-3 of t_pos / t_neg may be selected differently
+            from the exact result (counts can differ by those pairs; sums by their values).
+            float16 / bfloat16 inputs always use their tensor-core path with float32
+            accumulation, whatever ``precision`` says.
+        deterministic: bit-identical results run to run. The partner rows' gradient then comes
+            from a second, transposed pass (recomputing the same tiles) instead of atomics; the
+            partial sums are always reduced in a fixed order. About 1.5x the work of the
+            default mode when gradients are needed.
+
+    Dtypes: float32, float16 and bfloat16 inputs are read natively and accumulated in float32.
+    float64 inputs are accepted but computed in float32 (the kernels have no float64 path; the
+    sums/gradients are returned as float64). Sums are returned as float32 for float16/bfloat16
+    probabilities (float64 for float64), gradients in each input's dtype.
+
+    Returns:
+        sums: (1+S,) tensor; counts: (1+S,) int64 tensor (no gradient).
+
+    Example:
+        >>> u = torch.nn.functional.normalize(torch.randn(2, 2, 49, 384, device="cuda"), dim=-1)
+        >>> p = torch.randn(2, 2, 49, 27, device="cuda").softmax(-1).requires_grad_()
+        >>> sums, counts = triton_pair_sums(u[0], u[1], p[0], p[1], (1,), t_pos=0.2, t_neg=0.12)
+        >>> (sums / counts.clamp_min(1)).sum().backward()
+    """
+    if h not in _H_CODES:
+        raise ValueError(f"unknown h variant {h!r}; expected one of {tuple(_H_CODES)}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not known; expected 'ieee' or 'tf32'")
+    for name, t in (("u_a", u_a), ("u_b", u_b), ("p_a", p_a), ("p_b", p_b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-d tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in _SUPPORTED:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: {_SUPPORTED}")
+    B, N, D = u_a.shape
+    M = u_b.shape[1]
+    K = p_a.shape[2]
+    if u_b.shape[0] != B or u_b.shape[2] != D:
+        raise ValueError(f"u_b must be B x M x D = {B} x M x {D}, got {tuple(u_b.shape)}")
+    if tuple(p_a.shape) != (B, N, K) or tuple(p_b.shape) != (B, M, K):
+        raise ValueError(f"p_a / p_b must be {B} x {N} x K and {B} x {M} x K, got "
+                         f"{tuple(p_a.shape)} and {tuple(p_b.shape)}")
+    if K > _MAX_K:
+        raise ValueError(f"K={K} exceeds the kernel's maximum of {_MAX_K} classes")
+    if len({t.device for t in (u_a, u_b, p_a, p_b)}) != 1:
+        raise ValueError("u_a, u_b, p_a, p_b must be on one device")
+    shifts = tuple(int(r) for r in shifts)
+    if any(not 1 <= r <= B - 1 for r in shifts):
+        raise ValueError(f"shifts {shifts} out of range 1..B-1 = 1..{B - 1}")
+    wide = torch.float64 in (u_a.dtype, u_b.dtype, p_a.dtype, p_b.dtype)
+    out_dtype = torch.float64 if wide else torch.float32
+
+    # features are constants; float64 has no kernel path: computed in float32 (documented)
+    ua, ub = u_a.detach(), u_b.detach()
+    ua = ua.float() if ua.dtype == torch.float64 else ua
+    ub = ub.float() if ub.dtype == torch.float64 else ub
+    # one dtype for both views' features (a dot needs equal operand dtypes)
+    if ua.dtype != ub.dtype:
+        ua, ub = ua.float(), ub.float()
+    pa, pb = p_a, p_b
+    if pa.dtype == torch.float64:
+        pa = pa.float()
+    if pb.dtype == torch.float64:
+        pb = pb.float()
+    if B == 0 or N == 0 or M == 0:
+        z = pa.sum() * 0 + pb.sum() * 0
+        return (z.to(out_dtype).expand(1 + len(shifts)).clone(),
+                torch.zeros(1 + len(shifts), dtype=torch.int64, device=u_a.device))
+    sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, float(t_pos), float(t_neg),
+                                        _H_CODES[h], precision, bool(deterministic), out_dtype,
+                                        _config)
+    return sums, counts
