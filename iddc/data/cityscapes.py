@@ -1,0 +1,51 @@
+"""Cityscapes with the 27 classes of PiCIE/STEGO/IDDC: labelIds 7..33 -> 0..26, the rest ignored.
+
+Layout under `root` (SPEC section 4), as unpacked from leftImg8bit_trainvaltest.zip and
+gtFine_trainvaltest.zip:
+    leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+"""
+from __future__ import annotations
+
+from .layout import (FileSource, LayoutError, check_split, list_images, make_lut,
+                     missing_pairs, require_dir, require_root)
+
+FIRST_LABEL_ID = 7
+CLASS_NAMES = (  # labelIds 7..33
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+    "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
+    "motorcycle", "bicycle",
+)
+LABEL_ID_TO_TRAIN = {FIRST_LABEL_ID + k: k for k in range(len(CLASS_NAMES))}
+LUT = make_lut(LABEL_ID_TO_TRAIN)  # 0..6 (void, ego vehicle, ...), 34+ and -1 -> 255
+
+IMAGE_SUFFIX = "_leftImg8bit"
+LABEL_SUFFIX = "_gtFine_labelIds"
+
+
+def build(root=None, split: str = "train", subset=None, **options) -> FileSource:
+    """Cityscapes-27 for `split` ("train" or "val"); `subset`: only the first n images."""
+    if options:
+        raise TypeError(f"cityscapes: unknown options {sorted(options)}")
+    check_split(split)
+    root = require_root(root, "cityscapes")
+    image_dir = require_dir(root / "leftImg8bit" / split,
+                            "<city>/*_leftImg8bit.png (from leftImg8bit_trainvaltest.zip)")
+    label_dir = require_dir(root / "gtFine" / split,
+                            "<city>/*_gtFine_labelIds.png (from gtFine_trainvaltest.zip)")
+    images = [p for p in list_images(image_dir, suffix=IMAGE_SUFFIX) if p.suffix == ".png"]
+    if not images:
+        raise LayoutError(f"no *{IMAGE_SUFFIX}.png images under {image_dir}: expected "
+                          f"<city>/<name>{IMAGE_SUFFIX}.png")
+    if subset is not None:
+        images = images[:int(subset)]
+    labels = []
+    for img in images:
+        rel = img.relative_to(image_dir)
+        stem = img.name[:-len(IMAGE_SUFFIX + ".png")]
+        labels.append(label_dir / rel.parent / f"{stem}{LABEL_SUFFIX}.png")
+    missing_pairs(list(zip(images, labels)),
+                  f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image")
+    return FileSource(images, labels, lut=LUT, num_classes=len(CLASS_NAMES),
+                      class_names=CLASS_NAMES, description=f"cityscapes {split} ({root})")

@@ -1,0 +1,176 @@
+"""COCO-Stuff 164k as used by PiCIE, STEGO and IDDC: the 27 coarse classes and the 171 fine ones.
+
+Layout under `root` (SPEC section 4):
+    images/{train,val}2017/<id>.jpg
+    annotations/{train,val}2017/<id>.png     stuffthingmaps: fine id = COCO category id - 1
+                                              (0..181), 255 = unlabeled
+    curated/{train,val}2017/Coco164kFull_Stuff_Coarse_7.txt    one image id per line
+
+The curated lists select the images of the split used by PiCIE/STEGO/IDDC (for the val split
+2175 images). `curated=False` uses every image that has an annotation instead.
+
+The 27 coarse classes are the 12 thing and 15 stuff supercategories of COCO-Stuff's label
+hierarchy, indexed as in PiCIE/STEGO: the thing supercategories first (electronic, appliance,
+food, furniture, indoor, kitchen, accessory, animal, outdoor, person, sports, vehicle), then
+the stuff ones (ceiling, floor, food, furniture, raw material, textile, wall, window,
+building, ground, plant, sky, solid, structural, water). The table below is written from the
+hierarchy (which fine class belongs to which supercategory); the eleven COCO thing ids that
+were never annotated (street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door,
+blender, hair brush) sit in their supercategory as well, exactly as in PiCIE/STEGO, although
+they never occur in the label maps.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .base import IGNORE_INDEX
+from .layout import (FileSource, LayoutError, check_split, make_lut, missing_pairs,
+                     require_dir, require_file, require_root)
+
+CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+
+# Coarse classes, in the PiCIE/STEGO index order.
+COARSE_NAMES = (
+    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen",
+    "accessory", "animal", "outdoor", "person", "sports", "vehicle",
+    "ceiling", "floor", "food-stuff", "furniture-stuff", "raw-material", "textile", "wall",
+    "window", "building", "ground", "plant", "sky", "solid", "structural", "water",
+)
+
+# COCO-Stuff's hierarchy: supercategory -> its fine classes. Thing classes are COCO's 91
+# category ids 1..91 (fine id = COCO id - 1); a trailing "*" marks the 11 ids that COCO never
+# annotated. Stuff classes are ids 92..182 (fine ids 91..181).
+_THINGS = [  # in COCO id order, each with its supercategory
+    ("person", "person"), ("bicycle", "vehicle"), ("car", "vehicle"),
+    ("motorcycle", "vehicle"), ("airplane", "vehicle"), ("bus", "vehicle"),
+    ("train", "vehicle"), ("truck", "vehicle"), ("boat", "vehicle"),
+    ("traffic light", "outdoor"), ("fire hydrant", "outdoor"), ("street sign*", "outdoor"),
+    ("stop sign", "outdoor"), ("parking meter", "outdoor"), ("bench", "outdoor"),
+    ("bird", "animal"), ("cat", "animal"), ("dog", "animal"), ("horse", "animal"),
+    ("sheep", "animal"), ("cow", "animal"), ("elephant", "animal"), ("bear", "animal"),
+    ("zebra", "animal"), ("giraffe", "animal"),
+    ("hat*", "accessory"), ("backpack", "accessory"), ("umbrella", "accessory"),
+    ("shoe*", "accessory"), ("eye glasses*", "accessory"), ("handbag", "accessory"),
+    ("tie", "accessory"), ("suitcase", "accessory"),
+    ("frisbee", "sports"), ("skis", "sports"), ("snowboard", "sports"),
+    ("sports ball", "sports"), ("kite", "sports"), ("baseball bat", "sports"),
+    ("baseball glove", "sports"), ("skateboard", "sports"), ("surfboard", "sports"),
+    ("tennis racket", "sports"),
+    ("bottle", "kitchen"), ("plate*", "kitchen"), ("wine glass", "kitchen"), ("cup", "kitchen"),
+    ("fork", "kitchen"), ("knife", "kitchen"), ("spoon", "kitchen"), ("bowl", "kitchen"),
+    ("banana", "food-things"), ("apple", "food-things"), ("sandwich", "food-things"),
+    ("orange", "food-things"), ("broccoli", "food-things"), ("carrot", "food-things"),
+    ("hot dog", "food-things"), ("pizza", "food-things"), ("donut", "food-things"),
+    ("cake", "food-things"),
+    ("chair", "furniture-things"), ("couch", "furniture-things"),
+    ("potted plant", "furniture-things"), ("bed", "furniture-things"),
+    ("mirror*", "furniture-things"), ("dining table", "furniture-things"),
+    ("window*", "furniture-things"), ("desk*", "furniture-things"),
+    ("toilet", "furniture-things"), ("door*", "furniture-things"),
+    ("tv", "electronic"), ("laptop", "electronic"), ("mouse", "electronic"),
+    ("remote", "electronic"), ("keyboard", "electronic"), ("cell phone", "electronic"),
+    ("microwave", "appliance"), ("oven", "appliance"), ("toaster", "appliance"),
+    ("sink", "appliance"), ("refrigerator", "appliance"), ("blender*", "appliance"),
+    ("book", "indoor"), ("clock", "indoor"), ("vase", "indoor"), ("scissors", "indoor"),
+    ("teddy bear", "indoor"), ("hair drier", "indoor"), ("toothbrush", "indoor"),
+    ("hair brush*", "indoor"),
+]
+
+_STUFF_SUPERCATEGORY = {
+    "textile": ["banner", "blanket", "cloth", "clothes", "curtain", "mat", "napkin", "pillow",
+                "rug", "textile-other", "towel"],
+    "plant": ["branch", "bush", "flower", "grass", "leaves", "moss", "plant-other", "straw",
+              "tree"],
+    "building": ["bridge", "building-other", "house", "roof", "skyscraper", "tent"],
+    "furniture-stuff": ["cabinet", "counter", "cupboard", "desk-stuff", "door-stuff",
+                        "furniture-other", "light", "mirror-stuff", "shelf", "stairs", "table"],
+    "structural": ["cage", "fence", "net", "railing", "structural-other"],
+    "raw-material": ["cardboard", "metal", "paper", "plastic"],
+    "floor": ["carpet", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+              "floor-wood"],
+    "ceiling": ["ceiling-other", "ceiling-tile"],
+    "sky": ["clouds", "sky-other"],
+    "ground": ["dirt", "gravel", "ground-other", "mud", "pavement", "platform", "playingfield",
+               "railroad", "road", "sand", "snow"],
+    "water": ["fog", "river", "sea", "water-other", "waterdrops"],
+    "food-stuff": ["food-other", "fruit", "salad", "vegetable"],
+    "solid": ["hill", "mountain", "rock", "solid-other", "stone", "wood"],
+    "wall": ["wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
+             "wall-tile", "wall-wood"],
+    "window": ["window-blind", "window-other"],
+}
+# COCO-Stuff numbers its 91 stuff classes alphabetically (ids 92..182).
+_STUFF = sorted((name, sup) for sup, names in _STUFF_SUPERCATEGORY.items() for name in names)
+
+NUM_FINE = 182
+assert len(_THINGS) == 91 and len(_STUFF) == 91
+
+# fine id -> name (the 11 unannotated thing ids: None)
+FINE_NAMES: tuple = tuple(
+    [None if n.endswith("*") else n for n, _ in _THINGS] + [n for n, _ in _STUFF])
+# fine id -> coarse id (all 182 ids, as PiCIE/STEGO)
+FINE_TO_COARSE: dict[int, int] = {
+    fine: COARSE_NAMES.index(sup) for fine, (_, sup) in enumerate(_THINGS + _STUFF)}
+# the 171 annotated fine ids, in id order -> 0..170
+USED_FINE_IDS: tuple = tuple(i for i, n in enumerate(FINE_NAMES) if n is not None)
+FINE171_NAMES: tuple = tuple(FINE_NAMES[i] for i in USED_FINE_IDS)
+FINE_TO_171: dict[int, int] = {fine: k for k, fine in enumerate(USED_FINE_IDS)}
+
+LUT27 = make_lut(FINE_TO_COARSE)   # 255 and anything above 181 -> IGNORE_INDEX
+LUT171 = make_lut(FINE_TO_171)
+assert len(FINE171_NAMES) == 171 and LUT27[255] == IGNORE_INDEX
+
+
+def read_curated_list(path: Path) -> list[str]:
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            ids.append(Path(line.split()[0]).stem)  # tolerate "<id>.jpg" entries
+    if not ids:
+        raise LayoutError(f"curated list {path} is empty: expected one image id per line")
+    return ids
+
+
+def _build(root, split: str, lut, num_classes: int, names, dataset: str,
+           curated: bool = True, curated_list: Optional[str] = None,
+           image_ext: str = ".jpg", subset: Optional[int] = None) -> FileSource:
+    check_split(split)
+    root = require_root(root, dataset)
+    year = f"{split}2017"
+    image_dir = require_dir(root / "images" / year,
+                            f"the COCO {year} images (<id>.jpg) of {dataset}")
+    label_dir = require_dir(root / "annotations" / year,
+                            f"the COCO-Stuff stuffthingmaps of {year} (<id>.png, fine ids "
+                            f"0..181, 255 = unlabeled)")
+    if curated:
+        list_path = require_file(
+            root / "curated" / year / (curated_list or CURATED_LIST),
+            "the curated image-id list of PiCIE/STEGO (one COCO image id per line); or "
+            "pass curated=False to use every annotated image")
+        ids = read_curated_list(list_path)
+    else:
+        ids = sorted(p.stem for p in label_dir.glob("*.png"))
+        if not ids:
+            raise LayoutError(f"no label PNGs in {label_dir}: expected <id>.png label maps")
+    if subset is not None:
+        ids = ids[:int(subset)]
+    images = [image_dir / f"{i}{image_ext}" for i in ids]
+    labels = [label_dir / f"{i}.png" for i in ids]
+    missing_pairs(list(zip(images, labels)),
+                  f"a label map <id>.png in {label_dir} for every image")
+    return FileSource(images, labels, lut=lut, num_classes=num_classes, class_names=names,
+                      description=f"{dataset} {split} ({root})")
+
+
+def build_cocostuff27(root=None, split: str = "train", **options) -> FileSource:
+    """COCO-Stuff-27. Options: curated (True), curated_list (file name), image_ext, subset."""
+    return _build(root, split, LUT27, 27, COARSE_NAMES, "cocostuff27", **options)
+
+
+def build_cocostuff171(root=None, split: str = "train", **options) -> FileSource:
+    """COCO-Stuff-171: every annotated fine class, fine ids in order -> 0..170."""
+    return _build(root, split, LUT171, 171, FINE171_NAMES, "cocostuff171", **options)

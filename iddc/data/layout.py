@@ -1,0 +1,272 @@
+"""Shared pieces of the file-based data sets: layout validation, lazy decoding, and the
+corrupt-sample policy.
+
+Layout policy (checked when a source is constructed, before any training starts):
+  every folder and list the layout needs exists, every listed image exists, and every image
+  has its label file. A mistake raises `LayoutError`, whose message names the path and what
+  was expected there. Decoding every image up front would take minutes on COCO, so
+  readability is checked lazily, when a sample is loaded.
+
+Corrupt-sample policy (at load time):
+  `FileSource.load` raises `CorruptSampleError` (naming the file and the reason) when an image
+  or label cannot be decoded, or when their sizes differ. Wrap a source with `skip_corrupt`
+  (training and evaluation both do) to turn that into: a warning naming the file, the counter
+  `skipped` incremented, and the next valid sample (index + 1, + 2, ... wrapping around)
+  returned in its place. Substituting rather than dropping keeps every batch full, which the
+  IDDC negative term (a roll over the batch) relies on. The counter is shared between the
+  DataLoader workers and the main process. If `max_consecutive` samples in a row are corrupt,
+  something is wrong with the data set as a whole and a `RuntimeError` stops the run.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .base import IGNORE_INDEX, SegmentationSource
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+SPLITS = ("train", "val")
+
+
+class LayoutError(FileNotFoundError):
+    """The files on disk do not have the layout a data set expects (raised at construction)."""
+
+
+class CorruptSampleError(RuntimeError):
+    """One sample cannot be read (raised by `load`; `skip_corrupt` turns it into a skip)."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"corrupt sample {self.path}: {reason}")
+
+
+# ----------------------------------------------------------------------------- validation
+def check_split(split: str, splits: Sequence[str] = SPLITS) -> str:
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(splits)}")
+    return split
+
+
+def require_root(root, dataset: str) -> Path:
+    if root is None:
+        raise LayoutError(f"{dataset}: no data root given (pass --data-root / root=)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise LayoutError(f"{dataset}: data root {path} does not exist or is not a folder")
+    return path
+
+
+def require_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise LayoutError(f"missing folder {path}: expected {what}")
+    return path
+
+
+def require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise LayoutError(f"missing file {path}: expected {what}")
+    return path
+
+
+def list_images(folder, recursive: bool = True, suffix: str = "",
+                extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Sorted image files under `folder` whose names end with `suffix` + an image extension."""
+    folder = Path(folder)
+    exts = tuple(e.lower() for e in extensions)
+    found = []
+    walker = os.walk(folder, followlinks=True) if recursive else [(folder, [], os.listdir(folder))]
+    for dirpath, dirnames, filenames in walker:
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in exts and stem.endswith(suffix):
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
+                  limit: int = 5) -> None:
+    """Raise a LayoutError naming the first missing images/labels of `pairs`, if any."""
+    missing_images = [str(i) for i, _ in pairs if not i.is_file()]
+    if missing_images:
+        raise LayoutError(
+            f"{len(missing_images)} listed image(s) missing, e.g. {missing_images[:limit]}: "
+            f"expected an image file at each path")
+    missing_labels = [(str(i), str(l)) for i, l in pairs if l is not None and not l.is_file()]
+    if missing_labels:
+        shown = "; ".join(f"{l} (for image {i})" for i, l in missing_labels[:limit])
+        raise LayoutError(
+            f"{len(missing_labels)} image(s) without their label file, e.g. {shown}: "
+            f"expected {what_label}")
+
+
+# ----------------------------------------------------------------------------- decoding
+def open_image(path) -> Image.Image:
+    """An RGB image (EXIF orientation applied); CorruptSampleError if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation etc. as OSError
+        raise CorruptSampleError(path, f"cannot decode image ({err})") from err
+
+
+def open_label(path) -> np.ndarray:
+    """An H x W integer label array as stored (no mapping); CorruptSampleError on failure."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGB", "RGBA"):
+                raise CorruptSampleError(
+                    path, f"label PNG is {img.mode}; expected single-channel class ids "
+                          f"(mode L, P or I)")
+            arr = np.asarray(img)
+    except CorruptSampleError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:
+        raise CorruptSampleError(path, f"cannot decode label ({err})") from err
+    if arr.ndim != 2:
+        raise CorruptSampleError(path, f"label has shape {arr.shape}; expected H x W")
+    return arr
+
+
+def apply_lut(label: np.ndarray, lut: Optional[np.ndarray]) -> np.ndarray:
+    """Map stored ids through a lookup table (ids beyond the table become IGNORE_INDEX)."""
+    if lut is None:
+        if label.dtype != np.uint8:
+            label = np.where((label >= 0) & (label <= 255), label, IGNORE_INDEX)
+        return label.astype(np.uint8, copy=False)
+    if label.dtype == np.uint8 and len(lut) >= 256:
+        return lut[label]
+    idx = label.astype(np.int64)
+    out = np.full(idx.shape, IGNORE_INDEX, np.uint8)
+    ok = (idx >= 0) & (idx < len(lut))
+    out[ok] = lut[idx[ok]]
+    return out
+
+
+def make_lut(mapping: dict[int, int], size: int = 256) -> np.ndarray:
+    """A uint8 lookup table from stored ids to training ids; unmapped ids -> IGNORE_INDEX."""
+    lut = np.full(size, IGNORE_INDEX, np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut
+
+
+# ----------------------------------------------------------------------------- sources
+class FileSource(SegmentationSource):
+    """Images (and optionally labels) given as lists of paths; labels mapped by a LUT."""
+
+    def __init__(self, images: Sequence[Path], labels: Optional[Sequence[Path]] = None,
+                 lut: Optional[np.ndarray] = None, num_classes: int = 0,
+                 class_names: Optional[Sequence[str]] = None, description: str = "data set"):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError("images and labels must have the same length")
+        self.images = [Path(p) for p in images]
+        self.labels = None if labels is None else [Path(p) for p in labels]
+        self.lut = lut
+        self.num_classes = num_classes
+        self.class_names = None if class_names is None else list(class_names)
+        self.has_labels = labels is not None
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.description!r}, {len(self)} images, "
+                f"labels={self.has_labels}, classes={self.num_classes})")
+
+    def name(self, index: int) -> str:
+        return self.images[index].stem
+
+    def path(self, index: int) -> Path:
+        return self.images[index]
+
+    def load(self, index: int):
+        image = open_image(self.images[index])
+        if self.labels is None:
+            return image, None
+        label = apply_lut(open_label(self.labels[index]), self.lut)
+        if label.shape != (image.height, image.width):
+            raise CorruptSampleError(
+                self.labels[index],
+                f"label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                f"{self.images[index]} is {image.width}x{image.height}")
+        return image, label
+
+
+class SkipCorrupt(SegmentationSource):
+    """`source` with corrupt samples replaced by the next valid one (see the module notes)."""
+
+    def __init__(self, source: SegmentationSource, max_consecutive: int = 64):
+        self.source = source
+        self.max_consecutive = max_consecutive
+        self.num_classes = source.num_classes
+        self.class_names = source.class_names
+        self.has_labels = source.has_labels
+        self.skipped_paths: list[str] = []  # this process only
+        self._count = multiprocessing.Value("l", 0)
+
+    # the shared counter travels to DataLoader workers when they are started (fork, spawn or
+    # forkserver); any other copy (deepcopy, pickle to disk) gets a fresh local counter.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        from multiprocessing import context
+        if context.get_spawning_popen() is None:
+            state["_count"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._count is None:
+            self._count = multiprocessing.Value("l", 0)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far, summed over this process and its loader workers."""
+        return int(self._count.value)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getattr__(self, item):  # path(), images, labels, ... of the wrapped source
+        if item == "source":
+            raise AttributeError(item)
+        return getattr(self.source, item)
+
+    def name(self, index: int) -> str:
+        return self.source.name(index)
+
+    def load(self, index: int):
+        n = len(self.source)
+        for attempt in range(min(self.max_consecutive, n)):
+            i = (index + attempt) % n
+            try:
+                return self.source.load(i)
+            except CorruptSampleError as err:
+                with self._count.get_lock():
+                    self._count.value += 1
+                self.skipped_paths.append(err.path)
+                warnings.warn(f"skipping {err} (substituting the next sample)", stacklevel=2)
+        raise RuntimeError(
+            f"{min(self.max_consecutive, n)} consecutive samples from index {index} of "
+            f"{self.source!r} are corrupt; the data set looks broken (last: "
+            f"{self.skipped_paths[-1] if self.skipped_paths else '?'})")
+
+
+def skip_corrupt(source: SegmentationSource, max_consecutive: int = 64) -> SegmentationSource:
+    """Wrap `source` with the corrupt-sample policy (idempotent)."""
+    if isinstance(source, SkipCorrupt):
+        return source
+    return SkipCorrupt(source, max_consecutive=max_consecutive)

@@ -1,0 +1,259 @@
+"""Batched evaluation-mode prediction (SPEC section 5): "resize" and "sliding".
+
+Both modes take a model callable that maps a normalised B x 3 x H x W tensor to B x K x h x w
+logits (h, w: any resolution, e.g. the patch grid), or to a dict / tuple of such tensors (e.g.
+IDDCModel's {"logits", "probe", ...}: pick the heads with `heads=`), and return, per image,
+K x H_out x W_out class probabilities or H_out x W_out argmax maps at the requested output
+(label) size.
+
+resize   the image is resized so that its shorter side is `short_side` (320, the authors'
+         default; both sides rounded to a multiple of `multiple`, the patch size), the model
+         runs once, the logits are upsampled bilinearly (align_corners=True) to the output
+         size; probabilities = softmax of those upsampled logits. Images that resize to the
+         same shape are batched together.
+sliding  the image is (optionally, `short_side`) resized, then covered by `window` x `window`
+         windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; the last window in
+         each direction is aligned with the image border, so every pixel is covered); each
+         window's logits are upsampled bilinearly (align_corners=True) to the window, turned
+         into softmax maps, summed into the image and divided by the per-pixel window count;
+         the averaged map is resized bilinearly (align_corners=True) to the output size.
+         Windows of all images of a call are batched, `batch_size` windows per forward pass.
+         A side shorter than the window is padded (with zeros = the mean colour after
+         normalisation) and the padding cropped off again.
+
+On an image exactly one window large (with no resizing) both modes compute the same thing:
+one forward pass, upsampled logits, softmax (tested).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("resize", "sliding")
+DEFAULT_SHORT_SIDE = 320
+DEFAULT_WINDOW = 224
+DEFAULT_OVERLAP = 75
+
+Heads = Optional[Union[str, Sequence[str]]]
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): every `stride` px, the last one flush with the end."""
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    starts.append(length - window)
+    return starts
+
+
+def resized_shape(height: int, width: int, short_side: Optional[int], multiple: int = 1):
+    """(H, W) with the shorter side `short_side` (None: unchanged), rounded to `multiple`."""
+    if short_side is None:
+        return height, width
+    scale = short_side / min(height, width)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w
+
+
+def _resize_image(x: torch.Tensor, size) -> torch.Tensor:
+    """Resize a (B x) 3 x H x W image tensor (bilinear, antialiased when shrinking)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    squeeze = x.dim() == 3
+    x = x[None] if squeeze else x
+    out = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out[0] if squeeze else out
+
+
+def upsample(maps: torch.Tensor, size) -> torch.Tensor:
+    """B x K x h x w -> B x K x size, bilinear with align_corners=True (SPEC section 5)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _model_device(model) -> Optional[torch.device]:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+class Predictor:
+    """Evaluation-mode predictor in one of MODES (see the module notes).
+
+    `heads`: which outputs of a dict/tuple-returning model to use (None: a tensor model, or
+    the "logits" key of a dict). With one head every result is per image a tensor; with
+    several, a dict head -> tensor per image.
+    """
+
+    def __init__(self, model: Callable, mode: str = "resize",
+                 short_side: Optional[int] = DEFAULT_SHORT_SIDE, window: int = DEFAULT_WINDOW,
+                 stride: Optional[int] = None, batch_size: int = 16,
+                 multiple: Optional[int] = None, heads: Heads = None,
+                 device: Union[None, str, torch.device] = None,
+                 amp_dtype: Optional[torch.dtype] = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
+        self.model = model
+        self.mode = mode
+        self.short_side = None if short_side in (None, 0) else int(short_side)
+        self.window = int(window)
+        self.stride = int(stride) if stride else self.window - DEFAULT_OVERLAP
+        if self.stride <= 0 or self.stride > self.window:
+            raise ValueError(f"stride {self.stride} must be in 1..window ({self.window})")
+        self.batch_size = max(1, int(batch_size))
+        self.multiple = int(multiple) if multiple else int(getattr(model, "patch_size", 1) or 1)
+        if isinstance(heads, str):
+            heads = (heads,)
+        self.heads = tuple(heads) if heads is not None else None
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.amp_dtype = amp_dtype
+
+    # ------------------------------------------------------------------ model call
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the model on a batch; a list with one B x K x h x w float tensor per head."""
+        if self.amp_dtype is not None:
+            with torch.autocast(x.device.type, dtype=self.amp_dtype):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        if isinstance(out, torch.Tensor):
+            if self.heads is not None and len(self.heads) != 1:
+                raise ValueError(f"model returned one tensor but heads={self.heads}")
+            outs = [out]
+        elif isinstance(out, dict):
+            keys = self.heads or ("logits",)
+            missing = [k for k in keys if k not in out]
+            if missing:
+                raise KeyError(f"model output has no {missing}; it has {sorted(out)}")
+            outs = [out[k] for k in keys]
+        elif isinstance(out, (tuple, list)):
+            outs = list(out) if self.heads is None else [out[int(k)] for k in self.heads]
+        else:
+            raise TypeError(f"model returned {type(out).__name__}; expected a tensor, dict or "
+                            "tuple of B x K x h x w logits")
+        for o in outs:
+            if o.dim() != 4 or o.shape[0] != x.shape[0]:
+                raise ValueError(f"model output of shape {tuple(o.shape)} for input "
+                                 f"{tuple(x.shape)}; expected B x K x h x w logits")
+        return [o.float() for o in outs]
+
+    def _num_heads_names(self, n):
+        if self.heads is not None:
+            return list(self.heads)
+        return ["logits"] if n == 1 else [str(i) for i in range(n)]
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def probabilities(self, images: Union[torch.Tensor, Sequence[torch.Tensor]],
+                      out_sizes: Optional[Sequence] = None) -> list:
+        """Per image: K x H_out x W_out softmax maps (a dict per image with several heads).
+
+        images: normalised 3 x H x W tensors (any sizes) or one B x 3 x H x W tensor.
+        out_sizes: (H, W) per image; default: each image's own size.
+        """
+        images = list(images) if not isinstance(images, torch.Tensor) or images.dim() == 4 \
+            else [images]
+        if out_sizes is None:
+            out_sizes = [tuple(im.shape[-2:]) for im in images]
+        if len(out_sizes) != len(images):
+            raise ValueError("one output size per image")
+        out_sizes = [tuple(int(v) for v in s) for s in out_sizes]
+        if not images:
+            return []
+        dev = self.device or images[0].device
+        if self.mode == "resize":
+            per_head = self._resize_mode(images, out_sizes, dev)
+        else:
+            per_head = self._sliding_mode(images, out_sizes, dev)
+        return self._package(per_head)
+
+    @torch.inference_mode()
+    def segment(self, images, out_sizes=None) -> list:
+        """Per image: H_out x W_out int64 argmax maps (a dict per image with several heads)."""
+        probs = self.probabilities(images, out_sizes)
+        return [{k: v.argmax(0) for k, v in p.items()} if isinstance(p, dict) else p.argmax(0)
+                for p in probs]
+
+    __call__ = segment
+
+    def _package(self, per_head: dict) -> list:
+        names = list(per_head)
+        n = len(next(iter(per_head.values())))
+        if len(names) == 1:
+            return per_head[names[0]]
+        return [{k: per_head[k][i] for k in names} for i in range(n)]
+
+    # ------------------------------------------------------------------ modes
+    def _resize_mode(self, images, out_sizes, dev) -> dict:
+        shapes = [resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
+                  for im in images]
+        groups: dict = {}
+        for i, s in enumerate(shapes):
+            groups.setdefault(s, []).append(i)
+        results: dict = {}
+        for shape, idx in groups.items():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                x = torch.stack([_resize_image(images[i].to(dev).float(), shape) for i in chunk])
+                outs = self._forward(x)
+                names = self._num_heads_names(len(outs))
+                for name, logits in zip(names, outs):
+                    store = results.setdefault(name, [None] * len(images))
+                    for j, i in enumerate(chunk):
+                        up = upsample(logits[j:j + 1], out_sizes[i])[0]
+                        store[i] = torch.softmax(up, dim=0)
+        return results
+
+    def _sliding_mode(self, images, out_sizes, dev) -> dict:
+        win = self.window
+        prepared, jobs = [], []
+        for i, im in enumerate(images):
+            shape = resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
+            x = _resize_image(im.to(dev).float(), shape)
+            h, w = shape
+            ph, pw = max(0, win - h), max(0, win - w)
+            if ph or pw:
+                x = F.pad(x, (0, pw, 0, ph))
+            prepared.append((x, h, w))
+            H, W = x.shape[-2:]
+            for y0 in window_starts(H, win, self.stride):
+                for x0 in window_starts(W, win, self.stride):
+                    jobs.append((i, y0, x0))
+        sums: dict = {}
+        counts = [torch.zeros(p[0].shape[-2:], device=dev) for p in prepared]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            x = torch.stack([prepared[i][0][:, y0:y0 + win, x0:x0 + win] for i, y0, x0 in chunk])
+            outs = self._forward(x)
+            names = self._num_heads_names(len(outs))
+            for name, logits in zip(names, outs):
+                probs = torch.softmax(upsample(logits, (win, win)), dim=1)
+                acc = sums.setdefault(name, [None] * len(images))
+                for j, (i, y0, x0) in enumerate(chunk):
+                    if acc[i] is None:
+                        acc[i] = torch.zeros((probs.shape[1],) + tuple(prepared[i][0].shape[-2:]),
+                                             device=dev)
+                    acc[i][:, y0:y0 + win, x0:x0 + win] += probs[j]
+            for i, y0, x0 in chunk:
+                counts[i][y0:y0 + win, x0:x0 + win] += 1
+        results: dict = {}
+        for name, acc in sums.items():
+            store = results.setdefault(name, [None] * len(images))
+            for i, total in enumerate(acc):
+                _, h, w = prepared[i]
+                mean = (total / counts[i])[:, :h, :w]
+                store[i] = upsample(mean[None], out_sizes[i])[0]
+        return results
+
+
+def predict(model: Callable, images, out_sizes=None, mode: str = "resize", **options) -> list:
+    """One-shot helper: argmax maps of `images` with a Predictor(model, mode, **options)."""
+    return Predictor(model, mode=mode, **options).segment(images, out_sizes)
