@@ -1,0 +1,308 @@
+"""Real data-set layouts (COCO-Stuff-27/171, Cityscapes, folder): mappings, layout mistakes,
+the corrupt-sample policy. Trees are tiny and generated in tmp_path."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iddc.data import build_source
+from iddc.data import cityscapes, cocostuff
+from iddc.data.layout import CorruptSampleError, LayoutError, SkipCorrupt, skip_corrupt
+
+# The published PiCIE/STEGO fine (0..181) -> coarse (0..26) table, as 182 numbers.
+REFERENCE_27 = [int(v) for v in """
+9 11 11 11 11 11 11 11 11 8 8 8 8 8 8 7 7 7 7 7 7 7 7 7 7 6 6 6 6 6 6 6 6 10 10 10 10 10 10 10
+10 10 10 5 5 5 5 5 5 5 5 2 2 2 2 2 2 2 2 2 2 3 3 3 3 3 3 3 3 3 3 0 0 0 0 0 0 1 1 1 1 1 1 4 4 4
+4 4 4 4 4 17 17 22 20 20 22 15 25 16 13 12 12 17 17 23 15 15 17 15 21 15 25 13 13 13 13 13 22
+26 14 14 15 22 21 21 24 20 22 15 17 16 15 22 24 21 17 25 16 21 17 22 16 21 21 25 21 26 21 24 20
+17 14 21 26 15 23 20 21 24 15 24 22 25 15 20 17 17 22 14 18 18 18 18 18 18 18 26 26 19 19 24
+""".split()]
+UNUSED_FINE = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+
+
+# ----------------------------------------------------------------------------- tree builders
+def _rgb(path: Path, w: int, h: int, seed: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _label(path: Path, arr: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, dtype=np.uint8), mode="L").save(path)
+
+
+def make_coco(root: Path, n=(3, 2), size=(48, 40), ids_in_labels=None, curated=True):
+    """images/annotations/curated for train and val; labels cycle through fine ids."""
+    w, h = size
+    pool = np.array(ids_in_labels if ids_in_labels is not None
+                    else [0, 1, 15, 91, 100, 123, 156, 168, 181, 255], np.uint8)
+    for split, count in zip(("train", "val"), n):
+        ids = [f"{split[0]}{k:011d}" for k in range(count)]
+        for k, i in enumerate(ids):
+            _rgb(root / "images" / f"{split}2017" / f"{i}.jpg", w, h, seed=k)
+            lab = pool[(np.arange(h * w) + k) % len(pool)].reshape(h, w)
+            _label(root / "annotations" / f"{split}2017" / f"{i}.png", lab)
+        if curated:
+            lst = root / "curated" / f"{split}2017" / cocostuff.CURATED_LIST
+            lst.parent.mkdir(parents=True, exist_ok=True)
+            lst.write_text("\n".join(ids) + "\n")
+    return root
+
+
+def make_cityscapes(root: Path, n=(2, 2), size=(64, 32), cities=("aachen", "bremen")):
+    w, h = size
+    for split, count in zip(("train", "val"), n):
+        for k in range(count):
+            city = cities[k % len(cities)]
+            stem = f"{city}_{k:06d}_000019"
+            _rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", w, h, seed=k)
+            lab = (np.arange(h * w).reshape(h, w) + k) % 36
+            _label(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab)
+    return root
+
+
+def make_folder(root: Path, label_root: Path = None, n=3, size=(40, 30), num_classes=4):
+    w, h = size
+    for k in range(n):
+        _rgb(root / f"img{k}.png", w + k, h, seed=k)
+        if label_root is not None:
+            lab = (np.arange(h * (w + k)).reshape(h, w + k) + k) % num_classes
+            lab[0, 0] = 255
+            _label(label_root / f"img{k}.png", lab)
+    return root
+
+
+# ----------------------------------------------------------------------------- COCO-Stuff
+def test_coco27_table_matches_reference():
+    assert len(REFERENCE_27) == 182
+    assert [cocostuff.FINE_TO_COARSE[i] for i in range(182)] == REFERENCE_27
+    assert len(cocostuff.COARSE_NAMES) == 27
+    assert cocostuff.COARSE_NAMES[9] == "person" and cocostuff.COARSE_NAMES[23] == "sky"
+    assert [i for i, n in enumerate(cocostuff.FINE_NAMES) if n is None] == UNUSED_FINE
+
+
+def test_coco_label_with_every_id(tmp_path):
+    every = np.arange(256, dtype=np.uint8)  # 0..181, 182..254 (invalid), 255 unlabeled
+    lab = np.tile(every, (4, 1))
+    make_coco(tmp_path, n=(1, 1), size=(256, 4))
+    _label(tmp_path / "annotations" / "val2017" / "v00000000000.png", lab)
+    src27 = cocostuff.build_cocostuff27(tmp_path, "val")
+    img, got = src27.load(0)
+    assert got.dtype == np.uint8 and got.shape == (4, 256) and img.size == (256, 4)
+    assert got[0, :182].tolist() == REFERENCE_27
+    assert (got[:, 182:] == 255).all()
+    src171 = cocostuff.build_cocostuff171(tmp_path, "val")
+    _, got = src171.load(0)
+    used = [i for i in range(182) if i not in UNUSED_FINE]
+    assert got[0, used].tolist() == list(range(171))
+    assert (got[0, UNUSED_FINE] == 255).all() and (got[:, 182:] == 255).all()
+    assert src171.num_classes == 171 and len(src171.class_names) == 171
+    assert src171.class_names[0] == "person" and src171.class_names[80] == "banner"
+    assert src171.class_names[-1] == "wood"
+    assert src27.num_classes == 27 and src27.class_names == list(cocostuff.COARSE_NAMES)
+
+
+def test_coco_layout_and_registry(tmp_path):
+    make_coco(tmp_path, n=(3, 2))
+    tr = build_source("cocostuff27", root=tmp_path, split="train")
+    va = build_source("cocostuff171", root=tmp_path, split="val")
+    assert len(tr) == 3 and len(va) == 2 and tr.has_labels
+    assert tr.name(1) == "t00000000001"
+    # curated list selects a subset (and tolerates file names)
+    lst = tmp_path / "curated" / "train2017" / cocostuff.CURATED_LIST
+    lst.write_text("t00000000002.jpg\n\nt00000000000\n")
+    assert [tr2 for tr2 in build_source("cocostuff27", root=tmp_path).images] == [
+        tmp_path / "images/train2017/t00000000002.jpg", tmp_path / "images/train2017/t00000000000.jpg"]
+    assert len(cocostuff.build_cocostuff27(tmp_path, "train", curated=False)) == 3
+    assert len(cocostuff.build_cocostuff27(tmp_path, "train", subset=1)) == 1
+
+
+@pytest.mark.parametrize("mistake, match", [
+    ("no_root", r"data root .*does not exist"),
+    ("no_images", r"missing folder .*images/train2017: expected the COCO train2017 images"),
+    ("no_annotations", r"missing folder .*annotations/train2017: expected the COCO-Stuff"),
+    ("no_curated", r"missing file .*curated/train2017/Coco164kFull_Stuff_Coarse_7.txt"),
+    ("empty_curated", r"curated list .* is empty"),
+    ("listed_image_missing", r"listed image\(s\) missing, e.g. \[.*t00000000001.jpg"),
+    ("label_missing", r"without their label file, e.g. .*t00000000002.png \(for image"),
+])
+def test_coco_layout_mistakes(tmp_path, mistake, match):
+    root = make_coco(tmp_path / "coco", n=(3, 1))
+    if mistake == "no_root":
+        root = tmp_path / "nowhere"
+    elif mistake == "no_images":
+        for p in (root / "images" / "train2017").iterdir():
+            p.unlink()
+        (root / "images" / "train2017").rmdir()
+    elif mistake == "no_annotations":
+        (root / "annotations").rename(root / "annotation")
+    elif mistake == "no_curated":
+        (root / "curated" / "train2017" / cocostuff.CURATED_LIST).unlink()
+    elif mistake == "empty_curated":
+        (root / "curated" / "train2017" / cocostuff.CURATED_LIST).write_text("\n")
+    elif mistake == "listed_image_missing":
+        (root / "images" / "train2017" / "t00000000001.jpg").unlink()
+    elif mistake == "label_missing":
+        (root / "annotations" / "train2017" / "t00000000002.png").unlink()
+    with pytest.raises(LayoutError, match=match):
+        cocostuff.build_cocostuff27(root, "train")
+
+
+def test_unknown_split_and_missing_root():
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        cocostuff.build_cocostuff27("/", "test")
+    with pytest.raises(LayoutError, match="no data root given"):
+        cityscapes.build(None, "train")
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+def test_cityscapes_mapping_every_id(tmp_path):
+    make_cityscapes(tmp_path, n=(1, 1), size=(256, 2))
+    lab = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
+    _label(next((tmp_path / "gtFine" / "val").rglob("*_gtFine_labelIds.png")), lab)
+    src = build_source("cityscapes", root=tmp_path, split="val")
+    _, got = src.load(0)
+    expect = np.full(256, 255, np.uint8)
+    expect[7:34] = np.arange(27)
+    assert (got == expect[None]).all()
+    assert src.num_classes == 27 and src.class_names[0] == "road"
+    assert src.class_names[26] == "bicycle" and len(src.class_names) == 27
+    assert src.name(0) == "aachen_000000_000019_leftImg8bit"
+
+
+def test_cityscapes_layout_mistakes(tmp_path):
+    make_cityscapes(tmp_path, n=(3, 1))
+    assert len(cityscapes.build(tmp_path, "train")) == 3
+    lab = next((tmp_path / "gtFine" / "train" / "bremen").glob("*.png"))
+    lab.unlink()
+    with pytest.raises(LayoutError, match=r"without their label file.*gtFine/train/bremen/"
+                                          r"bremen_000001_000019_gtFine_labelIds.png"):
+        cityscapes.build(tmp_path, "train")
+    with pytest.raises(LayoutError, match=r"missing folder .*leftImg8bit/val"):
+        cityscapes.build(tmp_path / "gtFine", "val")
+    empty = tmp_path / "empty"
+    (empty / "leftImg8bit" / "val").mkdir(parents=True)
+    (empty / "gtFine" / "val").mkdir(parents=True)
+    with pytest.raises(LayoutError, match=r"no \*_leftImg8bit.png images under"):
+        cityscapes.build(empty, "val")
+
+
+# ----------------------------------------------------------------------------- folder
+def test_folder_unlabelled_and_labelled(tmp_path):
+    make_folder(tmp_path / "imgs", tmp_path / "labels", n=3, num_classes=4)
+    plain = build_source("folder", root=tmp_path / "imgs")
+    assert len(plain) == 3 and not plain.has_labels and plain.load(1)[1] is None
+    lab = build_source("folder", root=tmp_path / "imgs", split="val",
+                       label_root=tmp_path / "labels")
+    assert lab.has_labels and lab.num_classes == 4
+    img, l = lab.load(2)
+    assert l.shape == (img.height, img.width) and l[0, 0] == 255 and l[l != 255].max() < 4
+    # ids beyond num_classes are unlabelled
+    lab2 = build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels",
+                        num_classes=2)
+    assert set(np.unique(lab2.load(0)[1])) <= {0, 1, 255}
+    (tmp_path / "labels" / "img1.png").unlink()
+    with pytest.raises(LayoutError, match=r"without their label file, e.g. .*labels/img1.png"):
+        build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels")
+    with pytest.raises(LayoutError, match=r"missing folder .*nolabels: expected the folder of"):
+        build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "nolabels")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(LayoutError, match=r"no images under .*none"):
+        build_source("folder", root=tmp_path / "none")
+
+
+def test_folder_split_subfolders(tmp_path):
+    make_folder(tmp_path / "d" / "train", n=2)
+    make_folder(tmp_path / "d" / "val", n=1)
+    assert len(build_source("folder", root=tmp_path / "d", split="train")) == 2
+    assert len(build_source("folder", root=tmp_path / "d", split="val")) == 1
+
+
+# ----------------------------------------------------------------------------- corrupt samples
+def test_corrupt_samples_skipped_and_counted(tmp_path):
+    root = make_coco(tmp_path, n=(4, 1))
+    bad = root / "images" / "train2017" / "t00000000001.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    trunc = root / "images" / "train2017" / "t00000000002.jpg"
+    trunc.write_bytes(trunc.read_bytes()[:200])
+    src = cocostuff.build_cocostuff27(root, "train")  # construction does not decode
+    with pytest.raises(CorruptSampleError, match=r"t00000000001.jpg: cannot decode image"):
+        src.load(1)
+    safe = skip_corrupt(src)
+    assert skip_corrupt(safe) is safe and len(safe) == 4 and safe.num_classes == 27
+    with pytest.warns(UserWarning) as record:
+        img, lab = safe.load(1)
+    messages = [str(r.message) for r in record]
+    assert len(messages) == 2 and "skipping corrupt sample" in messages[0]
+    assert "t00000000001.jpg" in messages[0] and "t00000000002.jpg" in messages[1]
+    assert safe.skipped == 2  # 1 and 2 are bad, 3 substituted
+    assert np.array_equal(np.asarray(img), np.asarray(src.load(3)[0]))
+    assert safe.skipped_paths == [str(bad), str(trunc)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert safe.load(0) is not None and safe.skipped == 2
+        # wraps around the end
+        (root / "images" / "train2017" / "t00000000003.jpg").write_bytes(b"")
+        safe.load(3)
+        assert safe.skipped == 3
+
+
+def test_corrupt_label_and_size_mismatch(tmp_path):
+    root = make_coco(tmp_path, n=(2, 1))
+    lab = root / "annotations" / "train2017" / "t00000000000.png"
+    Image.new("L", (10, 10)).save(lab)
+    src = cocostuff.build_cocostuff27(root, "train")
+    with pytest.raises(CorruptSampleError, match=r"label is 10x10 .* but its image"):
+        src.load(0)
+    Image.new("RGB", (48, 40)).save(lab)
+    with pytest.raises(CorruptSampleError, match=r"label PNG is RGB"):
+        src.load(0)
+    lab.write_bytes(b"\x89PNG broken")
+    with pytest.raises(CorruptSampleError, match=r"cannot decode label"):
+        src.load(0)
+
+
+def test_all_corrupt_stops(tmp_path):
+    root = make_coco(tmp_path, n=(2, 1))
+    for p in (root / "images" / "train2017").iterdir():
+        p.write_bytes(b"x")
+    safe = skip_corrupt(cocostuff.build_cocostuff27(root, "train"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="consecutive samples .* are corrupt"):
+            safe.load(0)
+
+
+class _Loaded(torch.utils.data.Dataset):
+    def __init__(self, src):
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        img, _ = self.src.load(i)
+        return torch.tensor(img.size)
+
+
+def test_skip_counter_shared_with_loader_workers(tmp_path):
+    import copy
+    import pickle
+    root = make_coco(tmp_path, n=(4, 1))
+    (root / "images" / "train2017" / "t00000000002.jpg").write_bytes(b"x")
+    safe = skip_corrupt(cocostuff.build_cocostuff27(root, "train"))
+    loader = torch.utils.data.DataLoader(_Loaded(safe), batch_size=2, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert sum(len(b) for b in batches) == 4 and safe.skipped == 1
+    # an ordinary copy gets its own counter instead of failing
+    other = pickle.loads(pickle.dumps(safe))
+    assert isinstance(other, SkipCorrupt) and other.skipped == 0 and len(other) == 4
+    assert copy.deepcopy(safe).skipped == 0
