@@ -69,7 +69,8 @@ def _select_shift(slot, r0, r1, r2, r3, r4, r5, r6, r7):
 @triton.jit
 def _feature_affinity_tile(ur_ptr, uc_ptr, offs_i, offs_j, mask_i, mask_j, s_rn, s_rd, s_cn, s_cd,
                            D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr):
     """f[i, j] = u_rows[i] . u_cols[j] over D in BLOCK_D chunks, float32 accumulation.
 
     Both passes call this helper with the same block sizes, so f (and the selection masks) are
@@ -84,6 +85,9 @@ def _feature_affinity_tile(ur_ptr, uc_ptr, offs_i, offs_j, mask_i, mask_j, s_rn,
                     mask=mask_i[:, None] & md[None, :], other=0.0)
         bt = tl.load(uc_ptr + offs_j[None, :] * s_cn + dd[:, None] * s_cd,
                      mask=mask_j[None, :] & md[:, None], other=0.0)
+        if UPCAST:  # interpreter only: its bfloat16 dot is wrong; the upcast is exact
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
         f = tl.dot(a, bt, f, input_precision=PRECISION)
     return f
 
@@ -140,7 +144,8 @@ def _pair_sums_rows_kernel(
         r0, r1, r2, r3, r4, r5, r6, r7,
         N_KEY, M_KEY, D_KEY,                     # bucketed sizes: autotune key only
         POSITIVE: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
-        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums/counts of a block of rows against all partner columns, and its gradients."""
     pid_i = tl.program_id(0).to(tl.int64)
@@ -166,7 +171,8 @@ def _pair_sums_rows_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         mask_j = offs_j < N_COLS
         f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
-                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION,
+                                   UPCAST)
         p_cols_t = tl.load(pc_ptr + bc * s_pcb + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
                            mask=mask_j[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
         c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
@@ -203,7 +209,7 @@ def _pair_sums_cols_grad_kernel(
         t_pos, t_neg,
         r0, r1, r2, r3, r4, r5, r6, r7,
         POSITIVE: tl.constexpr, H: tl.constexpr, ACCUMULATE: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Deterministic transposed pass: gradient of a block of partner rows, no atomics.
 
@@ -233,7 +239,8 @@ def _pair_sums_cols_grad_kernel(
         offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         mask_i = offs_i < N_ROWS
         f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
-                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION,
+                                   UPCAST)
         p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
                          mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
@@ -329,7 +336,9 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     else:
         grad_a = grad_b = psum  # never touched (NEED_GRAD=False)
     h_code = int(h_code)
-    common = dict(H=h_code, PRECISION=precision, BLOCK_K=block_k)
+    # Triton's CPU interpreter computes bfloat16 dots wrongly: upcast there (exact)
+    upcast = interp and u_a.dtype == torch.bfloat16
+    common = dict(H=h_code, PRECISION=precision, BLOCK_K=block_k, UPCAST=upcast)
     explicit = {} if config is None else dict(config)
     if config is not None and not interp:
         explicit.setdefault("num_warps", 4)
@@ -386,8 +395,7 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
                 B, N, n_cols, D, K,
                 *u_a.stride(), *uc.stride(), *p_a.stride(), *pc.stride(), *gc_str,
                 float(t_pos), float(t_neg), *rpad,
-                POSITIVE=positive, H=h_code, ACCUMULATE=not positive, PRECISION=precision,
-                BLOCK_K=block_k, **cols_meta)
+                POSITIVE=positive, ACCUMULATE=not positive, **common, **cols_meta)
     return psum, pcnt, grad_a, grad_b
 
 

@@ -1,0 +1,268 @@
+"""The fused Triton backend (iddc_kernels.triton_pair_sums) against the materialising reference.
+
+On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 so every kernel runs under
+Triton's CPU interpreter (sizes are kept small for that); on a GPU the same tests run natively.
+Each case compares the sums, the counts and both gradients (through a random grad_output over
+the sums) with :func:`iddc.reference.pair_sums`; low-precision inputs are compared with the
+reference evaluated in float64 on the same rounded inputs.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+from iddc import reference  # noqa: E402
+from iddc.loss import IDDCLoss  # noqa: E402
+from iddc_kernels import triton_pair_sums  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T_POS, T_NEG = 0.2, 0.12
+
+#: per dtype: relative tolerance of the sums, and of the gradients (relative to their max)
+TOL = {
+    torch.float32: dict(sums=2e-5, grad=2e-5),
+    torch.float16: dict(sums=1e-4, grad=2e-3),
+    torch.bfloat16: dict(sums=1e-4, grad=1e-2),
+}
+DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
+               torch.float64: "f64"}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def unit_features(b, n, d, g, dirs=None):
+    """Unit vectors whose pairwise products spread over about [-0.5, 1]: a few shared directions
+    (two of them anti-correlated) mixed with per-pixel noise, so both thresholds are crossed."""
+    if dirs is None:
+        dirs = F.normalize(torch.randn(4, d, generator=g, dtype=torch.float64), dim=-1)
+        dirs[1] = F.normalize(dirs[1] - 0.6 * dirs[0], dim=-1)
+    alpha = torch.rand(b, n, 1, generator=g, dtype=torch.float64) * 2.0
+    pick = torch.randint(0, dirs.shape[0], (b, n), generator=g)
+    x = alpha * dirs[pick] + torch.randn(b, n, d, generator=g, dtype=torch.float64) / d ** 0.5
+    return F.normalize(x, dim=-1), dirs
+
+
+def make_inputs(b, n, m, d, k, seed, dtype):
+    g = _gen(seed)
+    u_a, dirs = unit_features(b, n, d, g)
+    u_b, _ = unit_features(b, m, d, g, dirs)
+    p_a = torch.softmax(2 * torch.randn(b, n, k, generator=g, dtype=torch.float64), -1)
+    p_b = torch.softmax(2 * torch.randn(b, m, k, generator=g, dtype=torch.float64), -1)
+    # round once to the test dtype; the reference sees exactly these values, in float64
+    return [t.to(dtype).to(DEVICE) for t in (u_a, u_b, p_a, p_b)]
+
+
+def run_both(u_a, u_b, p_a, p_b, shifts, h, seed, t_pos=T_POS, t_neg=T_NEG, **kw):
+    """Triton sums, counts and gradients for one random grad_output (returned too)."""
+    p_a = p_a.detach().requires_grad_()
+    p_b = p_b.detach().requires_grad_()
+    sums, counts = triton_pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h,
+                                    **kw)
+    grad_out = torch.randn(len(shifts) + 1, generator=_gen(seed + 1), dtype=torch.float64)
+    ga, gb = torch.autograd.grad(sums, (p_a, p_b), grad_out.to(sums.dtype).to(sums.device))
+    return sums, counts, ga, gb, grad_out
+
+
+def reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out, t_pos=T_POS, t_neg=T_NEG):
+    u_a, u_b = u_a.double(), u_b.double()
+    p_a = p_a.detach().double().requires_grad_()
+    p_b = p_b.detach().double().requires_grad_()
+    sums, counts = reference.pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    ga, gb = torch.autograd.grad(sums, (p_a, p_b), grad_out.to(sums.device))
+    return sums, counts, ga, gb
+
+
+def assert_close_rel(actual, expected, rtol, what):
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    scale = max(expected.abs().max().item(), 1e-12)
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic=False, seed=0,
+                            config=None):
+    u_a, u_b, p_a, p_b = make_inputs(b, n, m, d, k, seed, dtype)
+    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed,
+                                              deterministic=deterministic, _config=config)
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out)
+    # the inputs must actually cross both thresholds
+    pairs = b * n * m
+    assert 0 < r_counts[0] < pairs, f"positive selection is trivial: {r_counts[0]} of {pairs}"
+    for s in range(len(shifts)):
+        assert 0 < r_counts[1 + s] < b * n * n, f"shift {shifts[s]} selection is trivial"
+    assert counts.dtype == torch.int64 and counts.shape == (1 + len(shifts),)
+    assert sums.shape == (1 + len(shifts),)
+    assert ga.dtype == p_a.dtype and gb.dtype == p_b.dtype
+    assert torch.equal(counts.cpu(), r_counts.cpu()), f"counts {counts.tolist()} != " \
+                                                      f"{r_counts.tolist()}"
+    tol = TOL[dtype]
+    for t in range(1 + len(shifts)):
+        assert_close_rel(sums[t], r_sums[t], tol["sums"], f"sums[{t}]")
+    assert_close_rel(ga, r_ga, tol["grad"], "grad p_a")
+    assert_close_rel(gb, r_gb, tol["grad"], "grad p_b")
+    return sums, counts, ga, gb
+
+
+# (B, N, M, D, K, shifts): odd, ragged sizes (N != M), every K of the SPEC, both D
+SHAPES = {
+    "B1-5x7vs6x5-D16-K2-noshift": (1, 35, 30, 16, 2, ()),
+    "B2-5x7vs6x7-D384-K27-r1": (2, 35, 42, 384, 27, (1,)),
+    "B5-4x5vs3x5-D16-K171-r1341": (5, 20, 15, 16, 171, (1, 3, 4, 1)),
+    "B5-3x3vs4x3-D384-K2-r23": (5, 9, 12, 384, 2, (2, 3)),
+    "B2-5x7vs6x5-D16-K27-noshift": (2, 35, 30, 16, 27, ()),
+}
+CASES = []
+for _name, _shape in SHAPES.items():
+    for _h in reference.H_VARIANTS:
+        CASES.append(pytest.param(*_shape, _h, torch.float32, id=f"{_name}-{_h}-f32"))
+for _dt in (torch.bfloat16, torch.float16):
+    for _name in ("B2-5x7vs6x7-D384-K27-r1", "B5-4x5vs3x5-D16-K171-r1341"):
+        for _h in reference.H_VARIANTS:
+            CASES.append(pytest.param(*SHAPES[_name], _h, _dt, id=f"{_name}-{_h}-{DTYPE_NAMES[_dt]}"))
+
+
+@pytest.mark.parametrize("b,n,m,d,k,shifts,h,dtype", CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_matches_reference(b, n, m, d, k, shifts, h, dtype, deterministic):
+    seed = zlib.crc32(f"{b}{n}{m}{d}{k}{shifts}{h}{dtype}{deterministic}".encode())
+    check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic, seed=seed)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_many_tiles_ragged_d_and_many_shifts(deterministic):
+    """Small blocks: many row/column tiles, a ragged D chunk, K padded 27 -> 32 and more shifts
+    than one launch takes (8), including repeats."""
+    config = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=32)
+    shifts = (1, 2, 3, 2, 1, 3, 3, 1, 2, 2)
+    check_against_reference(4, 37, 21, 100, 27, shifts, "exp", torch.float32, deterministic,
+                            seed=11, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda dt: DTYPE_NAMES[dt])
+def test_deterministic_is_bitwise_reproducible(dtype):
+    u_a, u_b, p_a, p_b = make_inputs(3, 27, 31, 48, 27, 5, dtype)
+    runs = [run_both(u_a, u_b, p_a, p_b, (1, 2, 1), "exp", 5, deterministic=True)
+            for _ in range(3)]
+    for other in runs[1:]:
+        for x, y in zip(runs[0][:4], other[:4]):
+            assert torch.equal(x, y)
+
+
+def test_float64_inputs_are_computed_in_float32():
+    u_a, u_b, p_a, p_b = make_inputs(2, 15, 18, 16, 5, 3, torch.float64)
+    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 3)
+    assert sums.dtype == torch.float64 and ga.dtype == torch.float64
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, (1,), "exp", grad_out)
+    assert torch.equal(counts.cpu(), r_counts.cpu())
+    assert_close_rel(sums, r_sums, 2e-5, "sums")
+    assert_close_rel(ga, r_ga, 2e-5, "grad p_a")
+    assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
+
+
+def _threshold_in_gap(f: torch.Tensor, lo: float, hi: float) -> float:
+    """Midpoint of the widest gap between affinities in [lo, hi] (keeps TF32 from flipping)."""
+    v = torch.sort(f[(f > lo) & (f < hi)].flatten()).values
+    v = torch.cat([torch.tensor([lo], dtype=v.dtype), v, torch.tensor([hi], dtype=v.dtype)])
+    i = int(torch.argmax(v[1:] - v[:-1]))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_tf32_precision(deterministic):
+    """precision='tf32': with both thresholds placed in wide gaps of the affinities no pair can
+    flip, so counts are exact and values agree to TF32 accuracy (on CPU the interpreter computes
+    in float32, so this checks the code path)."""
+    u_a, u_b, p_a, p_b = make_inputs(2, 12, 13, 384, 27, 7, torch.float32)
+    f_pos = torch.einsum("bnd,bmd->bnm", u_a.double(), u_b.double())
+    f_neg = torch.einsum("bnd,bmd->bnm", u_a.double(), u_a.double().roll(-1, 0))
+    t_pos = _threshold_in_gap(f_pos.cpu(), 0.1, 0.3)
+    t_neg = _threshold_in_gap(f_neg.cpu(), 0.05, 0.2)
+    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 7, t_pos=t_pos,
+                                              t_neg=t_neg, precision="tf32",
+                                              deterministic=deterministic)
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, (1,), "exp", grad_out,
+                                                t_pos=t_pos, t_neg=t_neg)
+    assert torch.equal(counts.cpu(), r_counts.cpu())
+    assert_close_rel(sums, r_sums, 5e-3, "sums")
+    assert_close_rel(ga, r_ga, 2e-2, "grad p_a")
+    assert_close_rel(gb, r_gb, 2e-2, "grad p_b")
+
+
+def test_no_gradient_requested():
+    u_a, u_b, p_a, p_b = make_inputs(2, 15, 18, 16, 5, 9, torch.float32)
+    sums, counts = triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG)
+    assert not sums.requires_grad
+    r_sums, r_counts = reference.pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG)
+    assert torch.equal(counts, r_counts)
+    assert_close_rel(sums, r_sums, 2e-5, "sums")
+    with torch.no_grad():
+        s2, c2 = triton_pair_sums(u_a, u_b, p_a.requires_grad_(), p_b, (1,), t_pos=T_POS,
+                                  t_neg=T_NEG)
+    assert not s2.requires_grad and torch.equal(c2, counts)
+
+
+def test_gradient_to_one_input_only():
+    u_a, u_b, p_a, p_b = make_inputs(2, 15, 18, 16, 5, 13, torch.float32)
+    p_b = p_b.requires_grad_()
+    sums, _ = triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG)
+    (gb,) = torch.autograd.grad(sums.sum(), (p_b,))
+    pb64 = p_b.detach().double().requires_grad_()
+    r_sums, _ = reference.pair_sums(u_a.double(), u_b.double(), p_a.double(), pb64, (1,),
+                                    t_pos=T_POS, t_neg=T_NEG)
+    (r_gb,) = torch.autograd.grad(r_sums.sum(), (pb64,))
+    assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
+
+
+def test_rejects_bad_arguments():
+    u_a, u_b, p_a, p_b = make_inputs(2, 6, 5, 16, 3, 1, torch.float32)
+    with pytest.raises(ValueError, match="h variant"):
+        triton_pair_sums(u_a, u_b, p_a, p_b, (), t_pos=T_POS, t_neg=T_NEG, h="square")
+    with pytest.raises(ValueError, match="precision"):
+        triton_pair_sums(u_a, u_b, p_a, p_b, (), t_pos=T_POS, t_neg=T_NEG, precision="fp8")
+    with pytest.raises(ValueError, match="out of range"):
+        triton_pair_sums(u_a, u_b, p_a, p_b, (2,), t_pos=T_POS, t_neg=T_NEG)
+    big = torch.softmax(torch.randn(2, 6, 300, device=DEVICE), -1)
+    with pytest.raises(ValueError, match="256"):
+        triton_pair_sums(u_a, u_b, big, big[:, :5], (), t_pos=T_POS, t_neg=T_NEG)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_pair_sums(u_a, u_b, p_a.to(torch.int32), p_b, (), t_pos=T_POS, t_neg=T_NEG)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_iddc_loss_end_to_end(deterministic):
+    """IDDCLoss(backend='triton') against the SPEC-level reference objective."""
+    g = _gen(21)
+    b, d, k = 3, 64, 27
+    u_a, dirs = unit_features(b, 5 * 7, d, g)
+    u_b, _ = unit_features(b, 6 * 5, d, g, dirs)
+    # un-normalised feature maps (B x D x h x w): the loss normalises them itself
+    scale_a = 1 + torch.rand(b, 5 * 7, 1, generator=g, dtype=torch.float64)
+    feats_a = (u_a * scale_a).transpose(1, 2).reshape(b, d, 5, 7).float().to(DEVICE)
+    feats_b = (u_b * 3).transpose(1, 2).reshape(b, d, 6, 5).float().to(DEVICE)
+    logits_a = (2 * torch.randn(b, k, 5, 7, generator=g)).to(DEVICE).requires_grad_()
+    logits_b = (2 * torch.randn(b, k, 6, 5, generator=g)).to(DEVICE).requires_grad_()
+    shifts = (1, 2, 1)
+    loss_fn = IDDCLoss.from_preset("cocostuff27-vits8", backend="triton",
+                                   deterministic=deterministic)
+    out = loss_fn(feats_a, feats_b, logits_a, logits_b, shifts=shifts)
+    ref = reference.iddc_loss_reference(feats_a, feats_b, logits_a, logits_b, shifts,
+                                        **{k_: v for k_, v in
+                                           dict(t_pos=0.2, t_neg=0.12, lambda1=1.4,
+                                                lambda2=0.25).items()})
+    assert int(out.pos_count) == int(ref["pos_count"]) > 0
+    assert torch.equal(out.neg_counts.cpu(), ref["neg_counts"].cpu())
+    for name in ("loss", "pos", "neg", "reg"):
+        assert_close_rel(getattr(out, name), ref[name], 2e-5, name)
+    grads = torch.autograd.grad(out.loss, (logits_a, logits_b))
+    r_grads = torch.autograd.grad(ref["loss"], (logits_a, logits_b))
+    assert_close_rel(grads[0], r_grads[0], 5e-5, "grad logits_a")
+    assert_close_rel(grads[1], r_grads[1], 5e-5, "grad logits_b")
