@@ -1,0 +1,217 @@
+"""`IDDCLoss` end to end: against the standalone reference objective, errors, presets, shifts."""
+import math
+
+import pytest
+import torch
+
+from iddc import PRESETS, IDDCLoss, iddc_loss
+from iddc.loss import IDDCConfig, draw_shifts, resolve_backend
+from iddc.reference import iddc_loss_reference, pair_sums
+from iddc.testing import RTOL, assert_rel_close, random_logits, sign_feature_maps
+
+HYPER = dict(t_pos=0.2, t_neg=0.12, lambda1=1.4, lambda2=0.25)
+
+
+def views(batch=3, size_a=(9, 11), size_b=(7, 8), dim=64, classes=6, seed=0,
+          dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    fa, fb = sign_feature_maps(batch, dim, (size_a, size_b), generator=gen, dtype=dtype)
+    za, zb = random_logits(batch, classes, (size_a, size_b), generator=gen, dtype=dtype)
+    return fa, fb, za.requires_grad_(), zb.requires_grad_()
+
+
+def reference_terms(fa, fb, za, zb, shifts, h="exp", regulariser="weibull"):
+    out = iddc_loss_reference(fa, fb, za, zb, shifts, h=h, regulariser_kind=regulariser, **HYPER)
+    grads = torch.autograd.grad(out["loss"], (za, zb))
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", ["streaming", "reference"])
+@pytest.mark.parametrize("regulariser", ["weibull", "entropy", "none"])
+@pytest.mark.parametrize("h", ["exp", "linear", "log"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_loss_matches_reference_objective(backend, regulariser, h, dtype):
+    seed = torch.seed() % (1 << 31)
+    fa, fb, za, zb = views(seed=seed, dtype=dtype)
+    shifts = (1, 2, 1)
+    ref, ref_grads = reference_terms(fa, fb, za, zb, shifts, h, regulariser)
+    loss_fn = IDDCLoss(h=h, regulariser=regulariser, backend=backend, **HYPER)
+    out = loss_fn(fa, fb, za, zb, shifts=shifts)
+    grads = torch.autograd.grad(out.loss, (za, zb))
+    tol = RTOL[dtype]
+    for name in ("loss", "pos", "neg", "reg"):
+        assert_rel_close(getattr(out, name), ref[name], tol, f"seed={seed} {name}")
+    assert torch.equal(out.pos_count, ref["pos_count"])
+    assert torch.equal(out.neg_counts, ref["neg_counts"])
+    assert_rel_close(grads[0], ref_grads[0], tol, f"seed={seed} grad logits_a")
+    assert_rel_close(grads[1], ref_grads[1], tol, f"seed={seed} grad logits_b")
+    assert out.shifts == shifts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs_are_computed_in_float32(dtype):
+    fa, fb, za, zb = views(seed=5, dtype=dtype)
+    out = IDDCLoss(backend="streaming", **HYPER)(fa, fb, za, zb, shifts=(1, 2))
+    assert out.loss.dtype == torch.float32
+    ref, _ = reference_terms(*(t.detach().float().requires_grad_() for t in (fa, fb, za, zb)),
+                             (1, 2))
+    assert_rel_close(out.loss, ref["loss"], RTOL[torch.float32])
+    (g,) = torch.autograd.grad(out.loss, (za,))
+    assert g.dtype == dtype and torch.isfinite(g.float()).all()
+
+
+def test_drawn_shifts_are_reproducible_and_in_range():
+    fa, fb, za, zb = views(batch=5)
+    loss_fn = IDDCLoss(backend="streaming", num_shifts=3, **HYPER)
+    first = loss_fn(fa, fb, za, zb, generator=torch.Generator().manual_seed(7))
+    again = loss_fn(fa, fb, za, zb, generator=torch.Generator().manual_seed(7))
+    assert first.shifts == again.shifts and len(first.shifts) == 3
+    assert all(1 <= r <= 4 for r in first.shifts)
+    explicit = loss_fn(fa, fb, za, zb, shifts=first.shifts)
+    assert torch.equal(explicit.loss, first.loss)
+    drawn = {r for seed in range(200) for r in draw_shifts(5, 3, torch.Generator().manual_seed(seed))}
+    assert drawn == {1, 2, 3, 4}  # 1..B-1, B - 1 included (the authors' code stops at B - 2)
+
+
+def test_batch_of_one_without_negatives():
+    fa, fb, za, zb = views(batch=1)
+    out = IDDCLoss(backend="streaming", num_shifts=0, **HYPER)(fa, fb, za, zb)
+    ref, _ = reference_terms(fa, fb, za, zb, ())
+    assert out.neg.item() == 0.0 and out.neg_counts.numel() == 0
+    assert_rel_close(out.loss, ref["loss"], RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["streaming", "reference"])
+def test_empty_selection_gives_zero_and_zero_gradient(backend):
+    fa, fb, za, zb = views()
+    loss_fn = IDDCLoss(backend=backend, t_pos=2.0, t_neg=-2.0, lambda1=1.0, lambda2=0.0,
+                       regulariser="none")
+    out = loss_fn(fa, fb, za, zb, shifts=(1,))
+    assert out.pos_count.item() == 0 and out.neg_counts.tolist() == [0]
+    assert out.loss.item() == 0.0
+    ga, gb = torch.autograd.grad(out.loss, (za, zb))
+    assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
+
+
+def test_functional_form_matches_module():
+    fa, fb, za, zb = views()
+    a = iddc_loss(fa, fb, za, zb, shifts=(2,), backend="streaming", **HYPER)
+    b = IDDCLoss(backend="streaming", **HYPER)(fa, fb, za, zb, shifts=(2,))
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_presets_hold_spec_table():
+    assert PRESETS["cocostuff27-vits8"] == dict(lambda1=1.4, lambda2=0.25, t_pos=0.2, t_neg=0.12)
+    loss_fn = IDDCLoss.from_preset("cityscapes-vitb8", h="linear")
+    cfg = loss_fn.config
+    assert (cfg.lambda1, cfg.lambda2, cfg.t_pos, cfg.t_neg, cfg.h) == (0.38, 0.22, 0.2, 0.28,
+                                                                        "linear")
+    assert math.isclose(cfg.reg_scale, 1 / 50) and cfg.num_shifts == 3
+    with pytest.raises(ValueError, match="unknown preset 'coco'"):
+        IDDCLoss.from_preset("coco")
+    with pytest.raises(ValueError, match="unknown IDDCConfig fields"):
+        IDDCConfig.from_preset("cocostuff171", lamda1=2.0)
+
+
+def test_auto_backend_on_cpu_is_streaming():
+    assert resolve_backend("auto", torch.device("cpu")) == "streaming"
+
+
+def test_reference_gradcheck_float64():
+    fa, fb, za, zb = views(batch=3, size_a=(3, 3), size_b=(2, 3), dim=16, classes=3,
+                           dtype=torch.float64)
+    for h in ("exp", "linear", "log"):
+        for reg in ("weibull", "entropy"):
+            def fn(a, b):
+                return iddc_loss_reference(fa, fb, a, b, (1, 2), h=h, regulariser_kind=reg,
+                                           **HYPER)["loss"]
+            assert torch.autograd.gradcheck(fn, (za, zb))
+
+
+def test_authors_formulation_agrees_with_reference():
+    from iddc.reference import pair_sums_masked_gather
+    fa, fb, za, zb = views(dtype=torch.float64)
+    u = [torch.nn.functional.normalize(f, dim=1).flatten(2).transpose(1, 2) for f in (fa, fb)]
+    p = [z.softmax(1).flatten(2).transpose(1, 2) for z in (za, zb)]
+    a = pair_sums(*u, *p, (1, 2), t_pos=0.2, t_neg=0.12)
+    b = pair_sums_masked_gather(*u, *p, (1, 2), t_pos=0.2, t_neg=0.12)
+    assert torch.equal(a[1], b[1])
+    assert_rel_close(b[0], a[0], 1e-12)
+
+
+# --- errors: each names the problem ---------------------------------------------------------
+
+def _call(fa, fb, za, zb, **kw):
+    return IDDCLoss(backend="streaming", **HYPER)(fa, fb, za, zb, **kw)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda fa, fb, za, zb: (fa[0], fb, za, zb), "feats_a must be 4-d"),
+    (lambda fa, fb, za, zb: (fa, fb[:, :32], za, zb), "feature dim D differs"),
+    (lambda fa, fb, za, zb: (fa, fb, za, zb[:, :4]), "class count K differs"),
+    (lambda fa, fb, za, zb: (fa, fb, za[:2], zb), "batch sizes differ"),
+    (lambda fa, fb, za, zb: (fa, fb, za[..., :5], zb), "view a: feats_a is"),
+    (lambda fa, fb, za, zb: (fa, fb, za, zb.to(torch.int64)), "logits_b must be floating"),
+    (lambda fa, fb, za, zb: (fa, fb, za[:, :1], zb[:, :1]), "at least 2 classes"),
+    (lambda fa, fb, za, zb: (fa.to("meta"), fb, za, zb), "different devices"),
+], ids=["not-4d", "D-mismatch", "K-mismatch", "B-mismatch", "hw-mismatch", "int-logits",
+        "one-class", "device-mismatch"])
+def test_bad_shapes_name_the_problem(mutate, message):
+    fa, fb, za, zb = views()
+    with pytest.raises(ValueError, match=message):
+        _call(*mutate(fa, fb, za.detach(), zb.detach()), shifts=(1,))
+
+
+@pytest.mark.parametrize("which", ["feats_a", "logits_b"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_inputs_are_rejected(which, bad):
+    fa, fb, za, zb = views()
+    named = dict(feats_a=fa, feats_b=fb, logits_a=za.detach().clone(), logits_b=zb.detach().clone())
+    named[which][0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=f"{which} contains NaN or Inf"):
+        _call(*named.values(), shifts=(1,))
+    # the check can be switched off for speed
+    IDDCLoss(backend="streaming", check_finite=False, **HYPER)(*named.values(), shifts=(1,))
+
+
+def test_bad_shifts_and_batch_of_one():
+    fa, fb, za, zb = views(batch=3)
+    with pytest.raises(ValueError, match=r"shifts \[3\] are out of range: each must lie in 1..B-1 = 1..2"):
+        _call(fa, fb, za, zb, shifts=(1, 3))
+    with pytest.raises(ValueError, match=r"shifts \[0\] are out of range"):
+        _call(fa, fb, za, zb, shifts=(0,))
+    with pytest.raises(ValueError, match="shifts must be a sequence of integers"):
+        _call(fa, fb, za, zb, shifts=("a",))
+    fa, fb, za, zb = views(batch=1)
+    with pytest.raises(ValueError, match="negative pairs need at least 2 images"):
+        _call(fa, fb, za, zb)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(h="cubic"), "h='cubic' is not a known variant"),
+    (dict(regulariser="l2"), "regulariser='l2' is not known"),
+    (dict(backend="cuda"), "backend='cuda' is not known"),
+    (dict(num_shifts=-1), "num_shifts must be a non-negative integer"),
+    (dict(weibull_scale=0.0), "weibull_shape and weibull_scale must be positive"),
+    (dict(precision="fp8"), "precision='fp8' is not known"),
+])
+def test_bad_configuration_names_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IDDCLoss(**kwargs)
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_kernels_import_only_as_iddc_kernels():
+    import importlib.util
+
+    import iddc_kernels
+    assert iddc_kernels.__name__ == "iddc_kernels"
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and spec.origin == iddc_kernels.__file__:  # the repo root is on sys.path
+        with pytest.raises(ImportError, match="import iddc_kernels, not kernels"):
+            importlib.import_module("kernels")
