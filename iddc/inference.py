@@ -257,3 +257,22 @@ class Predictor:
 def predict(model: Callable, images, out_sizes=None, mode: str = "resize", **options) -> list:
     """One-shot helper: argmax maps of `images` with a Predictor(model, mode, **options)."""
     return Predictor(model, mode=mode, **options).segment(images, out_sizes)
+
+
+# ----------------------------------------------------------------------------- evaluate hooks
+#: window / stride / batch of the "sliding" evaluation mode of iddc.evaluate
+SLIDING_OPTIONS = {"window": DEFAULT_WINDOW, "stride": DEFAULT_WINDOW - DEFAULT_OVERLAP,
+                   "batch_size": 32}
+
+
+@torch.no_grad()
+def sliding_predict_fn(model, images: torch.Tensor, heads=("logits", "probe"),
+                       **options) -> dict:
+    """iddc.evaluate predict_fn of the "sliding" mode: windows over the (already resized)
+    B x 3 x H x W batch; returns {head: B x K x H x W averaged softmax maps} (argmax-ready)."""
+    opts = {**SLIDING_OPTIONS, **options}
+    pred = Predictor(model, mode="sliding", short_side=None, heads=heads, **opts)
+    probs = pred.probabilities(list(images))
+    if len(pred.heads) == 1:
+        return {pred.heads[0]: torch.stack(probs)}
+    return {k: torch.stack([p[k] for p in probs]) for k in pred.heads}

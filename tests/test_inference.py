@@ -1,0 +1,188 @@
+"""Evaluation-mode predictors (resize, sliding) and DINO checkpoints in the timm backbone."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from iddc.inference import (Predictor, resized_shape, sliding_predict_fn, window_starts)
+from iddc.models import IDDCModel, ModelConfig, WeightsError, build_model, load_backbone_weights
+
+TINY = dict(depth=1, embed_dim=32, num_heads=2)
+
+
+def tiny_model(num_classes=5, patch=8, seed=0) -> IDDCModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=f"vit_small_patch{patch}_224", backbone_img_size=64,
+                      backbone_kwargs=TINY)
+    model, _ = build_model(cfg, num_classes)
+    return model.eval()
+
+
+class Recorder(torch.nn.Module):
+    """Pointwise model (1x1 conv, stride 1) that records the input shapes it is given."""
+
+    def __init__(self, k=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, k, 1)
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.conv(x) * 3
+
+
+def test_window_starts_cover():
+    assert window_starts(224, 224, 149) == [0]
+    assert window_starts(100, 224, 149) == [0]
+    assert window_starts(320, 224, 149) == [0, 96]
+    for length in (225, 373, 374, 1000, 2048):
+        s = window_starts(length, 224, 149)
+        assert s[0] == 0 and s[-1] == length - 224
+        assert all(b - a <= 149 for a, b in zip(s, s[1:]))  # >= 75 px overlap everywhere
+    assert resized_shape(480, 640, 320, 8) == (320, 424)
+    assert resized_shape(37, 53, 320, 16) == (320, 464)
+    assert resized_shape(37, 53, None) == (37, 53)
+
+
+def test_sliding_equals_resize_on_one_window():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(3, 224, 224, generator=g) for _ in range(2)]
+    heads = ("logits", "probe")
+    resize = Predictor(model, "resize", short_side=224, heads=heads, batch_size=1)
+    sliding = Predictor(model, "sliding", short_side=224, heads=heads, batch_size=2)
+    a, b = resize.probabilities(images), sliding.probabilities(images)
+    for pa, pb in zip(a, b):
+        for h in heads:
+            assert pa[h].shape == (5, 224, 224)
+            torch.testing.assert_close(pa[h], pb[h], rtol=0, atol=1e-6)
+    sa, sb = resize.segment(images), sliding.segment(images)
+    assert all(torch.equal(x["logits"], y["logits"]) for x, y in zip(sa, sb))
+
+
+def test_sliding_pointwise_model_is_exact():
+    """A pointwise model gives the same softmax in every window: the average must equal it."""
+    model = Recorder()
+    x = torch.randn(3, 300, 500)
+    out = Predictor(model, "sliding", short_side=None, batch_size=5).probabilities([x])[0]
+    torch.testing.assert_close(out, torch.softmax(model.conv(x[None]) * 3, 1)[0])
+    # 2 x 3 windows of 224, run in batches of at most 5
+    assert [s[0] for s in model.shapes] == [5, 1]
+    assert all(s[1:] == (3, 224, 224) for s in model.shapes)
+
+
+def test_batching_does_not_change_results():
+    model = tiny_model(num_classes=3)
+    g = torch.Generator().manual_seed(2)
+    sizes = [(37, 53), (200, 90), (64, 64), (90, 200), (53, 37)]
+    images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
+    for mode in ("resize", "sliding"):
+        opts = dict(short_side=96, window=64, stride=40)
+        one = Predictor(model, mode, batch_size=1, **opts).probabilities(images)
+        many = Predictor(model, mode, batch_size=16, **opts).probabilities(images)
+        for (h, w), p, q in zip(sizes, one, many):
+            assert p.shape == (3, h, w)
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(p.sum(0), torch.ones(h, w), rtol=0, atol=1e-5)
+
+
+def test_resize_mode_shapes_and_grouping():
+    model = Recorder()
+    images = [torch.randn(3, 480, 640), torch.randn(3, 240, 320), torch.randn(3, 37, 53)]
+    p = Predictor(model, "resize", short_side=320, multiple=8, batch_size=8)
+    out = p.segment(images, [(480, 640), (240, 320), (37, 53)])
+    assert [o.shape for o in out] == [(480, 640), (240, 320), (37, 53)]
+    assert sorted(model.shapes) == sorted([(2, 3, 320, 424), (1, 3, 320, 456)])
+    assert out[0].dtype == torch.int64
+
+
+def test_sliding_small_image_is_padded():
+    model = Recorder()
+    out = Predictor(model, "sliding", short_side=None, window=64, stride=32).probabilities(
+        [torch.randn(3, 20, 100)])
+    assert out[0].shape == (4, 20, 100) and model.shapes == [(3, 3, 64, 64)]
+
+
+def test_predictor_errors():
+    with pytest.raises(ValueError, match="unknown inference mode"):
+        Predictor(Recorder(), "tiles")
+    with pytest.raises(ValueError, match="stride"):
+        Predictor(Recorder(), "sliding", window=64, stride=100)
+    with pytest.raises(KeyError, match="no \\['nope'\\]"):
+        Predictor(tiny_model(), heads="nope").segment([torch.randn(3, 32, 32)])
+
+
+def test_sliding_predict_fn_for_evaluate():
+    model = tiny_model(num_classes=4)
+    x = torch.randn(2, 3, 96, 128)
+    out = sliding_predict_fn(model, x, window=64, stride=40)
+    assert set(out) == {"logits", "probe"} and out["logits"].shape == (2, 4, 96, 128)
+
+
+# ----------------------------------------------------------------------------- DINO weights
+def _dino_state(timm_name: str, img_size: int, seed: int) -> dict:
+    """A small ViT's weights under DINO's key names (vision_transformer.py of facebookresearch/
+    dino: cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1,attn.qkv,attn.proj,norm2,
+    mlp.fc1,mlp.fc2}, norm), at its own positional grid."""
+    torch.manual_seed(seed)
+    vit = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=img_size, **TINY)
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
+                "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "norm.bias"}
+    assert expected <= set(state)
+    return state
+
+
+@pytest.mark.parametrize("arch, patch", [("vit_small_patch8_224", 8),
+                                         ("vit_small_patch16_224", 16),
+                                         ("vit_base_patch8_224", 8),
+                                         ("vit_base_patch16_224", 16)])
+def test_dino_pretrain_file_loads_with_resampled_pos_embed(tmp_path, arch, patch):
+    state = _dino_state(arch, img_size=4 * patch, seed=3)      # a 4 x 4 grid in the file
+    path = tmp_path / "dino_deitsmall8_300ep_pretrain.pth"
+    torch.save(state, path)
+    cfg = ModelConfig(backbone=arch, backbone_img_size=7 * patch, backbone_kwargs=TINY,
+                      weights=str(path))
+    model, report = build_model(cfg, num_classes=3)           # a 7 x 7 grid in the model
+    assert report["resampled"] and not report["missing"] and not report["unexpected"]
+    own = model.backbone.state_dict()
+    expect = resample_abs_pos_embed(state["pos_embed"], new_size=[7, 7], num_prefix_tokens=1)
+    assert own["pos_embed"].shape == (1, 50, 32)
+    torch.testing.assert_close(own["pos_embed"], expect)
+    for k, v in state.items():
+        if k != "pos_embed":
+            assert torch.equal(own[k], v), k
+    out = model(torch.randn(1, 3, 7 * patch, 5 * patch))
+    assert out["logits"].shape == (1, 3, 7, 5)
+
+
+def test_dino_full_checkpoint_teacher_is_used(tmp_path):
+    teacher = _dino_state("vit_small_patch8_224", 32, seed=4)
+    student = _dino_state("vit_small_patch8_224", 32, seed=5)
+    wrap = lambda s: {**{f"module.backbone.{k}": v for k, v in s.items()},  # noqa: E731
+                      "module.head.mlp.0.weight": torch.zeros(8, 32),
+                      "module.head.last_layer.weight_g": torch.zeros(16, 1)}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": wrap(student), "teacher": wrap(teacher), "epoch": 300,
+                "args": argparse.Namespace(arch="vit_small", patch_size=8)}, path)
+    backbone = timm.create_model("vit_small_patch8_224", num_classes=0, img_size=32,
+                                 dynamic_img_size=True, **TINY)
+    report = load_backbone_weights(backbone, str(path))
+    assert report["loaded"] == len(teacher) and not report["resampled"]
+    assert torch.equal(backbone.state_dict()["blocks.0.attn.qkv.weight"],
+                       teacher["blocks.0.attn.qkv.weight"])
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    path = tmp_path / "dino_vitbase16_pretrain.pth"
+    torch.save(_dino_state("vit_base_patch16_224", 64, seed=6), path)
+    backbone = timm.create_model("vit_small_patch8_224", num_classes=0, img_size=64,
+                                 dynamic_img_size=True, depth=1, embed_dim=48, num_heads=2)
+    with pytest.raises(WeightsError, match="does not fit the backbone"):
+        load_backbone_weights(backbone, str(path))
