@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically (temp file in the same folder + os.replace), resumable.
+
+A checkpoint is a dict::
+
+    {"format": "iddc-checkpoint-1", "config": Config.to_dict(), "num_classes": K,
+     "class_names": [...], "model": IDDCModel.state_dict() (backbone, head, classifier, probe),
+     "data_config": {"mean", "std"}, "weights_report": {...},
+     "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
+     "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
+     "metrics": [per-epoch entries so far], "baselines": {...}}
+
+:func:`load_model` rebuilds the model from a checkpoint alone (no weights file needed: the
+backbone's tensors are in ``model``).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+FORMAT = "iddc-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, read or understood."""
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temp file next to ``path``, then os.replace (never a half-written file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str) -> dict:
+    """Read an IDDC checkpoint; CheckpointError (naming the path) if missing or corrupt."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError, AttributeError, KeyError, IndexError, TypeError, ImportError) as err:
+        raise CheckpointError(f"could not read checkpoint {path}: it is corrupt, truncated or "
+                              f"not an IDDC checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an IDDC checkpoint (expected format {FORMAT!r})")
+    return ckpt
+
+
+def rng_state(shift_generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(), "shift_generator": shift_generator.get_state()}
+
+
+def set_rng_state(state: dict, shift_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    shift_generator.set_state(state["shift_generator"])
+
+
+def load_model(path: str, device="cpu"):
+    """(IDDCModel in eval mode, Config, checkpoint dict) rebuilt from a checkpoint alone."""
+    import dataclasses
+
+    from .config import Config
+    from .models import build_model
+
+    ckpt = load(path)
+    cfg = Config.from_dict(ckpt["config"])
+    # every tensor is in the checkpoint: build a bare backbone, never fetch or read weights
+    bare = dataclasses.replace(cfg.model, pretrained=False, weights=None)
+    model, _ = build_model(bare, ckpt["num_classes"], load_weights=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, ckpt

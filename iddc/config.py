@@ -1,0 +1,225 @@
+"""Run configuration: dataclasses, YAML, and command-line overrides.
+
+Precedence: defaults < preset (loss hyper-parameters of SPEC section 3) < YAML (--config) <
+command line. A preset named in YAML or on the command line only fills the loss fields that
+neither the YAML file nor the command line set explicitly.
+
+Every field of every section gets a command-line flag named after it (``train.epochs`` ->
+``--epochs``, ``loss.t_pos`` -> ``--t-pos``, ``data.crop_size`` -> ``--crop-size``). Data-set
+options go through ``--data-option KEY=VALUE`` (repeatable).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+from .loss import PRESETS, IDDCConfig
+from .models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    #: training crop (SPEC section 4: 224; the embedded default uses small images)
+    crop_size: int = 64
+    #: evaluation: shorter side resized to this (SPEC section 5: 320)
+    eval_size: int = 96
+    #: evaluation mode: "resize" (whole image, shorter side eval_size); data/predict code may
+    #: register more in iddc.evaluate.EVAL_MODES (e.g. sliding windows)
+    eval_mode: str = "resize"
+    eval_batch_size: int = 16
+    #: keyword options of the data-set factory, for both splits (e.g. num_images, image_size)
+    options: dict = field(default_factory=dict)
+    train_options: dict = field(default_factory=dict)
+    val_options: dict = field(default_factory=dict)
+    num_workers: int = 0
+    #: keep the val set's backbone features between evaluations (frozen backbone, default
+    #: eval mode only), up to this many MiB (0: off)
+    eval_feature_cache_mb: float = 512
+    #: 0 = all of them
+    max_val_images: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 5e-4
+    probe_lr: float = 1e-3
+    poly_power: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    #: --fused: the loss backend "auto" (Triton on CUDA, streaming on CPU); else "reference"
+    fused: bool = False
+    preset: Optional[str] = None
+    out: Optional[str] = None
+    name: Optional[str] = None
+    eval_every: int = 1
+    #: evaluate the untrained head before training (reported as epoch 0)
+    eval_initial: bool = True
+    #: k-means (K clusters) on the backbone's val features, as a baseline
+    kmeans_baseline: bool = True
+    kmeans_iters: int = 30
+    vis_images: int = 4
+    #: show a tqdm progress bar
+    progress: bool = True
+    #: torch CPU threads (0: leave torch's default)
+    threads: int = 0
+    #: stop after this many optimisation steps in total (0: no limit; for tests)
+    max_steps: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: IDDCConfig = field(default_factory=IDDCConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = d or {}
+        unknown = set(d) - {"model", "data", "train", "loss"}
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; expected model, data, "
+                             "train, loss")
+        kw = {}
+        for f in fields(cls):
+            sub = d.get(f.name) or {}
+            typ = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                   "loss": IDDCConfig}[f.name]
+            names = {g.name for g in fields(typ)}
+            bad = set(sub) - names
+            if bad:
+                raise ValueError(f"unknown {f.name} config fields {sorted(bad)}; expected some of "
+                                 f"{sorted(names)}")
+            kw[f.name] = typ(**sub)
+        return cls(**kw)
+
+    def dump_yaml(self, path: str) -> None:
+        with open(path, "w") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": IDDCConfig}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_flags():
+    """{flag dest: (section, field name, type)} for every scalar field."""
+    out = {}
+    for section, typ in SECTIONS.items():
+        for f in fields(typ):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # dict options: via --data-option
+                continue
+            dest = f.name
+            if dest in out:
+                dest = f"{section}_{f.name}"
+            kind = type(default) if default is not None else str
+            if f.name in ("weights", "preset", "out", "name", "data_root"):
+                kind = str
+            out[dest] = (section, f.name, kind)
+    return out
+
+
+FLAGS = _field_flags()
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _parse_value(s: str) -> Any:
+    return yaml.safe_load(s)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config, --preset and one flag per config field (all default to 'not given')."""
+    parser.add_argument("--config", help="YAML file with model/data/train/loss sections")
+    g = parser.add_argument_group("configuration (every field; CLI > YAML > preset > default)")
+    for dest, (section, name, kind) in FLAGS.items():
+        flag = _flag(dest)
+        if dest == "fused":
+            g.add_argument(flag, dest=dest, nargs="?", const=True, default=None,
+                           type=_parse_bool, help="loss backend 'auto' (Triton on CUDA, streaming "
+                           "on CPU) instead of 'reference'")
+        elif kind is bool:
+            g.add_argument(flag, dest=dest, nargs="?", const=True, default=None,
+                           type=_parse_bool, help=f"{section}.{name} (bool)")
+        else:
+            g.add_argument(flag, dest=dest, default=None, type=kind,
+                           help=f"{section}.{name}")
+    g.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="data-set factory option, both splits (repeatable)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="set any config field (YAML value syntax), e.g. loss.t_pos=0.3")
+
+
+def _nested_set(d: dict, dotted: str, value) -> None:
+    section, _, name = dotted.partition(".")
+    if not name:
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {dotted!r}")
+    d.setdefault(section, {})[name] = value
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < preset < YAML < CLI, as a validated Config."""
+    explicit: dict = {}
+    if getattr(args, "config", None):
+        try:
+            with open(args.config) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as err:
+            raise ValueError(f"cannot read config file {args.config}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {args.config} must hold a mapping of sections")
+        for section, vals in loaded.items():
+            if vals is None:
+                continue
+            if not isinstance(vals, dict):
+                raise ValueError(f"config file {args.config}: section {section!r} must be a "
+                                 "mapping")
+            explicit.setdefault(section, {}).update(vals)
+    for dest, (section, name, _) in FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            explicit.setdefault(section, {})[name] = v
+    for item in getattr(args, "data_option", []) or []:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
+        explicit.setdefault("data", {}).setdefault("options", {})[key] = _parse_value(val)
+    for item in getattr(args, "set", []) or []:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        _nested_set(explicit, key, _parse_value(val))
+    preset = explicit.get("train", {}).get("preset")
+    base: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        base["loss"] = dict(PRESETS[preset])
+    for section, vals in explicit.items():
+        base.setdefault(section, {}).update(vals)
+    if "backend" not in explicit.get("loss", {}):
+        fused = base.get("train", {}).get("fused", TrainConfig.fused)
+        base.setdefault("loss", {})["backend"] = "auto" if fused else "reference"
+    return Config.from_dict(base)

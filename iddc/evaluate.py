@@ -1,0 +1,264 @@
+"""Evaluation (SPEC section 5) and ``python -m iddc.evaluate --checkpoint PATH``.
+
+:func:`evaluate` walks a data source, predicts per-image logits with a replaceable
+``predict_fn`` (default: the whole resized image in one forward pass), upsamples them
+bilinearly (align_corners=True) to the label size, takes the argmax and accumulates one
+confusion histogram for the IDDC head (Hungarian-matched once over the whole set) and one for
+the linear probe (no matching).
+
+Eval modes: ``EVAL_MODES[name] = EvalMode(make_transform, predict_fn)``. ``make_transform(cfg,
+data_config, patch_size)`` returns a callable ``(PIL image, label array) -> (3 x H x W tensor,
+H x W int64 labels)``; ``predict_fn(model, images)`` takes a B x 3 x H x W batch and returns
+``{"logits": B x K x h x w, "probe": B x K x h x w}`` (any h x w: evaluate upsamples). A
+sliding-window mode registers a new EvalMode (see :func:`register_eval_mode`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .data.transforms import EvalTransform
+
+log = logging.getLogger("iddc")
+
+PredictFn = Callable[[torch.nn.Module, torch.Tensor], dict]
+
+
+@torch.no_grad()
+def predict_whole(model, images: torch.Tensor, feats: Optional[torch.Tensor] = None) -> dict:
+    """Default predict_fn: one forward pass of the whole (resized) image. ``feats``: the
+    backbone's features of ``images`` if already known (frozen-backbone feature cache)."""
+    if feats is None:
+        feats = model.features(images)
+    _, logits, probe = model.heads(feats)
+    return {"logits": logits, "probe": probe}
+
+
+#: predict_fns that accept ``feats=`` (so evaluate may serve them cached backbone features)
+predict_whole.accepts_feats = True
+
+
+class FeatureCache:
+    """Backbone features of an evaluation set, kept across evaluations while the backbone is
+    frozen (its features never change); stops adding entries beyond ``max_mb``."""
+
+    def __init__(self, max_mb: float = 512):
+        self.max_bytes = max_mb * 2 ** 20
+        self.bytes = 0
+        self.store = {}
+
+    def get(self, key, compute):
+        if key in self.store:
+            return self.store[key]
+        value = compute()
+        size = value.numel() * value.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.store[key] = value
+            self.bytes += size
+        return value
+
+
+def make_resize_transform(cfg, data_config: dict, patch_size: int):
+    return EvalTransform(cfg.data.eval_size, data_config["mean"], data_config["std"],
+                         multiple=patch_size)
+
+
+@dataclass
+class EvalMode:
+    make_transform: Callable
+    predict_fn: PredictFn
+
+
+EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
+
+
+def register_eval_mode(name: str, make_transform: Callable, predict_fn: PredictFn) -> None:
+    EVAL_MODES[name] = EvalMode(make_transform, predict_fn)
+
+
+def get_eval_mode(name: str) -> EvalMode:
+    if name not in EVAL_MODES:
+        raise ValueError(f"unknown eval mode {name!r}; expected one of {sorted(EVAL_MODES)}")
+    return EVAL_MODES[name]
+
+
+def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits upsampled bilinearly (align_corners=True) to ``size``, then argmax."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear",
+                         align_corners=True).argmax(1)
+
+
+def iterate_batches(source, transform, batch_size: int, max_images: int = 0):
+    """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images."""
+    n = len(source) if not max_images else min(max_images, len(source))
+    idx, xs, ys = [], [], []
+    for i in range(n):
+        x, y = transform(*source.load(i))
+        if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size):
+            yield idx, torch.stack(xs), torch.stack(ys)
+            idx, xs, ys = [], [], []
+        idx.append(i)
+        xs.append(x)
+        ys.append(y)
+    if xs:
+        yield idx, torch.stack(xs), torch.stack(ys)
+
+
+@torch.no_grad()
+def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
+             num_classes: Optional[int] = None, device="cpu", batch_size: int = 16,
+             max_images: int = 0, class_names=None, keep: int = 0,
+             cache: Optional[FeatureCache] = None) -> dict:
+    """Unsupervised (Hungarian-matched) and linear-probe scores of ``model`` on ``source``.
+
+    Returns {"unsupervised": scores, "linear_probe": scores, "samples": [...]} where scores hold
+    pixel_accuracy and miou (percent), per_class_iou, and (unsupervised) the cluster -> class
+    mapping; "samples" keeps the first ``keep`` (image, label, prediction, probe) for plots.
+    ``cache``: a FeatureCache reused across calls (only valid while the backbone is frozen and
+    the transform deterministic), used when ``predict_fn.accepts_feats``.
+    """
+    was_training = model.training
+    model.eval()
+    k = num_classes or source.num_classes
+    acc_u = metrics.Accumulator(model.num_classes, k)
+    acc_p = metrics.Accumulator(model.num_classes, k)
+    samples = []
+    try:
+        use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
+        for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
+            x = x.to(device)
+            if use_cache:
+                feats = cache.get(tuple(idx), lambda: model.features(x))
+                out = predict_fn(model, x, feats=feats)
+            else:
+                out = predict_fn(model, x)
+            pred = upsample_argmax(out["logits"], y.shape[-2:]).cpu()
+            probe = upsample_argmax(out["probe"], y.shape[-2:]).cpu()
+            acc_u.update(pred, y)
+            acc_p.update(probe, y)
+            for j in range(x.shape[0]):
+                if len(samples) < keep:
+                    samples.append((x[j], y[j], pred[j], probe[j]))
+    finally:
+        model.train(was_training)
+    names = class_names if class_names is not None else getattr(source, "class_names", None)
+    return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
+            "linear_probe": metrics.supervised_scores(acc_p.hist, names),
+            "samples": samples}
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """Plain k-means (k-means++ init, Lloyd iterations) of n x d rows; returns k x d centroids."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    centres = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / n)
+        centres.append(x[torch.multinomial(probs, 1, generator=g)].squeeze(0))
+        d2 = torch.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        empty = counts == 0
+        new = new / counts.clamp_min(1)[:, None]
+        new[empty] = c[empty]
+        if torch.allclose(new, c):
+            c = new
+            break
+        c = new
+    return c
+
+
+@torch.no_grad()
+def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
+                    batch_size: int = 16, max_images: int = 0, iters: int = 30, seed: int = 0,
+                    class_names=None, cache: Optional[FeatureCache] = None) -> dict:
+    """K-means (K clusters) on the backbone's unit-normalised features of ``source``; cluster
+    "logits" (cosine to each centroid) upsampled and matched like the IDDC head's."""
+    model.eval()
+    feats, shapes = [], []
+    for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
+        x = x.to(device)
+        raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
+            else model.features(x)
+        f = F.normalize(raw.float(), dim=1).cpu()
+        feats.append(f)
+    flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in feats])
+    centres = F.normalize(kmeans(flat, num_classes, iters, seed), dim=1)
+    acc = metrics.Accumulator(num_classes, num_classes)
+    batches = iterate_batches(source, transform, batch_size, max_images)
+    for f, (_, _, y) in zip(feats, batches):
+        logits = torch.einsum("bdhw,kd->bkhw", f, centres)
+        acc.update(upsample_argmax(logits, y.shape[-2:]), y)
+    names = class_names if class_names is not None else getattr(source, "class_names", None)
+    return {"unsupervised": metrics.unsupervised_scores(acc.hist, names)}
+
+
+def summary_line(name: str, entry: dict) -> str:
+    u, p = entry.get("unsupervised"), entry.get("linear_probe")
+    s = f"{name:<22s} unsupervised: acc {u['pixel_accuracy']:5.1f}  mIoU {u['miou']:5.1f}"
+    if p:
+        s += f" | linear probe: acc {p['pixel_accuracy']:5.1f}  mIoU {p['miou']:5.1f}"
+    return s
+
+
+def main(argv=None) -> dict:
+    from . import checkpoint
+    from .data import build_source
+    from .models import backbone_data_config
+    from .train import resolve_device
+
+    ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
+                                 description="Re-evaluate a saved IDDC run on its val split.")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-mode", default=None, help="default: the run's data.eval_mode")
+    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--max-val-images", type=int, default=None)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = resolve_device(args.device)
+    model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
+    if args.eval_mode:
+        cfg.data.eval_mode = args.eval_mode
+    if args.eval_size:
+        cfg.data.eval_size = args.eval_size
+    if args.data_root:
+        cfg.data.data_root = args.data_root
+    if args.max_val_images is not None:
+        cfg.data.max_val_images = args.max_val_images
+    source = build_source(cfg.data.dataset, root=cfg.data.data_root, split=args.split,
+                          **{**cfg.data.options, **cfg.data.val_options})
+    mode = get_eval_mode(cfg.data.eval_mode)
+    data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
+    transform = mode.make_transform(cfg, data_config, model.patch_size)
+    res = evaluate(model, source, transform=transform, predict_fn=mode.predict_fn,
+                   num_classes=ckpt["num_classes"], device=device,
+                   batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images)
+    res.pop("samples")
+    res["epoch"] = ckpt.get("epoch")
+    res["checkpoint"] = args.checkpoint
+    print(summary_line(f"epoch {ckpt.get('epoch')}", res))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,358 @@
+"""``python -m iddc.train``: train IDDC (SPEC sections 1-4), evaluate every epoch (section 5).
+
+With no arguments it trains on the embedded synthetic data set (offline, a few minutes on a
+CPU); ``--fused`` selects the fused loss backend ("auto": Triton on CUDA, streaming on CPU).
+Real data: ``--dataset cocostuff27 --data-root PATH --weights dino_deitsmall8_pretrain.pth
+--preset cocostuff27-vits8 --crop-size 224 --eval-size 320 --batch-size 64 --epochs 5``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, evaluate as ev
+from .config import Config, add_config_arguments, resolve_config
+from .data import IGNORE_INDEX, build_source
+from .data.transforms import TwoViewTransform
+from .loss import IDDCLoss, get_pair_sums, resolve_backend
+from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
+
+log = logging.getLogger("iddc")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA if available, else MPS, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Training samples of a source; sample i of epoch e uses numpy rng (seed, e, i)."""
+
+    def __init__(self, source, transform: TwoViewTransform, seed: int):
+        self.source, self.transform, self.seed = source, transform, int(seed)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        img, lab = self.source.load(int(i))
+        return self.transform(img, lab, rng)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def poly_factor(epoch: int, max_epochs: int, power: float) -> float:
+    return (1.0 - epoch / max_epochs) ** power
+
+
+def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """(backend actually used, warning or None): falls back to "reference" if the fused path
+    resolve_backend picks is not importable here."""
+    name = resolve_backend(requested, device)
+    try:
+        get_pair_sums(name)
+    except (ImportError, RuntimeError) as err:
+        if name == "reference":
+            raise
+        return "reference", (f"loss backend {name!r} (from {requested!r}) is not available "
+                             f"({type(err).__name__}: {err}); FALLING BACK to 'reference'")
+    return name, None
+
+
+def make_out_dir(cfg: Config) -> str:
+    """The run folder; refuses to reuse a non-empty folder (never overwrites a run)."""
+    out = cfg.train.out
+    if out is None:
+        base = cfg.train.name or time.strftime("%Y%m%d-%H%M%S")
+        out = os.path.join("runs", base)
+        n = 1
+        while os.path.exists(out) and os.listdir(out):
+            out = os.path.join("runs", f"{base}-{n}")
+            n += 1
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"output folder {out} already holds a run; choose another --out, or "
+                              f"continue it with --resume {os.path.join(out, 'last.pt')}")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def setup_logging(path: str) -> logging.Handler:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in log.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(sh)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+    return fh
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict] = None) -> dict:
+    e = {"epoch": epoch, "kind": kind, "backbone_weights": weights}
+    for key in ("unsupervised", "linear_probe"):
+        if key in result:
+            e[key] = result[key]
+    if extra:
+        e.update(extra)
+    return e
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m iddc.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint")
+    add_config_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Train; returns {"out": run folder, "metrics": [...], "backend": ...}."""
+    args = parse_args(argv)
+    resume = checkpoint.load(args.resume) if args.resume else None
+    if resume is not None:
+        # the run's own config; explicit CLI flags (e.g. --epochs, --device) still apply
+        cfg = Config.from_dict(resume["config"])
+        over = resolve_config(args).to_dict()
+        default = Config().to_dict()
+        given = {d for d, v in vars(args).items() if v is not None and d not in ("resume",)}
+        from .config import FLAGS
+        for dest, (section, name, _) in FLAGS.items():
+            if dest in given and dest != "backend":
+                setattr(getattr(cfg, section), name, over[section][name])
+        del default
+        out = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        cfg = resolve_config(args)
+        out = make_out_dir(cfg)
+    cfg.train.out = out
+    fh = setup_logging(os.path.join(out, "train.log"))
+    try:
+        return _run(cfg, out, resume)
+    finally:
+        log.removeHandler(fh)
+        fh.close()
+
+
+def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
+    t_start = time.time()
+    tc, dc = cfg.train, cfg.data
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+
+    train_src = build_source(dc.dataset, root=dc.data_root, split="train",
+                             **{**dc.options, **dc.train_options})
+    val_src = build_source(dc.dataset, root=dc.data_root, split="val",
+                           **{**dc.options, **dc.val_options})
+    k = int(train_src.num_classes)
+    model, weights = build_model(cfg.model, k)
+    weights_tag = weights["source"]
+    if resume is not None:
+        weights = resume.get("weights_report", weights)
+        weights_tag = weights["source"]
+    if weights_tag == "random-init":
+        log.warning(RANDOM_INIT_BANNER)
+    else:
+        log.info("backbone weights: %s", weights)
+    model.to(device)
+    data_config = backbone_data_config(model.backbone)
+
+    backend, warn = choose_backend(cfg.loss.backend, device)
+    if warn:
+        log.warning("WARNING: %s", warn)
+    print(f"loss backend: {backend} (requested {cfg.loss.backend!r}, device {device})",
+          flush=True)
+    log.info("loss backend: %s (requested %r, device %s)", backend, cfg.loss.backend, device)
+    loss_cfg = dict(vars(cfg.loss))
+    loss_cfg["backend"] = backend
+    loss_fn = IDDCLoss(**loss_cfg)
+
+    cfg_dict = cfg.to_dict()
+    cfg_dict["resolved"] = {"loss_backend": backend, "device": str(device), "num_classes": k,
+                            "backbone_weights": weights, "normalisation": data_config}
+    import yaml
+    with open(os.path.join(out, "config.yaml"), "w") as fh:
+        if weights_tag == "random-init":
+            fh.write("# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n")
+        yaml.safe_dump(cfg_dict, fh, sort_keys=False)
+    log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
+             len(val_src), k)
+
+    opt = torch.optim.Adam(model.head_parameters(), lr=tc.lr)
+    probe_opt = torch.optim.Adam(model.probe.parameters(), lr=tc.probe_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
+    shift_gen = torch.Generator().manual_seed(tc.seed + 1)
+    start_epoch, global_step, history = 0, 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        probe_opt.load_state_dict(resume["probe_optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        checkpoint.set_rng_state(resume["rng"], shift_gen)
+        start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        history = list(resume.get("metrics", []))
+        log.info("resumed from epoch %d (step %d)", start_epoch, global_step)
+
+    mode = ev.get_eval_mode(dc.eval_mode)
+    eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
+
+    cache = ev.FeatureCache(dc.eval_feature_cache_mb) \
+        if cfg.model.freeze_backbone and dc.eval_feature_cache_mb > 0 else None
+
+    def run_eval(keep=0):
+        return ev.evaluate(model, val_src, transform=eval_tf, predict_fn=mode.predict_fn,
+                           num_classes=k, device=device, batch_size=dc.eval_batch_size,
+                           max_images=dc.max_val_images, keep=keep, cache=cache)
+
+    if resume is None:
+        if tc.kmeans_baseline:
+            t0 = time.time()
+            km = ev.kmeans_baseline(model, val_src, transform=eval_tf, num_classes=k,
+                                    device=device, batch_size=dc.eval_batch_size,
+                                    max_images=dc.max_val_images, iters=tc.kmeans_iters,
+                                    seed=tc.seed, cache=cache)
+            history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
+                                    {"seconds": round(time.time() - t0, 2)}))
+            log.info(ev.summary_line("k-means baseline", km))
+        if tc.eval_initial:
+            res = run_eval()
+            history.append(entry_of(res, 0, "untrained_head", weights_tag))
+            log.info(ev.summary_line("epoch 0 (untrained)", res))
+        write_json_atomic(history, os.path.join(out, "metrics.json"))
+
+    dataset = TwoViewDataset(train_src, TwoViewTransform(dc.crop_size, **data_config), tc.seed)
+    steps_per_epoch = len(dataset) // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {tc.batch_size} exceeds the {len(dataset)} training images")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    stop, last_eval = False, None
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        dataset.epoch = epoch
+        order = epoch_order(len(dataset), tc.seed, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
+                                             drop_last=True, num_workers=dc.num_workers)
+        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
+        n_steps, n_images, t0 = 0, 0, time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                   disable=not tc.progress, dynamic_ncols=True, file=sys.stderr) \
+            if tqdm else None
+        for xa, xb, la, lb in loader:
+            xa, xb, la, lb = (t.to(device) for t in (xa, xb, la, lb))
+            b = xa.shape[0]
+            feats = model.features(torch.cat([xa, xb]))
+            inter, logits, probe = model.heads(feats)
+            out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:], generator=shift_gen)
+            opt.zero_grad(set_to_none=True)
+            out_loss.loss.backward()
+            opt.step()
+            labels = torch.cat([la, lb])
+            probe_up = F.interpolate(probe, size=labels.shape[-2:], mode="bilinear",
+                                     align_corners=True)
+            if bool((labels != IGNORE_INDEX).any()):
+                ce = F.cross_entropy(probe_up, labels, ignore_index=IGNORE_INDEX)
+                probe_opt.zero_grad(set_to_none=True)
+                ce.backward()
+                probe_opt.step()
+                sums["probe_ce"] += float(ce.detach())
+            for key in ("loss", "pos", "neg", "reg"):
+                sums[key] += float(getattr(out_loss, key))
+            n_steps += 1
+            n_images += b
+            global_step += 1
+            if bar is not None:
+                ips = n_images / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(out_loss.loss):.4f}", pos=f"{float(out_loss.pos):.3f}",
+                                neg=f"{float(out_loss.neg):.3f}", reg=f"{float(out_loss.reg):.3f}",
+                                img_s=f"{ips:.1f}")
+                bar.update(1)
+            if tc.max_steps and global_step >= tc.max_steps:
+                stop = True
+                break
+        if bar is not None:
+            bar.close()
+        sched.step()
+        seconds = time.time() - t0
+        train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
+        train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
+                           seconds=round(seconds, 2), lr=opt.param_groups[0]["lr"])
+        log.info("epoch %d: %s", epoch + 1, train_stats)
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
+            res = run_eval(keep=tc.vis_images)
+            last_eval = res
+            history.append(entry_of(res, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
+            log.info(ev.summary_line(f"epoch {epoch + 1}", res))
+        write_json_atomic(history, os.path.join(out, "metrics.json"))
+        checkpoint.save_atomic({
+            "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
+            "class_names": list(train_src.class_names) if train_src.class_names else None,
+            "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
+            "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch + 1, "global_step": global_step,
+            "rng": checkpoint.rng_state(shift_gen), "metrics": history,
+            "loss_backend": backend}, os.path.join(out, "last.pt"))
+        if stop:
+            break
+
+    final = last_eval if last_eval is not None else run_eval(keep=tc.vis_images)
+    if tc.vis_images:
+        from .visualize import save_panel
+        save_panel(os.path.join(out, "val_panel.png"), final["samples"], k,
+                   final["unsupervised"]["mapping"], data_config["mean"], data_config["std"])
+    total = time.time() - t_start
+    log.info("=" * 90)
+    if weights_tag == "random-init":
+        log.info("(backbone RANDOMLY INITIALISED -- see the warning above)")
+    for e in history:
+        name = {"kmeans_baseline": "k-means (backbone)", "untrained_head": "untrained head"}.get(
+            e["kind"], f"IDDC epoch {e['epoch']}")
+        log.info(ev.summary_line(name, e))
+    log.info("run folder %s; total %.1f s; loss backend %s", out, total, backend)
+    return {"out": out, "metrics": history, "backend": backend, "seconds": total}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from iddc import metrics
+
+
+def test_permuted_labelling_scores_100_after_matching():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (4, 16, 16), generator=g)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    pred = perm[labels]
+    hist = metrics.confusion(pred, labels, 5, 5)
+    u = metrics.unsupervised_scores(hist)
+    assert u["pixel_accuracy"] == pytest.approx(100.0)
+    assert u["miou"] == pytest.approx(100.0)
+    # the mapping sends each cluster back to its class
+    assert [u["mapping"][int(perm[c])] for c in range(5)] == list(range(5))
+    # without matching the permuted labelling is (almost) entirely wrong
+    assert metrics.supervised_scores(hist)["pixel_accuracy"] < 30
+
+
+def test_ignore_label_is_ignored():
+    labels = torch.tensor([[0, 1, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 0]])
+    hist = metrics.confusion(pred, labels, 2, 2)
+    assert int(hist.sum()) == 2
+    s = metrics.supervised_scores(hist)
+    assert s["pixel_accuracy"] == 100.0 and s["miou"] == 100.0
+    assert s["pixels"] == 2
+
+
+def test_hand_computed_confusion():
+    # labels:      0 0 0 0 1 1 2 2 ; predictions: 0 0 0 1 1 2 2 2
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    hist = metrics.confusion(pred, labels, 3, 3)
+    expected = torch.tensor([[3, 0, 0], [1, 1, 0], [0, 1, 2]])  # rows: prediction
+    assert torch.equal(hist, expected)
+    s = metrics.supervised_scores(hist)
+    assert s["pixel_accuracy"] == pytest.approx(100 * 6 / 8)
+    # IoU: class0 3/(3+0+1)=0.75, class1 1/(1+1+1)=1/3, class2 2/(2+1+0)=2/3
+    assert s["miou"] == pytest.approx(100 * (0.75 + 1 / 3 + 2 / 3) / 3)
+    assert s["per_class_iou"]["0"] == pytest.approx(75.0)
+
+
+def test_absent_class_excluded_from_miou():
+    labels = torch.tensor([0, 0, 1, 1])
+    pred = torch.tensor([0, 0, 1, 0])
+    hist = metrics.confusion(pred, labels, 3, 3)   # class 2: neither predicted nor labelled
+    s = metrics.supervised_scores(hist)
+    assert s["per_class_iou"]["2"] is None
+    assert s["miou"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+
+
+def test_hungarian_is_one_global_match():
+    # cluster 0 mostly class 1, cluster 1 mostly class 0; cluster 2 split: the match is global
+    hist = torch.tensor([[1, 9, 0], [8, 0, 0], [2, 3, 5]])
+    mapping = metrics.hungarian_match(hist)
+    assert list(mapping) == [1, 0, 2]
+    u = metrics.unsupervised_scores(hist)
+    assert u["pixel_accuracy"] == pytest.approx(100 * 22 / 28)
+
+
+def test_more_clusters_than_classes_counts_unmatched_as_wrong():
+    labels = torch.tensor([0, 0, 1, 1])
+    pred = torch.tensor([0, 2, 1, 1])  # cluster 2 cannot be matched to a class
+    hist = metrics.confusion(pred, labels, 3, 2)
+    u = metrics.unsupervised_scores(hist)
+    assert u["pixel_accuracy"] == pytest.approx(75.0)
+
+
+def test_bad_labels_raise():
+    with pytest.raises(ValueError, match="labels must lie"):
+        metrics.confusion(torch.tensor([0]), torch.tensor([7]), 3, 3)
+
+
+def test_accumulator_matches_single_histogram():
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 4, (3, 8, 8)))
+    pred = torch.from_numpy(rng.integers(0, 4, (3, 8, 8)))
+    acc = metrics.Accumulator(4, 4)
+    for i in range(3):
+        acc.update(pred[i], labels[i])
+    assert torch.equal(acc.hist, metrics.confusion(pred, labels, 4, 4))
