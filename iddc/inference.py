@@ -78,6 +78,28 @@ def upsample(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def upsample_argmax(maps: torch.Tensor, size, max_elements: int = 1 << 26) -> torch.Tensor:
+    """argmax over K of a K x h x w map upsampled (bilinear, align_corners=True) to `size`,
+    computed over groups of classes (at most `max_elements` upsampled values at a time) with a
+    running maximum; identical to upsample(...).argmax(0), first maximum on ties."""
+    k = maps.shape[0]
+    step = max(1, int(max_elements) // max(1, int(size[0]) * int(size[1])))
+    if step >= k:
+        return upsample(maps[None], size)[0].argmax(0)
+    best_val = best_idx = None
+    for c0 in range(0, k, step):
+        up = upsample(maps[None, c0:c0 + step], size)[0]
+        val, idx = up.max(0)
+        idx = idx + c0
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx
+
+
 def _model_device(model) -> Optional[torch.device]:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -98,7 +120,7 @@ class Predictor:
                  stride: Optional[int] = None, batch_size: int = 16,
                  multiple: Optional[int] = None, heads: Heads = None,
                  device: Union[None, str, torch.device] = None,
-                 amp_dtype: Optional[torch.dtype] = None):
+                 amp_dtype: Optional[torch.dtype] = None, max_elements: int = 1 << 26):
         if mode not in MODES:
             raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
         self.model = model
@@ -115,6 +137,7 @@ class Predictor:
         self.heads = tuple(heads) if heads is not None else None
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.amp_dtype = amp_dtype
+        self.max_elements = int(max_elements)
 
     # ------------------------------------------------------------------ model call
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -151,6 +174,29 @@ class Predictor:
         return ["logits"] if n == 1 else [str(i) for i in range(n)]
 
     # ------------------------------------------------------------------ public API
+    def _prepare(self, images, out_sizes):
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = [images]
+        images = list(images)
+        if out_sizes is None:
+            out_sizes = [tuple(im.shape[-2:]) for im in images]
+        if len(out_sizes) != len(images):
+            raise ValueError("one output size per image")
+        return images, [tuple(int(v) for v in s) for s in out_sizes]
+
+    def _maps(self, images) -> dict:
+        """{head: [K x h x w per image]}: logits (resize) or averaged softmax (sliding)."""
+        dev = self.device or images[0].device
+        if self.mode == "resize":
+            return self._resize_mode(images, dev)
+        return self._sliding_mode(images, dev)
+
+    def _finish(self, maps: torch.Tensor, size, argmax: bool) -> torch.Tensor:
+        if argmax:
+            return upsample_argmax(maps, size, self.max_elements)
+        up = upsample(maps[None], size)[0]
+        return torch.softmax(up, dim=0) if self.mode == "resize" else up
+
     @torch.inference_mode()
     def probabilities(self, images: Union[torch.Tensor, Sequence[torch.Tensor]],
                       out_sizes: Optional[Sequence] = None) -> list:
@@ -159,28 +205,26 @@ class Predictor:
         images: normalised 3 x H x W tensors (any sizes) or one B x 3 x H x W tensor.
         out_sizes: (H, W) per image; default: each image's own size.
         """
-        images = list(images) if not isinstance(images, torch.Tensor) or images.dim() == 4 \
-            else [images]
-        if out_sizes is None:
-            out_sizes = [tuple(im.shape[-2:]) for im in images]
-        if len(out_sizes) != len(images):
-            raise ValueError("one output size per image")
-        out_sizes = [tuple(int(v) for v in s) for s in out_sizes]
+        images, out_sizes = self._prepare(images, out_sizes)
         if not images:
             return []
-        dev = self.device or images[0].device
-        if self.mode == "resize":
-            per_head = self._resize_mode(images, out_sizes, dev)
-        else:
-            per_head = self._sliding_mode(images, out_sizes, dev)
-        return self._package(per_head)
+        maps = self._maps(images)
+        return self._package({k: [self._finish(m, s, False) for m, s in zip(v, out_sizes)]
+                              for k, v in maps.items()})
 
     @torch.inference_mode()
     def segment(self, images, out_sizes=None) -> list:
-        """Per image: H_out x W_out int64 argmax maps (a dict per image with several heads)."""
-        probs = self.probabilities(images, out_sizes)
-        return [{k: v.argmax(0) for k, v in p.items()} if isinstance(p, dict) else p.argmax(0)
-                for p in probs]
+        """Per image: H_out x W_out int64 argmax maps (a dict per image with several heads).
+
+        Never holds a full-resolution K x H_out x W_out map of more than `max_elements`
+        values: the upsampling runs over groups of classes with a running maximum.
+        """
+        images, out_sizes = self._prepare(images, out_sizes)
+        if not images:
+            return []
+        maps = self._maps(images)
+        return self._package({k: [self._finish(m, s, True) for m, s in zip(v, out_sizes)]
+                              for k, v in maps.items()})
 
     __call__ = segment
 
@@ -192,7 +236,7 @@ class Predictor:
         return [{k: per_head[k][i] for k in names} for i in range(n)]
 
     # ------------------------------------------------------------------ modes
-    def _resize_mode(self, images, out_sizes, dev) -> dict:
+    def _resize_mode(self, images, dev) -> dict:
         shapes = [resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
                   for im in images]
         groups: dict = {}
@@ -208,11 +252,10 @@ class Predictor:
                 for name, logits in zip(names, outs):
                     store = results.setdefault(name, [None] * len(images))
                     for j, i in enumerate(chunk):
-                        up = upsample(logits[j:j + 1], out_sizes[i])[0]
-                        store[i] = torch.softmax(up, dim=0)
+                        store[i] = logits[j]
         return results
 
-    def _sliding_mode(self, images, out_sizes, dev) -> dict:
+    def _sliding_mode(self, images, dev) -> dict:
         win = self.window
         prepared, jobs = [], []
         for i, im in enumerate(images):
@@ -246,11 +289,8 @@ class Predictor:
                 counts[i][y0:y0 + win, x0:x0 + win] += 1
         results: dict = {}
         for name, acc in sums.items():
-            store = results.setdefault(name, [None] * len(images))
-            for i, total in enumerate(acc):
-                _, h, w = prepared[i]
-                mean = (total / counts[i])[:, :h, :w]
-                store[i] = upsample(mean[None], out_sizes[i])[0]
+            results[name] = [(total / counts[i])[:, :prepared[i][1], :prepared[i][2]]
+                             for i, total in enumerate(acc)]
         return results
 
 

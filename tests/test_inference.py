@@ -186,3 +186,13 @@ def test_wrong_architecture_is_refused(tmp_path):
                                  dynamic_img_size=True, depth=1, embed_dim=48, num_heads=2)
     with pytest.raises(WeightsError, match="does not fit the backbone"):
         load_backbone_weights(backbone, str(path))
+
+
+@pytest.mark.parametrize("mode", ["resize", "sliding"])
+def test_segment_in_class_groups_matches_full_argmax(mode):
+    model = Recorder(k=7)
+    images = [torch.randn(3, 37, 53), torch.randn(3, 90, 200)]
+    sizes = [(100, 120), (90, 200)]
+    p = Predictor(model, mode, short_side=64, window=48, stride=30, max_elements=3 * 100 * 120)
+    for seg, prob in zip(p.segment(images, sizes), p.probabilities(images, sizes)):
+        assert seg.shape == prob.shape[1:] and torch.equal(seg, prob.argmax(0))
