@@ -299,14 +299,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
                 probe_opt.step()
                 sums["probe_ce"] += float(ce.detach())
             for key in ("loss", "pos", "neg", "reg"):
-                sums[key] += float(getattr(out_loss, key))
+                sums[key] += float(getattr(out_loss, key).detach())
             n_steps += 1
             n_images += b
             global_step += 1
             if bar is not None:
                 ips = n_images / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{float(out_loss.loss):.4f}", pos=f"{float(out_loss.pos):.3f}",
-                                neg=f"{float(out_loss.neg):.3f}", reg=f"{float(out_loss.reg):.3f}",
+                bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}", pos=f"{sums['pos'] / n_steps:.3f}",
+                                neg=f"{sums['neg'] / n_steps:.3f}", reg=f"{sums['reg'] / n_steps:.3f}",
                                 img_s=f"{ips:.1f}")
                 bar.update(1)
             if tc.max_steps and global_step >= tc.max_steps:

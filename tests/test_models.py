@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from iddc import models
+from iddc.models import ModelConfig, WeightsError, build_model, load_backbone_weights
+
+TINY = dict(depth=2, embed_dim=32, num_heads=2)
+
+
+def tiny_cfg(**kw):
+    return ModelConfig(backbone="vit_small_patch8_224", backbone_img_size=32,
+                       backbone_kwargs=dict(TINY), **kw)
+
+
+def tiny_backbone(seed):
+    torch.manual_seed(seed)
+    return models.create_backbone(tiny_cfg())
+
+
+def test_model_shapes_and_frozen_backbone():
+    model, report = build_model(tiny_cfg(), num_classes=5)
+    assert report["source"] == "random-init"
+    out = model(torch.randn(2, 3, 40, 48))
+    assert out["feats"].shape == (2, 32, 5, 6)
+    assert out["logits"].shape == out["probe"].shape == (2, 5, 5, 6)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.train()
+    assert not model.backbone.training and model.head.training
+    # the probe sees the inter map detached: no gradient reaches the head from it
+    model.probe(model.head(out["feats"]).detach()).sum().backward()
+    assert all(p.grad is None for p in model.head.parameters())
+
+
+def test_dino_layout_weights_are_loaded(tmp_path):
+    source = tiny_backbone(1)
+    state = {f"module.backbone.{k}": v.clone() for k, v in source.state_dict().items()}
+    state["module.head.mlp.0.weight"] = torch.randn(8, 32)  # DINO projection head: dropped
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": state, "student": {}, "epoch": 100}, path)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                "norm.weight"):
+        assert f"module.backbone.{key}" in state
+    target = tiny_backbone(2)
+    assert not torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    report = load_backbone_weights(target, str(path))
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert report["dropped"] == ["head.mlp.0.weight"]
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_plain_timm_state_dict_and_build_model(tmp_path):
+    source = tiny_backbone(3)
+    path = tmp_path / "timm.pth"
+    torch.save(source.state_dict(), path)
+    model, report = build_model(tiny_cfg(weights=str(path)), num_classes=3)
+    assert report["source"] == "file" and report["loaded"] == len(source.state_dict())
+    assert torch.equal(model.backbone.pos_embed, source.pos_embed)
+
+
+def test_pos_embed_resampled_when_grid_differs(tmp_path):
+    torch.manual_seed(0)
+    big = models.create_backbone(ModelConfig(backbone_img_size=48, backbone_kwargs=dict(TINY)))
+    path = tmp_path / "big.pth"
+    torch.save({"state_dict": big.state_dict()}, path)
+    target = tiny_backbone(4)
+    report = load_backbone_weights(target, str(path))
+    assert report["resampled"]
+    assert target.pos_embed.shape == (1, 1 + 16, 32)
+    assert torch.equal(target.cls_token, big.cls_token)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found: .*nothere.pth"):
+        build_model(tiny_cfg(weights=str(tmp_path / "nothere.pth")), num_classes=3)
+
+
+def test_corrupt_weights_file(tmp_path):
+    path = tmp_path / "broken.pth"
+    good = tmp_path / "good.pth"
+    torch.save(tiny_backbone(0).state_dict(), good)
+    path.write_bytes(good.read_bytes()[:500])  # truncated
+    with pytest.raises(WeightsError, match=r"could not read weights file .*broken.pth"):
+        load_backbone_weights(tiny_backbone(0), str(path))
+    path.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(WeightsError, match=r"could not read weights file .*broken.pth"):
+        load_backbone_weights(tiny_backbone(0), str(path))
+
+
+def test_wrong_architecture_weights(tmp_path):
+    torch.manual_seed(0)
+    other = models.create_backbone(ModelConfig(backbone_img_size=32,
+                                               backbone_kwargs=dict(depth=2, embed_dim=48,
+                                                                    num_heads=2)))
+    path = tmp_path / "other.pth"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit the backbone"):
+        load_backbone_weights(tiny_backbone(0), str(path))
+
+
+def test_pretrained_failure_is_explained(monkeypatch):
+    def offline(*a, **kw):
+        if kw.get("pretrained"):
+            raise OSError("no network")
+        raise AssertionError("should ask for pretrained weights")
+
+    monkeypatch.setattr(models.timm, "create_model", offline)
+    with pytest.raises(WeightsError, match="no pretrained weights could be fetched.*--weights"):
+        models.create_backbone(tiny_cfg(pretrained=True))
