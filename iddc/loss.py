@@ -55,7 +55,7 @@ class IDDCConfig:
         if self.regulariser not in REGULARISERS:
             raise ValueError(f"regulariser={self.regulariser!r} is not known; expected one of "
                              f"{REGULARISERS}")
-        if self.backend not in BACKENDS:
+        if not callable(self.backend) and self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not known; expected one of {BACKENDS}")
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
@@ -114,8 +114,13 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend `name` means for tensors on `device` ("auto": fastest exact path)."""
+def resolve_backend(name, device: torch.device):
+    """The concrete backend `name` means for tensors on `device` ("auto": fastest exact path).
+
+    A callable (any function with the contract of `reference.pair_sums`) is its own backend.
+    """
+    if callable(name):
+        return name
     if name == "auto":
         return "triton" if _triton_usable(device) else "streaming"
     if name == "triton" and device.type != "cuda":
@@ -126,7 +131,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def get_pair_sums(name: str) -> PairSums:
+def get_pair_sums(name) -> PairSums:
+    if callable(name):
+        return name
     if name == "reference":
         return reference.pair_sums
     if name == "streaming":
@@ -237,6 +244,8 @@ class IDDCLoss(nn.Module):
     Backends (all exact, same maths): ``"reference"`` materialises B x N x M matrices;
     ``"streaming"`` walks tiles of pairs on any device, never building an N x M matrix;
     ``"triton"`` runs fused kernels on CUDA; ``"auto"`` picks triton on CUDA, else streaming.
+    A callable with the contract of :func:`iddc.reference.pair_sums` may be passed instead
+    (e.g. ``reference.pair_sums_masked_gather``, the authors' formulation).
 
     Example:
         >>> loss_fn = IDDCLoss.from_preset("cocostuff27-vits8")
