@@ -12,7 +12,8 @@ resize   the image is resized so that its shorter side is `short_side` (320, the
          size; probabilities = softmax of those upsampled logits. Images that resize to the
          same shape are batched together.
 sliding  the image is (optionally, `short_side`) resized, then covered by `window` x `window`
-         windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; the last window in
+         windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; windows under 225 px
+         default to a third of overlap instead; the last window in
          each direction is aligned with the image border, so every pixel is covered); each
          window's logits are upsampled bilinearly (align_corners=True) to the window, turned
          into softmax maps, summed into the image and divided by the per-pixel window count;
@@ -50,11 +51,15 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def default_stride(window: int) -> int:
+    """window - 75 (SPEC: 224 windows overlapping by 75 px); small windows overlap by a third."""
+    return window - min(DEFAULT_OVERLAP, window // 3)
+
+
 def resized_shape(height: int, width: int, short_side: Optional[int], multiple: int = 1):
-    """(H, W) with the shorter side `short_side` (None: unchanged), rounded to `multiple`."""
-    if short_side is None:
-        return height, width
-    scale = short_side / min(height, width)
+    """(H, W) with the shorter side `short_side` (None: unchanged), each side then rounded to
+    the nearest multiple of `multiple` (at least one)."""
+    scale = 1.0 if short_side is None else short_side / min(height, width)
     h = max(multiple, int(round(height * scale / multiple)) * multiple)
     w = max(multiple, int(round(width * scale / multiple)) * multiple)
     return h, w
@@ -127,7 +132,7 @@ class Predictor:
         self.mode = mode
         self.short_side = None if short_side in (None, 0) else int(short_side)
         self.window = int(window)
-        self.stride = int(stride) if stride else self.window - DEFAULT_OVERLAP
+        self.stride = int(stride) if stride else default_stride(self.window)
         if self.stride <= 0 or self.stride > self.window:
             raise ValueError(f"stride {self.stride} must be in 1..window ({self.window})")
         self.batch_size = max(1, int(batch_size))

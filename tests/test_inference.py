@@ -47,6 +47,7 @@ def test_window_starts_cover():
     assert resized_shape(480, 640, 320, 8) == (320, 424)
     assert resized_shape(37, 53, 320, 16) == (320, 464)
     assert resized_shape(37, 53, None) == (37, 53)
+    assert resized_shape(37, 53, None, 8) == (40, 56) and resized_shape(1, 1, None, 8) == (8, 8)
 
 
 def test_sliding_equals_resize_on_one_window():

@@ -1,0 +1,279 @@
+"""``python -m iddc.predict --checkpoint PATH IMAGES... --out DIR``: segment any images.
+
+For each image (files, or folders searched recursively) of any size it writes to DIR:
+    <stem>_seg.png       colour-coded segmentation at the image's own size
+    <stem>_overlay.png   the image with the segmentation blended over it, and a legend panel
+                         (the clusters present, largest first: colour, id, and the class name
+                         when known)
+    <stem>_ids.png       the raw cluster (or class) id per pixel (8-bit; 16-bit when K > 255)
+and once per call ``legend.png`` (every cluster) and ``predictions.json`` (per image: the
+files written, the size, the pixel share of each cluster).
+
+Heads: ``--head clusters`` (default) shows the IDDC clusters; when the checkpoint's data set
+has class names and its run evaluated the model, each cluster is also named by the class
+the Hungarian matching of the last evaluation assigned it ("3 ~ sky"). ``--head probe`` shows
+the linear probe's classes (named directly). Inference modes (iddc.inference): ``--mode
+resize`` (default; shorter side ``--short-side``, default: the run's eval size) or ``--mode
+sliding`` (``--window``/``--stride`` windows, averaged softmax). Images are read lazily and
+predicted ``--batch-size`` at a time; an unreadable image is reported and skipped (exit code 1
+at the end), it never stops the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
+from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor
+
+log = logging.getLogger("iddc")
+
+ROW = 14          # legend row height, px
+SWATCH = 11
+
+
+def palette(k: int) -> np.ndarray:
+    """The project's colours (iddc.visualize.palette), 256 x 3 for k <= 255, else k+1 x 3."""
+    from .visualize import palette as vis_palette
+    if k <= 255:
+        return vis_palette(k)
+    import colorsys
+    pal = np.zeros((k + 1, 3), np.uint8)
+    for c in range(k):
+        r, g, b = colorsys.hsv_to_rgb((c * 0.618033988749895) % 1.0, 0.65 + 0.35 * ((c // 7) % 2),
+                                      0.95 - 0.3 * ((c // 3) % 2))
+        pal[c] = (int(255 * r), int(255 * g), int(255 * b))
+    return pal
+
+
+def cluster_names(ckpt: dict, head: str, k: int) -> list[Optional[str]]:
+    """Per output id: a class name (probe), "~ class" from the last Hungarian match (clusters),
+    or None when the checkpoint has no names."""
+    names = ckpt.get("class_names")
+    if not names:
+        return [None] * k
+    if head == "probe":
+        return [str(names[c]) if c < len(names) else None for c in range(k)]
+    mapping = None
+    for entry in reversed(ckpt.get("metrics") or []):
+        m = (entry.get("unsupervised") or {}).get("mapping")
+        if entry.get("kind") == "iddc" and m is not None:
+            mapping = m
+            break
+    if mapping is None:
+        return [None] * k
+    return [f"~ {names[mapping[c]]}" if c < len(mapping) and 0 <= mapping[c] < len(names)
+            else None for c in range(k)]
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def legend_rows(ids: Sequence[int], names, pal, shares: Optional[dict] = None,
+                title: str = "") -> Image.Image:
+    """A white panel: one row per id (colour swatch, id, name, pixel share)."""
+    font = _font()
+    lines = []
+    for c in ids:
+        text = f"{c:>3d}"
+        if names[c]:
+            text += f" {names[c]}"
+        if shares is not None:
+            text += f"  {100 * shares[c]:.1f}%"
+        lines.append((c, text))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [probe.textlength(t, font=font) for _, t in lines] + \
+        [probe.textlength(title, font=font) - SWATCH - 6]
+    width = int(max(widths + [40])) + SWATCH + 14
+    height = ROW * (len(lines) + (1 if title else 0)) + 6
+    panel = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    y = 3
+    if title:
+        draw.text((4, y), title, fill=(0, 0, 0), font=font)
+        y += ROW
+    for c, text in lines:
+        colour = tuple(int(v) for v in pal[c])
+        draw.rectangle([4, y + 1, 4 + SWATCH, y + 1 + SWATCH], fill=colour, outline=(0, 0, 0))
+        draw.text((SWATCH + 9, y), text, fill=(0, 0, 0), font=font)
+        y += ROW
+    return panel
+
+
+def full_legend(k: int, names, pal, title: str, per_column: int = 40) -> Image.Image:
+    cols = [legend_rows(list(range(c0, min(k, c0 + per_column))), names, pal,
+                        title=title if c0 == 0 else " ") for c0 in range(0, k, per_column)]
+    out = Image.new("RGB", (sum(c.width for c in cols), max(c.height for c in cols)),
+                    (255, 255, 255))
+    x = 0
+    for c in cols:
+        out.paste(c, (x, 0))
+        x += c.width
+    return out
+
+
+def render(image: Image.Image, ids: np.ndarray, names, pal, alpha: float, title: str):
+    """(colour map, overlay with legend) images for one prediction."""
+    colour = pal[ids]
+    seg = Image.fromarray(colour)
+    blend = (1 - alpha) * np.asarray(image, np.float32) + alpha * colour.astype(np.float32)
+    blend = Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8))
+    counts = np.bincount(ids.ravel(), minlength=len(names))
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    shares = {c: counts[c] / ids.size for c in present}
+    legend = legend_rows(present, names, pal, shares, title)
+    canvas = Image.new("RGB", (blend.width + 4 + legend.width, max(blend.height, legend.height)),
+                       (255, 255, 255))
+    canvas.paste(blend, (0, 0))
+    canvas.paste(legend, (blend.width + 4, 0))
+    return seg, canvas, shares
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Image files, folders expanded (recursively, sorted); a missing path is an error."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"input image not found: {path}")
+    return out
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    seen: dict = {}
+    stems = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
+    return stems
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
+                  mode: str = "resize", short_side: Optional[int] = None,
+                  window: int = DEFAULT_WINDOW, stride: Optional[int] = None,
+                  batch_size: int = 8, device: str = "auto", head: str = "clusters",
+                  alpha: float = 0.5) -> dict:
+    """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`.
+
+    Returns {"written": {stem: [paths]}, "failed": {path: reason}, "legend": path}.
+    """
+    from . import checkpoint
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+
+    paths = expand_inputs(inputs)
+    dev = _resolve_device(device)
+    model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
+    data_config = ckpt.get("data_config") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    k = int(model.num_classes)
+    key = {"clusters": "logits", "probe": "probe"}[head]
+    if short_side is None:
+        short_side = int(cfg.data.eval_size)
+    predictor = Predictor(model, mode=mode, short_side=short_side, window=window,
+                          stride=stride, batch_size=batch_size, heads=(key,), device=dev)
+    names = cluster_names(ckpt, head, k)
+    pal = palette(k)
+    title = "cluster" if head == "clusters" else "class (linear probe)"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    legend_path = out / "legend.png"
+    full_legend(k, names, pal, f"{title}: {k} ids").save(legend_path)
+
+    written: dict = {}
+    failed: dict = {}
+    summary: dict = {}
+    stems = _unique_stems(paths)
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
+            try:
+                batch.append((path, stem, open_image(path)))
+            except CorruptSampleError as err:
+                failed[str(path)] = err.reason
+                log.warning("skipping %s", err)
+        if not batch:
+            continue
+        tensors = [to_tensor(img, data_config["mean"], data_config["std"]) for _, _, img in batch]
+        preds = predictor.segment(tensors)
+        for (path, stem, img), pred in zip(batch, preds):
+            ids = pred.cpu().numpy()
+            seg, overlay, shares = render(img, ids, names, pal, alpha, title)
+            files = [out / f"{stem}_seg.png", out / f"{stem}_overlay.png", out / f"{stem}_ids.png"]
+            seg.save(files[0])
+            overlay.save(files[1])
+            if k <= 255:
+                Image.fromarray(ids.astype(np.uint8), mode="L").save(files[2])
+            else:
+                Image.fromarray(ids.astype(np.uint16)).save(files[2])
+            written[stem] = [str(f) for f in files]
+            summary[stem] = {"input": str(path), "size": [img.width, img.height],
+                             "files": [f.name for f in files],
+                             "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
+            log.info("%s -> %s", path, files[1])
+    with open(out / "predictions.json", "w") as fh:
+        json.dump({"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
+                   "short_side": short_side, "num_ids": k,
+                   "names": names, "images": summary, "failed": failed}, fh, indent=1)
+    return {"written": written, "failed": failed, "legend": str(legend_path)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m iddc.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="an IDDC checkpoint (last.pt)")
+    ap.add_argument("images", nargs="+", help="image files or folders")
+    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--mode", choices=MODES, default="resize")
+    ap.add_argument("--short-side", type=int, default=None,
+                    help="resize the shorter side to this first (default: the run's eval size; "
+                         "0: keep the image's size)")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="sliding window (px)")
+    ap.add_argument("--stride", type=int, default=None,
+                    help=f"sliding stride (default: window - {DEFAULT_OVERLAP}; small windows: "
+                         "two thirds of the window)")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="images read per step (and windows per forward pass when sliding)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--head", choices=("clusters", "probe"), default="clusters")
+    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    args = ap.parse_args(argv)
+    from .checkpoint import CheckpointError
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        res = predict_files(args.checkpoint, args.images, args.out, mode=args.mode,
+                            short_side=args.short_side, window=args.window, stride=args.stride,
+                            batch_size=args.batch_size, device=args.device, head=args.head,
+                            alpha=args.alpha)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(res['written'])} image(s) to {args.out}"
+          + (f"; {len(res['failed'])} unreadable, skipped: {sorted(res['failed'])}"
+             if res["failed"] else ""))
+    return 1 if res["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
