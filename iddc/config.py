@@ -70,7 +70,8 @@ class TrainConfig:
     progress: bool = True
     #: torch CPU threads (0: leave torch's default)
     threads: int = 0
-    #: stop after this many optimisation steps in total (0: no limit; for tests)
+    #: stop after this many optimisation steps in total (0: no limit; for tests and smoke
+    #: runs -- only a stop at an epoch boundary can be resumed exactly)
     max_steps: int = 0
 
 

@@ -148,13 +148,11 @@ def main(argv=None) -> dict:
         # the run's own config; explicit CLI flags (e.g. --epochs, --device) still apply
         cfg = Config.from_dict(resume["config"])
         over = resolve_config(args).to_dict()
-        default = Config().to_dict()
         given = {d for d, v in vars(args).items() if v is not None and d not in ("resume",)}
         from .config import FLAGS
         for dest, (section, name, _) in FLAGS.items():
             if dest in given and dest != "backend":
                 setattr(getattr(cfg, section), name, over[section][name])
-        del default
         out = os.path.dirname(os.path.abspath(args.resume))
     else:
         cfg = resolve_config(args)
@@ -229,6 +227,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         sched.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"], shift_gen)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        # the poly factor of the (possibly extended, --epochs) schedule at the resumed epoch
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * poly_factor(min(start_epoch, tc.epochs), tc.epochs,
+                                             tc.poly_power)
         history = list(resume.get("metrics", []))
         log.info("resumed from epoch %d (step %d)", start_epoch, global_step)
 

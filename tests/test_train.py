@@ -1,0 +1,112 @@
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from iddc import evaluate, train
+from iddc.checkpoint import CheckpointError
+
+TINY = {
+    "model": {"backbone": "vit_small_patch8_224", "backbone_img_size": 32,
+              "backbone_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}},
+    "data": {"crop_size": 24, "eval_size": 32, "options": {"image_size": 32, "num_classes": 3},
+             "train_options": {"num_images": 8}, "val_options": {"num_images": 4}},
+    "train": {"epochs": 2, "batch_size": 4, "progress": False, "vis_images": 2},
+    "loss": {"t_pos": 0.3, "t_neg": 0.1},
+}
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+def test_train_writes_run_and_resume_matches(tmp_path, tiny_yaml):
+    full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")])
+    out = full["out"]
+    for name in ("config.yaml", "train.log", "metrics.json", "last.pt", "val_panel.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    m = read_metrics(out)
+    kinds = [e["kind"] for e in m]
+    assert kinds == ["kmeans_baseline", "untrained_head", "iddc", "iddc"]
+    assert [e["epoch"] for e in m[1:]] == [0, 1, 2]
+    for e in m[1:]:
+        for head in ("unsupervised", "linear_probe"):
+            assert 0 <= e[head]["miou"] <= 100 and 0 <= e[head]["pixel_accuracy"] <= 100
+            assert len(e[head]["per_class_iou"]) == 3
+        assert e["backbone_weights"] == "random-init"
+    assert "WARNING" in open(os.path.join(out, "config.yaml")).read()
+    with open(os.path.join(out, "config.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    assert cfg["loss"]["t_pos"] == 0.3 and cfg["resolved"]["loss_backend"] == "reference"
+
+    # interrupted after epoch 1 (2 steps), then resumed: same weights and metrics
+    part = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "part"), "--max-steps", "2"])
+    assert [e["epoch"] for e in read_metrics(part["out"])][-1] == 1
+    resumed = train.main(["--resume", os.path.join(part["out"], "last.pt"), "--max-steps", "0"])
+    assert resumed["out"] == part["out"]
+    a = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    ma, mb = read_metrics(out), read_metrics(part["out"])
+    assert ma[-1]["unsupervised"] == mb[-1]["unsupervised"]
+    assert ma[-1]["linear_probe"] == mb[-1]["linear_probe"]
+
+    # re-evaluation from the checkpoint alone reproduces the last epoch's scores
+    res = evaluate.main(["--checkpoint", os.path.join(out, "last.pt")])
+    assert res["unsupervised"]["miou"] == pytest.approx(ma[-1]["unsupervised"]["miou"])
+    assert res["linear_probe"]["miou"] == pytest.approx(ma[-1]["linear_probe"]["miou"])
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("[]")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train.main(["--config", tiny_yaml, "--out", str(out)])
+
+
+def test_bad_preset(tmp_path, tiny_yaml):
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        train.main(["--config", tiny_yaml, "--preset", "nope", "--out", str(tmp_path / "x")])
+
+
+def test_preset_and_overrides(tiny_yaml):
+    from iddc.config import resolve_config
+    args = train.parse_args(["--config", tiny_yaml, "--preset", "cityscapes-vitb8",
+                             "--lambda1", "0.5", "--fused"])
+    cfg = resolve_config(args)
+    # the YAML's t_pos / t_neg beat the preset, the CLI's lambda1 beats both
+    assert (cfg.loss.t_pos, cfg.loss.t_neg, cfg.loss.lambda1, cfg.loss.lambda2) == \
+        (0.3, 0.1, 0.5, 0.22)
+    assert cfg.loss.backend == "auto" and cfg.train.fused
+    assert resolve_config(train.parse_args([])).loss.backend == "reference"
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"\x80\x02garbage, not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"could not read checkpoint .*last.pt"):
+        train.main(["--resume", str(bad)])
+    with pytest.raises(CheckpointError, match=r"could not read checkpoint .*last.pt"):
+        evaluate.main(["--checkpoint", str(bad)])
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        evaluate.main(["--checkpoint", str(tmp_path / "none.pt")])
+
+
+def test_missing_weights_via_cli(tmp_path, tiny_yaml):
+    from iddc.models import WeightsError
+    with pytest.raises(WeightsError, match="weights file not found: .*dino.pth"):
+        train.main(["--config", tiny_yaml, "--weights", str(tmp_path / "dino.pth"),
+                    "--out", str(tmp_path / "w")])
