@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .data.transforms import EvalTransform
+from .inference import sliding_predict_fn
 
 log = logging.getLogger("iddc")
 
@@ -79,6 +80,9 @@ class EvalMode:
 
 
 EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
+#: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
+#: (iddc.inference; window/stride in iddc.inference.SLIDING_OPTIONS)
+EVAL_MODES["sliding"] = EvalMode(make_resize_transform, sliding_predict_fn)
 
 
 def register_eval_mode(name: str, make_transform: Callable, predict_fn: PredictFn) -> None:
@@ -217,6 +221,7 @@ def summary_line(name: str, entry: dict) -> str:
 def main(argv=None) -> dict:
     from . import checkpoint
     from .data import build_source
+    from .data.layout import skip_corrupt
     from .models import backbone_data_config
     from .train import resolve_device
 
@@ -242,8 +247,9 @@ def main(argv=None) -> dict:
         cfg.data.data_root = args.data_root
     if args.max_val_images is not None:
         cfg.data.max_val_images = args.max_val_images
-    source = build_source(cfg.data.dataset, root=cfg.data.data_root, split=args.split,
-                          **{**cfg.data.options, **cfg.data.val_options})
+    source = skip_corrupt(build_source(cfg.data.dataset, root=cfg.data.data_root,
+                                       split=args.split,
+                                       **{**cfg.data.options, **cfg.data.val_options}))
     mode = get_eval_mode(cfg.data.eval_mode)
     data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)

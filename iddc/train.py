@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint, evaluate as ev
 from .config import Config, add_config_arguments, resolve_config
 from .data import IGNORE_INDEX, build_source
+from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .loss import IDDCLoss, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
@@ -176,10 +177,12 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     np.random.seed(tc.seed)
     random.seed(tc.seed)
 
-    train_src = build_source(dc.dataset, root=dc.data_root, split="train",
-                             **{**dc.options, **dc.train_options})
-    val_src = build_source(dc.dataset, root=dc.data_root, split="val",
-                           **{**dc.options, **dc.val_options})
+    # layout mistakes raise here, before training; corrupt files found later are skipped
+    # (warned, counted, replaced by the next sample): iddc.data.layout
+    train_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="train",
+                                          **{**dc.options, **dc.train_options}))
+    val_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="val",
+                                        **{**dc.options, **dc.val_options}))
     k = int(train_src.num_classes)
     model, weights = build_model(cfg.model, k)
     weights_tag = weights["source"]
@@ -322,6 +325,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
                            seconds=round(seconds, 2), lr=opt.param_groups[0]["lr"])
         log.info("epoch %d: %s", epoch + 1, train_stats)
+        if train_src.skipped or val_src.skipped:
+            log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
+                        train_src.skipped, val_src.skipped)
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
             res = run_eval(keep=tc.vis_images)
             last_eval = res
