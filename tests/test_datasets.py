@@ -196,8 +196,11 @@ def test_cityscapes_layout_mistakes(tmp_path):
 # ----------------------------------------------------------------------------- folder
 def test_folder_unlabelled_and_labelled(tmp_path):
     make_folder(tmp_path / "imgs", tmp_path / "labels", n=3, num_classes=4)
-    plain = build_source("folder", root=tmp_path / "imgs")
+    plain = build_source("folder", root=tmp_path / "imgs", num_classes=5)
     assert len(plain) == 3 and not plain.has_labels and plain.load(1)[1] is None
+    assert plain.num_classes == 5
+    with pytest.raises(ValueError, match="without labels need num_classes"):
+        build_source("folder", root=tmp_path / "imgs")
     lab = build_source("folder", root=tmp_path / "imgs", split="val",
                        label_root=tmp_path / "labels")
     assert lab.has_labels and lab.num_classes == 4
@@ -214,14 +217,14 @@ def test_folder_unlabelled_and_labelled(tmp_path):
         build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "nolabels")
     (tmp_path / "none").mkdir()
     with pytest.raises(LayoutError, match=r"no images under .*none"):
-        build_source("folder", root=tmp_path / "none")
+        build_source("folder", root=tmp_path / "none", num_classes=2)
 
 
 def test_folder_split_subfolders(tmp_path):
     make_folder(tmp_path / "d" / "train", n=2)
     make_folder(tmp_path / "d" / "val", n=1)
-    assert len(build_source("folder", root=tmp_path / "d", split="train")) == 2
-    assert len(build_source("folder", root=tmp_path / "d", split="val")) == 1
+    assert len(build_source("folder", root=tmp_path / "d", split="train", num_classes=2)) == 2
+    assert len(build_source("folder", root=tmp_path / "d", split="val", num_classes=2)) == 1
 
 
 # ----------------------------------------------------------------------------- corrupt samples
@@ -306,3 +309,68 @@ def test_skip_counter_shared_with_loader_workers(tmp_path):
     other = pickle.loads(pickle.dumps(safe))
     assert isinstance(other, SkipCorrupt) and other.skipped == 0 and len(other) == 4
     assert copy.deepcopy(safe).skipped == 0
+
+
+# ----------------------------------------------------------------------------- end to end
+TINY_TRAIN = ["--crop-size", "32", "--eval-size", "32", "--epochs", "1", "--batch-size", "2",
+              "--max-steps", "1", "--backbone-img-size", "32",
+              "--set", "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2}",
+              "--kmeans-baseline", "false", "--eval-initial", "false", "--vis-images", "0",
+              "--progress", "false", "--device", "cpu", "--eval-batch-size", "2"]
+
+
+def _train(tmp_path, dataset, root, *extra):
+    from iddc import train
+    res = train.main(["--dataset", dataset, "--data-root", str(root),
+                      "--out", str(tmp_path / "run")] + TINY_TRAIN + list(extra))
+    last = res["metrics"][-1]
+    assert last["kind"] == "iddc" and last["train"]["steps"] == 1
+    return res, last
+
+
+@pytest.mark.parametrize("dataset, k", [("cocostuff27", 27), ("cocostuff171", 171)])
+def test_train_and_evaluate_cocostuff(tmp_path, dataset, k):
+    from iddc import evaluate
+    root = make_coco(tmp_path / "coco", n=(2, 2), size=(40, 36))
+    res, last = _train(tmp_path, dataset, root)
+    assert len(last["unsupervised"]["per_class_iou"]) == k
+    assert last["unsupervised"]["pixels"] > 0 and 0 <= last["unsupervised"]["miou"] <= 100
+    names = list(last["linear_probe"]["per_class_iou"])
+    assert names[9 if k == 27 else 0] == "person"
+    # re-evaluation of the checkpoint in the sliding mode
+    again = evaluate.main(["--checkpoint", res["out"] + "/last.pt", "--eval-mode", "sliding"])
+    assert again["unsupervised"]["pixels"] == last["unsupervised"]["pixels"]
+
+
+def test_train_and_evaluate_cityscapes(tmp_path):
+    root = make_cityscapes(tmp_path / "cs", n=(2, 2), size=(64, 32))
+    _, last = _train(tmp_path, "cityscapes", root, "--eval-mode", "sliding")
+    assert list(last["unsupervised"]["per_class_iou"])[:2] == ["road", "sidewalk"]
+    assert last["unsupervised"]["pixels"] > 0
+
+
+def test_train_and_evaluate_folder(tmp_path):
+    make_folder(tmp_path / "imgs", tmp_path / "labels", n=3, size=(40, 34), num_classes=4)
+    _, last = _train(tmp_path, "folder", tmp_path / "imgs",
+                     "--data-option", f"label_root={tmp_path / 'labels'}")
+    assert len(last["unsupervised"]["per_class_iou"]) == 4 and last["unsupervised"]["pixels"] > 0
+
+
+def test_train_survives_corrupt_images(tmp_path, caplog):
+    root = make_coco(tmp_path / "coco", n=(3, 2), size=(40, 36))
+    (root / "images" / "train2017" / "t00000000001.jpg").write_bytes(b"corrupt")
+    (root / "images" / "val2017" / "v00000000000.jpg").write_bytes(b"corrupt")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, last = _train(tmp_path, "cocostuff27", root, "--batch-size", "3")
+    assert any("t00000000001.jpg" in str(w.message) for w in record)
+    assert any("v00000000000.jpg" in str(w.message) for w in record)
+    assert "corrupt samples skipped so far" in caplog.text
+
+
+def test_layout_mistake_stops_before_training(tmp_path):
+    root = make_coco(tmp_path / "coco", n=(2, 2))
+    (root / "annotations" / "val2017" / "v00000000001.png").unlink()
+    with pytest.raises(LayoutError, match=r"v00000000001.png"):
+        _train(tmp_path, "cocostuff27", root)
+    assert not (tmp_path / "run" / "last.pt").exists()

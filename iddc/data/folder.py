@@ -7,8 +7,8 @@
 
 If root has `train/` and `val/` sub-folders, split selects one of them (and the same
 sub-folder of label_root, when it has one); otherwise split is ignored and the whole folder is
-used. `num_classes` defaults to 1 + the largest id in the first (up to 16) label maps unless
-given; `class_names` may be given as a list or a text file (one name per line).
+used. With labels, `num_classes` defaults to 1 + the largest id in the first (up to 16) label maps
+unless given; without labels it is required (the number of clusters K); `class_names` may be given as a list or a text file (one name per line).
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     if isinstance(class_names, (str, Path)):
         class_names = [l.strip() for l in Path(class_names).read_text().splitlines() if l.strip()]
     if label_dir is None:
+        if not num_classes:
+            raise ValueError(
+                f"folder {image_dir}: images without labels need num_classes (the number of "
+                f"clusters K), e.g. --data-option num_classes=27")
         return FileSource(images, None, num_classes=num_classes or 0, class_names=class_names,
                           description=f"folder {split} ({image_dir}, unlabelled)")
     labels = [_label_for(p, image_dir, label_dir) for p in images]
