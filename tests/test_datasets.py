@@ -374,3 +374,14 @@ def test_layout_mistake_stops_before_training(tmp_path):
     with pytest.raises(LayoutError, match=r"v00000000001.png"):
         _train(tmp_path, "cocostuff27", root)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_layout_check_cli(tmp_path, capsys):
+    from iddc.data import layout
+    root = make_coco(tmp_path / "coco", n=(2, 2))
+    assert layout.main(["cocostuff27", str(root), "--decode", "all"]) == 0
+    (root / "images" / "val2017" / "v00000000001.jpg").write_bytes(b"x")
+    assert layout.main(["cocostuff27", str(root), "--decode", "all", "--split", "val"]) == 1
+    assert "1 corrupt" in capsys.readouterr().out
+    assert layout.main(["cityscapes", str(root)]) == 1
+    assert "LAYOUT ERROR: missing folder" in capsys.readouterr().out

@@ -270,3 +270,72 @@ def skip_corrupt(source: SegmentationSource, max_consecutive: int = 64) -> Segme
     if isinstance(source, SkipCorrupt):
         return source
     return SkipCorrupt(source, max_consecutive=max_consecutive)
+
+
+# ----------------------------------------------------------------------------- checking a tree
+def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int = 8) -> list:
+    """Decode the first `limit` samples (all when None) in threads; [(index, error)] of the
+    corrupt ones. The opt-in full readability check that construction does not do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(source) if limit is None else min(int(limit), len(source))
+
+    def one(i):
+        try:
+            source.load(i)
+            return None
+        except CorruptSampleError as err:
+            return i, str(err)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [r for r in pool.map(one, range(n)) if r is not None]
+
+
+def main(argv=None) -> int:
+    """python -m iddc.data.layout DATASET ROOT [--split S] [--decode N|all]"""
+    import argparse
+
+    from . import DATASETS, build_source
+    # the module's own classes (under `python -m` this file also runs as __main__)
+    from .layout import LayoutError as layout_error, scan as scan_source
+
+    ap = argparse.ArgumentParser(prog="python -m iddc.data.layout",
+                                 description="Check a data set's layout (and optionally decode "
+                                             "its files) before training.")
+    ap.add_argument("dataset", choices=sorted(DATASETS))
+    ap.add_argument("root")
+    ap.add_argument("--split", action="append", choices=SPLITS,
+                    help="default: both")
+    ap.add_argument("--decode", default="0",
+                    help="decode the first N samples of each split, or 'all' (default 0)")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    import yaml
+    options = {}
+    for item in args.data_option:
+        key, _, val = item.partition("=")
+        options[key] = yaml.safe_load(val)
+    bad = 0
+    for split in args.split or SPLITS:
+        try:
+            src = build_source(args.dataset, root=args.root, split=split, **options)
+        except (layout_error, ValueError) as err:
+            print(f"{split}: LAYOUT ERROR: {err}")
+            bad += 1
+            continue
+        print(f"{split}: {src!r}")
+        limit = None if args.decode == "all" else int(args.decode)
+        if limit != 0:
+            corrupt = scan_source(src, limit, args.workers)
+            checked = len(src) if limit is None else min(limit, len(src))
+            print(f"{split}: decoded {checked} samples, {len(corrupt)} corrupt")
+            for i, err in corrupt[:20]:
+                print(f"  [{i}] {err}")
+            bad += bool(corrupt)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))
