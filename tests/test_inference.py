@@ -197,3 +197,32 @@ def test_segment_in_class_groups_matches_full_argmax(mode):
     p = Predictor(model, mode, short_side=64, window=48, stride=30, max_elements=3 * 100 * 120)
     for seg, prob in zip(p.segment(images, sizes), p.probabilities(images, sizes)):
         assert seg.shape == prob.shape[1:] and torch.equal(seg, prob.argmax(0))
+
+
+def _dino_shapes(dim: int, patch: int, depth: int = 12, img: int = 224) -> dict:
+    """Key -> shape of DINO's released ViT backbones (ViT-S: 384 wide, ViT-B: 768; 12 blocks;
+    MLP ratio 4; qkv with bias; a class token; 224 px pretraining)."""
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + (img // patch) ** 2, dim),
+              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+                       b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                       b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                       b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                       b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,)})
+    return shapes
+
+
+@pytest.mark.parametrize("arch, dim, patch", [("vit_small_patch8_224", 384, 8),
+                                              ("vit_small_patch16_224", 384, 16),
+                                              ("vit_base_patch8_224", 768, 8),
+                                              ("vit_base_patch16_224", 768, 16)])
+def test_full_size_backbones_have_dino_layout(arch, dim, patch):
+    """The default timm backbones hold exactly the tensors of DINO's released files."""
+    with torch.device("meta"):
+        vit = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    own = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    assert own == _dino_shapes(dim, patch)
