@@ -120,6 +120,9 @@ def test_coco_layout_and_registry(tmp_path):
     assert [tr2 for tr2 in build_source("cocostuff27", root=tmp_path).images] == [
         tmp_path / "images/train2017/t00000000002.jpg", tmp_path / "images/train2017/t00000000000.jpg"]
     assert len(cocostuff.build_cocostuff27(tmp_path, "train", curated=False)) == 3
+    (tmp_path / "annotations" / "train2017" / "t00000000001.png").unlink()
+    with pytest.raises(LayoutError, match=r"without their label file.*t00000000001.png"):
+        cocostuff.build_cocostuff27(tmp_path, "train", curated=False)
     assert len(cocostuff.build_cocostuff27(tmp_path, "train", subset=1)) == 1
 
 
@@ -354,6 +357,12 @@ def test_train_and_evaluate_folder(tmp_path):
     _, last = _train(tmp_path, "folder", tmp_path / "imgs",
                      "--data-option", f"label_root={tmp_path / 'labels'}")
     assert len(last["unsupervised"]["per_class_iou"]) == 4 and last["unsupervised"]["pixels"] > 0
+
+
+def test_train_on_unlabelled_folder(tmp_path):
+    make_folder(tmp_path / "imgs", None, n=4, size=(40, 34))
+    _, last = _train(tmp_path, "folder", tmp_path / "imgs", "--data-option", "num_classes=3")
+    assert last["unsupervised"]["pixels"] == 0  # nothing to score without labels
 
 
 def test_train_survives_corrupt_images(tmp_path, caplog):

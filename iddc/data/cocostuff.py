@@ -7,7 +7,8 @@ Layout under `root` (SPEC section 4):
     curated/{train,val}2017/Coco164kFull_Stuff_Coarse_7.txt    one image id per line
 
 The curated lists select the images of the split used by PiCIE/STEGO/IDDC (for the val split
-2175 images). `curated=False` uses every image that has an annotation instead.
+2175 images). `curated=False` uses every image of the split folder instead (each must have
+its label map).
 
 The 27 coarse classes are the 12 thing and 15 stuff supercategories of COCO-Stuff's label
 hierarchy, indexed as in PiCIE/STEGO: the thing supercategories first (electronic, appliance,
@@ -150,12 +151,12 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
         list_path = require_file(
             root / "curated" / year / (curated_list or CURATED_LIST),
             "the curated image-id list of PiCIE/STEGO (one COCO image id per line); or "
-            "pass curated=False to use every annotated image")
+            "pass curated=false to use every image of the split")
         ids = read_curated_list(list_path)
-    else:
-        ids = sorted(p.stem for p in label_dir.glob("*.png"))
+    else:  # every image of the folder; each must have its label map
+        ids = sorted(p.stem for p in image_dir.glob(f"*{image_ext}"))
         if not ids:
-            raise LayoutError(f"no label PNGs in {label_dir}: expected <id>.png label maps")
+            raise LayoutError(f"no *{image_ext} images in {image_dir}: expected <id>{image_ext}")
     if subset is not None:
         ids = ids[:int(subset)]
     images = [image_dir / f"{i}{image_ext}" for i in ids]
