@@ -144,7 +144,8 @@ def _pair_sums_rows_kernel(
         r0, r1, r2, r3, r4, r5, r6, r7,
         N_KEY, M_KEY, D_KEY,                     # bucketed sizes: autotune key only
         POSITIVE: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
-        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums/counts of a block of rows against all partner columns, and its gradients."""
@@ -164,22 +165,22 @@ def _pair_sums_rows_kernel(
     uc = uc_ptr + bc * s_ucb
     p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
                      mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    acc_sum = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    acc_cnt = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.int32)
+    acc_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)  # per-row partials, fixed order
+    acc_cnt = tl.zeros((BLOCK_I,), dtype=tl.int32)
     g_rows = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
     for j0 in range(0, N_COLS, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         mask_j = offs_j < N_COLS
         f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
-                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION,
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, F_PRECISION,
                                    UPCAST)
         p_cols_t = tl.load(pc_ptr + bc * s_pcb + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
                            mask=mask_j[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
         c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
         valid = mask_i[:, None] & mask_j[None, :]
         sel, val, g = _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE, H)
-        acc_sum += val
-        acc_cnt += sel.to(tl.int32)
+        acc_sum += tl.sum(val, axis=1)
+        acc_cnt += tl.sum(sel.to(tl.int32), axis=1)
         if NEED_GRAD:
             g_rows = tl.dot(g, tl.trans(p_cols_t), g_rows, input_precision=PRECISION)
             if ATOMIC:
@@ -188,8 +189,8 @@ def _pair_sums_rows_kernel(
                 tl.atomic_add(gc + offs_j[:, None] * s_gcn + offs_k[None, :] * s_gck, g_cols,
                               mask=mask_j[:, None] & mask_k[None, :], sem="relaxed")
     part = (slot * B + b) * NBLK + pid_i
-    tl.store(psum_ptr + part, tl.sum(tl.sum(acc_sum, axis=1), axis=0))
-    tl.store(pcnt_ptr + part, tl.sum(tl.sum(acc_cnt, axis=1), axis=0))
+    tl.store(psum_ptr + part, tl.sum(acc_sum, axis=0))
+    tl.store(pcnt_ptr + part, tl.sum(acc_cnt, axis=0))
     if NEED_GRAD:
         gr = gr_ptr + slot * s_grt + b * s_grb + offs_i[:, None] * s_grn + offs_k[None, :] * s_grk
         gmask = mask_i[:, None] & mask_k[None, :]
@@ -209,7 +210,8 @@ def _pair_sums_cols_grad_kernel(
         t_pos, t_neg,
         r0, r1, r2, r3, r4, r5, r6, r7,
         POSITIVE: tl.constexpr, H: tl.constexpr, ACCUMULATE: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Deterministic transposed pass: gradient of a block of partner rows, no atomics.
 
@@ -239,7 +241,7 @@ def _pair_sums_cols_grad_kernel(
         offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         mask_i = offs_i < N_ROWS
         f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
-                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION,
+                                   s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, F_PRECISION,
                                    UPCAST)
         p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
                          mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
@@ -262,12 +264,17 @@ INTERPRETER_CONFIG = dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=128)
 
 
 def _hopper_configs():
-    """Candidate configurations for Hopper-class GPUs (pruned by K below)."""
+    """Candidate configurations for Hopper-class GPUs (pruned by K and D below).
+
+    Chosen from ptxas register reports for sm_90a (no spills at K <= 32 with tf32 / 16-bit
+    features for 64 x 64 tiles; the exact-fp32 "ieee" path runs its dots on FMA units and needs
+    smaller tiles or BLOCK_D; K = 171 -> 256 needs 16-32 row/column tiles).
+    """
     cfgs = []
     for bi, bj, bd, warps, stages in [
-        (64, 64, 64, 4, 3), (64, 64, 128, 4, 2), (128, 64, 64, 8, 3), (128, 64, 32, 4, 3),
-        (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 32, 128, 4, 3),
-        (32, 64, 128, 4, 3), (32, 32, 128, 4, 2),
+        (64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 16, 4, 2), (64, 32, 64, 4, 3),
+        (32, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 2),
+        (32, 32, 64, 4, 2), (32, 32, 32, 8, 2), (16, 32, 64, 4, 2), (32, 16, 64, 4, 2),
     ]:
         cfgs.append(triton.Config(dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd), num_warps=warps,
                                   num_stages=stages))
@@ -275,18 +282,22 @@ def _hopper_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep register-feasible tiles: the row block's probabilities and gradient are on chip."""
-    block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
+    """Keep register-feasible tiles: the row block's probabilities and gradient stay on chip."""
+    block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K", 32))
     d = named_args.get("D", 1 << 30)
     kept = []
     for cfg in configs:
         bi, bj, bd = cfg.kwargs["BLOCK_I"], cfg.kwargs["BLOCK_J"], cfg.kwargs["BLOCK_D"]
-        if block_k >= 128 and max(bi, bj) * block_k > 64 * 128:
+        if block_k >= 128 and max(bi, bj) > 32:
             continue
-        if bd > max(32, triton.next_power_of_2(d)):
+        if block_k == 64 and max(bi, bj) > 64:
+            continue
+        if block_k < 128 and min(bi, bj) < 32:
+            continue
+        if bd > max(16, triton.next_power_of_2(d)):
             continue
         kept.append(cfg)
-    return kept or [triton.Config(dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64), num_warps=4,
+    return kept or [triton.Config(dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=32), num_warps=4,
                                   num_stages=2)]
 
 
@@ -296,9 +307,11 @@ if _interpreting():
 else:
     _ROWS_KERNEL = triton.autotune(
         configs=_hopper_configs(),
-        key=["N_KEY", "M_KEY", "D_KEY", "K", "POSITIVE", "H", "NEED_GRAD", "ATOMIC", "PRECISION"],
+        key=["N_KEY", "M_KEY", "D_KEY", "K", "POSITIVE", "H", "NEED_GRAD", "ATOMIC", "PRECISION",
+             "F_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_configs},
-        reset_to_zero=["gr_ptr", "gc_ptr"],
+        # benchmarking runs accumulate (atomics) and may leave partials of more row blocks
+        reset_to_zero=["gr_ptr", "gc_ptr", "psum_ptr", "pcnt_ptr"],
     )(_pair_sums_rows_kernel)
     _MIN_BLOCK_I = min(c.kwargs["BLOCK_I"] for c in _hopper_configs())
 
@@ -338,7 +351,11 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     h_code = int(h_code)
     # Triton's CPU interpreter computes bfloat16 dots wrongly: upcast there (exact)
     upcast = interp and u_a.dtype == torch.bfloat16
-    common = dict(H=h_code, PRECISION=precision, BLOCK_K=block_k, UPCAST=upcast)
+    # feature dot: "ieee" keeps float32 features off the tensor cores; 16-bit features always
+    # take the tensor-core path (float32 accumulation), named "tf32" so no backend refuses it
+    f_precision = precision if u_a.dtype == torch.float32 else "tf32"
+    common = dict(H=h_code, PRECISION=precision, F_PRECISION=f_precision, BLOCK_K=block_k,
+                  UPCAST=upcast)
     explicit = {} if config is None else dict(config)
     if config is not None and not interp:
         explicit.setdefault("num_warps", 4)
