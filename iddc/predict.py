@@ -209,7 +209,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         batch = []
         for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
             try:
-                batch.append((path, stem, open_image(path)))
+                batch.append((path, stem, open_image(path, exif_transpose=True)))
             except CorruptSampleError as err:
                 failed[str(path)] = err.reason
                 log.warning("skipping %s", err)

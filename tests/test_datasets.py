@@ -394,3 +394,17 @@ def test_layout_check_cli(tmp_path, capsys):
     assert "1 corrupt" in capsys.readouterr().out
     assert layout.main(["cityscapes", str(root)]) == 1
     assert "LAYOUT ERROR: missing folder" in capsys.readouterr().out
+
+
+def test_exif_orientation_is_not_applied_to_data_sets(tmp_path):
+    """Labels are drawn on the stored pixels: a rotated-EXIF image must stay as stored."""
+    from iddc.data.layout import open_image
+    root = make_coco(tmp_path, n=(1, 1), size=(48, 40))
+    path = root / "images" / "val2017" / "v00000000000.jpg"
+    img = Image.open(path)
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    img.save(path, exif=exif)
+    image, label = cocostuff.build_cocostuff27(root, "val").load(0)
+    assert image.size == (48, 40) and label.shape == (40, 48)
+    assert open_image(path, exif_transpose=True).size == (40, 48)

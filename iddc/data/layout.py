@@ -112,11 +112,15 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
 
 
 # ----------------------------------------------------------------------------- decoding
-def open_image(path) -> Image.Image:
-    """An RGB image (EXIF orientation applied); CorruptSampleError if it cannot be decoded."""
+def open_image(path, exif_transpose: bool = False) -> Image.Image:
+    """An RGB image; CorruptSampleError if it cannot be decoded.
+
+    Data sets keep the stored pixel order (their label maps were drawn on it; COCO's are),
+    so the EXIF orientation is applied only on request (iddc.predict, for camera photos)."""
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation etc. as OSError
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
