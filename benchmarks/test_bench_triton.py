@@ -1,0 +1,184 @@
+"""GPU: the pair terms (positive + 3 negative shifts), forward + backward, per backend.
+
+reference (iddc.reference.pair_sums, B x N x M matrices) vs the authors' formulation
+(iddc.reference.pair_sums_masked_gather) vs streaming (iddc.streaming.streaming_pair_sums) vs the
+fused Triton kernels (iddc_kernels.triton_pair_sums) at each precision, at B = 64, D = 384,
+K = 27 and N = M = 784 (28 x 28) and 3136 (56 x 56).
+
+Each case records in ``benchmark.extra_info``: the time of one forward + backward, the achieved
+rate (2 B N M (D + 3K) flop per pair set, 1 + S pair sets, S = 3) beside a plain 4096 x 4096
+matmul's rate at the same precision measured in the same run, and the peak CUDA memory allocated
+over the inputs (torch.cuda.max_memory_allocated after reset_peak_memory_stats). A CUDA
+out-of-memory error (expected for the reference at N = 3136) is recorded, not raised.
+
+For the "tf32" rows the PyTorch baselines run with TF32 matmuls allowed
+(torch.backends.cuda.matmul.allow_tf32), the "ieee" rows with it disallowed.
+
+Run with ``pytest benchmarks/test_bench_triton.py``; skipped without a CUDA device.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS  # summary table printed by benchmarks/conftest.py
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="Triton GPU benchmarks need a CUDA device "
+                                       "(torch.cuda.is_available() is False)")
+
+B, D, K = 64, 384, 27
+SHIFTS = (1, 2, 3)
+T_POS, T_NEG = 0.2, 0.12
+SIZES = {"N784": 784, "N3136": 3136}
+# name -> (backend, precision, deterministic)
+IMPLS = {
+    "reference-ieee": ("reference", "ieee", False),
+    "reference-tf32": ("reference", "tf32", False),
+    "authors-ieee": ("authors", "ieee", False),
+    "authors-tf32": ("authors", "tf32", False),
+    "streaming-ieee": ("streaming", "ieee", False),
+    "streaming-tf32": ("streaming", "tf32", False),
+    "triton-ieee": ("triton", "ieee", False),
+    "triton-tf32": ("triton", "tf32", False),
+    "triton-ieee-deterministic": ("triton", "ieee", True),
+    "triton-tf32-deterministic": ("triton", "tf32", True),
+}
+
+
+def pair_flops(batch, n, m, dim, classes, num_shifts=len(SHIFTS)) -> int:
+    """2 B N M (D + 3K) per pair set: features, probabilities and the two gradient products."""
+    return 2 * batch * n * m * (dim + 3 * classes) * (1 + num_shifts)
+
+
+def get_impl(backend: str, precision: str, deterministic: bool):
+    """The pair-sums function of a backend (imported lazily: streaming / triton may be absent)."""
+    if backend == "reference":
+        from iddc.reference import pair_sums
+        return pair_sums
+    if backend == "authors":
+        from iddc.reference import pair_sums_masked_gather
+        return pair_sums_masked_gather
+    if backend == "streaming":
+        try:
+            from iddc.streaming import streaming_pair_sums
+        except ImportError as err:
+            pytest.skip(f"iddc.streaming is not available: {err}")
+        return streaming_pair_sums
+    if backend == "triton":
+        try:
+            from iddc_kernels import triton_pair_sums
+        except ImportError as err:
+            pytest.skip(f"iddc_kernels (Triton) is not available: {err}")
+
+        def run(*args, **kwargs):
+            return triton_pair_sums(*args, precision=precision, deterministic=deterministic,
+                                    **kwargs)
+        return run
+    raise ValueError(backend)
+
+
+def make_pair_inputs(batch, n, dim, classes, device, seed=0):
+    """Unit features (a few shared directions + noise, so both thresholds are crossed) and
+    probabilities of two views; p requires grad."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dirs = F.normalize(torch.randn(8, dim, device=device, generator=g), dim=-1)
+
+    def feats():
+        alpha = torch.rand(batch, n, 1, device=device, generator=g) * 2
+        pick = torch.randint(0, 8, (batch, n), device=device, generator=g)
+        x = alpha * dirs[pick] + torch.randn(batch, n, dim, device=device, generator=g) / dim ** 0.5
+        return F.normalize(x, dim=-1)
+
+    u_a, u_b = feats(), feats()
+    p_a = torch.softmax(2 * torch.randn(batch, n, classes, device=device, generator=g), -1)
+    p_b = torch.softmax(2 * torch.randn(batch, n, classes, device=device, generator=g), -1)
+    return u_a, u_b, p_a.requires_grad_(), p_b.requires_grad_()
+
+
+def matmul_rate(device, precision: str, size=4096, reps=5) -> float:
+    """Achieved flop/s of a plain float32 size x size matmul at this precision."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        a @ b
+        torch.cuda.synchronize()
+        best = math.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * size ** 3 / best
+
+
+@pytest.fixture(scope="module")
+def matmul_rates():
+    return {p: matmul_rate("cuda", p) for p in ("ieee", "tf32")}
+
+
+def make_step(fn, inputs, grad_out):
+    u_a, u_b, p_a, p_b = inputs
+
+    def step():
+        sums, _ = fn(u_a, u_b, p_a, p_b, SHIFTS, t_pos=T_POS, t_neg=T_NEG, h="exp")
+        ga, gb = torch.autograd.grad(sums, (p_a, p_b), grad_out.to(sums.dtype))
+        torch.cuda.synchronize()
+        return ga, gb
+    return step
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("size", list(SIZES))
+def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
+    backend, precision, deterministic = IMPLS[impl]
+    n = SIZES[size]
+    fn = get_impl(backend, precision, deterministic)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    label = f"gpu B{B} {size} {impl}"
+    flops = pair_flops(B, n, n, D, K)
+    ceiling = matmul_rates[precision]
+    try:
+        torch.cuda.empty_cache()
+        inputs = make_pair_inputs(B, n, D, K, "cuda")
+        grad_out = torch.randn(1 + len(SHIFTS), device="cuda")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step = make_step(fn, inputs, grad_out)
+        try:
+            step()  # warm-up: compilation and autotuning happen here, outside the timing
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base
+        except torch.cuda.OutOfMemoryError as err:
+            info = dict(seconds=math.nan, gflops=math.nan, matmul_gflops=ceiling / 1e9,
+                        fraction_of_matmul=math.nan, oom=True, error=str(err).splitlines()[0],
+                        batch=B, n=n, dim=D, classes=K, precision=precision,
+                        deterministic=deterministic)
+            benchmark.extra_info.update(info)
+            RESULTS.append((label, info))
+            del step, inputs
+            torch.cuda.empty_cache()
+            # pytest-benchmark wants a measured call: a no-op, flagged by extra_info["oom"]
+            benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+            return
+        benchmark.pedantic(step, rounds=5 if n <= 1000 else 3, iterations=1, warmup_rounds=1)
+        seconds = benchmark.stats.stats.min
+        info = dict(seconds=seconds, gflops=flops / seconds / 1e9, matmul_gflops=ceiling / 1e9,
+                    fraction_of_matmul=flops / seconds / ceiling, extra_peak_bytes=int(extra),
+                    oom=False, batch=B, n=n, dim=D, classes=K, precision=precision,
+                    deterministic=deterministic, device=torch.cuda.get_device_name())
+        benchmark.extra_info.update(info)
+        RESULTS.append((label, info))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        torch.cuda.empty_cache()
