@@ -493,8 +493,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
             accumulation, whatever ``precision`` says.
         deterministic: bit-identical results run to run. The partner rows' gradient then comes
             from a second, transposed pass (recomputing the same tiles) instead of atomics; the
-            partial sums are always reduced in a fixed order. About 1.5x the work of the
-            default mode when gradients are needed.
+            partial sums are always reduced in a fixed order. The transposed pass
+            recomputes every tile, so this is about twice the work of the default mode when
+            gradients are needed (no extra cost without gradients).
 
     Dtypes: float32, float16 and bfloat16 inputs are read natively and accumulated in float32.
     float64 inputs are accepted but computed in float32 (the kernels have no float64 path; the

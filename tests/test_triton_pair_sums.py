@@ -266,3 +266,28 @@ def test_iddc_loss_end_to_end(deterministic):
     r_grads = torch.autograd.grad(ref["loss"], (logits_a, logits_b))
     assert_close_rel(grads[0], r_grads[0], 5e-5, "grad logits_a")
     assert_close_rel(grads[1], r_grads[1], 5e-5, "grad logits_b")
+
+
+def test_realistic_grid_27x31_vs_26x29():
+    """A ViT-sized view (27 x 31 = 837 pixels against 26 x 29 = 754, D = 384, K = 27): many
+    row and column tiles per image (about 30 s under the interpreter)."""
+    check_against_reference(2, 27 * 31, 26 * 29, 384, 27, (1,), "exp", torch.float32, False,
+                            seed=3)
+
+
+def test_non_contiguous_inputs():
+    """Strided views (a slice of a wider feature tensor, transposed probabilities) are read
+    through their strides, not copied."""
+    u_a, u_b, p_a, p_b = make_inputs(3, 17, 14, 24, 6, 17, torch.float32)
+    wide = torch.zeros(3, 17, 40, device=DEVICE)
+    wide[:, :, 8:32] = u_a
+    u_a_view = wide[:, :, 8:32]
+    p_b_t = p_b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not u_a_view.is_contiguous() and not p_b_t.is_contiguous()
+    shifts = (2, 1)
+    sums, counts, ga, gb, grad_out = run_both(u_a_view, u_b, p_a, p_b_t, shifts, "exp", 17)
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, "exp", grad_out)
+    assert torch.equal(counts.cpu(), r_counts.cpu())
+    assert_close_rel(sums, r_sums, 2e-5, "sums")
+    assert_close_rel(ga, r_ga, 2e-5, "grad p_a")
+    assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
