@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-
 from .base import IGNORE_INDEX
 from .layout import (FileSource, LayoutError, check_split, make_lut, missing_pairs,
                      require_dir, require_file, require_root)
