@@ -316,6 +316,17 @@ else:
     _MIN_BLOCK_I = min(c.kwargs["BLOCK_I"] for c in _hopper_configs())
 
 
+def _deterministic_config(block_k: int, f_precision: str) -> dict:
+    """Fixed (not autotuned) tiles of the deterministic mode, so that results are also
+    bit-identical across processes (an autotuner may pick other tiles in another process,
+    changing the float32 summation order)."""
+    if block_k >= 128:
+        return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=2)
+    if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
+        return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=3)
+
+
 def _bucket(n: int) -> int:
     """Autotune key of a size: the next power of two (sizes in a bucket share a config)."""
     return triton.next_power_of_2(max(int(n), 1))
@@ -325,7 +336,7 @@ def _bucket(n: int) -> int:
 # launcher
 # --------------------------------------------------------------------------------------------
 def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, deterministic,
-            need_grad, config=None):
+            need_grad, config=None, need_b=True):
     """Run the kernels; return float32 partial sums, int32 partial counts and gradients."""
     B, N, D = u_a.shape
     M = u_b.shape[1]
@@ -335,8 +346,13 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     dev = u_a.device
     block_k = max(16, triton.next_power_of_2(K))
     interp = _interpreting()
+    # feature dot: "ieee" keeps float32 features off the tensor cores; 16-bit features always
+    # take the tensor-core path (float32 accumulation), named "tf32" so no backend refuses it
+    f_precision = precision if u_a.dtype == torch.float32 else "tf32"
     if config is None and interp:
         config = INTERPRETER_CONFIG
+    elif config is None and deterministic:
+        config = _deterministic_config(block_k, f_precision)
     min_bi = config["BLOCK_I"] if config is not None else _MIN_BLOCK_I
     nblk = triton.cdiv(max(N, 1), min_bi)
     # partials of programs that do not exist under a larger BLOCK_I stay zero
@@ -351,9 +367,6 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     h_code = int(h_code)
     # Triton's CPU interpreter computes bfloat16 dots wrongly: upcast there (exact)
     upcast = interp and u_a.dtype == torch.bfloat16
-    # feature dot: "ieee" keeps float32 features off the tensor cores; 16-bit features always
-    # take the tensor-core path (float32 accumulation), named "tf32" so no backend refuses it
-    f_precision = precision if u_a.dtype == torch.float32 else "tf32"
     common = dict(H=h_code, PRECISION=precision, F_PRECISION=f_precision, BLOCK_K=block_k,
                   UPCAST=upcast)
     explicit = {} if config is None else dict(config)
@@ -399,13 +412,8 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
             _bucket(N), _bucket(n_cols), _bucket(D),
             POSITIVE=positive, NEED_GRAD=need_grad, ATOMIC=not deterministic, **common,
             **explicit)
-        if need_grad and deterministic:
-            if config is None:  # the row pass's tuned configuration: bit-identical tiles
-                best = rows_kernel.best_config
-                cols_meta = dict(best.kwargs, num_warps=best.num_warps,
-                                 num_stages=best.num_stages)
-            else:
-                cols_meta = explicit
+        if need_grad and deterministic and (need_b or not positive):
+            cols_meta = explicit  # the row pass's tiles: bit-identical f and masks
             grid_c = (triton.cdiv(n_cols, cols_meta["BLOCK_J"]), B, slots)
             _pair_sums_cols_grad_kernel[grid_c](
                 u_a, uc, p_a, pc, gc,
@@ -427,7 +435,8 @@ class TritonPairSums(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = bool(need_a or need_b)
         psum, pcnt, grad_a, grad_b = _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code,
-                                             precision, deterministic, need_grad, config)
+                                             precision, deterministic, need_grad, config,
+                                             need_b=bool(need_b))
         # fixed-order reductions of the per-program partials (float64 for the sums)
         sums = psum.flatten(1).to(torch.float64).sum(1).to(out_dtype)
         counts = pcnt.flatten(1).to(torch.int64).sum(1)
@@ -495,7 +504,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
             from a second, transposed pass (recomputing the same tiles) instead of atomics; the
             partial sums are always reduced in a fixed order. The transposed pass
             recomputes every tile, so this is about twice the work of the default mode when
-            gradients are needed (no extra cost without gradients).
+            gradients are needed (no extra cost without gradients). This mode uses fixed,
+            non-autotuned tiles, so results are bit-identical across processes too (same GPU,
+            same Triton); the default mode's atomics make the gradients' last bits vary.
 
     Dtypes: float32, float16 and bfloat16 inputs are read natively and accumulated in float32.
     float64 inputs are accepted but computed in float32 (the kernels have no float64 path; the

@@ -210,16 +210,21 @@ def test_no_gradient_requested():
     assert not s2.requires_grad and torch.equal(c2, counts)
 
 
-def test_gradient_to_one_input_only():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("which", ["p_a", "p_b"])
+def test_gradient_to_one_input_only(which, deterministic):
     u_a, u_b, p_a, p_b = make_inputs(2, 15, 18, 16, 5, 13, torch.float32)
-    p_b = p_b.requires_grad_()
-    sums, _ = triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG)
-    (gb,) = torch.autograd.grad(sums.sum(), (p_b,))
-    pb64 = p_b.detach().double().requires_grad_()
-    r_sums, _ = reference.pair_sums(u_a.double(), u_b.double(), p_a.double(), pb64, (1,),
+    probs = {"p_a": p_a.clone(), "p_b": p_b.clone()}
+    probs[which].requires_grad_()
+    sums, _ = triton_pair_sums(u_a, u_b, probs["p_a"], probs["p_b"], (1,), t_pos=T_POS,
+                               t_neg=T_NEG, deterministic=deterministic)
+    (grad,) = torch.autograd.grad(sums.sum(), (probs[which],))
+    ref = {k: v.detach().double() for k, v in probs.items()}
+    ref[which].requires_grad_()
+    r_sums, _ = reference.pair_sums(u_a.double(), u_b.double(), ref["p_a"], ref["p_b"], (1,),
                                     t_pos=T_POS, t_neg=T_NEG)
-    (r_gb,) = torch.autograd.grad(r_sums.sum(), (pb64,))
-    assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
+    (r_grad,) = torch.autograd.grad(r_sums.sum(), (ref[which],))
+    assert_close_rel(grad, r_grad, 2e-5, f"grad {which}")
 
 
 def test_rejects_bad_arguments():
