@@ -11,7 +11,7 @@ Kernels
     nothing is rolled or copied), builds the BLOCK_I x BLOCK_J tile of feature affinities
     ``f = u_rows . u_cols`` (looping over D in BLOCK_D chunks) and label affinities
     ``c = p_rows . p_cols`` (K padded to a power of two, masked), selects the pairs, and
-    accumulates in registers: the tile sum of ``w(f) h(c)``, the count, and the gradient of its own
+    accumulates in registers: per-row sums of ``w(f) h(c)``, the counts, and the gradient of its own
     rows ``sum_j w(f_ij) h'(c_ij) p_cols[j]``. In the default (fast) mode it also adds the
     partner rows' gradient ``sum_i w h' p_rows[i]`` with atomics. It writes one partial sum and
     one partial count per program (reduced afterwards in a fixed order).
@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
@@ -448,6 +449,7 @@ class TritonPairSums(torch.autograd.Function):
         return sums, counts
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_sums, grad_counts=None):
         grad_a, grad_b = ctx.saved_tensors
         gp_a = gp_b = None
