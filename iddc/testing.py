@@ -14,6 +14,14 @@ import torch
 
 #: relative tolerance of a backend against the reference, per compute dtype
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+#: the "log" variant's gradient w / (1 - c) is ill-conditioned where c nears 1: in float32 the
+#: reference itself is up to ~6e-5 away from its float64 value (measured over 40 seeds), so a
+#: float32 backend can only be held to the reference's own accuracy
+RTOL_LOG_FP32 = 2e-4
+
+
+def rtol_for(dtype, h: str = "exp") -> float:
+    return RTOL_LOG_FP32 if (h == "log" and dtype == torch.float32) else RTOL[dtype]
 
 
 def exact_support(dim: int) -> int:

@@ -7,7 +7,7 @@ import torch
 from iddc import PRESETS, IDDCLoss, iddc_loss
 from iddc.loss import IDDCConfig, draw_shifts, resolve_backend
 from iddc.reference import iddc_loss_reference, pair_sums
-from iddc.testing import RTOL, assert_rel_close, random_logits, sign_feature_maps
+from iddc.testing import RTOL, assert_rel_close, rtol_for, random_logits, sign_feature_maps
 
 HYPER = dict(t_pos=0.2, t_neg=0.12, lambda1=1.4, lambda2=0.25)
 
@@ -38,7 +38,7 @@ def test_loss_matches_reference_objective(backend, regulariser, h, dtype):
     loss_fn = IDDCLoss(h=h, regulariser=regulariser, backend=backend, **HYPER)
     out = loss_fn(fa, fb, za, zb, shifts=shifts)
     grads = torch.autograd.grad(out.loss, (za, zb))
-    tol = RTOL[dtype]
+    tol = rtol_for(dtype, h)
     for name in ("loss", "pos", "neg", "reg"):
         assert_rel_close(getattr(out, name), ref[name], tol, f"seed={seed} {name}")
     assert torch.equal(out.pos_count, ref["pos_count"])
