@@ -36,9 +36,11 @@ import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
-#: constants shared with iddc.reference (POS_WEIGHT_FLOOR, LOG_EPS)
-POS_WEIGHT_FLOOR = 1e-8
-LOG_EPS = 1e-8
+from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
+
+# the reference's constants, as compile-time values the kernels can read
+_POS_FLOOR = tl.constexpr(POS_WEIGHT_FLOOR)
+_LOG_EPS = tl.constexpr(LOG_EPS)
 
 _H_CODES = {"exp": 0, "linear": 1, "log": 2}
 _PRECISIONS = ("ieee", "tf32")
@@ -98,7 +100,7 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
     """Selection mask, pair value w(f) h(c) and d value / d c, zero outside the selection."""
     if POSITIVE:
         sel = (f > t_pos) & valid
-        w = tl.maximum(f, 1e-8)
+        w = tl.maximum(f, _POS_FLOOR)
         if H == 0:
             e = tl.exp(1.0 - c)
             hv = e
@@ -107,7 +109,7 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
             hv = 1.0 - c
             dh = c * 0.0 - 1.0
         else:
-            q = c + 1e-8
+            q = c + _LOG_EPS
             hv = -tl.log(q)
             dh = -1.0 / q
     else:
@@ -121,7 +123,7 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
             hv = c
             dh = c * 0.0 + 1.0
         else:
-            q = 1.0 - c + 1e-8
+            q = 1.0 - c + _LOG_EPS
             hv = -tl.log(q)
             dh = 1.0 / q
     val = tl.where(sel, w * hv, 0.0)
