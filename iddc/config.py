@@ -78,9 +78,12 @@ class TrainConfig:
     eval_every: int = 1
     #: evaluate the untrained head before training (reported as epoch 0)
     eval_initial: bool = True
-    #: k-means (K clusters) on the backbone's val features, as a baseline
-    kmeans_baseline: bool = True
+    #: k-means (K clusters) on the backbone's val features, as a baseline (None: only for the
+    #: embedded synthetic data set)
+    kmeans_baseline: Optional[bool] = None
     kmeans_iters: int = 30
+    #: fit k-means on at most this many feature vectors (a seeded random subset)
+    kmeans_max_points: int = 200_000
     vis_images: int = 4
     #: show a tqdm progress bar
     progress: bool = True
@@ -147,6 +150,8 @@ def _field_flags():
             kind = type(default) if default is not None else str
             if f.name in ("weights", "preset", "out", "name", "data_root"):
                 kind = str
+            if f.name == "kmeans_baseline":
+                kind = bool
             out[dest] = (section, f.name, kind)
     return out
 

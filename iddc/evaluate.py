@@ -188,7 +188,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
 @torch.no_grad()
 def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
                     batch_size: int = 16, max_images: int = 0, iters: int = 30, seed: int = 0,
-                    class_names=None, cache: Optional[FeatureCache] = None) -> dict:
+                    max_points: int = 200_000, class_names=None, cache: Optional[FeatureCache] = None) -> dict:
     """K-means (K clusters) on the backbone's unit-normalised features of ``source``; cluster
     "logits" (cosine to each centroid) upsampled and matched like the IDDC head's."""
     model.eval()
@@ -200,6 +200,9 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
         f = F.normalize(raw.float(), dim=1).cpu()
         feats.append(f)
     flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in feats])
+    if max_points and flat.shape[0] > max_points:
+        g = torch.Generator().manual_seed(seed)
+        flat = flat[torch.randperm(flat.shape[0], generator=g)[:max_points]]
     centres = F.normalize(kmeans(flat, num_classes, iters, seed), dim=1)
     acc = metrics.Accumulator(num_classes, num_classes)
     batches = iterate_batches(source, transform, batch_size, max_images)

@@ -249,12 +249,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
                            max_images=dc.max_val_images, keep=keep, cache=cache)
 
     if resume is None:
-        if tc.kmeans_baseline:
+        use_kmeans = tc.kmeans_baseline if tc.kmeans_baseline is not None \
+            else dc.dataset == "synthetic"
+        if use_kmeans:
             t0 = time.time()
             km = ev.kmeans_baseline(model, val_src, transform=eval_tf, num_classes=k,
                                     device=device, batch_size=dc.eval_batch_size,
                                     max_images=dc.max_val_images, iters=tc.kmeans_iters,
-                                    seed=tc.seed, cache=cache)
+                                    seed=tc.seed, max_points=tc.kmeans_max_points,
+                                    cache=cache)
             history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
                                     {"seconds": round(time.time() - t0, 2)}))
             log.info(ev.summary_line("k-means baseline", km))
@@ -279,14 +282,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         dataset.epoch = epoch
         order = epoch_order(len(dataset), tc.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
-                                             drop_last=True, num_workers=dc.num_workers)
+                                             drop_last=True, num_workers=dc.num_workers,
+                                             pin_memory=device.type == "cuda")
         sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
         n_steps, n_images, t0 = 0, 0, time.time()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=not tc.progress, dynamic_ncols=True, file=sys.stderr) \
             if tqdm else None
         for xa, xb, la, lb in loader:
-            xa, xb, la, lb = (t.to(device) for t in (xa, xb, la, lb))
+            xa, xb, la, lb = (t.to(device, non_blocking=True) for t in (xa, xb, la, lb))
             b = xa.shape[0]
             feats = model.features(torch.cat([xa, xb]))
             inter, logits, probe = model.heads(feats)
