@@ -33,7 +33,8 @@ EXTRA_PRESETS = {
     "synthetic-random-vits8": dict(lambda1=1.4, lambda2=1.0, t_pos=0.7, t_neg=0.3),
 }
 PRESETS = {**LOSS_PRESETS, **EXTRA_PRESETS}
-#: the preset used when none is given, per data set
+#: the preset used when none is given, per data set, for a randomly initialised backbone (with
+#: --weights / --pretrained and no preset, the loss defaults are COCO-Stuff-27 ViT-S/8's)
 DEFAULT_PRESETS = {"synthetic": "synthetic-random-vits8"}
 
 
@@ -67,6 +68,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     probe_lr: float = 1e-3
+    #: end-to-end variant (--freeze-backbone false): backbone lr = lr x this (SPEC: 1/1000)
+    backbone_lr_ratio: float = 1e-3
     poly_power: float = 0.9
     seed: int = 0
     device: str = "auto"
@@ -235,7 +238,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         _nested_set(explicit, key, _parse_value(val))
     preset = explicit.get("train", {}).get("preset")
     dataset = explicit.get("data", {}).get("dataset", DataConfig.dataset)
-    if preset is None and dataset in DEFAULT_PRESETS:
+    random_init = not explicit.get("model", {}).get("weights") and \
+        not explicit.get("model", {}).get("pretrained")
+    if preset is None and dataset in DEFAULT_PRESETS and random_init:
         preset = DEFAULT_PRESETS[dataset]
         explicit.setdefault("train", {})["preset"] = preset
     base: dict = {}

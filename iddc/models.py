@@ -37,6 +37,8 @@ class ModelConfig:
     backbone_img_size: int = 224
     weights: Optional[str] = None     # a local DINO or timm checkpoint
     pretrained: bool = False          # ask timm's hub (needs network or a cache)
+    #: False: the end-to-end variant (SPEC section 1): the backbone trains at
+    #: train.backbone_lr_ratio x the head lr, frozen in the first 2/5 and last 1/5 of the epochs
     freeze_backbone: bool = True
     #: extra keyword arguments of timm.create_model (e.g. depth, embed_dim for a tiny test ViT)
     backbone_kwargs: dict = field(default_factory=dict)
@@ -180,6 +182,13 @@ class IDDCModel(nn.Module):
         if freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze (no grad, eval mode) or unfreeze the backbone, e.g. per epoch (end-to-end)."""
+        self.freeze_backbone = bool(frozen)
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)

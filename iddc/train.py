@@ -214,10 +214,18 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         if weights_tag == "random-init":
             fh.write("# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n")
         yaml.safe_dump(cfg_dict, fh, sort_keys=False)
+    log.info("loss: preset %s, %s", tc.preset, loss_fn.extra_repr())
     log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
              len(val_src), k)
 
-    opt = torch.optim.Adam(model.head_parameters(), lr=tc.lr)
+    groups = [{"params": model.head_parameters(), "lr": tc.lr}]
+    end_to_end = not cfg.model.freeze_backbone
+    if end_to_end:
+        groups.append({"params": list(model.backbone.parameters()),
+                       "lr": tc.lr * tc.backbone_lr_ratio})
+        log.info("end-to-end: backbone lr %.3g, frozen in epochs < %.1f and >= %.1f",
+                 tc.lr * tc.backbone_lr_ratio, 0.4 * tc.epochs, 0.8 * tc.epochs)
+    opt = torch.optim.Adam(groups)
     probe_opt = torch.optim.Adam(model.probe.parameters(), lr=tc.probe_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
@@ -278,6 +286,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
 
     stop, last_eval = False, None
     for epoch in range(start_epoch, tc.epochs):
+        if end_to_end:
+            model.set_backbone_frozen(epoch < 0.4 * tc.epochs or epoch >= 0.8 * tc.epochs)
         model.train()
         dataset.epoch = epoch
         order = epoch_order(len(dataset), tc.seed, epoch)

@@ -110,3 +110,17 @@ def test_missing_weights_via_cli(tmp_path, tiny_yaml):
     with pytest.raises(WeightsError, match="weights file not found: .*dino.pth"):
         train.main(["--config", tiny_yaml, "--weights", str(tmp_path / "dino.pth"),
                     "--out", str(tmp_path / "w")])
+
+
+def test_end_to_end_variant_trains_backbone_in_its_window(tmp_path, tiny_yaml):
+    res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "e2e"), "--epochs", "5",
+                      "--freeze-backbone", "false", "--backbone-lr-ratio", "0.1",
+                      "--kmeans-baseline", "false", "--vis-images", "0"])
+    ckpt = torch.load(os.path.join(res["out"], "last.pt"), weights_only=False)
+    torch.manual_seed(0)
+    from iddc.models import ModelConfig, build_model
+    fresh, _ = build_model(ModelConfig(**TINY["model"], freeze_backbone=False), 3)
+    changed = [k for k, v in fresh.backbone.state_dict().items()
+               if not torch.equal(v, ckpt["model"]["backbone." + k])]
+    assert changed  # epochs 2 and 3 of 5 train the backbone
+    assert [e["kind"] for e in read_metrics(res["out"])] == ["untrained_head"] + ["iddc"] * 5
