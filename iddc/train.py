@@ -125,6 +125,9 @@ def write_json_atomic(obj, path: str) -> None:
 
 def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict] = None) -> dict:
     e = {"epoch": epoch, "kind": kind, "backbone_weights": weights}
+    if weights == "random-init":
+        e["warning"] = ("backbone RANDOMLY INITIALISED (no --weights/--pretrained): these are "
+                        "not DINO features")
     for key in ("unsupervised", "linear_probe"):
         if key in result:
             e[key] = result[key]
