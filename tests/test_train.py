@@ -124,3 +124,18 @@ def test_end_to_end_variant_trains_backbone_in_its_window(tmp_path, tiny_yaml):
                if not torch.equal(v, ckpt["model"]["backbone." + k])]
     assert changed  # epochs 2 and 3 of 5 train the backbone
     assert [e["kind"] for e in read_metrics(res["out"])] == ["untrained_head"] + ["iddc"] * 5
+
+
+def test_fused_backend_choice_and_fallback(monkeypatch):
+    import iddc.loss
+    assert train.choose_backend("auto", torch.device("cpu")) == ("streaming", None)
+    assert train.choose_backend("reference", torch.device("cpu")) == ("reference", None)
+
+    def missing(name):
+        if name == "streaming":
+            raise ImportError("no module named iddc.streaming")
+        return iddc.loss.get_pair_sums(name)
+
+    monkeypatch.setattr(train, "get_pair_sums", missing)
+    name, warning = train.choose_backend("auto", torch.device("cpu"))
+    assert name == "reference" and "FALLING BACK" in warning
