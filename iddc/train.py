@@ -202,8 +202,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     backend, warn = choose_backend(cfg.loss.backend, device)
     if warn:
         log.warning("WARNING: %s", warn)
-    print(f"loss backend: {backend} (requested {cfg.loss.backend!r}, device {device})",
-          flush=True)
     log.info("loss backend: %s (requested %r, device %s)", backend, cfg.loss.backend, device)
     loss_cfg = dict(vars(cfg.loss))
     loss_cfg["backend"] = backend
