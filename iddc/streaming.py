@@ -28,7 +28,6 @@ from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 #: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
 DEFAULT_TILE_ELEMS = 1 << 21
-_ONE = torch.ones(())
 
 
 def tile_rows(n: int, m: int, tile_elems: int = DEFAULT_TILE_ELEMS) -> int:
@@ -81,10 +80,10 @@ def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
     raise ValueError(f"unknown h variant {h!r}")
 
 
-def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
+def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str, one: torch.Tensor):
     """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t."""
-    # f <- 1 - f_ij straight from the GEMM; f < t  <=>  1 - f > 1 - t
-    torch.addmm(_ONE.to(f.device, f.dtype), u_l, u_r.t(), beta=1.0, alpha=-1.0, out=f)
+    # f <- 1 - f_ij straight from the GEMM (one: a 0-d tensor of 1); f < t  <=>  1 - f > 1 - t
+    torch.addmm(one, u_l, u_r.t(), beta=1.0, alpha=-1.0, out=f)
     if t_neg <= 1.0:
         # threshold keeps 1 - f > 1 - t (the selection), zero elsewhere; then
         # w = 1 - max(f, 0) = min(1 - f, 1) is > 0 exactly on the selection (f < t <= 1)
@@ -126,6 +125,7 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     rows = tile_rows(n, max(m, n) if shifts else m, tile_elems)
     tiles = _TileBuffers(rows, u_a)
     p_a_neg = -p_a  # so the positive GEMM yields -c and exp(1 - c) needs one pass
+    one = u_a.new_ones(())
     for b in range(batch):
         # partner list: (term, partner features, partner probs, its grad buffer or None)
         partners = [(0, u_b[b], p_b[b], grad_b[b] if need_b else None)]
@@ -141,7 +141,7 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
                     value, count, alpha = _positive_tile(f, c, u_l, u_r, p_a_neg[b, i0:i1], p_r,
                                                          t_pos, h)
                 else:
-                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h)
+                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h, one)
                 sums[term] += value
                 counts[term] += count
                 # c now holds dvalue/dc / alpha for every pair of the tile
