@@ -19,13 +19,12 @@ Run with ``pytest benchmarks/test_bench_triton.py``; skipped without a CUDA devi
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS  # summary table printed by benchmarks/conftest.py
+from common import RESULTS, loss_flops, matmul_rate  # RESULTS: the table conftest prints
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="Triton GPU benchmarks need a CUDA device "
@@ -50,13 +49,8 @@ IMPLS = {
 }
 
 
-def pair_flops(batch, n, m, dim, classes, num_shifts=len(SHIFTS)) -> int:
-    """2 B N M (D + 3K) per pair set: features, probabilities and the two gradient products."""
-    return 2 * batch * n * m * (dim + 3 * classes) * (1 + num_shifts)
-
-
 def get_impl(backend: str, precision: str, deterministic: bool):
-    """The pair-sums function of a backend (imported lazily: streaming / triton may be absent)."""
+    """The pair-sums function of a backend (imported lazily: triton may be absent)."""
     if backend == "reference":
         from iddc.reference import pair_sums
         return pair_sums
@@ -64,10 +58,7 @@ def get_impl(backend: str, precision: str, deterministic: bool):
         from iddc.reference import pair_sums_masked_gather
         return pair_sums_masked_gather
     if backend == "streaming":
-        try:
-            from iddc.streaming import streaming_pair_sums
-        except ImportError as err:
-            pytest.skip(f"iddc.streaming is not available: {err}")
+        from iddc.streaming import streaming_pair_sums
         return streaming_pair_sums
     if backend == "triton":
         try:
@@ -100,29 +91,19 @@ def make_pair_inputs(batch, n, dim, classes, device, seed=0):
     return u_a, u_b, p_a.requires_grad_(), p_b.requires_grad_()
 
 
-def matmul_rate(device, precision: str, size=4096, reps=5) -> float:
-    """Achieved flop/s of a plain float32 size x size matmul at this precision."""
+def matmul_rate_at(precision: str) -> float:
+    """A plain float32 4096 x 4096 matmul's flop/s with TF32 allowed or not."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        a = torch.randn(size, size, device=device)
-        b = torch.randn(size, size, device=device)
-        a @ b
-        torch.cuda.synchronize()
-        best = math.inf
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
+        return matmul_rate("cuda", torch.float32, reps=5)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    return 2 * size ** 3 / best
 
 
 @pytest.fixture(scope="module")
 def matmul_rates():
-    return {p: matmul_rate("cuda", p) for p in ("ieee", "tf32")}
+    return {p: matmul_rate_at(p) for p in ("ieee", "tf32")}
 
 
 def make_step(fn, inputs, grad_out):
@@ -145,7 +126,7 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     label = f"gpu B{B} {size} {impl}"
-    flops = pair_flops(B, n, n, D, K)
+    flops = loss_flops(B, n, n, D, K, SHIFTS)
     ceiling = matmul_rates[precision]
     try:
         torch.cuda.empty_cache()
@@ -166,7 +147,7 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
                         deterministic=deterministic)
             benchmark.extra_info.update(info)
             RESULTS.append((label, info))
-            del step, inputs
+            step = inputs = None  # free the device memory before the next case
             torch.cuda.empty_cache()
             # pytest-benchmark wants a measured call: a no-op, flagged by extra_info["oom"]
             benchmark.pedantic(lambda: None, rounds=1, iterations=1)

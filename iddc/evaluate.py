@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -192,7 +191,7 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     """K-means (K clusters) on the backbone's unit-normalised features of ``source``; cluster
     "logits" (cosine to each centroid) upsampled and matched like the IDDC head's."""
     model.eval()
-    feats, shapes = [], []
+    feats = []
     for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
         x = x.to(device)
         raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
