@@ -1,6 +1,7 @@
 """The one interface every data set implements: images with optional label maps."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 IGNORE_INDEX = 255
 
 
-class SegmentationSource:
+class SegmentationSource(ABC):
     """A list of RGB images with optional label maps (uint8, IGNORE_INDEX = unlabelled).
 
     Subclasses fill ``num_classes`` and ``class_names`` and implement ``__len__``, ``load`` and
@@ -21,12 +22,13 @@ class SegmentationSource:
     class_names: Optional[Sequence[str]] = None
     has_labels: bool = True
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of samples."""
 
+    @abstractmethod
     def load(self, index: int) -> tuple[Image.Image, Optional[np.ndarray]]:
         """(RGB PIL image, H x W uint8 label array or None)."""
-        raise NotImplementedError
 
     def name(self, index: int) -> str:
         """A short, file-system-safe identifier of the sample (its file stem)."""
