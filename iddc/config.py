@@ -52,6 +52,10 @@ class DataConfig:
     #: evaluation mode: "resize" (whole image, shorter side eval_size); data/predict code may
     #: register more in iddc.evaluate.EVAL_MODES (e.g. sliding windows)
     eval_mode: str = "resize"
+    #: the "sliding" eval mode: window side and stride in px (SPEC section 5: 224 px windows
+    #: overlapping by 75 px; stride 0 = window - 75, or two thirds of a window under 225 px)
+    sliding_window: int = 224
+    sliding_stride: int = 0
     eval_batch_size: int = 16
     #: keyword options of the data-set factory, for both splits (e.g. num_images, image_size)
     options: dict = field(default_factory=dict)
@@ -88,15 +92,18 @@ class TrainConfig:
     #: embedded synthetic data set)
     kmeans_baseline: Optional[bool] = None
     kmeans_iters: int = 30
+    #: k-means initialisations; the lowest-inertia run is the baseline (one run's score swings
+    #: by +-8 mIoU with its initialisation on the embedded default)
+    kmeans_restarts: int = 10
     #: fit k-means on at most this many feature vectors (a seeded random subset)
     kmeans_max_points: int = 200_000
     vis_images: int = 4
-    #: show a tqdm progress bar
+    #: show a tqdm progress bar (only when stderr is a terminal)
     progress: bool = True
     #: torch CPU threads (0: leave torch's default)
     threads: int = 0
-    #: stop after this many optimisation steps in total (0: no limit; for tests and smoke
-    #: runs -- only a stop at an epoch boundary can be resumed exactly)
+    #: stop after this many optimisation steps in total (0: no limit); --resume continues
+    #: exactly, also from a stop in the middle of an epoch
     max_steps: int = 0
 
 

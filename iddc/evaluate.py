@@ -15,6 +15,7 @@ sliding-window mode registers a new EvalMode (see :func:`register_eval_mode`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -31,6 +32,10 @@ from .inference import sliding_predict_fn
 log = logging.getLogger("iddc")
 
 PredictFn = Callable[[torch.nn.Module, torch.Tensor], dict]
+
+
+class NoLabelsError(ValueError):
+    """An evaluation set without a single labelled pixel: there is nothing to score."""
 
 
 @torch.no_grad()
@@ -76,16 +81,28 @@ def make_resize_transform(cfg, data_config: dict, patch_size: int):
 class EvalMode:
     make_transform: Callable
     predict_fn: PredictFn
+    #: cfg -> keyword options of predict_fn taken from the run config (None: no options)
+    options: Optional[Callable] = None
+
+    def predict_fn_for(self, cfg) -> PredictFn:
+        """predict_fn with this run's options bound (e.g. the sliding window and stride)."""
+        opts = self.options(cfg) if self.options is not None else {}
+        if not opts:
+            return self.predict_fn
+        return functools.partial(self.predict_fn, **opts)
 
 
 EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
 #: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
-#: (iddc.inference; window/stride in iddc.inference.SLIDING_OPTIONS)
-EVAL_MODES["sliding"] = EvalMode(make_resize_transform, sliding_predict_fn)
+#: (iddc.inference; window/stride from data.sliding_window / data.sliding_stride)
+EVAL_MODES["sliding"] = EvalMode(
+    make_resize_transform, sliding_predict_fn,
+    lambda cfg: {"window": cfg.data.sliding_window, "stride": cfg.data.sliding_stride or None})
 
 
-def register_eval_mode(name: str, make_transform: Callable, predict_fn: PredictFn) -> None:
-    EVAL_MODES[name] = EvalMode(make_transform, predict_fn)
+def register_eval_mode(name: str, make_transform: Callable, predict_fn: PredictFn,
+                       options: Optional[Callable] = None) -> None:
+    EVAL_MODES[name] = EvalMode(make_transform, predict_fn, options)
 
 
 def get_eval_mode(name: str) -> EvalMode:
@@ -153,15 +170,18 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
                     samples.append((x[j], y[j], pred[j], probe[j]))
     finally:
         model.train(was_training)
+    if int(acc_u.hist.sum()) == 0:
+        raise NoLabelsError(
+            f"the evaluation set ({len(source)} images) has no labelled pixels, so accuracy and "
+            "mIoU are undefined; give it labels (e.g. --data-option label_root=DIR for a folder)")
     names = class_names if class_names is not None else getattr(source, "class_names", None)
     return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
             "linear_probe": metrics.supervised_scores(acc_p.hist, names),
             "samples": samples}
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
-    """Plain k-means (k-means++ init, Lloyd iterations) of n x d rows; returns k x d centroids."""
-    g = torch.Generator().manual_seed(seed)
+def _kmeans_once(x: torch.Tensor, k: int, iters: int, g: torch.Generator):
+    """One k-means run (k-means++ init, Lloyd iterations): (k x d centroids, inertia)."""
     n = x.shape[0]
     centres = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
     d2 = ((x - centres[0]) ** 2).sum(1)
@@ -177,19 +197,41 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
         empty = counts == 0
         new = new / counts.clamp_min(1)[:, None]
         new[empty] = c[empty]
-        if torch.allclose(new, c):
-            c = new
-            break
+        converged = torch.allclose(new, c)
         c = new
-    return c
+        if converged:
+            break
+    inertia = float((torch.cdist(x, c).min(1).values ** 2).sum())
+    return c, inertia
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0,
+           restarts: int = 1) -> torch.Tensor:
+    """Plain k-means of n x d rows; returns k x d centroids.
+
+    ``restarts`` independent k-means++ initialisations, each refined by at most ``iters`` Lloyd
+    iterations; the run with the lowest inertia (sum of squared distances) wins, as
+    scikit-learn's ``n_init`` does. One run's result depends strongly on its initialisation.
+    """
+    if restarts < 1:
+        raise ValueError(f"k-means restarts must be >= 1, got {restarts}")
+    g = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        c, inertia = _kmeans_once(x, k, iters, g)
+        if inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best
 
 
 @torch.no_grad()
 def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
                     batch_size: int = 16, max_images: int = 0, iters: int = 30, seed: int = 0,
-                    max_points: int = 200_000, class_names=None, cache: Optional[FeatureCache] = None) -> dict:
-    """K-means (K clusters) on the backbone's unit-normalised features of ``source``; cluster
-    "logits" (cosine to each centroid) upsampled and matched like the IDDC head's."""
+                    restarts: int = 10, max_points: int = 200_000, class_names=None,
+                    cache: Optional[FeatureCache] = None) -> dict:
+    """K-means (K clusters, best of ``restarts`` initialisations) on the backbone's
+    unit-normalised features of ``source``; cluster "logits" (cosine to each centroid) upsampled
+    and matched like the IDDC head's."""
     model.eval()
     feats = []
     for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
@@ -202,7 +244,7 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     if max_points and flat.shape[0] > max_points:
         g = torch.Generator().manual_seed(seed)
         flat = flat[torch.randperm(flat.shape[0], generator=g)[:max_points]]
-    centres = F.normalize(kmeans(flat, num_classes, iters, seed), dim=1)
+    centres = F.normalize(kmeans(flat, num_classes, iters, seed, restarts), dim=1)
     acc = metrics.Accumulator(num_classes, num_classes)
     batches = iterate_batches(source, transform, batch_size, max_images)
     for f, (_, _, y) in zip(feats, batches):
@@ -214,6 +256,8 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
 
 def summary_line(name: str, entry: dict) -> str:
     u, p = entry.get("unsupervised"), entry.get("linear_probe")
+    if u is None:
+        return f"{name:<22s} not evaluated (no labelled validation pixels)"
     s = f"{name:<22s} unsupervised: acc {u['pixel_accuracy']:5.1f}  mIoU {u['miou']:5.1f}"
     if p:
         s += f" | linear probe: acc {p['pixel_accuracy']:5.1f}  mIoU {p['miou']:5.1f}"
@@ -233,6 +277,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-mode", default=None, help="default: the run's data.eval_mode")
     ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--window", type=int, default=None, help="sliding window (px); default: "
+                    "the run's data.sliding_window")
+    ap.add_argument("--stride", type=int, default=None, help="sliding stride (px); default: "
+                    "the run's data.sliding_stride")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--max-val-images", type=int, default=None)
     ap.add_argument("--split", default="val")
@@ -245,6 +293,10 @@ def main(argv=None) -> dict:
         cfg.data.eval_mode = args.eval_mode
     if args.eval_size:
         cfg.data.eval_size = args.eval_size
+    if args.window:
+        cfg.data.sliding_window = args.window
+    if args.stride:
+        cfg.data.sliding_stride = args.stride
     if args.data_root:
         cfg.data.data_root = args.data_root
     if args.max_val_images is not None:
@@ -255,9 +307,12 @@ def main(argv=None) -> dict:
     mode = get_eval_mode(cfg.data.eval_mode)
     data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
-    res = evaluate(model, source, transform=transform, predict_fn=mode.predict_fn,
-                   num_classes=ckpt["num_classes"], device=device,
-                   batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images)
+    try:
+        res = evaluate(model, source, transform=transform, predict_fn=mode.predict_fn_for(cfg),
+                       num_classes=ckpt["num_classes"], device=device,
+                       batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images)
+    except NoLabelsError as err:
+        raise SystemExit(f"iddc.evaluate: error: {args.split} split: {err}") from err
     res.pop("samples")
     res["epoch"] = ckpt.get("epoch")
     res["checkpoint"] = args.checkpoint

@@ -231,6 +231,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
     shift_gen = torch.Generator().manual_seed(tc.seed + 1)
     start_epoch, global_step, history = 0, 0, []
+    start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -238,12 +239,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         sched.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"], shift_gen)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        start_skip = int(resume.get("step_in_epoch", 0))
         # the poly factor of the (possibly extended, --epochs) schedule at the resumed epoch
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * poly_factor(min(start_epoch, tc.epochs), tc.epochs,
                                              tc.poly_power)
         history = list(resume.get("metrics", []))
-        log.info("resumed from epoch %d (step %d)", start_epoch, global_step)
+        log.info("resumed from epoch %d%s (step %d)", start_epoch,
+                 f", step {start_skip} of epoch {start_epoch + 1}" if start_skip else "",
+                 global_step)
 
     mode = ev.get_eval_mode(dc.eval_mode)
     eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
@@ -252,11 +256,16 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         if cfg.model.freeze_backbone and dc.eval_feature_cache_mb > 0 else None
 
     def run_eval(keep=0):
-        return ev.evaluate(model, val_src, transform=eval_tf, predict_fn=mode.predict_fn,
+        return ev.evaluate(model, val_src, transform=eval_tf, predict_fn=mode.predict_fn_for(cfg),
                            num_classes=k, device=device, batch_size=dc.eval_batch_size,
                            max_images=dc.max_val_images, keep=keep, cache=cache)
 
-    if resume is None:
+    # an unlabelled val split (e.g. a plain image folder) trains, but has nothing to score
+    labelled_val = bool(getattr(val_src, "has_labels", True))
+    if not labelled_val:
+        log.warning("WARNING: the val split has no labels: training without evaluation "
+                    "(metrics.json records the training statistics only)")
+    if resume is None and labelled_val:
         use_kmeans = tc.kmeans_baseline if tc.kmeans_baseline is not None \
             else dc.dataset == "synthetic"
         if use_kmeans:
@@ -264,8 +273,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             km = ev.kmeans_baseline(model, val_src, transform=eval_tf, num_classes=k,
                                     device=device, batch_size=dc.eval_batch_size,
                                     max_images=dc.max_val_images, iters=tc.kmeans_iters,
-                                    seed=tc.seed, max_points=tc.kmeans_max_points,
-                                    cache=cache)
+                                    restarts=tc.kmeans_restarts, seed=tc.seed,
+                                    max_points=tc.kmeans_max_points, cache=cache)
             history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
                                     {"seconds": round(time.time() - t0, 2)}))
             log.info(ev.summary_line("k-means baseline", km))
@@ -290,14 +299,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             model.set_backbone_frozen(epoch < 0.4 * tc.epochs or epoch >= 0.8 * tc.epochs)
         model.train()
         dataset.epoch = epoch
-        order = epoch_order(len(dataset), tc.seed, epoch)
+        # a run stopped mid-epoch continues with the very batches it had not yet seen
+        skip = start_skip if epoch == start_epoch else 0
+        order = epoch_order(len(dataset), tc.seed, epoch)[skip * tc.batch_size:]
         loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
                                              drop_last=True, num_workers=dc.num_workers,
                                              pin_memory=device.type == "cuda")
         sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
         n_steps, n_images, t0 = 0, 0, time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                   disable=not tc.progress, dynamic_ncols=True, file=sys.stderr) \
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                   # None: no bar when stderr is not a terminal (CI logs, nohup)
+                   disable=None if tc.progress else True, dynamic_ncols=True, file=sys.stderr) \
             if tqdm else None
         for xa, xb, la, lb in loader:
             xa, xb, la, lb = (t.to(device, non_blocking=True) for t in (xa, xb, la, lb))
@@ -333,7 +345,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
                 break
         if bar is not None:
             bar.close()
-        sched.step()
+        mid_epoch = skip + n_steps < steps_per_epoch
+        if not mid_epoch:
+            sched.step()
         seconds = time.time() - t0
         train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
         train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
@@ -342,10 +356,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         if train_src.skipped or val_src.skipped:
             log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
                         train_src.skipped, val_src.skipped)
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
+        if not labelled_val:
+            history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
+        elif (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
             res = run_eval(keep=tc.vis_images)
             last_eval = res
-            history.append(entry_of(res, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
+            extra = {"train": train_stats}
+            if mid_epoch:
+                extra["partial_epoch"] = {"steps_done": skip + n_steps, "of": steps_per_epoch}
+            history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
             log.info(ev.summary_line(f"epoch {epoch + 1}", res))
         write_json_atomic(history, os.path.join(out, "metrics.json"))
         checkpoint.save_atomic({
@@ -353,14 +372,18 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             "class_names": list(train_src.class_names) if train_src.class_names else None,
             "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
             "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
-            "scheduler": sched.state_dict(), "epoch": epoch + 1, "global_step": global_step,
+            "scheduler": sched.state_dict(), "global_step": global_step,
+            # a stop mid-epoch records the steps done, so --resume finishes that epoch
+            "epoch": epoch if mid_epoch else epoch + 1,
+            "step_in_epoch": skip + n_steps if mid_epoch else 0,
             "rng": checkpoint.rng_state(shift_gen), "metrics": history,
             "loss_backend": backend}, os.path.join(out, "last.pt"))
         if stop:
             break
 
-    final = last_eval if last_eval is not None else run_eval(keep=tc.vis_images)
-    if tc.vis_images:
+    final = last_eval if last_eval is not None or not labelled_val \
+        else run_eval(keep=tc.vis_images)
+    if tc.vis_images and final is not None:
         from .visualize import save_panel
         save_panel(os.path.join(out, "val_panel.png"), final["samples"], k,
                    final["unsupervised"]["mapping"], data_config["mean"], data_config["std"])

@@ -359,10 +359,18 @@ def test_train_and_evaluate_folder(tmp_path):
     assert len(last["unsupervised"]["per_class_iou"]) == 4 and last["unsupervised"]["pixels"] > 0
 
 
-def test_train_on_unlabelled_folder(tmp_path):
+def test_train_on_unlabelled_folder(tmp_path, caplog):
+    from iddc import evaluate
     make_folder(tmp_path / "imgs", None, n=4, size=(40, 34))
-    _, last = _train(tmp_path, "folder", tmp_path / "imgs", "--data-option", "num_classes=3")
-    assert last["unsupervised"]["pixels"] == 0  # nothing to score without labels
+    res, last = _train(tmp_path, "folder", tmp_path / "imgs", "--data-option", "num_classes=3",
+                       "--kmeans-baseline", "true", "--eval-initial", "true")
+    # nothing to score without labels: no (0 %) scores, no baseline, a warning instead
+    assert "unsupervised" not in last and "linear_probe" not in last
+    assert [e["kind"] for e in res["metrics"]] == ["iddc"]
+    assert "val split has no labels" in caplog.text
+    assert (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(SystemExit, match="no labelled pixels"):
+        evaluate.main(["--checkpoint", res["out"] + "/last.pt"])
 
 
 def test_train_survives_corrupt_images(tmp_path, caplog):

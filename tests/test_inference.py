@@ -125,6 +125,31 @@ def test_sliding_predict_fn_for_evaluate():
     assert set(out) == {"logits", "probe"} and out["logits"].shape == (2, 4, 96, 128)
 
 
+def test_sliding_window_and_stride_come_from_the_run_config(monkeypatch):
+    from iddc import inference
+    from iddc.config import Config
+    from iddc.evaluate import get_eval_mode, predict_whole
+    seen = []
+    real = inference.Predictor
+
+    def recording(*args, **kwargs):
+        pred = real(*args, **kwargs)
+        seen.append((pred.window, pred.stride))
+        return pred
+
+    monkeypatch.setattr(inference, "Predictor", recording)
+    cfg = Config()
+    cfg.data.sliding_window, cfg.data.sliding_stride = 48, 20
+    model, x = tiny_model(num_classes=3), torch.randn(1, 3, 64, 80)
+    out = get_eval_mode("sliding").predict_fn_for(cfg)(model, x)
+    assert seen == [(48, 20)] and out["logits"].shape == (1, 3, 64, 80)
+    cfg.data.sliding_stride = 0  # 0: the default stride of that window
+    get_eval_mode("sliding").predict_fn_for(cfg)(model, x)
+    assert seen[-1] == (48, inference.default_stride(48))
+    # the resize mode has no options: its predict_fn (and its feature cache) is unchanged
+    assert get_eval_mode("resize").predict_fn_for(cfg) is predict_whole
+
+
 # ----------------------------------------------------------------------------- DINO weights
 def _dino_state(timm_name: str, img_size: int, seed: int) -> dict:
     """A small ViT's weights under DINO's key names (vision_transformer.py of facebookresearch/

@@ -69,6 +69,27 @@ def test_train_writes_run_and_resume_matches(tmp_path, tiny_yaml):
     assert res["linear_probe"]["miou"] == pytest.approx(ma[-1]["linear_probe"]["miou"])
 
 
+@pytest.mark.parametrize("stop_at", [1, 3], ids=["mid-epoch-1", "mid-epoch-2"])
+def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at):
+    """2 epochs of 2 steps: a --max-steps stop inside an epoch, resumed, equals the full run."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"]
+    full = train.main(common + ["--out", str(tmp_path / "full")])
+    part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", str(stop_at)])
+    ckpt = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == \
+        (stop_at // 2, 1, stop_at)
+    assert read_metrics(part["out"])[-1]["partial_epoch"] == {"steps_done": 1, "of": 2}
+    train.main(["--resume", os.path.join(part["out"], "last.pt"), "--max-steps", "0"])
+    a = torch.load(os.path.join(full["out"], "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
+    assert (b["epoch"], b["step_in_epoch"], b["global_step"]) == (2, 0, 4)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert read_metrics(full["out"])[-1]["unsupervised"] == \
+        read_metrics(part["out"])[-1]["unsupervised"]
+
+
 def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     out = tmp_path / "run"
     out.mkdir()
