@@ -137,6 +137,37 @@ class Config:
             kw[f.name] = typ(**sub)
         return cls(**kw)
 
+    def validate(self) -> "Config":
+        """Raise ValueError naming the first setting that cannot work (the loss's own fields are
+        checked by IDDCConfig); returns self."""
+        t, d = self.train, self.data
+        at_least = [("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
+                    ("train.eval_every", t.eval_every, 1), ("train.threads", t.threads, 0),
+                    ("train.max_steps", t.max_steps, 0), ("train.vis_images", t.vis_images, 0),
+                    ("train.kmeans_iters", t.kmeans_iters, 1),
+                    ("train.kmeans_restarts", t.kmeans_restarts, 1),
+                    ("train.kmeans_max_points", t.kmeans_max_points, 0),
+                    ("data.crop_size", d.crop_size, 1), ("data.eval_size", d.eval_size, 1),
+                    ("data.eval_batch_size", d.eval_batch_size, 1),
+                    ("data.num_workers", d.num_workers, 0),
+                    ("data.max_val_images", d.max_val_images, 0),
+                    ("data.sliding_window", d.sliding_window, 1),
+                    ("data.sliding_stride", d.sliding_stride, 0)]
+        for name, value, low in at_least:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
+                            ("train.backbone_lr_ratio", t.backbone_lr_ratio),
+                            ("train.poly_power", t.poly_power)]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if t.batch_size < 2 and self.loss.num_shifts > 0:
+            raise ValueError(f"train.batch_size {t.batch_size}: the negative pairs pair each "
+                             "image with another image of the batch, so it must be >= 2 (or "
+                             "set loss.num_shifts 0 for a positive-only loss)")
+        return self
+
     def dump_yaml(self, path: str) -> None:
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)

@@ -324,4 +324,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .cli import run
+    run(main, "python -m iddc.evaluate")

@@ -7,6 +7,7 @@ the imbalance regulariser; all of that is O(B N (D + K)) and never touches a pai
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional, Sequence
 
@@ -61,6 +62,20 @@ class IDDCConfig:
             raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
         if int(self.num_shifts) != self.num_shifts or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
+        for name in ("t_pos", "t_neg", "lambda1", "lambda2", "reg_scale", "weibull_shape",
+                     "weibull_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("t_pos", "t_neg"):
+            # a threshold beyond a cosine's range selects no pair (or every pair), forever
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} lies outside [-1, 1], the range of "
+                                 "the cosine affinities it thresholds")
+        for name in ("lambda1", "lambda2", "reg_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (a term's weight), got {getattr(self, name)}")
         if self.weibull_scale <= 0 or self.weibull_shape <= 0:
             raise ValueError("weibull_shape and weibull_scale must be positive, got "
                              f"{self.weibull_shape} and {self.weibull_scale}")

@@ -276,4 +276,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from .cli import run
+    sys.exit(run(main, "python -m iddc.predict"))

@@ -84,19 +84,33 @@ def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[
     return name, None
 
 
+#: what a run writes before its first epoch: a folder holding only these is a run that stopped
+#: at a start-up error (bad setting, data layout) and may be reused (the log is appended to)
+START_FILES = {"train.log", "config.yaml"}
+
+
+def _taken(folder: str) -> bool:
+    return os.path.exists(folder) and not set(os.listdir(folder)) <= START_FILES
+
+
 def make_out_dir(cfg: Config) -> str:
-    """The run folder; refuses to reuse a non-empty folder (never overwrites a run)."""
+    """The run folder; refuses a folder holding anything beyond a failed start's log and config
+    (never overwrites a run, nor any file of the user's)."""
     out = cfg.train.out
     if out is None:
         base = cfg.train.name or time.strftime("%Y%m%d-%H%M%S")
         out = os.path.join("runs", base)
         n = 1
-        while os.path.exists(out) and os.listdir(out):
+        while _taken(out):
             out = os.path.join("runs", f"{base}-{n}")
             n += 1
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"output folder {out} already holds a run; choose another --out, or "
-                              f"continue it with --resume {os.path.join(out, 'last.pt')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"output path {out} is a file, not a folder; choose another --out")
+    if _taken(out):
+        hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"
+                if os.path.exists(os.path.join(out, "last.pt")) else "")
+        raise FileExistsError(f"output folder {out} already holds other files (a run?); choose "
+                              f"another --out{hint}")
     os.makedirs(out, exist_ok=True)
     return out
 
@@ -157,8 +171,9 @@ def main(argv=None) -> dict:
             if dest in given and dest != "backend":
                 setattr(getattr(cfg, section), name, over[section][name])
         out = os.path.dirname(os.path.abspath(args.resume))
+        cfg.validate()
     else:
-        cfg = resolve_config(args)
+        cfg = resolve_config(args).validate()  # before a run folder exists
         out = make_out_dir(cfg)
     cfg.train.out = out
     fh = setup_logging(os.path.join(out, "train.log"))
@@ -195,6 +210,12 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         log.warning(RANDOM_INIT_BANNER)
     else:
         log.info("backbone weights: %s", weights)
+    if dc.crop_size % model.patch_size:
+        raise ValueError(f"data.crop_size ({dc.crop_size}) must be a multiple of the backbone's "
+                         f"patch size {model.patch_size}")
+    if dc.eval_size < model.patch_size:
+        raise ValueError(f"data.eval_size ({dc.eval_size}) must be at least the backbone's patch "
+                         f"size {model.patch_size}")
     model.to(device)
     data_config = backbone_data_config(model.backbone)
 
@@ -400,4 +421,5 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .cli import run
+    run(main, "python -m iddc.train")

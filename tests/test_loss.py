@@ -84,7 +84,8 @@ def test_batch_of_one_without_negatives():
 @pytest.mark.parametrize("backend", ["streaming", "reference"])
 def test_empty_selection_gives_zero_and_zero_gradient(backend):
     fa, fb, za, zb = views()
-    loss_fn = IDDCLoss(backend=backend, t_pos=2.0, t_neg=-2.0, lambda1=1.0, lambda2=0.0,
+    # sign features have exact dot products in [-1, 1]: f > 1 and f < -1 select nothing
+    loss_fn = IDDCLoss(backend=backend, t_pos=1.0, t_neg=-1.0, lambda1=1.0, lambda2=0.0,
                        regulariser="none")
     out = loss_fn(fa, fb, za, zb, shifts=(1,))
     assert out.pos_count.item() == 0 and out.neg_counts.tolist() == [0]
@@ -111,6 +112,24 @@ def test_presets_hold_spec_table():
         IDDCLoss.from_preset("coco")
     with pytest.raises(ValueError, match="unknown IDDCConfig fields"):
         IDDCConfig.from_preset("cocostuff171", lamda1=2.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("t_pos", 2.0, r"t_pos=2.0 lies outside \[-1, 1\]"),
+    ("t_neg", -1.5, r"t_neg=-1.5 lies outside \[-1, 1\]"),
+    ("lambda1", float("nan"), "lambda1 must be a finite number, got nan"),
+    ("lambda2", float("inf"), "lambda2 must be a finite number, got inf"),
+    ("lambda1", -0.5, r"lambda1 must be >= 0 \(a term's weight\), got -0.5"),
+    ("reg_scale", -1.0, "reg_scale must be >= 0"),
+    ("t_pos", "0.2", "t_pos must be a finite number, got '0.2'"),
+    ("weibull_scale", 0.0, "weibull_shape and weibull_scale must be positive"),
+], ids=["t_pos-2", "t_neg--1.5", "lambda1-nan", "lambda2-inf", "lambda1-negative",
+        "reg_scale-negative", "t_pos-string", "weibull_scale-0"])
+def test_bad_hyper_parameters_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        IDDCLoss(**{field: value})
+    # the boundaries of a cosine's range and zero weights are valid settings
+    IDDCLoss(t_pos=1.0, t_neg=-1.0, lambda1=0.0, lambda2=0.0)
 
 
 def test_auto_backend_on_cpu_is_streaming():

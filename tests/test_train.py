@@ -94,8 +94,62 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("[]")
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds other files"):
         train.main(["--config", tiny_yaml, "--out", str(out)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "train.epochs must be an integer >= 1, got 0"),
+    (["--batch-size", "1"], "train.batch_size 1: the negative pairs pair each image"),
+    (["--eval-every", "0"], "train.eval_every must be an integer >= 1"),
+    (["--lr", "-1"], "train.lr must be a finite number >= 0, got -1.0"),
+    (["--eval-batch-size", "0"], "data.eval_batch_size must be an integer >= 1"),
+    (["--kmeans-restarts", "0"], "train.kmeans_restarts must be an integer >= 1"),
+    (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
+    (["--data-option", "nope=1"], r"data set 'synthetic': bad --data-option .*'nope'"),
+], ids=["epochs-0", "batch-1", "eval-every-0", "lr-negative", "eval-batch-0", "kmeans-restarts-0",
+        "t_pos-1.5", "unknown-data-option"])
+def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + flags)
+    # the unknown data option is only found when the data set is built, in the run folder; a
+    # setting is checked before: either way nothing of a run is left behind
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists() or \
+        set(os.listdir(tmp_path / "run")) <= train.START_FILES
+
+
+def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"data.crop_size \(20\) must be a multiple of the "
+                                         "backbone's patch size 8"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--crop-size", "20"])
+    assert set(os.listdir(out)) <= train.START_FILES
+    banner = (out / "train.log").read_text().count("RANDOMLY INITIALISED")
+    assert banner >= 1
+    res = train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1",
+                      "--kmeans-baseline", "false", "--vis-images", "0"])
+    assert res["out"] == str(out) and (out / "last.pt").exists()
+    # the failed start's log is kept: the second start appends to it
+    assert (out / "train.log").read_text().count("RANDOMLY INITIALISED") == 2 * banner
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own file")
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        train.main(["--config", tiny_yaml, "--out", str(mine)])
+    assert (mine / "config.yaml").read_text() == "my own file"
+
+
+def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "iddc.train", "--epochs", "0", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("python -m iddc.train: error: train.epochs must be an "
+                                   "integer >= 1, got 0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_preset(tmp_path, tiny_yaml):

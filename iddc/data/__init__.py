@@ -22,7 +22,16 @@ def build_source(name: str, root=None, split: str = "train", **options) -> Segme
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     module, factory = DATASETS[name].split(":")
-    return getattr(importlib.import_module(module), factory)(root=root, split=split, **options)
+    fn = getattr(importlib.import_module(module), factory)
+    try:
+        return fn(root=root, split=split, **options)
+    except TypeError as err:
+        # an option the factory (or the source it builds) does not take: name it, and where the
+        # data set's options are documented, instead of a bare TypeError
+        if "unexpected keyword" not in str(err) and "unknown option" not in str(err):
+            raise
+        raise ValueError(f"data set {name!r}: bad --data-option ({err}); its options are listed "
+                         f"in {module}.{factory}'s docstring and docs/datasets.md") from err
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationSource", "build_source"]
