@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
