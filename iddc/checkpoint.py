@@ -49,6 +49,10 @@ def save_atomic(obj, path: str) -> None:
 
 def load(path: str) -> dict:
     """Read an IDDC checkpoint; CheckpointError (naming the path) if missing or corrupt."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "last.pt")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

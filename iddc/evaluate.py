@@ -290,12 +290,13 @@ def main(argv=None) -> dict:
     model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
     if args.eval_mode:
         cfg.data.eval_mode = args.eval_mode
-    if args.eval_size:
+    if args.eval_size is not None:
         cfg.data.eval_size = args.eval_size
-    if args.window:
+    if args.window is not None:
         cfg.data.sliding_window = args.window
-    if args.stride:
+    if args.stride is not None:
         cfg.data.sliding_stride = args.stride
+    cfg.validate()
     if args.data_root:
         cfg.data.data_root = args.data_root
     if args.max_val_images is not None:

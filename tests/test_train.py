@@ -179,6 +179,8 @@ def test_corrupt_checkpoint(tmp_path):
         evaluate.main(["--checkpoint", str(bad)])
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         evaluate.main(["--checkpoint", str(tmp_path / "none.pt")])
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        evaluate.main(["--checkpoint", str(tmp_path)])
 
 
 def test_missing_weights_via_cli(tmp_path, tiny_yaml):
