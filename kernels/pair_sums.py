@@ -5,16 +5,18 @@ The maths is :func:`iddc.reference.pair_sums` (SPEC section 2); see :func:`trito
 Kernels
 -------
 ``_pair_sums_rows_kernel``
-    One program per (block of BLOCK_I rows of view A, image b, pair set). The program walks the
+    One program per (block of BLOCK_I rows of view A, image b). The program loads the block's
+    probabilities once and walks, for the positive set and then for every negative shift, the
     partner's column blocks (view B of image b for the positive set; view A of image
-    ``(b + r) % B`` for a negative shift r -- the partner image is an index computed in the kernel,
-    nothing is rolled or copied), builds the BLOCK_I x BLOCK_J tile of feature affinities
-    ``f = u_rows . u_cols`` (looping over D in BLOCK_D chunks) and label affinities
-    ``c = p_rows . p_cols`` (K padded to a power of two, masked), selects the pairs, and
-    accumulates in registers: per-row sums of ``w(f) h(c)``, the counts, and the gradient of its own
-    rows ``sum_j w(f_ij) h'(c_ij) p_cols[j]``. In the default (fast) mode it also adds the
+    ``(b + r) % B`` for a negative shift r -- the partner image is an index computed in the
+    kernel, nothing is rolled or copied). For each set it builds the BLOCK_I x BLOCK_J tile of
+    feature affinities ``f = u_rows . u_cols`` (looping over D in BLOCK_D chunks) and label
+    affinities ``c = p_rows . p_cols`` (K padded to a power of two, masked), selects the pairs,
+    and accumulates in registers: per-row sums of ``w(f) h(c)``, the counts, and the gradient of
+    its own rows ``sum_j w(f_ij) h'(c_ij) p_cols[j]``. In the default (fast) mode it also adds the
     partner rows' gradient ``sum_i w h' p_rows[i]`` with atomics. It writes one partial sum and
-    one partial count per program (reduced afterwards in a fixed order).
+    one partial count per program and set (reduced afterwards in a fixed order). Up to 8 shifts
+    go to one launch (more take further launches of 8, without the positive set).
 ``_pair_sums_cols_grad_kernel``
     Deterministic mode only: the transposed pass. One program per (block of partner rows, partner
     image, pair set), walking the row blocks and recomputing the very same tiles (same helper, same
@@ -134,40 +136,19 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
-def _pair_sums_rows_kernel(
-        ur_ptr, uc_ptr, pr_ptr, pc_ptr,          # rows: view A; columns: partner view
-        gr_ptr, gc_ptr,                          # gradient of rows / of partner rows
-        psum_ptr, pcnt_ptr,                      # (slots, B, NBLK) partials
-        B, N_ROWS, N_COLS, D, K, NBLK,
-        s_urb, s_urn, s_urd, s_ucb, s_ucn, s_ucd,
-        s_prb, s_prn, s_prk, s_pcb, s_pcn, s_pck,
-        s_grt, s_grb, s_grn, s_grk, s_gct, s_gcb, s_gcn, s_gck,
-        t_pos, t_neg,
-        r0, r1, r2, r3, r4, r5, r6, r7,
-        N_KEY, M_KEY, D_KEY,                     # bucketed sizes: autotune key only
-        POSITIVE: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
-        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial sums/counts of a block of rows against all partner columns, and its gradients."""
-    pid_i = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    slot = tl.program_id(2).to(tl.int64)
-    if POSITIVE:
-        bc = b
-    else:
-        r = _select_shift(slot, r0, r1, r2, r3, r4, r5, r6, r7).to(tl.int64)
-        bc = (b + r) % B
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    mask_i = offs_i < N_ROWS
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    ur = ur_ptr + b * s_urb
-    uc = uc_ptr + bc * s_ucb
-    p_rows = tl.load(pr_ptr + b * s_prb + offs_i[:, None] * s_prn + offs_k[None, :] * s_prk,
-                     mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+@triton.jit
+def _walk_partner(ur, uc, pc, gc, p_rows, offs_i, mask_i, offs_k, mask_k, N_COLS, D,
+                  s_urn, s_urd, s_ucn, s_ucd, s_pcn, s_pck, s_gcn, s_gck, t_pos, t_neg,
+                  POSITIVE: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
+                  ATOMIC: tl.constexpr, PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pair set: the row block against every column block of one partner image.
+
+    ``uc``, ``pc`` and ``gc`` point at the partner image's features, probabilities and
+    column gradient. Returns the set's partial sum and count and the rows' gradient
+    ``sum_j w(f_ij) h'(c_ij) p_cols[j]``; with ATOMIC the columns' gradient is added to ``gc``.
+    """
     acc_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)  # per-row partials, fixed order
     acc_cnt = tl.zeros((BLOCK_I,), dtype=tl.int32)
     g_rows = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
@@ -177,7 +158,7 @@ def _pair_sums_rows_kernel(
         f = _feature_affinity_tile(ur, uc, offs_i, offs_j, mask_i, mask_j, s_urn, s_urd,
                                    s_ucn, s_ucd, D, BLOCK_I, BLOCK_J, BLOCK_D, F_PRECISION,
                                    UPCAST)
-        p_cols_t = tl.load(pc_ptr + bc * s_pcb + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
+        p_cols_t = tl.load(pc + offs_j[None, :] * s_pcn + offs_k[:, None] * s_pck,
                            mask=mask_j[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
         c = tl.dot(p_rows, p_cols_t, input_precision=PRECISION)
         valid = mask_i[:, None] & mask_j[None, :]
@@ -188,19 +169,76 @@ def _pair_sums_rows_kernel(
             g_rows = tl.dot(g, tl.trans(p_cols_t), g_rows, input_precision=PRECISION)
             if ATOMIC:
                 g_cols = tl.dot(tl.trans(g), p_rows, input_precision=PRECISION)
-                gc = gc_ptr + slot * s_gct + bc * s_gcb
                 tl.atomic_add(gc + offs_j[:, None] * s_gcn + offs_k[None, :] * s_gck, g_cols,
                               mask=mask_j[:, None] & mask_k[None, :], sem="relaxed")
-    part = (slot * B + b) * NBLK + pid_i
-    tl.store(psum_ptr + part, tl.sum(acc_sum, axis=0))
-    tl.store(pcnt_ptr + part, tl.sum(acc_cnt, axis=0))
+    return tl.sum(acc_sum, axis=0), tl.sum(acc_cnt, axis=0), g_rows
+
+
+@triton.jit
+def _store_set(psum_ptr, pcnt_ptr, part, total, count, gr, g_rows, gmask,
+               NEED_GRAD: tl.constexpr, ATOMIC: tl.constexpr):
+    """Write one set's partial sum and count, and its rows' gradient (added with atomics when
+    other programs also add to these rows, i.e. as partner rows of a negative shift)."""
+    tl.store(psum_ptr + part, total)
+    tl.store(pcnt_ptr + part, count)
     if NEED_GRAD:
-        gr = gr_ptr + slot * s_grt + b * s_grb + offs_i[:, None] * s_grn + offs_k[None, :] * s_grk
-        gmask = mask_i[:, None] & mask_k[None, :]
         if ATOMIC:
             tl.atomic_add(gr, g_rows, mask=gmask, sem="relaxed")
         else:
             tl.store(gr, g_rows, mask=gmask)
+
+
+@triton.jit(do_not_specialize=["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
+def _pair_sums_rows_kernel(
+        ua_ptr, ub_ptr, pa_ptr, pb_ptr,          # view A (rows, negative partners), view B
+        ga_ptr, gb_ptr,                          # (slots, B, N, K) per set / (B, M, K)
+        psum_ptr, pcnt_ptr,                      # (slots, B, NBLK) partials
+        B, N, M, D, K, NBLK, NUM_SHIFTS,
+        s_uab, s_uan, s_uad, s_ubb, s_ubn, s_ubd,
+        s_pab, s_pan, s_pak, s_pbb, s_pbn, s_pbk,
+        s_gat, s_gab, s_gan, s_gak, s_gbb, s_gbn, s_gbk,
+        t_pos, t_neg,
+        r0, r1, r2, r3, r4, r5, r6, r7,
+        N_KEY, M_KEY, D_KEY,                     # bucketed sizes: autotune key only
+        HAS_POS: tl.constexpr, H: tl.constexpr, NEED_GRAD: tl.constexpr,
+        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of rows of image b, loaded once, against the positive partner (view B of image
+    b, when HAS_POS) and then each of the NUM_SHIFTS negative partners (view A of image
+    (b + r) % B): every set's partial sum, count and gradients."""
+    pid_i = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    mask_i = offs_i < N
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    ur = ua_ptr + b * s_uab
+    p_rows = tl.load(pa_ptr + b * s_pab + offs_i[:, None] * s_pan + offs_k[None, :] * s_pak,
+                     mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    gmask = mask_i[:, None] & mask_k[None, :]
+    g_own = ga_ptr + b * s_gab + offs_i[:, None] * s_gan + offs_k[None, :] * s_gak
+    if HAS_POS == 1:
+        total, count, g_rows = _walk_partner(
+            ur, ub_ptr + b * s_ubb, pb_ptr + b * s_pbb, gb_ptr + b * s_gbb, p_rows, offs_i,
+            mask_i, offs_k, mask_k, M, D, s_uan, s_uad, s_ubn, s_ubd, s_pbn, s_pbk, s_gbn, s_gbk,
+            t_pos, t_neg, True, H, NEED_GRAD, ATOMIC, PRECISION, F_PRECISION, UPCAST, BLOCK_K,
+            BLOCK_I, BLOCK_J, BLOCK_D)
+        # the rows of the positive set are this program's alone: a plain store
+        _store_set(psum_ptr, pcnt_ptr, b * NBLK + pid_i, total, count, g_own, g_rows, gmask,
+                   NEED_GRAD, False)
+    for s in range(0, NUM_SHIFTS):
+        slot = s + HAS_POS
+        r = _select_shift(s, r0, r1, r2, r3, r4, r5, r6, r7).to(tl.int64)
+        bc = (b + r) % B
+        total, count, g_rows = _walk_partner(
+            ur, ua_ptr + bc * s_uab, pa_ptr + bc * s_pab, ga_ptr + slot * s_gat + bc * s_gab,
+            p_rows, offs_i, mask_i, offs_k, mask_k, N, D, s_uan, s_uad, s_uan, s_uad, s_pan,
+            s_pak, s_gan, s_gak, t_pos, t_neg, False, H, NEED_GRAD, ATOMIC, PRECISION,
+            F_PRECISION, UPCAST, BLOCK_K, BLOCK_I, BLOCK_J, BLOCK_D)
+        _store_set(psum_ptr, pcnt_ptr, (slot * B + b) * NBLK + pid_i, total, count,
+                   g_own + slot * s_gat, g_rows, gmask, NEED_GRAD, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
@@ -311,11 +349,11 @@ if _interpreting():
 else:
     _ROWS_KERNEL = triton.autotune(
         configs=_hopper_configs(),
-        key=["N_KEY", "M_KEY", "D_KEY", "K", "POSITIVE", "H", "NEED_GRAD", "ATOMIC", "PRECISION",
-             "F_PRECISION"],
+        key=["N_KEY", "M_KEY", "D_KEY", "K", "NUM_SHIFTS", "HAS_POS", "H", "NEED_GRAD", "ATOMIC",
+             "PRECISION", "F_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs accumulate (atomics) and may leave partials of more row blocks
-        reset_to_zero=["gr_ptr", "gc_ptr", "psum_ptr", "pcnt_ptr"],
+        reset_to_zero=["ga_ptr", "gb_ptr", "psum_ptr", "pcnt_ptr"],
     )(_pair_sums_rows_kernel)
     _MIN_BLOCK_I = min(c.kwargs["BLOCK_I"] for c in _hopper_configs())
 
@@ -389,42 +427,50 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
             return g.stride()
         return (0,) + tuple(g.stride())
 
-    # one launch for the positive set, then launches of up to 8 negative shifts
-    groups = [(True, 0, ())]
-    for s0 in range(0, S, _SHIFTS_PER_LAUNCH):
-        groups.append((False, 1 + s0, tuple(shifts[s0:s0 + _SHIFTS_PER_LAUNCH])))
-    for positive, t0, rs in groups:
-        slots = 1 if positive else len(rs)
-        rpad = tuple(int(r) for r in rs) + (0,) * (_SHIFTS_PER_LAUNCH - len(rs))
-        uc, pc = (u_b, p_b) if positive else (u_a, p_a)
-        n_cols = M if positive else N
-        gr = grad_a[t0:t0 + slots] if need_grad else grad_a
-        gc = (grad_b if positive else gr) if need_grad else grad_a
-        gr_str = grad_strides(gr, True)
-        gc_str = grad_strides(gc, not positive)
+    # one launch walks the positive set and up to 8 shifts per program; more shifts take
+    # further launches of 8 (the shifts are scalar arguments: no device tensor, no sync)
+    for s0 in range(0, max(S, 1), _SHIFTS_PER_LAUNCH):
+        has_pos = s0 == 0
+        rs = tuple(int(r) for r in shifts[s0:s0 + _SHIFTS_PER_LAUNCH])
+        t0 = 0 if has_pos else 1 + s0
+        slots = int(has_pos) + len(rs)
+        rpad = rs + (0,) * (_SHIFTS_PER_LAUNCH - len(rs))
+        ga = grad_a[t0:t0 + slots] if need_grad else grad_a
+        gb = grad_b if need_grad else grad_a
+        ga_str = grad_strides(ga, True)
+        gb_str = grad_strides(gb, False)[1:] if need_grad else (0, 0, 0)
         psum_g, pcnt_g = psum[t0:t0 + slots], pcnt[t0:t0 + slots]
 
         def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_I"]), B, slots)
+            return (triton.cdiv(N, meta["BLOCK_I"]), B)
 
         rows_kernel = _ROWS_KERNEL if config is None else _pair_sums_rows_kernel
         rows_kernel[grid](
-            u_a, uc, p_a, pc, gr, gc, psum_g, pcnt_g,
-            B, N, n_cols, D, K, nblk,
-            *u_a.stride(), *uc.stride(), *p_a.stride(), *pc.stride(),
-            *gr_str, *gc_str,
+            u_a, u_b, p_a, p_b, ga, gb, psum_g, pcnt_g,
+            B, N, M, D, K, nblk, len(rs),
+            *u_a.stride(), *u_b.stride(), *p_a.stride(), *p_b.stride(),
+            *ga_str, *gb_str,
             float(t_pos), float(t_neg), *rpad,
-            _bucket(N), _bucket(n_cols), _bucket(D),
-            POSITIVE=positive, NEED_GRAD=need_grad, ATOMIC=not deterministic, **common,
+            _bucket(N), _bucket(M), _bucket(D),
+            HAS_POS=int(has_pos), NEED_GRAD=need_grad, ATOMIC=not deterministic, **common,
             **explicit)
-        if need_grad and deterministic and (need_b or not positive):
-            cols_meta = explicit  # the row pass's tiles: bit-identical f and masks
-            grid_c = (triton.cdiv(n_cols, cols_meta["BLOCK_J"]), B, slots)
+        if not (need_grad and deterministic):
+            continue
+        # deterministic: the partner rows' gradients from the transposed pass, per set
+        cols_meta = explicit  # the row pass's tiles: bit-identical f and masks
+        passes = []
+        if has_pos and need_b:
+            passes.append((True, u_b, p_b, M, grad_b, grad_strides(grad_b, False), (0,) * 8, 1))
+        if rs:
+            gneg = grad_a[1 + s0:1 + s0 + len(rs)]
+            passes.append((False, u_a, p_a, N, gneg, grad_strides(gneg, True), rpad, len(rs)))
+        for positive, uc, pc, n_cols, gc, gc_str, rvals, n_slots in passes:
+            grid_c = (triton.cdiv(n_cols, cols_meta["BLOCK_J"]), B, n_slots)
             _pair_sums_cols_grad_kernel[grid_c](
                 u_a, uc, p_a, pc, gc,
                 B, N, n_cols, D, K,
                 *u_a.stride(), *uc.stride(), *p_a.stride(), *pc.stride(), *gc_str,
-                float(t_pos), float(t_neg), *rpad,
+                float(t_pos), float(t_neg), *rvals,
                 POSITIVE=positive, ACCUMULATE=not positive, **common, **cols_meta)
     return psum, pcnt, grad_a, grad_b
 
