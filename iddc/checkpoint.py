@@ -56,9 +56,15 @@ def load(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError, AttributeError, KeyError, IndexError, TypeError, ImportError) as err:
+        # tensors and plain data only: unpickling a file never runs code from it
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"could not read checkpoint {path}: it holds objects other than tensors and plain "
+            f"data, which an IDDC checkpoint never does, so it is refused unread "
+            f"({str(err).splitlines()[0]})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
+            KeyError, IndexError, TypeError, ImportError) as err:
         raise CheckpointError(f"could not read checkpoint {path}: it is corrupt, truncated or "
                               f"not an IDDC checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -67,14 +73,21 @@ def load(path: str) -> dict:
 
 
 def rng_state(shift_generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain Python data (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)],
             "python": random.getstate(), "shift_generator": shift_generator.get_state()}
 
 
 def set_rng_state(state: dict, shift_generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                         has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     shift_generator.set_state(state["shift_generator"])
 
 

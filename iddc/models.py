@@ -6,6 +6,7 @@ Weight loading lives in :func:`load_backbone_weights` (a local DINO or timm chec
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -76,19 +77,18 @@ def _read_checkpoint(path: str):
     if not os.path.isfile(path):
         raise WeightsError(f"weights path is not a file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError, AttributeError, KeyError, IndexError, TypeError) as err:
+        # tensors and plain data only (never code from the file); DINO's full training
+        # checkpoints also pickle their argparse.Namespace of arguments, which is plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"could not read weights file {path}: it holds objects other than tensors and plain "
+            f"data (a DINO or timm checkpoint never does), so it is refused unread "
+            f"({str(err).splitlines()[0]})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
+            KeyError, IndexError, TypeError) as err:
         first = err
-    # DINO's full training checkpoints pickle an argparse Namespace next to the tensors; only
-    # fall back to full unpickling for that "unsupported global" case.
-    if "weights_only" in str(first) or "Unsupported global" in str(first):
-        log.warning("weights file %s holds non-tensor objects; loading it with full unpickling "
-                    "(only do this with files you trust)", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            first = err
     raise WeightsError(f"could not read weights file {path}: it is corrupt, truncated or not a "
                        f"PyTorch checkpoint ({type(first).__name__}: {first})") from first
 
