@@ -75,7 +75,8 @@ class IDDCConfig:
                                  "the cosine affinities it thresholds")
         for name in ("lambda1", "lambda2", "reg_scale"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (a term's weight), got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 0 (a term's weight), got "
+                                 f"{getattr(self, name)}")
         if self.weibull_scale <= 0 or self.weibull_shape <= 0:
             raise ValueError("weibull_shape and weibull_scale must be positive, got "
                              f"{self.weibull_shape} and {self.weibull_scale}")
