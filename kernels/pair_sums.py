@@ -307,9 +307,13 @@ INTERPRETER_CONFIG = dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=128)
 def _hopper_configs():
     """Candidate configurations for Hopper-class GPUs (pruned by K and D below).
 
-    Chosen from ptxas register reports for sm_90a (no spills at K <= 32 with tf32 / 16-bit
-    features for 64 x 64 tiles; the exact-fp32 "ieee" path runs its dots on FMA units and needs
-    smaller tiles or BLOCK_D; K = 171 -> 256 needs 16-32 row/column tiles).
+    Chosen from ptxas register reports for sm_90a (tests/compile_for_hopper.py prints them),
+    not yet from timings. For the row kernel with gradients at K <= 32 (BLOCK_K 32): the 4-warp
+    64 x 64 tiles spill in every dtype (a few hundred bytes with bfloat16, a few KB with float32
+    features); 8-warp 64 x 32 x 32, 32 x 64 x 32 and 32 x 32 x {32, 64} tiles spill nothing with
+    tf32 / 16-bit features. The exact-fp32 "ieee" path runs its dots on FMA units and spills more
+    at every tile. K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks among these
+    by timing on the GPU.
     """
     cfgs = []
     for bi, bj, bd, warps, stages in [
@@ -317,6 +321,8 @@ def _hopper_configs():
         (32, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 2),
         (32, 32, 64, 4, 2), (32, 32, 32, 8, 2), (16, 32, 64, 4, 2), (16, 32, 64, 8, 2),
         (32, 16, 64, 4, 2),
+        # 8 warps: spill-free (or nearly) in ptxas for the walk-all-sets row kernel at K <= 32
+        (64, 32, 32, 8, 2), (32, 64, 32, 8, 2), (64, 32, 64, 8, 3), (32, 32, 64, 8, 2),
     ]:
         cfgs.append(triton.Config(dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd), num_warps=warps,
                                   num_stages=stages))
