@@ -310,9 +310,9 @@ def _hopper_configs():
     Chosen from ptxas register reports for sm_90a (tests/compile_for_hopper.py prints them),
     not yet from timings. For the row kernel with gradients at K <= 32 (BLOCK_K 32): the 4-warp
     64 x 64 tiles spill in every dtype (a few hundred bytes with bfloat16, a few KB with float32
-    features); 8-warp 64 x 32 x 32, 32 x 64 x 32 and 32 x 32 x {32, 64} tiles spill nothing with
-    tf32 / 16-bit features. The exact-fp32 "ieee" path runs its dots on FMA units and spills more
-    at every tile. K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks among these
+    features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill nothing with tf32 or
+    bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 with bfloat16 only). The exact-fp32 "ieee"
+    path runs its dots on FMA units and spills at every tile but 32 x 32 x 32 (8 warps). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks among these
     by timing on the GPU.
     """
     cfgs = []
