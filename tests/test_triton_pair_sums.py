@@ -280,6 +280,14 @@ def test_realistic_grid_27x31_vs_26x29():
                             seed=3)
 
 
+def test_full_28x28_grid_deterministic():
+    """The paper's 224 px crop at patch 8 (28 x 28 = 784 pixels per view), two images, in the
+    deterministic mode with its transposed pass (about 20 s under the interpreter; D = 16 keeps
+    it there, the 27 x 31 case above has D = 384)."""
+    check_against_reference(2, 28 * 28, 28 * 28, 16, 27, (1,), "linear", torch.float32, True,
+                            seed=28)
+
+
 def test_non_contiguous_inputs():
     """Strided views (a slice of a wider feature tensor, transposed probabilities) are read
     through their strides, not copied."""
