@@ -47,6 +47,24 @@ def save_atomic(obj, path: str) -> None:
         raise
 
 
+#: what pickling a numpy array refers to (allowed by torch.load(weights_only=True) below)
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def unpickling_error_message(what: str, err: Exception) -> str:
+    """The weights_only unpickler's refusal of a foreign object, told apart from corruption."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    foreign = [line for line in lines if "unsupported global" in line.lower()]
+    if foreign:
+        return (f"could not read {what}: it holds objects other than tensors and plain data, "
+                f"which an IDDC checkpoint or a DINO / timm weights file never does, so it is "
+                f"refused unread ({foreign[0]})")
+    detail = next((line for line in lines if "unsupported operand" in line.lower()),
+                  lines[0] if lines else type(err).__name__)
+    return f"could not read {what}: it is corrupt, truncated or not a PyTorch file ({detail})"
+
+
 def load(path: str) -> dict:
     """Read an IDDC checkpoint; CheckpointError (naming the path) if missing or corrupt."""
     if os.path.isdir(path):
@@ -56,13 +74,12 @@ def load(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # tensors and plain data only: unpickling a file never runs code from it
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # tensors and plain data only: unpickling a file never runs code from it. Checkpoints of
+        # earlier versions kept numpy's RNG state as an array: numpy arrays are plain data too.
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"could not read checkpoint {path}: it holds objects other than tensors and plain "
-            f"data, which an IDDC checkpoint never does, so it is refused unread "
-            f"({str(err).splitlines()[0]})") from err
+        raise CheckpointError(unpickling_error_message(f"checkpoint {path}", err)) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
             KeyError, IndexError, TypeError, ImportError) as err:
         raise CheckpointError(f"could not read checkpoint {path}: it is corrupt, truncated or "

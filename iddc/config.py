@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -162,6 +163,10 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if d.sliding_stride > d.sliding_window:
+            raise ValueError(f"data.sliding_stride ({d.sliding_stride}) must not exceed "
+                             f"data.sliding_window ({d.sliding_window}): pixels between "
+                             "windows would never be predicted")
         if t.batch_size < 2 and self.loss.num_shifts > 0:
             raise ValueError(f"train.batch_size {t.batch_size}: the negative pairs pair each "
                              "image with another image of the batch, so it must be >= 2 (or "
@@ -212,8 +217,16 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _parse_value(s: str) -> Any:
-    return yaml.safe_load(s)
+    """A command-line value as YAML (true, 3, [1, 2], {a: 1}); numbers YAML 1.1 leaves as text
+    (1e-3, 5E-4: no dot) become floats."""
+    value = yaml.safe_load(s)
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -296,11 +296,11 @@ def main(argv=None) -> dict:
         cfg.data.sliding_window = args.window
     if args.stride is not None:
         cfg.data.sliding_stride = args.stride
-    cfg.validate()
     if args.data_root:
         cfg.data.data_root = args.data_root
     if args.max_val_images is not None:
         cfg.data.max_val_images = args.max_val_images
+    cfg.validate()
     source = skip_corrupt(build_source(cfg.data.dataset, root=cfg.data.data_root,
                                        split=args.split,
                                        **{**cfg.data.options, **cfg.data.val_options}))
@@ -312,7 +312,7 @@ def main(argv=None) -> dict:
                        num_classes=ckpt["num_classes"], device=device,
                        batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images)
     except NoLabelsError as err:
-        raise SystemExit(f"iddc.evaluate: error: {args.split} split: {err}") from err
+        raise NoLabelsError(f"{args.split} split: {err}") from err
     res.pop("samples")
     res["epoch"] = ckpt.get("epoch")
     res["checkpoint"] = args.checkpoint

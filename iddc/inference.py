@@ -12,7 +12,7 @@ resize   the image is resized so that its shorter side is `short_side` (320, the
          size; probabilities = softmax of those upsampled logits. Images that resize to the
          same shape are batched together.
 sliding  the image is (optionally, `short_side`) resized, then covered by `window` x `window`
-         windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; windows under 225 px
+         windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; windows under 224 px
          default to a third of overlap instead; the last window in
          each direction is aligned with the image border, so every pixel is covered); each
          window's logits are upsampled bilinearly (align_corners=True) to the window, turned
@@ -52,7 +52,10 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def default_stride(window: int) -> int:
-    """window - 75 (SPEC: 224 windows overlapping by 75 px); small windows overlap by a third."""
+    """window - 75 for windows of 224 px and more (SPEC: 224 px windows overlapping by 75 px,
+    stride 149); smaller windows overlap by a third of their side (at most 75 px)."""
+    if window >= DEFAULT_WINDOW:
+        return window - DEFAULT_OVERLAP
     return window - min(DEFAULT_OVERLAP, window // 3)
 
 

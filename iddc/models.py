@@ -82,10 +82,8 @@ def _read_checkpoint(path: str):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"could not read weights file {path}: it holds objects other than tensors and plain "
-            f"data (a DINO or timm checkpoint never does), so it is refused unread "
-            f"({str(err).splitlines()[0]})") from err
+        from .checkpoint import unpickling_error_message
+        raise WeightsError(unpickling_error_message(f"weights file {path}", err)) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
             KeyError, IndexError, TypeError) as err:
         first = err

@@ -84,34 +84,43 @@ def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[
     return name, None
 
 
-#: what a run writes before its first epoch: a folder holding only these is a run that stopped
-#: at a start-up error (bad setting, data layout) and may be reused (the log is appended to)
-START_FILES = {"train.log", "config.yaml"}
+#: written into a new run folder at once and removed when training starts: a folder that still
+#: has it (and nothing but what a start writes) is a start that failed, and may be reused
+STARTING_MARKER = ".iddc-starting"
+#: what a run writes before its first epoch
+START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
 
 
-def _taken(folder: str) -> bool:
-    return os.path.exists(folder) and not set(os.listdir(folder)) <= START_FILES
+def _reusable(folder: str) -> bool:
+    """A folder that does not exist, is empty, or holds only a failed start's files."""
+    if not os.path.exists(folder):
+        return True
+    entries = set(os.listdir(folder))
+    return not entries or (STARTING_MARKER in entries and entries <= START_FILES)
 
 
 def make_out_dir(cfg: Config) -> str:
-    """The run folder; refuses a folder holding anything beyond a failed start's log and config
-    (never overwrites a run, nor any file of the user's)."""
+    """The run folder, marked as starting; refuses a folder holding anything but a failed
+    start's files (never overwrites a run, nor any file of the user's)."""
     out = cfg.train.out
     if out is None:
         base = cfg.train.name or time.strftime("%Y%m%d-%H%M%S")
         out = os.path.join("runs", base)
         n = 1
-        while _taken(out):
+        while not _reusable(out):
             out = os.path.join("runs", f"{base}-{n}")
             n += 1
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"output path {out} is a file, not a folder; choose another --out")
-    if _taken(out):
+    if not _reusable(out):
         hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"
                 if os.path.exists(os.path.join(out, "last.pt")) else "")
         raise FileExistsError(f"output folder {out} already holds other files (a run?); choose "
                               f"another --out{hint}")
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, STARTING_MARKER), "w") as fh:
+        fh.write("this run has not started training yet; if it stopped, the folder may be "
+                 "reused\n")
     return out
 
 
@@ -261,6 +270,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         checkpoint.set_rng_state(resume["rng"], shift_gen)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         start_skip = int(resume.get("step_in_epoch", 0))
+        saved_batch = int(resume["config"]["train"]["batch_size"])
+        if start_skip and tc.batch_size != saved_batch:
+            raise ValueError(f"this checkpoint stopped {start_skip} steps into an epoch with "
+                             f"batch size {saved_batch}; resume it with that batch size (a "
+                             f"new --batch-size applies from an epoch boundary)")
         # the poly factor of the (possibly extended, --epochs) schedule at the resumed epoch
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * poly_factor(min(start_epoch, tc.epochs), tc.epochs,
@@ -305,6 +319,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             log.info(ev.summary_line("epoch 0 (untrained)", res))
         write_json_atomic(history, os.path.join(out, "metrics.json"))
 
+    # start-up is over: from here on the folder holds a run, never to be reused
+    marker = os.path.join(out, STARTING_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
     dataset = TwoViewDataset(train_src, TwoViewTransform(dc.crop_size, **data_config), tc.seed)
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0:
@@ -323,9 +341,13 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         # a run stopped mid-epoch continues with the very batches it had not yet seen
         skip = start_skip if epoch == start_epoch else 0
         order = epoch_order(len(dataset), tc.seed, epoch)[skip * tc.batch_size:]
+        # its own generator: a loader draws a base seed when iterated, which must not come
+        # from (and shift) the global RNG that dropout uses, or a resumed run would diverge
+        loader_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
                                              drop_last=True, num_workers=dc.num_workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda",
+                                             generator=loader_gen)
         sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
         n_steps, n_images, t0 = 0, 0, time.time()
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",

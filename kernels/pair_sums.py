@@ -433,6 +433,7 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
             return g.stride()
         return (0,) + tuple(g.stride())
 
+    scratch = torch.zeros(1, device=dev, dtype=torch.float32)
     # one launch walks the positive set and up to 8 shifts per program; more shifts take
     # further launches of 8 (the shifts are scalar arguments: no device tensor, no sync)
     for s0 in range(0, max(S, 1), _SHIFTS_PER_LAUNCH):
@@ -441,10 +442,12 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
         t0 = 0 if has_pos else 1 + s0
         slots = int(has_pos) + len(rs)
         rpad = rs + (0,) * (_SHIFTS_PER_LAUNCH - len(rs))
-        ga = grad_a[t0:t0 + slots] if need_grad else grad_a
-        gb = grad_b if need_grad else grad_a
+        # buffers a launch does not write get a scratch stand-in: the autotuner zeroes every
+        # reset_to_zero argument when it benchmarks, which must not wipe earlier launches' output
+        ga = grad_a[t0:t0 + slots] if need_grad else scratch
+        gb = grad_b if need_grad and has_pos else scratch
         ga_str = grad_strides(ga, True)
-        gb_str = grad_strides(gb, False)[1:] if need_grad else (0, 0, 0)
+        gb_str = tuple(grad_b.stride()) if need_grad and has_pos else (0, 0, 0)
         psum_g, pcnt_g = psum[t0:t0 + slots], pcnt[t0:t0 + slots]
 
         def grid(meta):

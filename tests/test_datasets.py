@@ -369,7 +369,7 @@ def test_train_on_unlabelled_folder(tmp_path, caplog):
     assert [e["kind"] for e in res["metrics"]] == ["iddc"]
     assert "val split has no labels" in caplog.text
     assert (tmp_path / "run" / "last.pt").exists()
-    with pytest.raises(SystemExit, match="no labelled pixels"):
+    with pytest.raises(evaluate.NoLabelsError, match="val split: .*no labelled pixels"):
         evaluate.main(["--checkpoint", res["out"] + "/last.pt"])
 
 

@@ -8,7 +8,8 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from iddc.inference import (Predictor, resized_shape, sliding_predict_fn, window_starts)
+from iddc.inference import (Predictor, default_stride, resized_shape, sliding_predict_fn,
+                            window_starts)
 from iddc.models import IDDCModel, ModelConfig, WeightsError, build_model, load_backbone_weights
 
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
@@ -37,6 +38,9 @@ class Recorder(torch.nn.Module):
 
 
 def test_window_starts_cover():
+    # the default stride gives the SPEC's 75 px overlap at 224 px, a third on small windows
+    assert default_stride(224) == 149 and default_stride(448) == 373
+    assert default_stride(96) == 64 and default_stride(223) == 149
     assert window_starts(224, 224, 149) == [0]
     assert window_starts(100, 224, 149) == [0]
     assert window_starts(320, 224, 149) == [0, 96]
@@ -146,6 +150,9 @@ def test_sliding_window_and_stride_come_from_the_run_config(monkeypatch):
     cfg.data.sliding_stride = 0  # 0: the default stride of that window
     get_eval_mode("sliding").predict_fn_for(cfg)(model, x)
     assert seen[-1] == (48, inference.default_stride(48))
+    cfg.data.sliding_window = 224  # the SPEC's windows: 75 px overlap
+    get_eval_mode("sliding").predict_fn_for(cfg)(model, x)
+    assert seen[-1] == (224, 149)
     # the resize mode has no options: its predict_fn (and its feature cache) is unchanged
     assert get_eval_mode("resize").predict_fn_for(cfg) is predict_whole
 

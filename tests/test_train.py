@@ -69,16 +69,25 @@ def test_train_writes_run_and_resume_matches(tmp_path, tiny_yaml):
     assert res["linear_probe"]["miou"] == pytest.approx(ma[-1]["linear_probe"]["miou"])
 
 
-@pytest.mark.parametrize("stop_at", [1, 3], ids=["mid-epoch-1", "mid-epoch-2"])
-def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at):
-    """2 epochs of 2 steps: a --max-steps stop inside an epoch, resumed, equals the full run."""
-    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"]
+DROPOUT_E2E = ["--freeze-backbone", "false", "--backbone-lr-ratio", "0.1", "--set",
+               "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2, "
+               "proj_drop_rate: 0.3}"]
+
+
+@pytest.mark.parametrize("stop_at, extra", [(1, []), (3, []), (3, DROPOUT_E2E)],
+                         ids=["mid-epoch-1", "mid-epoch-2", "mid-epoch-2-dropout-end-to-end"])
+def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at, extra):
+    """2 epochs of 2 steps: a --max-steps stop inside an epoch, resumed, equals the full run
+    (also with dropout drawing from the global RNG while the backbone trains)."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"] + extra
     full = train.main(common + ["--out", str(tmp_path / "full")])
     part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", str(stop_at)])
     ckpt = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == \
         (stop_at // 2, 1, stop_at)
     assert read_metrics(part["out"])[-1]["partial_epoch"] == {"steps_done": 1, "of": 2}
+    with pytest.raises(ValueError, match="resume it with that batch size"):
+        train.main(["--resume", os.path.join(part["out"], "last.pt"), "--batch-size", "2"])
     train.main(["--resume", os.path.join(part["out"], "last.pt"), "--max-steps", "0"])
     a = torch.load(os.path.join(full["out"], "last.pt"), weights_only=False)
     b = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
@@ -107,8 +116,9 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     (["--kmeans-restarts", "0"], "train.kmeans_restarts must be an integer >= 1"),
     (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
     (["--data-option", "nope=1"], r"data set 'synthetic': bad --data-option .*'nope'"),
+    (["--sliding-stride", "300"], r"data.sliding_stride \(300\) must not exceed"),
 ], ids=["epochs-0", "batch-1", "eval-every-0", "lr-negative", "eval-batch-0", "kmeans-restarts-0",
-        "t_pos-1.5", "unknown-data-option"])
+        "t_pos-1.5", "unknown-data-option", "stride-beyond-window"])
 def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags, message):
     with pytest.raises(ValueError, match=message):
         train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + flags)
@@ -133,13 +143,18 @@ def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, 
     # the failed start's log is kept: the second start appends to it
     log = (out / "train.log").read_text()
     assert log.startswith(failed_log) and "loss backend" in log[len(failed_log):]
+    assert not (out / train.STARTING_MARKER).exists()  # a run now: never reused
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        train.main(["--config", tiny_yaml, "--out", str(out)])
+    # a user's own folder, even one holding only a file named like a run's, is never reused
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "config.yaml").write_text("my own file")
-    (mine / "notes.txt").write_text("keep me")
+    (mine / "config.yaml").write_text(open(tiny_yaml).read() + "# my own file\n")
+    kept = (mine / "config.yaml").read_text()
     with pytest.raises(FileExistsError, match="already holds other files"):
-        train.main(["--config", tiny_yaml, "--out", str(mine)])
-    assert (mine / "config.yaml").read_text() == "my own file"
+        train.main(["--config", str(mine / "config.yaml"), "--out", str(mine)])
+    assert (mine / "config.yaml").read_text() == kept
+    assert os.listdir(mine) == ["config.yaml"]
 
 
 def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
@@ -151,6 +166,14 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     assert proc.stderr.strip() == ("python -m iddc.train: error: train.epochs must be an "
                                    "integer >= 1, got 0")
     assert not (tmp_path / "run").exists()
+
+
+def test_set_accepts_exponent_numbers(tiny_yaml):
+    from iddc.config import resolve_config
+    cfg = resolve_config(train.parse_args(["--config", tiny_yaml, "--set", "train.lr=1e-3",
+                                           "--set", "train.probe_lr=5E-4"]))
+    assert cfg.train.lr == 1e-3 and cfg.train.probe_lr == 5e-4
+    assert resolve_config(train.parse_args(["--set", "train.name=exp1"])).train.name == "exp1"
 
 
 def test_bad_preset(tmp_path, tiny_yaml):

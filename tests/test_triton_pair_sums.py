@@ -280,6 +280,40 @@ def test_realistic_grid_27x31_vs_26x29():
                             seed=3)
 
 
+class _ZeroResetArgs:
+    """The row kernel as the autotuner runs it on a new key: every ``reset_to_zero`` argument
+    is zeroed before the launch (it benchmarks candidate tiles on the real buffers)."""
+
+    RESET = ("ga_ptr", "gb_ptr", "psum_ptr", "pcnt_ptr")
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args))
+            for name in self.RESET:
+                named[name].zero_()
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches the interpreter's kernel launch")
+def test_autotuner_zeroing_never_wipes_an_earlier_launch(monkeypatch):
+    """10 shifts take two launches; zeroing the second launch's reset_to_zero buffers must not
+    touch what the first wrote (the positive set's column gradient, its partial sums)."""
+    import iddc_kernels.pair_sums as ps
+    monkeypatch.setattr(ps, "_pair_sums_rows_kernel", _ZeroResetArgs(ps._pair_sums_rows_kernel))
+    shifts = (1, 2, 1, 2, 1, 2, 1, 2, 1, 2)
+    check_against_reference(3, 9, 10, 16, 4, shifts, "exp", torch.float32, seed=7)
+    u_a, u_b, p_a, p_b = make_inputs(3, 9, 10, 16, 4, 7, torch.float32)
+    sums, counts = triton_pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos=T_POS, t_neg=T_NEG)
+    r_sums, r_counts = reference.pair_sums(u_a.double(), u_b.double(), p_a.double(),
+                                           p_b.double(), shifts, t_pos=T_POS, t_neg=T_NEG)
+    assert torch.equal(counts.cpu(), r_counts.cpu())
+    assert_close_rel(sums, r_sums, TOL[torch.float32]["sums"], "sums without gradients")
+
+
 def test_full_28x28_grid_deterministic():
     """The paper's 224 px crop at patch 8 (28 x 28 = 784 pixels per view), two images, in the
     deterministic mode with its transposed pass (about 20 s under the interpreter; D = 16 keeps
