@@ -84,6 +84,10 @@ def variants():
                 yield ("_pair_sums_cols_grad_kernel", f"{name}-{'pos' if positive else 'neg'}",
                        dt, dict(POSITIVE=positive, H=h, ACCUMULATE=not positive, UPCAST=False,
                                 **prec, **blocks), warps)
+    # launches after the first 8 shifts: negative sets only
+    yield ("_pair_sums_rows_kernel", "h0-bf16-tf32-K32-shifts-only", "bf16",
+           dict(HAS_POS=0, H=0, ATOMIC=True, NEED_GRAD=True, UPCAST=False, PRECISION="tf32",
+                F_PRECISION="tf32", BLOCK_I=64, BLOCK_J=32, BLOCK_D=32, BLOCK_K=32), 8)
     yield ("_pair_sums_rows_kernel", "h0-fp32-ieee-K32-forward-only", "fp32",
            dict(HAS_POS=1, H=0, ATOMIC=True, NEED_GRAD=False, UPCAST=False, PRECISION="ieee",
                 F_PRECISION="ieee", BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, BLOCK_K=32), 4)

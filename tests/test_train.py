@@ -99,6 +99,29 @@ def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at, extr
         read_metrics(part["out"])[-1]["unsupervised"]
 
 
+def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path, tiny_yaml):
+    """Earlier versions pickled numpy's RNG state as an array: such a run still resumes (numpy
+    arrays are plain data to the weights-only loader) to the same result."""
+    import random
+
+    import numpy as np
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"]
+    full = train.main(common + ["--out", str(tmp_path / "full")])
+    part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", "2"])
+    path = os.path.join(part["out"], "last.pt")
+    ckpt = torch.load(path, weights_only=True)
+    name, keys, pos, has_gauss, cached = ckpt["rng"]["numpy"]
+    ckpt["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    random.setstate(ckpt["rng"]["python"])  # a real tuple, as random.getstate() gives
+    ckpt["rng"]["python"] = random.getstate()
+    torch.save(ckpt, path)
+    train.main(["--resume", path, "--max-steps", "0"])
+    a = torch.load(os.path.join(full["out"], "last.pt"), weights_only=True)
+    b = torch.load(path, weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     out = tmp_path / "run"
     out.mkdir()
