@@ -54,7 +54,7 @@ class DataConfig:
     #: register more in iddc.evaluate.EVAL_MODES (e.g. sliding windows)
     eval_mode: str = "resize"
     #: the "sliding" eval mode: window side and stride in px (SPEC section 5: 224 px windows
-    #: overlapping by 75 px; stride 0 = window - 75, or two thirds of a window under 225 px)
+    #: overlapping by 75 px; stride 0 = window - 75, or two thirds of a window under 224 px)
     sliding_window: int = 224
     sliding_stride: int = 0
     eval_batch_size: int = 16

@@ -309,7 +309,7 @@ def predict(model: Callable, images, out_sizes=None, mode: str = "resize", **opt
 
 # ----------------------------------------------------------------------------- evaluate hooks
 #: window / stride / batch of the "sliding" evaluation mode of iddc.evaluate
-SLIDING_OPTIONS = {"window": DEFAULT_WINDOW, "stride": DEFAULT_WINDOW - DEFAULT_OVERLAP,
+SLIDING_OPTIONS = {"window": DEFAULT_WINDOW, "stride": None,  # None: default_stride(window)
                    "batch_size": 32}
 
 

@@ -290,8 +290,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     cache = ev.FeatureCache(dc.eval_feature_cache_mb) \
         if cfg.model.freeze_backbone and dc.eval_feature_cache_mb > 0 else None
 
+    predict_fn = mode.predict_fn_for(cfg)
+
     def run_eval(keep=0):
-        return ev.evaluate(model, val_src, transform=eval_tf, predict_fn=mode.predict_fn_for(cfg),
+        return ev.evaluate(model, val_src, transform=eval_tf, predict_fn=predict_fn,
                            num_classes=k, device=device, batch_size=dc.eval_batch_size,
                            max_images=dc.max_val_images, keep=keep, cache=cache)
 

@@ -412,7 +412,7 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
         grad_a = alloc((T, B, N, K), device=dev, dtype=torch.float32)
         grad_b = alloc((B, M, K), device=dev, dtype=torch.float32)
     else:
-        grad_a = grad_b = psum  # never touched (NEED_GRAD=False)
+        grad_a = grad_b = None
     h_code = int(h_code)
     # Triton's CPU interpreter computes bfloat16 dots wrongly: upcast there (exact)
     upcast = interp and u_a.dtype == torch.bfloat16
@@ -433,7 +433,10 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
             return g.stride()
         return (0,) + tuple(g.stride())
 
-    scratch = torch.zeros(1, device=dev, dtype=torch.float32)
+    # stand-in for buffers a launch never writes (NEED_GRAD=False, or a launch without the
+    # positive set): the autotuner zeroes every reset_to_zero argument when it benchmarks, which
+    # must not wipe another launch's output. Never read, so left uninitialised.
+    scratch = torch.empty(1, device=dev, dtype=torch.float32)
     # one launch walks the positive set and up to 8 shifts per program; more shifts take
     # further launches of 8 (the shifts are scalar arguments: no device tensor, no sync)
     for s0 in range(0, max(S, 1), _SHIFTS_PER_LAUNCH):
@@ -442,8 +445,6 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
         t0 = 0 if has_pos else 1 + s0
         slots = int(has_pos) + len(rs)
         rpad = rs + (0,) * (_SHIFTS_PER_LAUNCH - len(rs))
-        # buffers a launch does not write get a scratch stand-in: the autotuner zeroes every
-        # reset_to_zero argument when it benchmarks, which must not wipe earlier launches' output
         ga = grad_a[t0:t0 + slots] if need_grad else scratch
         gb = grad_b if need_grad and has_pos else scratch
         ga_str = grad_strides(ga, True)

@@ -87,21 +87,10 @@ def test_corrupt_weights_file(tmp_path):
         load_backbone_weights(tiny_backbone(0), str(path))
 
 
-class _Payload:
-    """Unpickling this would create a folder: code a weights file must never run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-        return (os.makedirs, (self.marker,))
-
-
-def test_weights_file_with_code_is_refused_unread(tmp_path):
-    marker = tmp_path / "pwned"
+def test_weights_file_with_code_is_refused_unread(tmp_path, code_payload):
+    payload, marker = code_payload
     path = tmp_path / "dino_deitsmall8_pretrain.pth"
-    torch.save({**tiny_backbone(0).state_dict(), "extra": _Payload(marker)}, path)
+    torch.save({**tiny_backbone(0).state_dict(), "extra": payload}, path)
     with pytest.raises(WeightsError, match="holds objects other than tensors and plain data"):
         load_backbone_weights(tiny_backbone(0), str(path))
     assert not marker.exists()

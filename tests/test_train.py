@@ -229,21 +229,11 @@ def test_corrupt_checkpoint(tmp_path):
         evaluate.main(["--checkpoint", str(tmp_path)])
 
 
-class _Payload:
-    """An object whose unpickling would create a file: code a checkpoint must never run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
-def test_checkpoint_with_code_is_refused_unread(tmp_path):
+def test_checkpoint_with_code_is_refused_unread(tmp_path, code_payload):
     from iddc.checkpoint import FORMAT
-    marker = tmp_path / "pwned"
+    payload, marker = code_payload
     bad = tmp_path / "evil.pt"
-    torch.save({"format": FORMAT, "config": {}, "payload": _Payload(marker)}, bad)
+    torch.save({"format": FORMAT, "config": {}, "payload": payload}, bad)
     for run in (lambda: evaluate.main(["--checkpoint", str(bad)]),
                 lambda: train.main(["--resume", str(bad)])):
         with pytest.raises(CheckpointError, match="holds objects other than tensors"):
