@@ -7,7 +7,9 @@ the imbalance regulariser; all of that is O(B N (D + K)) and never touches a pai
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +30,14 @@ PRESETS = {
     "cityscapes-vitb8": dict(lambda1=0.38, lambda2=0.22, t_pos=0.2, t_neg=0.28),
     "cityscapes-vits8": dict(lambda1=0.25, lambda2=0.3, t_pos=0.15, t_neg=0.25),
 }
+
+
+def _is_integer(x) -> bool:
+    """A Python or numpy integer, or a 0-d integer tensor; not a bool, a float or a string."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -60,14 +70,16 @@ class IDDCConfig:
             raise ValueError(f"backend={self.backend!r} is not known; expected one of {BACKENDS}")
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
-        if int(self.num_shifts) != self.num_shifts or self.num_shifts < 0:
+        if not _is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
+        self.num_shifts = int(self.num_shifts)
         for name in ("t_pos", "t_neg", "lambda1", "lambda2", "reg_scale", "weibull_shape",
                      "weibull_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))  # numpy scalars too; plain floats dump to YAML
         for name in ("t_pos", "t_neg"):
             # a threshold beyond a cosine's range selects no pair (or every pair), forever
             if not -1.0 <= getattr(self, name) <= 1.0:
@@ -201,6 +213,8 @@ def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator
     """S shifts drawn uniformly from 1..B-1, with replacement (a CPU draw: no device sync)."""
     if num_shifts == 0:
         return ()
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if batch < 2:
         raise ValueError(f"negative pairs need at least 2 images, got batch size {batch}; pass "
                          "num_shifts=0 (or shifts=()) for a positive-only loss")
@@ -210,19 +224,31 @@ def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator
 
 
 def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
-    try:
-        out = tuple(int(r) for r in shifts)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}") from err
+    """`shifts` as a tuple of ints, each in 1..B-1; anything but integers is refused (a float
+    or a string is never silently truncated or split into digits)."""
+    if isinstance(shifts, (str, bytes)) or not _iterable(shifts) \
+            or not all(_is_integer(r) for r in shifts):
+        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
+    out = tuple(int(r) for r in shifts)
     bad = [r for r in out if not 1 <= r <= batch - 1]
     if bad:
         raise ValueError(f"shifts {bad} are out of range: each must lie in 1..B-1 = 1..{batch - 1}")
     return out
 
 
+def _iterable(x) -> bool:
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
 def flatten_views(feats_a, feats_b, logits_a, logits_b):
-    """Unit features (no grad) and probabilities, as B x N x D and B x N x K, float32 or 64."""
-    dtype = torch.float64 if torch.float64 in (feats_a.dtype, logits_a.dtype) else torch.float32
+    """Unit features (no grad) and probabilities, as B x N x D and B x N x K, float32 (or
+    float64 if any input is float64)."""
+    dtypes = {t.dtype for t in (feats_a, feats_b, logits_a, logits_b)}
+    dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     with torch.no_grad():
         u = [F.normalize(f.to(dtype), dim=1, eps=1e-12).flatten(2).transpose(1, 2).contiguous()
              for f in (feats_a, feats_b)]
@@ -306,19 +332,48 @@ class IDDCLoss(nn.Module):
         else:
             shifts = check_shifts(shifts, batch)
         backend = resolve_backend(cfg.backend, feats_a.device)
-        u_a, u_b, p_a, p_b = flatten_views(feats_a, feats_b, logits_a, logits_b)
-        options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
-                   if backend == "triton" else {})
-        sums, counts = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,
-                                               t_neg=cfg.t_neg, h=cfg.h, **options)
-        # counts carry no gradient; an empty selection has sum 0, so the term is 0 with 0 grad
-        means = sums / counts.clamp_min(1).to(sums.dtype)
-        pos = means[0]
-        neg = means[1:].mean() if len(shifts) else means.new_zeros(())
-        reg = reference.regulariser(p_a, cfg.regulariser, cfg.weibull_shape, cfg.weibull_scale)
-        loss = pos + cfg.lambda1 * neg + cfg.lambda2 * cfg.reg_scale * reg
+        # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
+        # would select other pairs than the exact one
+        with _autocast_off(feats_a.device):
+            u_a, u_b, p_a, p_b = flatten_views(feats_a, feats_b, logits_a, logits_b)
+            options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
+                       if backend == "triton" else {})
+            result = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,
+                                            t_neg=cfg.t_neg, h=cfg.h, **options)
+            sums, counts = check_pair_sums_result(result, len(shifts), backend)
+            # counts carry no gradient; an empty selection has sum 0: the term is 0 with 0 grad
+            means = sums / counts.clamp_min(1).to(sums.dtype)
+            pos = means[0]
+            neg = means[1:].mean() if len(shifts) else means.new_zeros(())
+            reg = reference.regulariser(p_a, cfg.regulariser, cfg.weibull_shape,
+                                        cfg.weibull_scale)
+            loss = pos + cfg.lambda1 * neg + cfg.lambda2 * cfg.reg_scale * reg
         return IDDCOutput(loss=loss, pos=pos, neg=neg, reg=reg, pos_count=counts[0],
                           neg_counts=counts[1:], shifts=shifts)
+
+
+def _autocast_off(device: torch.device):
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def check_pair_sums_result(result, num_shifts: int, backend) -> tuple:
+    """A backend's (sums, counts), checked: two 1-d tensors of 1 + S entries (shapes only:
+    no device sync). A user's callable backend that breaks the contract is named."""
+    terms = 1 + num_shifts
+    ok = isinstance(result, (tuple, list)) and len(result) == 2 and all(
+        isinstance(t, torch.Tensor) and t.shape == (terms,) for t in result)
+    if not ok:
+        name = getattr(backend, "__name__", repr(backend))
+        got = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                     for t in result) if isinstance(result, (tuple, list))
+               else type(result).__name__)
+        raise ValueError(f"backend {name} must return (sums, counts), two tensors of shape "
+                         f"({terms},) (the positive set and {num_shifts} shifts); got {got}")
+    return result[0], result[1]
 
 
 def iddc_loss(feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .first_order import first_order_only
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 #: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
@@ -80,20 +81,23 @@ def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
     raise ValueError(f"unknown h variant {h!r}")
 
 
-def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str, one: torch.Tensor):
-    """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t."""
-    # f <- 1 - f_ij straight from the GEMM (one: a 0-d tensor of 1); f < t  <=>  1 - f > 1 - t
-    torch.addmm(one, u_l, u_r.t(), beta=1.0, alpha=-1.0, out=f)
+def _negative_tile(f, c, u_l_neg, u_r, p_l, p_r, t_neg: float, h: str):
+    """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t.
+
+    u_l_neg holds -u_l: the GEMM gives -f exactly (rounding is sign-symmetric), and
+    -f > -t is exactly f < t, the reference's selection.
+    """
+    torch.mm(u_l_neg, u_r.t(), out=f)
     if t_neg <= 1.0:
-        # threshold keeps 1 - f > 1 - t (the selection), zero elsewhere; then
-        # w = 1 - max(f, 0) = min(1 - f, 1) is > 0 exactly on the selection (f < t <= 1)
-        torch.threshold(f, 1.0 - t_neg, 0.0, out=f)
-        f.clamp_max_(1.0)
+        # unselected -> -1, so that w = 1 + min(-f, 0) = 1 - max(f, 0) is 0 there; on the
+        # selection -f > -t >= -1, so w > 0 (1 + x is exact for x in (-1, 0)): nonzero <=> selected
+        torch.threshold(f, -t_neg, -1.0, out=f)
+        f.clamp_max_(0.0).add_(1.0)
         count = torch.count_nonzero(f)
     else:  # a threshold above 1 selects pairs whose weight can be 0 or negative
-        mask = f > 1.0 - t_neg
+        mask = f > -t_neg
         count = mask.sum()
-        f.clamp_max_(1.0).mul_(mask)
+        f.clamp_max_(0.0).add_(1.0).mul_(mask)
     torch.mm(p_l, p_r.t(), out=c)
     if h == "exp":  # value = w e^{c}, dvalue/dc = value
         c.exp_().mul_(f)
@@ -103,7 +107,7 @@ def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str, one: torch.Te
         c.copy_(f)
         return value, count, 1.0
     if h == "log":  # value = -w log(1 - c + eps), dvalue/dc = w / (1 - c + eps)
-        c.neg_().add_(1.0 + LOG_EPS)
+        c.neg_().add_(1.0).add_(LOG_EPS)  # not add_(1 + eps): in float32 that is 1, eps lost
         value = -torch.vdot(f.flatten(), torch.log(c).flatten())
         torch.div(f, c, out=c)
         return value, count, 1.0
@@ -125,7 +129,7 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     rows = tile_rows(n, max(m, n) if shifts else m, tile_elems)
     tiles = _TileBuffers(rows, u_a)
     p_a_neg = -p_a  # so the positive GEMM yields -c and exp(1 - c) needs one pass
-    one = u_a.new_ones(())
+    u_a_neg = -u_a if shifts else None  # so the negative GEMM yields -f (exact selection)
     for b in range(batch):
         # partner list: (term, partner features, partner probs, its grad buffer or None)
         partners = [(0, u_b[b], p_b[b], grad_b[b] if need_b else None)]
@@ -141,7 +145,8 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
                     value, count, alpha = _positive_tile(f, c, u_l, u_r, p_a_neg[b, i0:i1], p_r,
                                                          t_pos, h)
                 else:
-                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h, one)
+                    value, count, alpha = _negative_tile(f, c, u_a_neg[b, i0:i1], u_r, p_l, p_r,
+                                                         t_neg, h)
                 sums[term] += value
                 counts[term] += count
                 # c now holds dvalue/dc / alpha for every pair of the tile
@@ -161,19 +166,21 @@ class StreamingPairSums(torch.autograd.Function):
         sums, counts, grad_a, grad_b = _walk(u_a.detach(), u_b.detach(), p_a.detach(),
                                              p_b.detach(), shifts, t_pos, t_neg, h, need_a,
                                              need_b, tile_elems)
-        ctx.save_for_backward(grad_a, grad_b)
+        ctx.save_for_backward(grad_a, grad_b, p_a, p_b)
         ctx.mark_non_differentiable(counts)
         return sums.to(p_a.dtype), counts
 
     @staticmethod
     def backward(ctx, grad_sums, grad_counts):
-        grad_a, grad_b = ctx.saved_tensors
+        grad_a, grad_b, p_a, p_b = ctx.saved_tensors
         go = grad_sums.to(grad_a.dtype if grad_a is not None else grad_sums.dtype)
         d_a = d_b = None
         if ctx.needs_input_grad[2]:
             d_a = torch.tensordot(go, grad_a, dims=1)
         if ctx.needs_input_grad[3]:
             d_b = grad_b * go[0]
+        d_a = first_order_only(d_a, p_a, "streaming")
+        d_b = first_order_only(d_b, p_b, "streaming")
         return None, None, d_a, d_b, None, None, None, None, None
 
 

@@ -33,11 +33,11 @@ from typing import Optional, Sequence
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
+from iddc.first_order import first_order_only
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -502,14 +502,13 @@ class TritonPairSums(torch.autograd.Function):
         sums = psum.flatten(1).to(torch.float64).sum(1).to(out_dtype)
         counts = pcnt.flatten(1).to(torch.int64).sum(1)
         ctx.mark_non_differentiable(counts)
-        ctx.save_for_backward(grad_a if need_a else None, grad_b if need_b else None)
+        ctx.save_for_backward(grad_a if need_a else None, grad_b if need_b else None, p_a, p_b)
         ctx.p_dtypes = (p_a.dtype, p_b.dtype)
         return sums, counts
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_sums, grad_counts=None):
-        grad_a, grad_b = ctx.saved_tensors
+        grad_a, grad_b, p_a, p_b = ctx.saved_tensors
         gp_a = gp_b = None
         if grad_sums is None:
             return (None,) * 12
@@ -518,6 +517,8 @@ class TritonPairSums(torch.autograd.Function):
             gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
         if grad_b is not None:
             gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
+        # a second derivative would lack the pair terms: make it raise, not silently drop them
+        gp_a, gp_b = first_order_only(gp_a, p_a, "triton"), first_order_only(gp_b, p_b, "triton")
         return (gp_a, gp_b) + (None,) * 10
 
 

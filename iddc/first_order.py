@@ -1,0 +1,33 @@
+"""A guard for backends whose gradients are computed in the forward pass and saved.
+
+Their backward only scales the saved gradients, so a second derivative through them would be
+silently missing the pair terms' curvature (and ``once_differentiable`` does not catch it when
+grad_output is a constant, as the loss's 1/count is). `first_order_only` ties the returned
+gradient to the differentiable input, so that differentiating it again raises instead.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _SecondOrderError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, anchor, backend):
+        ctx.backend = backend
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"the {ctx.backend} backend computes first-order gradients only (they are made in the "
+            "forward pass); for second derivatives (double backward, Hessian-vector products) "
+            "use IDDCLoss(backend='reference')")
+
+
+def first_order_only(grad, anchor: torch.Tensor, backend: str):
+    """`grad`, unchanged; when the backward pass builds a graph (create_graph=True), one whose
+    own backward raises a RuntimeError naming `backend`. `anchor` is the input the gradient is
+    for: it connects the result to the graph."""
+    if grad is None or not torch.is_grad_enabled() or not anchor.requires_grad:
+        return grad
+    return _SecondOrderError.apply(grad, anchor, backend)

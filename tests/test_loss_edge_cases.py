@@ -1,0 +1,192 @@
+"""`IDDCLoss` at the edges: saturated heads, affinities on a threshold, autocast, second
+derivatives, and arguments that must be refused rather than coerced. Every backend that can run
+here (triton under the interpreter on a CPU) must give the reference's answer or a clear error.
+"""
+import numpy as np
+import pytest
+import torch
+
+from iddc import IDDCLoss, iddc_loss
+from iddc.reference import pair_sums
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_available() -> bool:
+    try:
+        import iddc_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ["reference", "streaming"] + (["triton"] if _triton_available() else [])
+
+
+def _terms(out):
+    return torch.stack([out.loss, out.pos, out.neg]).detach().double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_variant_with_saturated_probabilities_stays_finite(backend):
+    """A one-hot head makes c = 1 exactly: -log(1 - c + eps) must be -log(eps), not -log(0)."""
+    feats = torch.zeros(2, 4, 1, 2, device=DEVICE)
+    feats[:, 0, 0, 0] = 1.0   # pixel 0 along e0, pixel 1 along e1: f = 0 between them
+    feats[:, 1, 0, 1] = 1.0
+    logits = torch.zeros(2, 3, 1, 2, device=DEVICE)
+    logits[:, 0] = 40.0       # softmax rounds to exactly one-hot in float32
+    za, zb = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    kw = dict(shifts=(1,), h="log", t_pos=0.2, t_neg=0.12)
+    out = iddc_loss(feats, feats.clone(), za, zb, backend=backend, **kw)
+    ref = iddc_loss(feats, feats.clone(), za, zb, backend="reference", **kw)
+    assert int(out.neg_counts[0]) == int(ref.neg_counts[0]) == 4
+    assert torch.isfinite(_terms(out)).all(), _terms(out)
+    torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(out.loss, (za, zb))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_variant_with_no_pair_selected_is_not_nan(backend):
+    """Unselected saturated pairs have weight 0: 0 * log(0) must never reach the sum."""
+    feats = torch.ones(2, 4, 1, 1, device=DEVICE)  # f = 1 everywhere: no negative pair
+    logits = torch.zeros(2, 3, 1, 1, device=DEVICE)
+    logits[:, 0] = 30.0
+    out = iddc_loss(feats, feats.clone(), logits, logits.clone(), shifts=(1,), h="log",
+                    backend=backend)
+    assert int(out.neg_counts[0]) == 0
+    assert float(out.neg) == 0.0 and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("above", [2e-8, "next-float"], ids=["t+2e-8", "t+ulp"])
+def test_negative_selection_is_exact_at_the_threshold(backend, above):
+    """f exactly 1/8, t a hair above it: f < t holds, in every backend (no 1 - f rounding)."""
+    feats = torch.ones(2, 16, 1, 1, device=DEVICE)
+    feats[1, :7] = -1.0  # unit vectors whose dot across the two images is 2/16 = 0.125 exactly
+    t_neg = 0.125 + above if above != "next-float" else \
+        float(np.nextafter(np.float32(0.125), np.float32(1)))
+    gen = torch.Generator().manual_seed(7)
+    za = torch.randn(2, 3, 1, 1, generator=gen).to(DEVICE).requires_grad_()
+    zb = torch.randn(2, 3, 1, 1, generator=gen).to(DEVICE).requires_grad_()
+    kw = dict(shifts=(1,), t_pos=0.2, t_neg=t_neg)
+    out = iddc_loss(feats, feats.clone(), za, zb, backend=backend, **kw)
+    ref = iddc_loss(feats, feats.clone(), za, zb, backend="reference", **kw)
+    assert out.neg_counts.tolist() == ref.neg_counts.tolist() == [2]
+    torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_selected_pairs(backend):
+    """Under bf16 autocast the loss still runs in float32: the same pairs and values as eager."""
+    if DEVICE == "cuda":
+        pytest.skip("checked on the CPU autocast path")
+    gen = torch.Generator().manual_seed(11)
+    fa, fb = torch.randn(3, 32, 5, 6, generator=gen), torch.randn(3, 32, 4, 7, generator=gen)
+    za = torch.randn(3, 5, 5, 6, generator=gen, requires_grad=True)
+    zb = torch.randn(3, 5, 4, 7, generator=gen, requires_grad=True)
+    kw = dict(shifts=(1, 2), t_pos=0.05, t_neg=0.0, backend=backend)
+    eager = iddc_loss(fa, fb, za, zb, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = iddc_loss(fa, fb, za, zb, **kw)
+    assert mixed.loss.dtype == torch.float32
+    assert int(mixed.pos_count) == int(eager.pos_count)
+    assert mixed.neg_counts.tolist() == eager.neg_counts.tolist()
+    torch.testing.assert_close(_terms(mixed), _terms(eager), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_second_derivative_raises_instead_of_dropping_the_pair_terms(backend):
+    gen = torch.Generator().manual_seed(3)
+    fa, fb = torch.randn(3, 8, 2, 2, generator=gen), torch.randn(3, 8, 2, 2, generator=gen)
+    za = torch.randn(3, 3, 2, 2, generator=gen).to(DEVICE).requires_grad_()
+    zb = torch.randn(3, 3, 2, 2, generator=gen).to(DEVICE).requires_grad_()
+    fa, fb = fa.to(DEVICE), fb.to(DEVICE)
+    kw = dict(shifts=(1, 2), t_pos=0.0, t_neg=0.3)
+    loss = iddc_loss(fa, fb, za, zb, backend=backend, **kw).loss
+    grad, = torch.autograd.grad(loss, za, create_graph=True)
+    ref_grad, = torch.autograd.grad(iddc_loss(fa, fb, za, zb, backend="reference", **kw).loss,
+                                    za)
+    # the first derivative is still right, and usable as a value
+    torch.testing.assert_close(grad.detach(), ref_grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match=f"the {backend} backend computes first-order "
+                                           "gradients only.*backend='reference'"):
+        torch.autograd.grad((grad * torch.randn_like(grad)).sum(), za)
+
+
+def test_reference_supports_second_derivatives():
+    gen = torch.Generator().manual_seed(5)
+    fa, fb = (torch.randn(3, 8, 2, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    za, zb = (torch.randn(3, 3, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+              for _ in range(2))
+
+    def loss(za, zb):
+        return iddc_loss(fa, fb, za, zb, shifts=(1, 2), t_pos=0.0, t_neg=0.3,
+                         backend="reference").loss
+    assert torch.autograd.gradgradcheck(loss, (za, zb))
+
+
+@pytest.mark.parametrize("dtype_b", [torch.float64], ids=["f64-view-b-only"])
+def test_float64_in_either_view_computes_in_float64(dtype_b):
+    gen = torch.Generator().manual_seed(2)
+    fa, fb = torch.randn(2, 8, 3, 3, generator=gen), torch.randn(2, 8, 3, 3, generator=gen)
+    za = torch.randn(2, 4, 3, 3, generator=gen, requires_grad=True)
+    zb = torch.randn(2, 4, 3, 3, generator=gen, dtype=dtype_b, requires_grad=True)
+    out = iddc_loss(fa, fb, za, zb, shifts=(1,), backend="streaming")
+    assert out.loss.dtype == torch.float64
+
+
+# --- arguments refused, not coerced ------------------------------------------------------------
+
+def _small_views(batch=3):
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(batch, 8, 2, 3, generator=gen), torch.randn(batch, 8, 2, 3, generator=gen)
+    za, zb = torch.randn(batch, 4, 2, 3, generator=gen), torch.randn(batch, 4, 2, 3, generator=gen)
+    return fa, fb, za, zb
+
+
+@pytest.mark.parametrize("shifts", [[1.7], [2.0], "12", [True], ["1"], 5],
+                         ids=["float", "integral-float", "string", "bool", "digit-string",
+                              "not-a-sequence"])
+def test_non_integer_shifts_are_refused(shifts):
+    with pytest.raises(ValueError, match="shifts must be a sequence of integers"):
+        iddc_loss(*_small_views(), shifts=shifts, backend="streaming")
+
+
+@pytest.mark.parametrize("shifts", [(np.int64(1), 2), torch.tensor([2, 1]), np.array([1])],
+                         ids=["numpy-ints", "tensor", "numpy-array"])
+def test_integer_shifts_of_any_kind_are_accepted(shifts):
+    out = iddc_loss(*_small_views(), shifts=shifts, backend="streaming")
+    assert out.shifts == tuple(int(r) for r in shifts)
+
+
+@pytest.mark.parametrize("num_shifts", [2.0, True, None, "3"],
+                         ids=["float", "bool", "none", "string"])
+def test_num_shifts_must_be_an_integer(num_shifts):
+    with pytest.raises(ValueError, match="num_shifts must be a non-negative integer"):
+        IDDCLoss(num_shifts=num_shifts)
+
+
+def test_numpy_scalars_are_accepted_as_plain_numbers():
+    loss = IDDCLoss(t_pos=np.float32(0.25), lambda1=np.float64(2.0), num_shifts=np.int64(2))
+    assert type(loss.config.t_pos) is float and loss.config.t_pos == pytest.approx(0.25)
+    assert type(loss.config.num_shifts) is int and loss.config.num_shifts == 2
+
+
+def test_generator_must_be_a_torch_generator():
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, got int"):
+        iddc_loss(*_small_views(), generator=0, backend="streaming")
+
+
+@pytest.mark.parametrize("result, got", [
+    (lambda s, c: (s[:1], c[:1]), r"got \(\(1,\), \(1,\)\)"),
+    (lambda s, c: (torch.cat([s, s[:1]]), torch.cat([c, c[:1]])), r"got \(\(4,\), \(4,\)\)"),
+    (lambda s, c: (s, c.tolist()), r"got \(\(3,\), 'list'\)"),
+    (lambda s, c: s, "got Tensor"),
+], ids=["too-few-terms", "too-many-terms", "counts-not-a-tensor", "sums-only"])
+def test_callable_backend_breaking_the_contract_is_named(result, got):
+    def my_backend(*args, **kwargs):
+        return result(*pair_sums(*args, **kwargs))
+    with pytest.raises(ValueError, match=rf"backend my_backend must return \(sums, counts\), "
+                                         rf"two tensors of shape \(3,\).*{got}"):
+        iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
