@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -522,6 +523,18 @@ class TritonPairSums(torch.autograd.Function):
         return (gp_a, gp_b) + (None,) * 10
 
 
+def float32_threshold(t: float, below: bool) -> float:
+    """The float32 number t32 with, for every float32 f, ``f < t32 <=> f < t`` (below=True:
+    t rounded up to float32) or ``f > t32 <=> f > t`` (below=False: rounded down)."""
+    t = float(t)
+    t32 = np.float32(t)
+    if below and float(t32) < t:
+        t32 = np.nextafter(t32, np.float32(np.inf))
+    elif not below and float(t32) > t:
+        t32 = np.nextafter(t32, np.float32(-np.inf))
+    return float(t32)
+
+
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -629,7 +642,10 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         z = pa.sum() * 0 + pb.sum() * 0
         return (z.to(out_dtype).expand(1 + len(shifts)).clone(),
                 torch.zeros(1 + len(shifts), dtype=torch.int64, device=u_a.device))
-    sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, float(t_pos), float(t_neg),
+    # the kernels take float32 thresholds: round so that f > t and f < t select what they would
+    # with the exact (double) t, for every float32 f
+    t_pos32, t_neg32 = float32_threshold(t_pos, below=False), float32_threshold(t_neg, below=True)
+    sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,
                                         _H_CODES[h], precision, bool(deterministic), out_dtype,
                                         _config)
     return sums, counts
