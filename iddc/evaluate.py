@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
     from .data import build_source
     from .data.layout import skip_corrupt
     from .models import backbone_data_config
-    from .train import resolve_device
+    from .devices import resolve_device
 
     ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
                                  description="Re-evaluate a saved IDDC run on its val split.")

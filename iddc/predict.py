@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
+from .devices import resolve_device
 from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor
 
 log = logging.getLogger("iddc")
@@ -165,12 +165,6 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: str = "resize", short_side: Optional[int] = None,
                   window: int = DEFAULT_WINDOW, stride: Optional[int] = None,
@@ -184,7 +178,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
     paths = expand_inputs(inputs)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
     data_config = ckpt.get("data_config") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     k = int(model.num_classes)

@@ -25,24 +25,11 @@ from .config import Config, add_config_arguments, resolve_config
 from .data import IGNORE_INDEX, build_source
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
+from .devices import resolve_device
 from .loss import IDDCLoss, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
 log = logging.getLogger("iddc")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": CUDA if available, else MPS, else CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 class TwoViewDataset(torch.utils.data.Dataset):

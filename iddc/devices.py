@@ -1,0 +1,35 @@
+"""The one place a device name from the command line becomes a `torch.device`."""
+from __future__ import annotations
+
+import torch
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA if available, else MPS, else CPU. Otherwise a torch device string ("cpu",
+    "cuda", "cuda:1", "mps"), checked to exist here: a ValueError names what is missing."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; expected 'auto', 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif dev.type == "mps":
+        if not _mps_available():
+            raise ValueError(f"--device {name}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu, cuda and mps devices are supported")
+    return dev
