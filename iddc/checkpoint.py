@@ -7,7 +7,9 @@ A checkpoint is a dict::
      "data_config": {"mean", "std"}, "weights_report": {...},
      "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
      "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
-     "metrics": [per-epoch entries so far], "baselines": {...}}
+     "metrics": [per-epoch entries so far], "baselines": {...},
+     "run_folder": absolute path of the run folder it was written into (--resume continues there
+     only if it is that folder's last.pt)}
 
 :func:`load_model` rebuilds the model from a checkpoint alone (no weights file needed: the
 backbone's tensors are in ``model``).
@@ -17,8 +19,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import uuid
 import zipfile
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,21 +33,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be found, read or understood."""
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file next to ``path``, then os.replace (never a half-written file)."""
+def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
+    """``write(fh)`` into a temp file next to ``path``, then os.replace: never a half-written
+    file. An OSError of the writing itself (a full disk) names no file; it is raised again
+    naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            raise OSError(err.errno, err.strerror, path) from err
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temp file next to ``path``, then os.replace (never a half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 #: what pickling a numpy array refers to (allowed by torch.load(weights_only=True) below)
@@ -110,15 +122,12 @@ def set_rng_state(state: dict, shift_generator: torch.Generator) -> None:
 
 def load_model(path: str, device="cpu"):
     """(IDDCModel in eval mode, Config, checkpoint dict) rebuilt from a checkpoint alone."""
-    import dataclasses
-
     from .config import Config
     from .models import build_model
 
     ckpt = load(path)
     cfg = Config.from_dict(ckpt["config"])
-    # every tensor is in the checkpoint: build a bare backbone, never fetch or read weights
-    bare = dataclasses.replace(cfg.model, pretrained=False, weights=None)
-    model, _ = build_model(bare, ckpt["num_classes"], load_weights=False)
+    # every tensor is in the checkpoint: a bare backbone, no weights read or fetched
+    model, _ = build_model(cfg.model, ckpt["num_classes"], load_weights=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt

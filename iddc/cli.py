@@ -1,9 +1,10 @@
 """The ``python -m iddc.<tool>`` entry point: a user's mistake is one line, not a traceback.
 
 Errors the package raises to describe bad input (a setting, a path, a data layout, a weights or
-checkpoint file) print as ``<prog>: error: <message>`` with exit status 2, like argparse's own
-errors. Anything else is a bug and keeps its traceback. ``IDDC_TRACEBACK=1`` shows the
-traceback of every error.
+checkpoint file), and errors of the operating system (an OSError with an errno: a full or
+read-only disk, a missing file, no permission), print as ``<prog>: error: <message>`` with exit
+status 2, like argparse's own errors. Anything else is a bug and keeps its traceback.
+``IDDC_TRACEBACK=1`` shows the traceback of every error.
 """
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def user_errors() -> tuple:
             PermissionError, IsADirectoryError, CheckpointError, WeightsError)
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Bad input, or the machine's doing (an OSError with an errno; one without is a library's
+    own complaint, which may be a bug, and keeps its traceback)."""
+    return isinstance(err, user_errors()) or (isinstance(err, OSError) and err.errno is not None)
+
+
+def message(err: BaseException) -> str:
+    """One line: an OSError's reason and path(s) without its "[Errno N]" prefix."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        return f"{err.strerror}: {' -> '.join(paths)}"
+    return str(err)
+
+
 def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
     """Call ``main(argv)``; report a user error on stderr and exit with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -27,8 +42,10 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
         return main(argv)
     try:
         return main(argv)
-    except user_errors() as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"{prog}: error: {message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

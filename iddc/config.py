@@ -5,14 +5,22 @@ command line. A preset named in YAML or on the command line only fills the loss 
 neither the YAML file nor the command line set explicitly.
 
 Every field of every section gets a command-line flag named after it (``train.epochs`` ->
-``--epochs``, ``loss.t_pos`` -> ``--t-pos``, ``data.crop_size`` -> ``--crop-size``). Data-set
-options go through ``--data-option KEY=VALUE`` (repeatable).
+``--epochs``, ``loss.t_pos`` -> ``--t-pos``, ``data.crop_size`` -> ``--crop-size``), parsed as
+the field's declared type. Data-set options go through ``--data-option KEY=VALUE``
+(repeatable). :meth:`Config.validate` checks every field against its declared type, whatever
+set it (YAML, ``--set``, a checkpoint).
+
+A resumed run (:func:`resolve_config` with ``saved``) starts from its saved config instead of
+the defaults; a preset, YAML file or flag given now applies on top of it, in the same order.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -20,7 +28,7 @@ import yaml
 
 from .loss import PRESETS as LOSS_PRESETS
 from .loss import IDDCConfig
-from .models import ModelConfig
+from .models import ModelConfig, patch_size_of
 
 #: Presets of this package's own settings, next to SPEC section 3's (iddc.loss.PRESETS).
 #: "synthetic-random-vits8": the embedded default (synthetic scenes, RANDOMLY initialised
@@ -141,6 +149,7 @@ class Config:
     def validate(self) -> "Config":
         """Raise ValueError naming the first setting that cannot work (the loss's own fields are
         checked by IDDCConfig); returns self."""
+        check_types(self)
         t, d = self.train, self.data
         at_least = [("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
                     ("train.eval_every", t.eval_every, 1), ("train.threads", t.threads, 0),
@@ -159,7 +168,8 @@ class Config:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
                             ("train.backbone_lr_ratio", t.backbone_lr_ratio),
-                            ("train.poly_power", t.poly_power)]:
+                            ("train.poly_power", t.poly_power),
+                            ("data.eval_feature_cache_mb", d.eval_feature_cache_mb)]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -171,6 +181,9 @@ class Config:
             raise ValueError(f"train.batch_size {t.batch_size}: the negative pairs pair each "
                              "image with another image of the batch, so it must be >= 2 (or "
                              "set loss.num_shifts 0 for a positive-only loss)")
+        patch = patch_size_of(self.model)
+        if patch:  # else training checks it once the backbone exists
+            check_sliding_window(d, patch)
         return self
 
     def dump_yaml(self, path: str) -> None:
@@ -179,6 +192,65 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": IDDCConfig}
+#: how a field type reads in an error message
+_TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number",
+               str: "a string", dict: "a mapping (KEY: VALUE, ...)"}
+
+
+def _optional_of(hint):
+    """X for a field type Optional[X] (X | None), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [h for h in typing.get_args(hint) if h is not type(None)]
+        return rest[0] if len(rest) == 1 else None
+    return None
+
+
+def _accepts(hint, value) -> bool:
+    """Whether ``value`` has the field type ``hint``. YAML's true is no integer and 1 no boolean
+    (a string "false" would count as true); a float field takes an integer."""
+    inner = _optional_of(hint)
+    if inner is not None:
+        return value is None or _accepts(inner, value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    inner = _optional_of(hint)
+    if inner is not None:
+        return _type_name(inner) + " or null"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(cfg: Config) -> None:
+    """ValueError naming the first field whose value is not of its declared type (YAML, --set
+    and --data-option values can be of any type)."""
+    for section, typ in SECTIONS.items():
+        hints = typing.get_type_hints(typ)
+        for f in fields(typ):
+            value = getattr(getattr(cfg, section), f.name)
+            if not _accepts(hints[f.name], value):
+                raise ValueError(f"{section}.{f.name} must be {_type_name(hints[f.name])}, got "
+                                 f"{value!r} ({type(value).__name__})")
+
+
+def config_changes(old: Config, new: Config) -> list:
+    """["section.field old -> new", ...] for every field that differs."""
+    return [f"{section}.{f.name} {getattr(getattr(old, section), f.name)!r} -> "
+            f"{getattr(getattr(new, section), f.name)!r}"
+            for section, typ in SECTIONS.items() for f in fields(typ)
+            if getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)]
+
+
+def check_sliding_window(data: DataConfig, patch: int) -> None:
+    """The sliding windows go through the backbone whole: each side must be a whole number of
+    patches (only checked in that eval mode, where the window is used)."""
+    if data.eval_mode == "sliding" and data.sliding_window % patch:
+        raise ValueError(f"data.sliding_window ({data.sliding_window}) must be a multiple of the "
+                         f"backbone's patch size {patch} (eval mode 'sliding')")
 
 
 def _flag(name: str) -> str:
@@ -186,22 +258,18 @@ def _flag(name: str) -> str:
 
 
 def _field_flags():
-    """{flag dest: (section, field name, type)} for every scalar field."""
+    """{flag dest: (section, field name, type)} for every scalar field; the type is the field's
+    declared one (X of Optional[X]), not its default's (a float field may default to 512)."""
     out = {}
     for section, typ in SECTIONS.items():
+        hints = typing.get_type_hints(typ)
         for f in fields(typ):
-            default = f.default if f.default is not dataclasses.MISSING else None
             if f.default_factory is not dataclasses.MISSING:  # dict options: via --data-option
                 continue
             dest = f.name
             if dest in out:
                 dest = f"{section}_{f.name}"
-            kind = type(default) if default is not None else str
-            if f.name in ("weights", "preset", "out", "name", "data_root"):
-                kind = str
-            if f.name == "kmeans_baseline":
-                kind = bool
-            out[dest] = (section, f.name, kind)
+            out[dest] = (section, f.name, _optional_of(hints[f.name]) or hints[f.name])
     return out
 
 
@@ -220,13 +288,45 @@ def _parse_bool(s: str) -> bool:
 _EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
-def _parse_value(s: str) -> Any:
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+
+
+def _parse_value(s: str, option: str) -> Any:
     """A command-line value as YAML (true, 3, [1, 2], {a: 1}); numbers YAML 1.1 leaves as text
-    (1e-3, 5E-4: no dot) become floats."""
-    value = yaml.safe_load(s)
+    (1e-3, 5E-4: no dot) become floats. ValueError naming ``option`` if it is not YAML."""
+    try:
+        value = yaml.safe_load(s)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{option}: {s!r} is not a valid YAML value ({_yaml_problem(err)})") \
+            from err
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
     return value
+
+
+def load_yaml_file(path: str) -> dict:
+    """A --config file's {section: {field: value}}; ValueError naming the file if it cannot be
+    read, is not UTF-8 text or not YAML, or is not a mapping of mappings."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ValueError(f"cannot read config file {path}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}: "
+                         f"{err.reason})") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections")
+    for section, vals in loaded.items():
+        if vals is not None and not isinstance(vals, dict):
+            raise ValueError(f"config file {path}: section {section!r} must be a mapping")
+    return {section: dict(vals) for section, vals in loaded.items() if vals is not None}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,24 +358,10 @@ def _nested_set(d: dict, dotted: str, value) -> None:
     d.setdefault(section, {})[name] = value
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < preset < YAML < CLI, as a validated Config."""
-    explicit: dict = {}
-    if getattr(args, "config", None):
-        try:
-            with open(args.config) as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as err:
-            raise ValueError(f"cannot read config file {args.config}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {args.config} must hold a mapping of sections")
-        for section, vals in loaded.items():
-            if vals is None:
-                continue
-            if not isinstance(vals, dict):
-                raise ValueError(f"config file {args.config}: section {section!r} must be a "
-                                 "mapping")
-            explicit.setdefault(section, {}).update(vals)
+def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) -> dict:
+    """{section: {field: value}} of what this command sets: the YAML file, then the flags, then
+    --data-option (added to the YAML's data.options, else to ``options``), then --set."""
+    explicit = load_yaml_file(args.config) if getattr(args, "config", None) else {}
     for dest, (section, name, _) in FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
@@ -284,27 +370,40 @@ def resolve_config(args: argparse.Namespace) -> Config:
         key, sep, val = item.partition("=")
         if not sep:
             raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
-        explicit.setdefault("data", {}).setdefault("options", {})[key] = _parse_value(val)
+        data = explicit.setdefault("data", {})
+        if not isinstance(data.setdefault("options", dict(options or {})), dict):
+            raise ValueError(f"--data-option {item!r}: data.options must be a mapping, got "
+                             f"{data['options']!r}")
+        data["options"][key] = _parse_value(val, f"--data-option {item!r}")
     for item in getattr(args, "set", []) or []:
         key, sep, val = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
-        _nested_set(explicit, key, _parse_value(val))
+        _nested_set(explicit, key, _parse_value(val, f"--set {item!r}"))
+    return explicit
+
+
+def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Config:
+    """Defaults < preset < YAML < CLI, as a Config (to validate). ``saved``: a resumed run's
+    config dict, which replaces the defaults and the default preset; a preset named now sets
+    its loss fields (but those this command sets), and --fused picks the backend again."""
+    explicit = explicit_settings(args, (saved or {}).get("data", {}).get("options"))
     preset = explicit.get("train", {}).get("preset")
     dataset = explicit.get("data", {}).get("dataset", DataConfig.dataset)
     random_init = not explicit.get("model", {}).get("weights") and \
         not explicit.get("model", {}).get("pretrained")
-    if preset is None and dataset in DEFAULT_PRESETS and random_init:
+    if saved is None and preset is None and dataset in DEFAULT_PRESETS and random_init:
         preset = DEFAULT_PRESETS[dataset]
         explicit.setdefault("train", {})["preset"] = preset
-    base: dict = {}
+    base: dict = copy.deepcopy(saved) if saved else {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-        base["loss"] = dict(PRESETS[preset])
+        base.setdefault("loss", {}).update(PRESETS[preset])
     for section, vals in explicit.items():
         base.setdefault(section, {}).update(vals)
-    if "backend" not in explicit.get("loss", {}):
+    if "backend" not in explicit.get("loss", {}) and \
+            (saved is None or "fused" in explicit.get("train", {})):
         fused = base.get("train", {}).get("fused", TrainConfig.fused)
         base.setdefault("loss", {})["backend"] = "auto" if fused else "reference"
     return Config.from_dict(base)

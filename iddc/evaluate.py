@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
-from .inference import sliding_predict_fn
+from .inference import check_at_least, check_window, sliding_predict_fn
 
 log = logging.getLogger("iddc")
 
@@ -116,12 +118,41 @@ def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
                          align_corners=True).argmax(1)
 
 
-def iterate_batches(source, transform, batch_size: int, max_images: int = 0):
-    """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images."""
+def _count_skip(source, path: str) -> None:
+    """Add a skip to a skip_corrupt wrapper's shared counter (training logs it per epoch)."""
+    if isinstance(source, SkipCorrupt):
+        with source._count.get_lock():
+            source._count.value += 1
+        source.skipped_paths.append(path)
+
+
+def load_or_skip(source, index: int, skipped: Optional[list] = None):
+    """Sample ``index``, or None when it is corrupt: warned, counted and appended to ``skipped``.
+
+    Unlike training's skip_corrupt, the next sample is never substituted: it would be scored
+    twice."""
+    inner = source.source if isinstance(source, SkipCorrupt) else source
+    try:
+        return inner.load(index)
+    except CorruptSampleError as err:
+        _count_skip(source, err.path)
+        if skipped is not None:
+            skipped.append(err.path)
+        warnings.warn(f"skipping {err} (left out of the scores)", stacklevel=2)
+        return None
+
+
+def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
+                    skipped: Optional[list] = None):
+    """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images
+    among the first ``max_images``; corrupt samples are left out (see :func:`load_or_skip`)."""
     n = len(source) if not max_images else min(max_images, len(source))
     idx, xs, ys = [], [], []
     for i in range(n):
-        x, y = transform(*source.load(i))
+        sample = load_or_skip(source, i, skipped)
+        if sample is None:
+            continue
+        x, y = transform(*sample)
         if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size):
             yield idx, torch.stack(xs), torch.stack(ys)
             idx, xs, ys = [], [], []
@@ -139,9 +170,10 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
              cache: Optional[FeatureCache] = None) -> dict:
     """Unsupervised (Hungarian-matched) and linear-probe scores of ``model`` on ``source``.
 
-    Returns {"unsupervised": scores, "linear_probe": scores, "samples": [...]} where scores hold
-    pixel_accuracy and miou (percent), per_class_iou, and (unsupervised) the cluster -> class
-    mapping; "samples" keeps the first ``keep`` (image, label, prediction, probe) for plots.
+    Returns {"unsupervised": scores, "linear_probe": scores, "samples": [...], "skipped": [...]}
+    where scores hold pixel_accuracy and miou (percent), per_class_iou, and (unsupervised) the
+    cluster -> class mapping; "samples" keeps the first ``keep`` (image, label, prediction,
+    probe) for plots; "skipped" names the corrupt samples left out of the scores.
     ``cache``: a FeatureCache reused across calls (only valid while the backbone is frozen and
     the transform deterministic), used when ``predict_fn.accepts_feats``.
     """
@@ -150,10 +182,10 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     k = num_classes or source.num_classes
     acc_u = metrics.Accumulator(model.num_classes, k)
     acc_p = metrics.Accumulator(model.num_classes, k)
-    samples = []
+    samples, skipped = [], []
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
-        for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
+        for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped):
             x = x.to(device)
             if use_cache:
                 feats = cache.get(tuple(idx), lambda: model.features(x))
@@ -170,13 +202,15 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     finally:
         model.train(was_training)
     if int(acc_u.hist.sum()) == 0:
+        corrupt = f", {len(skipped)} of them corrupt and skipped" if skipped else ""
         raise NoLabelsError(
-            f"the evaluation set ({len(source)} images) has no labelled pixels, so accuracy and "
-            "mIoU are undefined; give it labels (e.g. --data-option label_root=DIR for a folder)")
+            f"the evaluation set ({len(source)} images{corrupt}) has no labelled pixels, so "
+            "accuracy and mIoU are undefined; give it labels (e.g. --data-option "
+            "label_root=DIR for a folder)")
     names = class_names if class_names is not None else getattr(source, "class_names", None)
     return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
             "linear_probe": metrics.supervised_scores(acc_p.hist, names),
-            "samples": samples}
+            "samples": samples, "skipped": skipped}
 
 
 def _kmeans_once(x: torch.Tensor, k: int, iters: int, g: torch.Generator):
@@ -232,21 +266,22 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     unit-normalised features of ``source``; cluster "logits" (cosine to each centroid) upsampled
     and matched like the IDDC head's."""
     model.eval()
-    feats = []
+    feats, labels = [], []
+    # labels kept (as bytes, beside the larger features) rather than read again: a second walk
+    # would warn about every corrupt sample twice
     for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
         x = x.to(device)
         raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
             else model.features(x)
-        f = F.normalize(raw.float(), dim=1).cpu()
-        feats.append(f)
+        feats.append(F.normalize(raw.float(), dim=1).cpu())
+        labels.append(y.to(torch.uint8))
     flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in feats])
     if max_points and flat.shape[0] > max_points:
         g = torch.Generator().manual_seed(seed)
         flat = flat[torch.randperm(flat.shape[0], generator=g)[:max_points]]
     centres = F.normalize(kmeans(flat, num_classes, iters, seed, restarts), dim=1)
     acc = metrics.Accumulator(num_classes, num_classes)
-    batches = iterate_batches(source, transform, batch_size, max_images)
-    for f, (_, _, y) in zip(feats, batches):
+    for f, y in zip(feats, labels):
         logits = torch.einsum("bdhw,kd->bkhw", f, centres)
         acc.update(upsample_argmax(logits, y.shape[-2:]), y)
     names = class_names if class_names is not None else getattr(source, "class_names", None)
@@ -263,12 +298,50 @@ def summary_line(name: str, entry: dict) -> str:
     return s
 
 
+def parse_data_options(items) -> dict:
+    """``--data-option KEY=VALUE`` items as a dict; values parsed as iddc.train parses them."""
+    from .config import _parse_value
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
+        options[key] = _parse_value(value, f"--data-option {item!r}")
+    return options
+
+
+def split_options(cfg, split: str, given: dict, data_root: Optional[str]) -> dict:
+    """The data-set options of ``split``: the run's (both splits, then that split's), then
+    ``given``. A new ``data_root`` with the run's own label_root would score the new images
+    against the old labels, so that label_root must be given again."""
+    run = {**cfg.data.options, **(getattr(cfg.data, f"{split}_options", None) or {})}
+    old_labels = run.get("label_root")
+    moved = data_root is not None and cfg.data.data_root is not None and \
+        os.path.abspath(data_root) != os.path.abspath(cfg.data.data_root)
+    if moved and old_labels is not None and "label_root" not in given:
+        raise ValueError(
+            f"--data-root {data_root}: the run's data options hold label_root={old_labels} (the "
+            f"labels of its data root {cfg.data.data_root}), which would score the new images "
+            f"against them; pass the new images' labels with --data-option label_root=DIR (or "
+            f"--data-option label_root={old_labels} to keep the run's)")
+    return {**run, **given}
+
+
+def check_flags(args) -> None:
+    """Each numeric flag in its range, named in the error (before any work)."""
+    for flag, value, low in [("--eval-size", args.eval_size, 1), ("--window", args.window, 1),
+                             ("--stride", args.stride, 1),
+                             ("--max-val-images", args.max_val_images, 0)]:
+        if value is not None:
+            check_at_least(flag, value, low)
+
+
 def main(argv=None) -> dict:
     from . import checkpoint
     from .data import build_source
-    from .data.layout import skip_corrupt
     from .models import backbone_data_config
     from .devices import resolve_device
+    from .predict import check_outputs, json_writer
 
     ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
                                  description="Re-evaluate a saved IDDC run on its val split.")
@@ -281,13 +354,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--stride", type=int, default=None, help="sliding stride (px); default: "
                     "the run's data.sliding_stride")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="data-set factory option (repeatable), over the run's own; e.g. "
+                         "label_root=DIR for a folder data set")
     ap.add_argument("--max-val-images", type=int, default=None)
     ap.add_argument("--split", default="val")
     ap.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --json file (never the checkpoint)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_flags(args)
+    given = parse_data_options(args.data_option)
     device = resolve_device(args.device)
     model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
+    if args.json:
+        check_outputs([args.json], [args.checkpoint], "--json", args.overwrite)
     if args.eval_mode:
         cfg.data.eval_mode = args.eval_mode
     if args.eval_size is not None:
@@ -296,15 +378,18 @@ def main(argv=None) -> dict:
         cfg.data.sliding_window = args.window
     if args.stride is not None:
         cfg.data.sliding_stride = args.stride
-    if args.data_root:
-        cfg.data.data_root = args.data_root
     if args.max_val_images is not None:
         cfg.data.max_val_images = args.max_val_images
+    options = split_options(cfg, args.split, given, args.data_root)
+    if args.data_root:
+        cfg.data.data_root = args.data_root
+    if cfg.data.eval_mode == "sliding":  # before validate(): the error names the flags
+        check_window(cfg.data.sliding_window, cfg.data.sliding_stride, model.patch_size)
     cfg.validate()
-    source = skip_corrupt(build_source(cfg.data.dataset, root=cfg.data.data_root,
-                                       split=args.split,
-                                       **{**cfg.data.options, **cfg.data.val_options}))
     mode = get_eval_mode(cfg.data.eval_mode)
+    # not wrapped in skip_corrupt: evaluate() leaves a corrupt sample out (load_or_skip)
+    source = build_source(cfg.data.dataset, root=cfg.data.data_root, split=args.split,
+                          **options)
     data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:
@@ -316,10 +401,13 @@ def main(argv=None) -> dict:
     res.pop("samples")
     res["epoch"] = ckpt.get("epoch")
     res["checkpoint"] = args.checkpoint
+    if res["skipped"]:
+        log.warning("%d corrupt sample(s) left out of the scores: %s", len(res["skipped"]),
+                    res["skipped"])
     print(summary_line(f"epoch {ckpt.get('epoch')}", res))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        checkpoint.write_atomic(args.json, json_writer(res))
     return res
 
 

@@ -27,6 +27,7 @@ one forward pass, upsampled logits, softmax (tested).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -57,6 +58,31 @@ def default_stride(window: int) -> int:
     if window >= DEFAULT_WINDOW:
         return window - DEFAULT_OVERLAP
     return window - min(DEFAULT_OVERLAP, window // 3)
+
+
+def check_at_least(flag: str, value, low: int) -> None:
+    """ValueError naming `flag` (the command-line flag of `value`) unless `value` is an integer
+    >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
+def check_window(window: int, stride: Optional[int], multiple: int = 1) -> int:
+    """The sliding stride to use (None or 0: default_stride(window)); ValueError naming --window
+    or --stride unless the windows cover an image and hold whole `multiple` px patches (a ViT
+    refuses a partial patch deep inside timm)."""
+    check_at_least("--window", window, 1)
+    if stride:
+        check_at_least("--stride", stride, 1)
+    stride = int(stride or default_stride(window))
+    if stride > window:
+        raise ValueError(f"--stride {stride} must not exceed --window {window}: pixels between "
+                         "windows would never be predicted")
+    if window % multiple:
+        lower = max(multiple, window // multiple * multiple)
+        raise ValueError(f"--window {window} is not a multiple of the backbone's patch size "
+                         f"{multiple} px; try {lower} or {lower + multiple}")
+    return stride
 
 
 def resized_shape(height: int, width: int, short_side: Optional[int], multiple: int = 1):
@@ -120,7 +146,8 @@ class Predictor:
 
     `heads`: which outputs of a dict/tuple-returning model to use (None: a tensor model, or
     the "logits" key of a dict). With one head every result is per image a tensor; with
-    several, a dict head -> tensor per image.
+    several, a dict head -> tensor per image. A bad option raises ValueError naming the
+    command-line flag it comes from (iddc.predict / iddc.evaluate: --batch-size, --window, ...).
     """
 
     def __init__(self, model: Callable, mode: str = "resize",
@@ -133,13 +160,15 @@ class Predictor:
             raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
         self.model = model
         self.mode = mode
+        check_at_least("--batch-size", batch_size, 1)
+        if short_side is not None:
+            check_at_least("--short-side", short_side, 0)
         self.short_side = None if short_side in (None, 0) else int(short_side)
-        self.window = int(window)
-        self.stride = int(stride) if stride else default_stride(self.window)
-        if self.stride <= 0 or self.stride > self.window:
-            raise ValueError(f"stride {self.stride} must be in 1..window ({self.window})")
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
         self.multiple = int(multiple) if multiple else int(getattr(model, "patch_size", 1) or 1)
+        # only sliding windows reach the model as they are; resize rounds to whole patches
+        self.stride = check_window(window, stride, self.multiple if mode == "sliding" else 1)
+        self.window = int(window)
         if isinstance(heads, str):
             heads = (heads,)
         self.heads = tuple(heads) if heads is not None else None

@@ -7,9 +7,11 @@ Weight loading lives in :func:`load_backbone_weights` (a local DINO or timm chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
@@ -65,6 +67,18 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
 
 
+def patch_size_of(cfg: ModelConfig) -> Optional[int]:
+    """The backbone's patch size as far as its config tells without building it (a
+    ``patch_size`` in backbone_kwargs, else a timm name such as vit_small_patch8_224); None if
+    neither says. Expects type-checked fields (Config.validate).
+    """
+    size = cfg.backbone_kwargs.get("patch_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.search(r"patch(\d+)", cfg.backbone)
+    return int(match.group(1)) if match else None
+
+
 def backbone_data_config(backbone: nn.Module) -> dict:
     """The backbone's own input normalisation (mean, std) from its pretrained config."""
     cfg = timm.data.resolve_data_config({}, model=backbone)
@@ -117,6 +131,16 @@ def extract_backbone_state(obj) -> dict:
     return out
 
 
+def check_finite(state: dict, what: str) -> None:
+    """WeightsError naming the first tensor holding NaN or Inf: such a backbone would only ever
+    produce NaN features (a damaged file, or one saved from a diverged run)."""
+    for k, v in state.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise WeightsError(f"{what}: tensor {k!r} holds {bad} NaN or Inf values (of "
+                               f"{v.numel()}); the file is damaged or comes from a diverged run")
+
+
 def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) -> dict:
     """Load a local checkpoint (DINO's .pth, a timm state dict, possibly wrapped under
     teacher/student/state_dict/model with module./backbone. prefixes) into ``backbone``.
@@ -124,14 +148,15 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     The positional embedding is resampled (timm.layers.resample_abs_pos_embed) when its grid
     differs from the backbone's. DINO's projection-head keys (``head.*``) are dropped. Returns a
     report ``{"path", "loaded", "missing", "unexpected", "resampled"}``; raises WeightsError for
-    a missing/corrupt file, a file with no matching key, a shape mismatch, or (``strict``) any
-    missing/unexpected key.
+    a missing/corrupt file, a tensor holding NaN/Inf, a file with no matching key, a shape
+    mismatch, or (``strict``) any missing/unexpected key.
     """
     state = extract_backbone_state(_read_checkpoint(path))
     own = backbone.state_dict()
     dropped = sorted(k for k in state if k.startswith("head.") and k not in own)
     for k in dropped:
         state.pop(k)
+    check_finite(state, f"weights file {path}")
     resampled = False
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
@@ -219,8 +244,10 @@ class IDDCModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True):
-    """(IDDCModel, weights report). Without weights the backbone is random (a warning)."""
-    backbone = create_backbone(cfg)
+    """(IDDCModel, weights report). Without weights the backbone is random (a warning).
+    ``load_weights=False``: a bare backbone for a checkpoint's tensors (which hold every
+    weight), so no weights file is read and nothing is fetched."""
+    backbone = create_backbone(cfg if load_weights else dataclasses.replace(cfg, pretrained=False))
     if cfg.weights and load_weights:
         report = load_backbone_weights(backbone, cfg.weights)
         report["source"] = "file"

@@ -17,41 +17,36 @@ resize`` (default; shorter side ``--short-side``, default: the run's eval size) 
 sliding`` (``--window``/``--stride`` windows, averaged softmax). Images are read lazily and
 predicted ``--batch-size`` at a time; an unreadable image is reported and skipped (exit code 1
 at the end), it never stops the others.
+
+Nothing is overwritten by accident: before anything is written, every output path is
+computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
+the inputs (always refused). Each file is written atomically (temp file + os.replace).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import checkpoint
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
-from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor
+from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor, check_at_least
+from .visualize import palette
 
 log = logging.getLogger("iddc")
 
 ROW = 14          # legend row height, px
 SWATCH = 11
-
-
-def palette(k: int) -> np.ndarray:
-    """The project's colours (iddc.visualize.palette), 256 x 3 for k <= 255, else k+1 x 3."""
-    from .visualize import palette as vis_palette
-    if k <= 255:
-        return vis_palette(k)
-    import colorsys
-    pal = np.zeros((k + 1, 3), np.uint8)
-    for c in range(k):
-        r, g, b = colorsys.hsv_to_rgb((c * 0.618033988749895) % 1.0, 0.65 + 0.35 * ((c // 7) % 2),
-                                      0.95 - 0.3 * ((c // 3) % 2))
-        pal[c] = (int(255 * r), int(255 * g), int(255 * b))
-    return pal
+#: the files written per image: <stem><suffix>
+IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
 
 
 def cluster_names(ckpt: dict, head: str, k: int) -> list[Optional[str]]:
@@ -156,30 +151,109 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    seen: dict = {}
+    """One output stem per input: its own stem, or stem-1, stem-2, ... for a repeated stem,
+    never equal to another input's stem (compared case-insensitively, as some file systems
+    compare names)."""
+    taken = {p.stem.casefold() for p in paths}
+    used: set = set()
     stems = []
     for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
+        stem, n = p.stem, 0
+        while stem.casefold() in used or (n and stem.casefold() in taken):
+            n += 1
+            stem = f"{p.stem}-{n}"
+        used.add(stem.casefold())
+        stems.append(stem)
     return stems
+
+
+def _file_id(path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: bool,
+                  limit: int = 5) -> None:
+    """Refuse before anything is written: an output that is one of ``inputs`` (always) or a
+    folder, or that exists already (unless ``overwrite``). ``flag``: the option that chose
+    the outputs, named in the message."""
+    existing = [Path(p) for p in outputs if os.path.lexists(p)]
+    inputs_ids = {_file_id(p) for p in inputs if os.path.exists(p)}
+    onto_input = [str(p) for p in existing if p.exists() and _file_id(p) in inputs_ids]
+    if onto_input:
+        raise ValueError(f"{flag}: the output(s) {onto_input[:limit]} would replace input "
+                         f"file(s); choose another {flag}")
+    folders = [str(p) for p in existing if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"{flag}: output path(s) {folders[:limit]} are folders")
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:limit])
+        raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}"
+                              f"{', ...' if len(existing) > limit else ''}); choose another "
+                              f"{flag}, or pass --overwrite to replace them")
+
+
+# writers for iddc.checkpoint.write_atomic (temp file beside the target + os.replace)
+def png_writer(image: Image.Image) -> Callable[[BinaryIO], None]:
+    return lambda fh: image.save(fh, format="PNG")
+
+
+def json_writer(obj) -> Callable[[BinaryIO], None]:
+    return lambda fh: fh.write(json.dumps(obj, indent=1).encode())
+
+
+def id_image(ids: np.ndarray, k: int) -> Image.Image:
+    """The raw ids: 8-bit for k <= 255, else 16-bit."""
+    if k <= 255:
+        return Image.fromarray(ids.astype(np.uint8), mode="L")
+    return Image.fromarray(ids.astype(np.uint16))
+
+
+def probe_never_trained(ckpt: dict) -> bool:
+    """True when every epoch the run recorded has a mean probe cross-entropy of exactly 0: no
+    training step had a labelled pixel, so the linear probe kept its initial weights. False
+    when it trained, or when the checkpoint records no training statistics."""
+    stats = [e["train"] for e in ckpt.get("metrics") or []
+             if "probe_ce" in (e.get("train") or {})]
+    return bool(stats) and all(s["probe_ce"] == 0 for s in stats)
+
+
+def check_options(alpha: float, stride: Optional[int]) -> None:
+    """predict's own options (Predictor checks --batch-size, --short-side, --window)."""
+    if not 0 <= alpha <= 1:  # NaN fails too
+        raise ValueError(f"--alpha (overlay opacity) must be in [0, 1], got {alpha}")
+    if stride is not None:
+        check_at_least("--stride", stride, 1)
 
 
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: str = "resize", short_side: Optional[int] = None,
                   window: int = DEFAULT_WINDOW, stride: Optional[int] = None,
                   batch_size: int = 8, device: str = "auto", head: str = "clusters",
-                  alpha: float = 0.5) -> dict:
-    """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`.
+                  alpha: float = 0.5, overwrite: bool = False) -> dict:
+    """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`
+    (refused if one exists, unless `overwrite`; never onto an input).
 
     Returns {"written": {stem: [paths]}, "failed": {path: reason}, "legend": path}.
     """
-    from . import checkpoint
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
+    check_options(alpha, stride)
     paths = expand_inputs(inputs)
+    stems = _unique_stems(paths)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    legend_path, json_path = out / "legend.png", out / "predictions.json"
+    check_outputs([legend_path, json_path] + [out / f"{stem}{suffix}" for stem in stems
+                                              for suffix in IMAGE_OUTPUTS],
+                  paths + [Path(checkpoint_path)], "--out", overwrite)
     dev = resolve_device(device)
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
+    if head == "probe" and probe_never_trained(ckpt):
+        raise ValueError("--head probe: this run's linear probe was never trained (no training "
+                         "step had labelled pixels), so it would show its random initial "
+                         "weights; use --head clusters")
     data_config = ckpt.get("data_config") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     k = int(model.num_classes)
     key = {"clusters": "logits", "probe": "probe"}[head]
@@ -190,15 +264,13 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     names = cluster_names(ckpt, head, k)
     pal = palette(k)
     title = "cluster" if head == "clusters" else "class (linear probe)"
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    legend_path = out / "legend.png"
-    full_legend(k, names, pal, f"{title}: {k} ids").save(legend_path)
+    legend = full_legend(k, names, pal, f"{title}: {k} ids")
+    checkpoint.write_atomic(legend_path, png_writer(legend))
 
     written: dict = {}
     failed: dict = {}
     summary: dict = {}
-    stems = _unique_stems(paths)
     for start in range(0, len(paths), batch_size):
         batch = []
         for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
@@ -214,22 +286,18 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         for (path, stem, img), pred in zip(batch, preds):
             ids = pred.cpu().numpy()
             seg, overlay, shares = render(img, ids, names, pal, alpha, title)
-            files = [out / f"{stem}_seg.png", out / f"{stem}_overlay.png", out / f"{stem}_ids.png"]
-            seg.save(files[0])
-            overlay.save(files[1])
-            if k <= 255:
-                Image.fromarray(ids.astype(np.uint8), mode="L").save(files[2])
-            else:
-                Image.fromarray(ids.astype(np.uint16)).save(files[2])
+            files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
+            for file, image in zip(files, (seg, overlay, id_image(ids, k))):
+                checkpoint.write_atomic(file, png_writer(image))
             written[stem] = [str(f) for f in files]
             summary[stem] = {"input": str(path), "size": [img.width, img.height],
                              "files": [f.name for f in files],
                              "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
             log.info("%s -> %s", path, files[1])
-    with open(out / "predictions.json", "w") as fh:
-        json.dump({"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-                   "short_side": short_side, "num_ids": k,
-                   "names": names, "images": summary, "failed": failed}, fh, indent=1)
+    record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
+              "short_side": short_side, "num_ids": k, "names": names, "images": summary,
+              "failed": failed}
+    checkpoint.write_atomic(json_path, json_writer(record))
     return {"written": written, "failed": failed, "legend": str(legend_path)}
 
 
@@ -239,6 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True, help="an IDDC checkpoint (last.pt)")
     ap.add_argument("images", nargs="+", help="image files or folders")
     ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace output files that already exist in --out (never an input)")
     ap.add_argument("--mode", choices=MODES, default="resize")
     ap.add_argument("--short-side", type=int, default=None,
                     help="resize the shorter side to this first (default: the run's eval size; "
@@ -251,16 +321,16 @@ def main(argv=None) -> int:
                     help="images read per step (and windows per forward pass when sliding)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--head", choices=("clusters", "probe"), default="clusters")
-    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     args = ap.parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .cli import user_errors
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         res = predict_files(args.checkpoint, args.images, args.out, mode=args.mode,
                             short_side=args.short_side, window=args.window, stride=args.stride,
                             batch_size=args.batch_size, device=args.device, head=args.head,
-                            alpha=args.alpha)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
+                            alpha=args.alpha, overwrite=args.overwrite)
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(res['written'])} image(s) to {args.out}"

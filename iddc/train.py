@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
-from .config import Config, add_config_arguments, resolve_config
+from .config import (Config, add_config_arguments, check_sliding_window, config_changes,
+                     resolve_config)
 from .data import IGNORE_INDEX, build_source
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -126,10 +127,7 @@ def setup_logging(path: str) -> logging.Handler:
 
 
 def write_json_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
 
 
 def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict] = None) -> dict:
@@ -145,10 +143,79 @@ def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict]
     return e
 
 
+def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
+    """None if ``path`` is the last.pt its run wrote into this folder (named so, and the folder
+    is the one the run recorded, or, for a moved or copied run folder or a checkpoint of an
+    earlier version, its metrics.json begins with the checkpoint's history); else why not."""
+    if os.path.basename(path) != "last.pt":
+        return f"it is named {os.path.basename(path)!r}, not last.pt"
+    folder = os.path.dirname(os.path.abspath(path))
+    recorded = ckpt.get("run_folder")
+    if recorded and os.path.realpath(recorded) == os.path.realpath(folder):
+        return None
+    history = json.loads(json.dumps(ckpt.get("metrics") or []))  # as metrics.json holds it
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
+            on_disk = json.load(fh)
+    except (OSError, ValueError):
+        on_disk = None
+    if history and isinstance(on_disk, list) and on_disk[:len(history)] == history:
+        return None
+    return "the folder's metrics.json is not this run's"
+
+
+def resume_out_dir(path: str, ckpt: dict, cfg: Config) -> str:
+    """Where a resumed run continues: a new run folder when this command names one (--out or
+    --name other than the run's), else the checkpoint's own folder, but only when the
+    checkpoint is that folder's last.pt (never over another run's or the user's files)."""
+    saved = ckpt["config"].get("train", {})
+    folder = os.path.dirname(os.path.abspath(path))
+    why_not = not_own_last_pt(path, ckpt)
+    if cfg.train.out != saved.get("out") or cfg.train.name != saved.get("name"):
+        if cfg.train.out == saved.get("out"):
+            cfg.train.out = None  # only a new --name: runs/<name>
+        elif why_not is None and os.path.realpath(cfg.train.out) == os.path.realpath(folder):
+            return folder
+        return make_out_dir(cfg)
+    if why_not:
+        raise FileExistsError(f"--resume {path}: the run would continue in {folder}, but the "
+                              f"checkpoint is not that run folder's last.pt ({why_not}), so "
+                              "its files could be another run's or yours; continue the run in "
+                              "a new folder with --out FOLDER")
+    return folder
+
+
+def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]:
+    """(the resumed run's saved config with this command's settings on top, validated; the
+    settings changed). Its model settings cannot change: the checkpoint's tensors and
+    optimiser state fit that model only."""
+    cfg = resolve_config(args, saved=ckpt["config"]).validate()
+    changes = config_changes(Config.from_dict(ckpt["config"]), cfg)
+    of_model = [c for c in changes if c.startswith("model.")]
+    if of_model:
+        raise ValueError(f"--resume: model settings cannot change on resume ({'; '.join(of_model)}"
+                         "): the checkpoint's weights fit its own model; start a new run "
+                         "(without --resume) for another model")
+    skip, saved_batch = int(ckpt.get("step_in_epoch", 0)), ckpt["config"]["train"]["batch_size"]
+    if skip and cfg.train.batch_size != saved_batch:
+        raise ValueError(f"this checkpoint stopped {skip} steps into an epoch with batch size "
+                         f"{saved_batch}; resume it with that batch size (a new --batch-size "
+                         "applies from an epoch boundary)")
+    return cfg, changes
+
+
+RESUME_HELP = """continue the run of this checkpoint. Settings given now (flags, --set,
+--data-option, --config, --preset) apply on top of the run's saved config (a --preset sets its
+loss fields, except those given explicitly); model settings cannot change. The run continues in
+the checkpoint's folder only if the checkpoint is that folder's last.pt; with --out (or --name)
+it continues in that new folder instead, leaving the checkpoint's folder untouched (needed for
+any other checkpoint file)"""
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m iddc.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint")
+    ap.add_argument("--resume", metavar="PATH", help=RESUME_HELP)
     add_config_arguments(ap)
     return ap.parse_args(argv)
 
@@ -158,22 +225,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     resume = checkpoint.load(args.resume) if args.resume else None
     if resume is not None:
-        # the run's own config; explicit CLI flags (e.g. --epochs, --device) still apply
-        cfg = Config.from_dict(resume["config"])
-        over = resolve_config(args).to_dict()
-        given = {d for d, v in vars(args).items() if v is not None and d not in ("resume",)}
-        from .config import FLAGS
-        for dest, (section, name, _) in FLAGS.items():
-            if dest in given and dest != "backend":
-                setattr(getattr(cfg, section), name, over[section][name])
-        out = os.path.dirname(os.path.abspath(args.resume))
-        cfg.validate()
+        cfg, changes = resolve_resumed(args, resume)
+        out = resume_out_dir(args.resume, resume, cfg)
     else:
         cfg = resolve_config(args).validate()  # before a run folder exists
         out = make_out_dir(cfg)
     cfg.train.out = out
     fh = setup_logging(os.path.join(out, "train.log"))
     try:
+        if resume is not None:
+            log.info("resuming %s in %s; settings changed: %s", args.resume, out,
+                     ", ".join(changes) or "none")
         return _run(cfg, out, resume)
     finally:
         log.removeHandler(fh)
@@ -197,7 +259,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     val_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="val",
                                         **{**dc.options, **dc.val_options}))
     k = int(train_src.num_classes)
-    model, weights = build_model(cfg.model, k)
+    # before any work, while a failed start's folder may still be reused
+    if len(train_src) < tc.batch_size:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_src)} "
+                         "training images (an epoch only has full batches)")
+    if resume is not None and k != int(resume["num_classes"]):
+        raise ValueError(f"--resume: the data set now has {k} classes, the checkpoint's model "
+                         f"{resume['num_classes']}; the classifier cannot change on resume")
+    # a resumed model gets every tensor from the checkpoint: no weights file read or fetched
+    model, weights = build_model(cfg.model, k, load_weights=resume is None)
     weights_tag = weights["source"]
     if resume is not None:
         weights = resume.get("weights_report", weights)
@@ -212,6 +282,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     if dc.eval_size < model.patch_size:
         raise ValueError(f"data.eval_size ({dc.eval_size}) must be at least the backbone's patch "
                          f"size {model.patch_size}")
+    check_sliding_window(dc, model.patch_size)
     model.to(device)
     data_config = backbone_data_config(model.backbone)
 
@@ -227,10 +298,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     cfg_dict["resolved"] = {"loss_backend": backend, "device": str(device), "num_classes": k,
                             "backbone_weights": weights, "normalisation": data_config}
     import yaml
-    with open(os.path.join(out, "config.yaml"), "w") as fh:
-        if weights_tag == "random-init":
-            fh.write("# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n")
-        yaml.safe_dump(cfg_dict, fh, sort_keys=False)
+    header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n" \
+        if weights_tag == "random-init" else ""
+    checkpoint.write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
+        header + yaml.safe_dump(cfg_dict, sort_keys=False)), binary=False)
     log.info("loss: preset %s, %s", tc.preset, loss_fn.extra_repr())
     log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
              len(val_src), k)
@@ -257,11 +328,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         checkpoint.set_rng_state(resume["rng"], shift_gen)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         start_skip = int(resume.get("step_in_epoch", 0))
-        saved_batch = int(resume["config"]["train"]["batch_size"])
-        if start_skip and tc.batch_size != saved_batch:
-            raise ValueError(f"this checkpoint stopped {start_skip} steps into an epoch with "
-                             f"batch size {saved_batch}; resume it with that batch size (a "
-                             f"new --batch-size applies from an epoch boundary)")
         # the poly factor of the (possibly extended, --epochs) schedule at the resumed epoch
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * poly_factor(min(start_epoch, tc.epochs), tc.epochs,
@@ -308,18 +374,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             log.info(ev.summary_line("epoch 0 (untrained)", res))
         write_json_atomic(history, os.path.join(out, "metrics.json"))
 
-    # start-up is over: from here on the folder holds a run, never to be reused
-    marker = os.path.join(out, STARTING_MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
     dataset = TwoViewDataset(train_src, TwoViewTransform(dc.crop_size, **data_config), tc.seed)
     steps_per_epoch = len(dataset) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {tc.batch_size} exceeds the {len(dataset)} training images")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+
+    # training starts: from here on the folder holds a run, never to be reused
+    marker = os.path.join(out, STARTING_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
 
     stop, last_eval = False, None
     for epoch in range(start_epoch, tc.epochs):
@@ -409,6 +474,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             "epoch": epoch if mid_epoch else epoch + 1,
             "step_in_epoch": skip + n_steps if mid_epoch else 0,
             "rng": checkpoint.rng_state(shift_gen), "metrics": history,
+            # proves on --resume that this folder is the run's own (train.not_own_last_pt)
+            "run_folder": os.path.abspath(out),
             "loss_backend": backend}, os.path.join(out, "last.pt"))
         if stop:
             break

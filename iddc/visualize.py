@@ -6,42 +6,50 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data.base import IGNORE_INDEX
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalise
 
 IGNORE_COLOUR = (0, 0, 0)
 
 
 def palette(k: int) -> np.ndarray:
-    """k distinct RGB colours (golden-ratio hues), 256 x 3 uint8 with 255 -> black."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for c in range(min(k, 255)):
+    """Colours of ids 0..k-1 (golden-ratio hues, deterministic for any k) and, in the last row,
+    the ignore colour: 256 x 3 uint8 for k <= 255 (row 255 black), k+1 x 3 beyond."""
+    pal = np.zeros((max(k, IGNORE_INDEX) + 1, 3), dtype=np.uint8)
+    for c in range(min(k, len(pal) - 1)):
         h = (c * 0.618033988749895) % 1.0
         s = 0.65 + 0.35 * ((c // 7) % 2)
         v = 0.95 - 0.3 * ((c // 3) % 2)
         pal[c] = [int(255 * t) for t in colorsys.hsv_to_rgb(h, s, v)]
-    pal[255] = IGNORE_COLOUR
+    pal[-1] = IGNORE_COLOUR
     return pal
 
 
-def colourise(labels, k: int) -> np.ndarray:
+def colourise(labels, k: int, ignore=IGNORE_INDEX) -> np.ndarray:
+    """RGB map of an id map; ids outside 0..k-1 and `ignore` (the unlabelled id of label maps;
+    None for predictions, where 255 is a cluster when k > 255) in the ignore colour."""
+    pal = palette(k)
     lab = np.asarray(labels, dtype=np.int64)
-    lab = np.where((lab < 0) | (lab >= k), 255, lab)
-    return palette(k)[lab]
+    off = (lab < 0) | (lab >= k)
+    if ignore is not None:
+        off |= lab == ignore
+    return pal[np.where(off, len(pal) - 1, lab)]
 
 
 def panel(samples, num_classes: int, mapping=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
           scale: int = 2) -> Image.Image:
     """One row per sample (image tensor, labels, IDDC clusters, probe classes); IDDC clusters
-    are shown as their Hungarian-matched class (``mapping[cluster]``; -1 -> black)."""
+    are shown as their Hungarian-matched class (``mapping[cluster]``; -1 -> black). Any
+    number of classes works: beyond 255, predicted id 255 is a class, not "unlabelled"."""
     rows = []
     for x, y, pred, probe in samples:
         img = denormalise(x, mean, std)
         pred = np.asarray(pred)
         if mapping is not None:
             m = np.asarray(mapping)
-            pred = np.where(m[pred] < 0, 255, m[pred])
-        tiles = [img, colourise(y, num_classes), colourise(pred, num_classes),
-                 colourise(probe, num_classes)]
+            pred = m[pred]  # -1 (unmatched) is drawn in the ignore colour
+        tiles = [img, colourise(y, num_classes), colourise(pred, num_classes, ignore=None),
+                 colourise(probe, num_classes, ignore=None)]
         h = max(t.shape[0] for t in tiles)
         tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4), (0, 0)), constant_values=255)
                  for t in tiles]

@@ -1,6 +1,7 @@
 """The one interface every data set implements: images with optional label maps."""
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
@@ -33,3 +34,22 @@ class SegmentationSource(ABC):
     def name(self, index: int) -> str:
         """A short, file-system-safe identifier of the sample (its file stem)."""
         return f"{index:06d}"
+
+
+def int_option(value, name: str, minimum: int, maximum: Optional[int] = None,
+               dataset: str = "data set") -> int:
+    """`value` of the data-set option `name` as an int in minimum..maximum, else a ValueError
+    naming the option. A bool or a float is refused: `subset=true` or `num_classes=2.5` is a
+    slip, not a count."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and value >= minimum and (maximum is None or value <= maximum):
+        return int(value)
+    bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    raise ValueError(f"{dataset}: option {name}={value!r} must be a whole number {bounds}")
+
+
+def take_subset(items: list, subset, dataset: str) -> list:
+    """The first `subset` items (the `subset=N` option of every file data set); None: all."""
+    if subset is None:
+        return items
+    return items[:int_option(subset, "subset", 1, dataset=dataset)]

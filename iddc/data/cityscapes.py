@@ -7,6 +7,7 @@ gtFine_trainvaltest.zip:
 """
 from __future__ import annotations
 
+from .base import take_subset
 from .layout import (FileSource, LayoutError, check_split, list_images, make_lut,
                      missing_pairs, require_dir, require_root)
 
@@ -38,8 +39,7 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
     if not images:
         raise LayoutError(f"no *{IMAGE_SUFFIX}.png images under {image_dir}: expected "
                           f"<city>/<name>{IMAGE_SUFFIX}.png")
-    if subset is not None:
-        images = images[:int(subset)]
+    images = take_subset(images, subset, "cityscapes")
     labels = []
     for img in images:
         rel = img.relative_to(image_dir)

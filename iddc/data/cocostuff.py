@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, take_subset
 from .layout import (FileSource, LayoutError, check_split, make_lut, missing_pairs,
                      require_dir, require_file, require_root)
 
@@ -155,8 +155,7 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
         ids = sorted(p.stem for p in image_dir.glob(f"*{image_ext}"))
         if not ids:
             raise LayoutError(f"no *{image_ext} images in {image_dir}: expected <id>{image_ext}")
-    if subset is not None:
-        ids = ids[:int(subset)]
+    ids = take_subset(ids, subset, dataset)
     images = [image_dir / f"{i}{image_ext}" for i in ids]
     labels = [label_dir / f"{i}.png" for i in ids]
     missing_pairs(list(zip(images, labels)),

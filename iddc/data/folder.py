@@ -6,22 +6,42 @@
                                          ids 0..num_classes-1, 255 = unlabelled
 
 If root has `train/` and `val/` sub-folders, split selects one of them (and the same
-sub-folder of label_root, when it has one); otherwise split is ignored and the whole folder is
-used. With labels, `num_classes` defaults to 1 + the largest id in the first (up to 16) label maps
-unless given; without labels it is required (the number of clusters K); `class_names` may be given as a list or a text file (one name per line).
+sub-folder of label_root, when it has both); with neither, split is ignored and the whole folder
+is used. Only one of the two is refused (LayoutError naming the missing one): the other split
+would be the whole folder, so held-out scores would be computed on training images.
+
+`num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
+label maps and is at most 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K
+are unlabelled too, with a warning (once per data set) naming them. Without labels K is required
+(the number of clusters), any K >= 2. `class_names` may be given as a list or a text file (one
+name per line). `subset=N` keeps the first N images.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .base import IGNORE_INDEX
-from .layout import (FileSource, LayoutError, check_split, list_images, make_lut,
-                     missing_pairs, open_label, require_dir, require_root)
+from .base import IGNORE_INDEX, int_option, take_subset
+from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
+                     list_images, make_lut, missing_pairs, open_label, require_dir, require_root)
+
+PROBE_LABELS = 16  # label maps read to infer num_classes
 
 
 def _split_dir(base: Path, split: str) -> Path:
-    return base / split if (base / split).is_dir() else base
+    """base/split when base has both split folders, base itself when it has neither."""
+    present = [s for s in SPLITS if (base / s).is_dir()]
+    if not present:
+        return base
+    if len(present) < len(SPLITS):
+        missing = next(s for s in SPLITS if s not in present)
+        # the missing split would otherwise be the whole folder, split folder included
+        raise LayoutError(
+            f"missing folder {base / missing}: {base} has {present[0]}/ but no {missing}/, so "
+            f"the {missing} split would be the whole folder, {present[0]}/ included; add "
+            f"{missing}/, or move the images out of {present[0]}/ to use the whole folder for "
+            f"both splits")
+    return base / split
 
 
 def _label_for(image: Path, image_dir: Path, label_dir: Path) -> Path:
@@ -31,6 +51,72 @@ def _label_for(image: Path, image_dir: Path, label_dir: Path) -> Path:
         return nested
     flat = label_dir / f"{image.stem}.png"
     return flat if flat.is_file() else nested
+
+
+def _read_class_names(class_names):
+    if isinstance(class_names, (str, Path)):
+        return [l.strip() for l in Path(class_names).read_text().splitlines() if l.strip()]
+    return class_names
+
+
+def _infer_num_classes(labels: list, label_dir: Path) -> int:
+    """1 + the largest class id in the first PROBE_LABELS label maps."""
+    top, where = -1, None
+    for path in labels[:PROBE_LABELS]:
+        try:
+            arr = open_label(path)
+        except CorruptSampleError as err:  # a user's file, not a bug: no traceback
+            raise ValueError(f"folder: cannot infer num_classes from the labels: {err}; fix "
+                             f"the file or pass num_classes") from err
+        valid = arr[arr != IGNORE_INDEX]
+        if valid.size and int(valid.max()) > top:
+            top, where = int(valid.max()), path
+    if top < 0:
+        raise LayoutError(f"labels in {label_dir} hold no class ids: pass num_classes")
+    if top == 0:
+        raise ValueError(f"folder: the first {PROBE_LABELS} labels in {label_dir} only hold "
+                         f"class id 0 (K = 1): pass num_classes (>= 2)")
+    if top > IGNORE_INDEX:
+        raise ValueError(f"folder: label {where} holds class id {top}; label maps hold ids "
+                         f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} = unlabelled)")
+    return top + 1
+
+
+def _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir) -> int:
+    """K: given, else the number of class names, else inferred from the labels. K >= 2, and with
+    labels at most 255 (a label map holds ids 0..254 besides 255 = unlabelled)."""
+    if num_classes is None and class_names is not None:
+        if len(class_names) < 2:
+            raise ValueError(f"folder: {len(class_names)} class name(s) given; K, their number, "
+                             f"must be >= 2")
+        num_classes = len(class_names)
+    elif num_classes is None and labels is None:
+        raise ValueError(
+            f"folder {image_dir}: images without labels need num_classes (the number of "
+            f"clusters K), e.g. --data-option num_classes=27")
+    elif num_classes is None:
+        num_classes = _infer_num_classes(labels, label_dir)
+    if labels is None:
+        k = int_option(num_classes, "num_classes", 2, None, "folder")
+    else:
+        k = int_option(num_classes, "num_classes", 2, IGNORE_INDEX, "folder (with label_root)")
+    if class_names is not None and len(class_names) != k:
+        raise ValueError(f"folder: {len(class_names)} class names for {k} classes")
+    return k
+
+
+def _labels_for(images: list, image_dir: Path, label_dir: Path) -> list:
+    """The label file of every image; LayoutError for shared or missing ones."""
+    labels = [_label_for(p, image_dir, label_dir) for p in images]
+    if len(set(labels)) != len(labels):
+        stems = {}
+        for p in images:
+            stems.setdefault(p.stem, []).append(p)
+        dup = sorted(s for s, ps in stems.items() if len(ps) > 1)[:5]
+        raise LayoutError(f"images under {image_dir} with the same stem {dup} would share one "
+                          f"label file in {label_dir}: expected unique file stems")
+    missing_pairs(list(zip(images, labels)), f"<image stem>.png in {label_dir}")
+    return labels
 
 
 def build(root=None, split: str = "train", label_root=None, num_classes: Optional[int] = None,
@@ -48,43 +134,15 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     if not images:
         raise LayoutError(f"no images under {image_dir}: expected image files "
                           f"({', '.join(('.jpg', '.png', '...'))})")
-    if subset is not None:
-        images = images[:int(subset)]
-    stems = {}
-    for p in images:
-        stems.setdefault(p.stem, []).append(p)
-    if isinstance(class_names, (str, Path)):
-        class_names = [l.strip() for l in Path(class_names).read_text().splitlines() if l.strip()]
-    if label_dir is None:
-        if not num_classes:
-            raise ValueError(
-                f"folder {image_dir}: images without labels need num_classes (the number of "
-                f"clusters K), e.g. --data-option num_classes=27")
-        return FileSource(images, None, num_classes=num_classes or 0, class_names=class_names,
+    images = take_subset(images, subset, "folder")
+    class_names = _read_class_names(class_names)
+    labels = None if label_dir is None else _labels_for(images, image_dir, label_dir)
+    num_classes = _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
+    if labels is None:
+        return FileSource(images, None, num_classes=num_classes, class_names=class_names,
                           description=f"folder {split} ({image_dir}, unlabelled)")
-    labels = [_label_for(p, image_dir, label_dir) for p in images]
-    if len(set(labels)) != len(labels):
-        dup = sorted(s for s, ps in stems.items() if len(ps) > 1)[:5]
-        raise LayoutError(f"images under {image_dir} with the same stem {dup} would share one "
-                          f"label file in {label_dir}: expected unique file stems")
-    missing_pairs(list(zip(images, labels)), f"<image stem>.png in {label_dir}")
-    if num_classes is None:
-        if class_names is not None:
-            num_classes = len(class_names)
-        else:
-            top = -1
-            for path in labels[:16]:
-                arr = open_label(path)
-                valid = arr[arr != IGNORE_INDEX]
-                if valid.size:
-                    top = max(top, int(valid.max()))
-            if top < 0:
-                raise LayoutError(f"labels in {label_dir} hold no class ids: pass num_classes")
-            num_classes = top + 1
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"folder: {len(class_names)} class names for {num_classes} classes")
-    # ids outside 0..num_classes-1 are treated as unlabelled
-    lut = make_lut({k: k for k in range(min(int(num_classes), IGNORE_INDEX))})
+    # ids outside 0..num_classes-1 are treated as unlabelled (and warned about once)
+    lut = make_lut({k: k for k in range(num_classes)})
     return FileSource(images, labels, lut=lut, num_classes=num_classes,
-                      class_names=class_names,
+                      class_names=class_names, unexpected_ids_from=num_classes,
                       description=f"folder {split} ({image_dir}, labels {label_dir})")

@@ -15,10 +15,18 @@ Corrupt-sample policy (at load time):
   returned in its place. Substituting rather than dropping keeps every batch full, which the
   IDDC negative term (a roll over the batch) relies on. The counter is shared between the
   DataLoader workers and the main process. If `max_consecutive` samples in a row are corrupt,
-  something is wrong with the data set as a whole and a `RuntimeError` stops the run.
+  something is wrong with the data set as a whole and a `BrokenDataSetError` (a ValueError, so
+  the command line reports it in one line) stops the run.
+
+Pixel formats: 16-bit images (Pillow modes I;16*, and I holding 0..65535) are scaled to 8 bits
+(v / 257, rounded); float images (mode F) must hold values in [0, 1] and are scaled by 255;
+anything else of those modes is a CorruptSampleError naming the file and the mode, never an
+image clipped to white or black. Label maps stay integer ids (16-bit ones are kept as stored);
+a float label map is refused.
 """
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import warnings
@@ -36,6 +44,11 @@ SPLITS = ("train", "val")
 
 class LayoutError(FileNotFoundError):
     """The files on disk do not have the layout a data set expects (raised at construction)."""
+
+
+class BrokenDataSetError(ValueError, RuntimeError):
+    """`max_consecutive` samples in a row are corrupt: the data set as a whole is broken (bad
+    input, so a ValueError; also a RuntimeError, what this was before)."""
 
 
 class CorruptSampleError(RuntimeError):
@@ -112,6 +125,25 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
 
 
 # ----------------------------------------------------------------------------- decoding
+# Pillow modes whose samples are not 8-bit: convert("RGB") would clip them (16-bit -> white,
+# float -> black). mode -> (lowest, highest value accepted, factor to 0..255)
+_SIXTEEN_BIT = (0, 65535, 1 / 257)
+_WIDE_MODES = {**dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N", "I"), _SIXTEEN_BIT),
+               "F": (0.0, 1.0, 255.0)}
+
+
+def _to_8bit(img: Image.Image, path) -> Image.Image:
+    """A 16-bit or float grey image as 8-bit "L", scaled by its mode's range (_WIDE_MODES)."""
+    lo, hi, factor = _WIDE_MODES[img.mode]
+    arr = np.asarray(img)
+    vmin, vmax = arr.min(), arr.max()
+    if not (vmin >= lo and vmax <= hi):  # also false for NaN
+        raise CorruptSampleError(
+            path, f"image of mode {img.mode} holds values {vmin}..{vmax}; expected {lo}..{hi} "
+                  f"to scale it to 8 bits")
+    return Image.fromarray(np.rint(arr.astype(np.float64) * factor).astype(np.uint8), "L")
+
+
 def open_image(path, exif_transpose: bool = False) -> Image.Image:
     """An RGB image; CorruptSampleError if it cannot be decoded.
 
@@ -121,6 +153,8 @@ def open_image(path, exif_transpose: bool = False) -> Image.Image:
         with Image.open(path) as img:
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
+            if img.mode in _WIDE_MODES:
+                img = _to_8bit(img, path)
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation etc. as OSError
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
@@ -134,6 +168,10 @@ def open_label(path) -> np.ndarray:
                 raise CorruptSampleError(
                     path, f"label PNG is {img.mode}; expected single-channel class ids "
                           f"(mode L, P or I)")
+            if img.mode == "F":  # 2.7 would silently become class 2
+                raise CorruptSampleError(
+                    path, "label map is floating point (mode F); expected integer class ids "
+                          "(mode L, P or I)")
             arr = np.asarray(img)
     except CorruptSampleError:
         raise
@@ -173,7 +211,11 @@ class FileSource(SegmentationSource):
 
     def __init__(self, images: Sequence[Path], labels: Optional[Sequence[Path]] = None,
                  lut: Optional[np.ndarray] = None, num_classes: int = 0,
-                 class_names: Optional[Sequence[str]] = None, description: str = "data set"):
+                 class_names: Optional[Sequence[str]] = None, description: str = "data set",
+                 unexpected_ids_from: Optional[int] = None):
+        """`unexpected_ids_from`: stored label ids from this one up (but IGNORE_INDEX) are a
+        mistake in the data rather than a convention of it; they are unlabelled, as the LUT
+        says, and the first label file holding any is warned about."""
         if labels is not None and len(labels) != len(images):
             raise ValueError("images and labels must have the same length")
         self.images = [Path(p) for p in images]
@@ -183,6 +225,8 @@ class FileSource(SegmentationSource):
         self.class_names = None if class_names is None else list(class_names)
         self.has_labels = labels is not None
         self.description = description
+        self.unexpected_ids_from = unexpected_ids_from
+        self._warned_ids = False  # once per data set (per loader worker)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -201,13 +245,31 @@ class FileSource(SegmentationSource):
         image = open_image(self.images[index])
         if self.labels is None:
             return image, None
-        label = apply_lut(open_label(self.labels[index]), self.lut)
+        stored = open_label(self.labels[index])
+        self._warn_unexpected_ids(stored, self.labels[index])
+        label = apply_lut(stored, self.lut)
         if label.shape != (image.height, image.width):
             raise CorruptSampleError(
                 self.labels[index],
                 f"label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
                 f"{self.images[index]} is {image.width}x{image.height}")
         return image, label
+
+    def _warn_unexpected_ids(self, stored: np.ndarray, path: Path) -> None:
+        first = self.unexpected_ids_from
+        if first is None or self._warned_ids:
+            return
+        # ~0.1 ms for 640 x 480, beside milliseconds of decoding
+        stray = (stored >= first) & (stored != IGNORE_INDEX)
+        if not stray.any():
+            return
+        self._warned_ids = True
+        ids = np.unique(stored[stray])
+        shown = ", ".join(str(int(i)) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+        warnings.warn(
+            f"{self.description}: label {path} holds {int(stray.sum())} pixel(s) with class ids "
+            f"{shown}, outside 0..{first - 1} (num_classes={first}) and not {IGNORE_INDEX}; "
+            f"they are treated as unlabelled (warned once per data set)", stacklevel=3)
 
 
 class SkipCorrupt(SegmentationSource):
@@ -263,7 +325,7 @@ class SkipCorrupt(SegmentationSource):
                     self._count.value += 1
                 self.skipped_paths.append(err.path)
                 warnings.warn(f"skipping {err} (substituting the next sample)", stacklevel=2)
-        raise RuntimeError(
+        raise BrokenDataSetError(
             f"{min(self.max_consecutive, n)} consecutive samples from index {index} of "
             f"{self.source!r} are corrupt; the data set looks broken (last: "
             f"{self.skipped_paths[-1] if self.skipped_paths else '?'})")
@@ -295,10 +357,21 @@ def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int =
         return [r for r in pool.map(one, range(n)) if r is not None]
 
 
+def _decode_count(text: str) -> Optional[int]:
+    """--decode: a count >= 0, or 'all' (None)."""
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'all', got {text!r}")
+    return count
+
+
 def main(argv=None) -> int:
     """python -m iddc.data.layout DATASET ROOT [--split S] [--decode N|all]"""
-    import argparse
-
     from . import DATASETS, build_source
     # the module's own classes (under `python -m` this file also runs as __main__)
     from .layout import LayoutError as layout_error, scan as scan_source
@@ -310,7 +383,7 @@ def main(argv=None) -> int:
     ap.add_argument("root")
     ap.add_argument("--split", action="append", choices=SPLITS,
                     help="default: both")
-    ap.add_argument("--decode", default="0",
+    ap.add_argument("--decode", default="0", type=_decode_count,
                     help="decode the first N samples of each split, or 'all' (default 0)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE")
@@ -329,7 +402,7 @@ def main(argv=None) -> int:
             bad += 1
             continue
         print(f"{split}: {src!r}")
-        limit = None if args.decode == "all" else int(args.decode)
+        limit = args.decode
         if limit != 0:
             corrupt = scan_source(src, limit, args.workers)
             checked = len(src) if limit is None else min(limit, len(src))

@@ -14,12 +14,13 @@ share an image. Nothing is downloaded or written to disk.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from .base import SegmentationSource
+from .base import SegmentationSource, int_option
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
 
@@ -99,6 +100,21 @@ def generate(index_seed, styles: list[ClassStyle], size: int, class_probs: np.nd
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), labels
 
 
+def _class_probs(num_classes: int, imbalance) -> np.ndarray:
+    """Mild imbalance: p_c proportional to 1 / (c + 1)^(imbalance / 2)."""
+    probs = None
+    if isinstance(imbalance, numbers.Real) and not isinstance(imbalance, bool) \
+            and np.isfinite(imbalance):
+        with np.errstate(all="ignore"):
+            w = 1.0 / np.arange(1, num_classes + 1) ** (imbalance / 2)
+            probs = w / w.sum()
+    # NaN, inf or an extreme value would give NaN probabilities (an error deep in numpy later)
+    if probs is None or not np.isfinite(probs).all():
+        raise ValueError(f"synthetic: option imbalance={imbalance!r} must be a finite number "
+                         f"(of moderate size)")
+    return probs
+
+
 class SyntheticSource(SegmentationSource):
     """``num_images`` generated scenes of ``image_size`` px, K = ``num_classes`` classes."""
 
@@ -108,16 +124,16 @@ class SyntheticSource(SegmentationSource):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} for the synthetic data set; expected one of "
                              f"{sorted(SPLITS)}")
-        if num_classes < 2 or num_classes > 254:
-            raise ValueError(f"num_classes must lie in 2..254, got {num_classes}")
-        self.split, self.seed = split, int(seed)
-        self.num_images, self.image_size = int(num_images), int(image_size)
-        self.num_classes = int(num_classes)
+        self.split, self.seed = split, int_option(seed, "seed", 0, dataset="synthetic")
+        self.num_images = int_option(num_images, "num_images", 1, dataset="synthetic")
+        self.image_size = int_option(image_size, "image_size", 1, dataset="synthetic")
+        # 255 is the unlabelled id of label maps
+        self.num_classes = int_option(num_classes, "num_classes", 2, 254, dataset="synthetic")
+        min_regions = int_option(min_regions, "min_regions", 1, dataset="synthetic")
+        max_regions = int_option(max_regions, "max_regions", min_regions, dataset="synthetic")
         self.class_names = [f"class{c}" for c in range(self.num_classes)]
         self.styles = class_styles(self.num_classes, self.seed)
-        # mild imbalance: p_c proportional to 1 / (c + 1)^(imbalance / 2)
-        w = 1.0 / np.arange(1, self.num_classes + 1) ** (imbalance / 2)
-        self.class_probs = w / w.sum()
+        self.class_probs = _class_probs(self.num_classes, imbalance)
         self.min_regions, self.max_regions = min_regions, max_regions
         self._cache = {} if cache else None
 

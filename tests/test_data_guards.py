@@ -1,0 +1,347 @@
+"""Bad data-set input is a clear error (or a warning), never a traceback, a NaN or a silent wrong
+answer: split folders, 16-bit and float pixels, subset / num_classes / synthetic options,
+palettes beyond 256 classes, a broken data set, the layout checker's --decode."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iddc.data import build_source, cityscapes, cocostuff
+from iddc.data.layout import (BrokenDataSetError, CorruptSampleError, LayoutError, open_image,
+                              open_label, skip_corrupt)
+
+
+def _rgb(path: Path, w: int = 8, h: int = 6, value: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), (value, value, value)).save(path)
+
+
+def _grey(path: Path, arr: np.ndarray):
+    """Save `arr` as stored by Pillow (uint16 -> I;16 PNG, int32 -> I, float32 -> F)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _labelled_folder(root: Path, labels: list, w: int = 8, h: int = 6):
+    """root/imgs/img<k>.png and root/labels/img<k>.png for each label array."""
+    for k, lab in enumerate(labels):
+        _rgb(root / "imgs" / f"img{k}.png", w, h)
+        _grey(root / "labels" / f"img{k}.png", np.asarray(lab))
+    return root / "imgs", root / "labels"
+
+
+# ----------------------------------------------------------------------------- 9: split folders
+@pytest.mark.parametrize("present,missing", [("train", "val"), ("val", "train")])
+def test_folder_with_one_split_folder_is_refused(tmp_path, present, missing):
+    for k in range(2):
+        _rgb(tmp_path / present / f"a{k}.png")
+    _rgb(tmp_path / "top.png")
+    for split in ("train", "val"):
+        with pytest.raises(LayoutError, match=rf"missing folder .*{missing}: .* has {present}/ "
+                                              rf"but no {missing}/"):
+            build_source("folder", root=tmp_path, split=split, num_classes=2)
+
+
+def test_folder_label_root_with_one_split_folder_is_refused(tmp_path):
+    _rgb(tmp_path / "imgs" / "a.png")
+    _grey(tmp_path / "labels" / "train" / "a.png", np.zeros((6, 8), np.uint8))
+    with pytest.raises(LayoutError, match=r"has train/ but no val/"):
+        build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels",
+                     num_classes=2)
+
+
+def test_folder_split_folders_never_mix(tmp_path):
+    _rgb(tmp_path / "train" / "t.png")
+    _rgb(tmp_path / "val" / "v.png")
+    val = build_source("folder", root=tmp_path, split="val", num_classes=2)
+    assert [p.name for p in val.images] == ["v.png"]
+    # no split folders at all: both splits are the whole folder, as documented
+    _rgb(tmp_path / "flat" / "x.png")
+    for split in ("train", "val"):
+        flat = build_source("folder", root=tmp_path / "flat", split=split, num_classes=2)
+        assert [p.name for p in flat.images] == ["x.png"]
+
+
+# ----------------------------------------------------------------------------- 10: pixel formats
+def test_16bit_grey_image_scaled_to_8_bits(tmp_path):
+    values = np.array([[0, 257, 32896, 65535], [1000, 2000, 40000, 65000]], np.uint16)
+    path = _grey(tmp_path / "a.png", values)
+    assert Image.open(path).mode.startswith("I;16")
+    rgb = np.asarray(open_image(path))
+    expected = np.rint(values / 257).astype(np.uint8)
+    assert rgb.shape == (2, 4, 3)
+    for c in range(3):
+        assert np.array_equal(rgb[..., c], expected)
+    assert expected.tolist()[0] == [0, 1, 128, 255]
+
+
+def test_32bit_int_image_holding_16bit_data(tmp_path):
+    values = np.array([[0, 514, 65535]], np.int32)
+    path = _grey(tmp_path / "a.tif", values)
+    assert Image.open(path).mode == "I"
+    assert np.asarray(open_image(path))[0, :, 0].tolist() == [0, 2, 255]
+    bad = _grey(tmp_path / "b.tif", np.array([[-5, 70000]], np.int32))
+    with pytest.raises(CorruptSampleError, match=r"b.tif: image of mode I holds values "
+                                                 r"-5..70000"):
+        open_image(bad)
+
+
+def test_float_image_in_unit_range_scaled(tmp_path):
+    values = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
+    path = _grey(tmp_path / "a.tif", values)
+    assert Image.open(path).mode == "F"
+    assert np.asarray(open_image(path))[0, :, 1].tolist() == [0, 128, 255, 64]
+
+
+@pytest.mark.parametrize("values", [[0.0, 300.0], [0.0, float("nan")], [-1.0, 0.5]])
+def test_float_image_out_of_range_refused(tmp_path, values):
+    path = _grey(tmp_path / "f.tif", np.array([values], np.float32))
+    with pytest.raises(CorruptSampleError, match=r"f.tif: image of mode F holds values"):
+        open_image(path)
+
+
+def test_16bit_image_through_a_data_set(tmp_path):
+    _grey(tmp_path / "imgs" / "a.png", np.full((6, 8), 65535, np.uint16))
+    img, _ = build_source("folder", root=tmp_path / "imgs", num_classes=2).load(0)
+    assert img.mode == "RGB" and np.asarray(img).min() == 255
+    _grey(tmp_path / "imgs" / "a.png", np.full((6, 8), 5140, np.uint16))
+    img, _ = build_source("folder", root=tmp_path / "imgs", num_classes=2).load(0)
+    assert np.asarray(img).max() == 20
+
+
+def test_16bit_labels_keep_their_ids(tmp_path):
+    lab = np.array([[0, 1, 2, 300], [255, 1, 2, 0]], np.uint16)
+    path = _grey(tmp_path / "l.png", lab)
+    stored = open_label(path)
+    assert stored.dtype == np.uint16 and stored.max() == 300
+    imgs, labels = _labelled_folder(tmp_path / "d", [lab], w=4, h=2)
+    src = build_source("folder", root=imgs, label_root=labels, num_classes=3)
+    with pytest.warns(UserWarning, match=r"1 pixel\(s\) with class ids 300, outside 0..2"):
+        _, out = src.load(0)
+    assert out.tolist() == [[0, 1, 2, 255], [255, 1, 2, 0]]
+    # K inferred from a label holding an id a label map cannot represent
+    with pytest.raises(ValueError, match=r"img0.png holds class id 300; label maps hold ids "
+                                         r"0..254"):
+        build_source("folder", root=imgs, label_root=labels)
+
+
+def test_float_label_refused(tmp_path):
+    path = _grey(tmp_path / "l.tif", np.array([[0.0, 2.7]], np.float32))
+    with pytest.raises(CorruptSampleError, match=r"l.tif: label map is floating point"):
+        open_label(path)
+
+
+# ----------------------------------------------------------------------------- labels >= K
+def test_ids_beyond_num_classes_warned_once(tmp_path):
+    labs = [np.array([[0, 1, 7, 255]] * 2, np.uint8), np.array([[9, 1, 0, 0]] * 2, np.uint8)]
+    imgs, labels = _labelled_folder(tmp_path, labs, w=4, h=2)
+    src = build_source("folder", root=imgs, label_root=labels, num_classes=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, first = src.load(0)
+        src.load(1)
+        src.load(0)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1
+    assert "img0.png holds 2 pixel(s) with class ids 7, outside 0..2 (num_classes=3)" in \
+        messages[0]
+    assert first[0].tolist() == [0, 1, 255, 255]
+
+
+def test_no_warning_for_ids_in_range_and_255(tmp_path):
+    imgs, labels = _labelled_folder(tmp_path, [np.array([[0, 1, 2, 255]], np.uint8)], w=4, h=1)
+    src = build_source("folder", root=imgs, label_root=labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src.load(0)
+    assert src.num_classes == 3
+
+
+# ----------------------------------------------------------------------------- 13: subset
+def _coco(root: Path):
+    for split in ("train", "val"):
+        for i in ("a", "b"):
+            _rgb(root / "images" / f"{split}2017" / f"{i}.jpg")
+            _grey(root / "annotations" / f"{split}2017" / f"{i}.png", np.zeros((6, 8), np.uint8))
+    return root
+
+
+def _cityscapes(root: Path):
+    for split in ("train", "val"):
+        for i in range(2):
+            stem = f"aachen_000000_00000{i}"
+            _rgb(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png")
+            _grey(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelIds.png",
+                  np.full((6, 8), 7, np.uint8))
+    return root
+
+
+@pytest.fixture
+def three_sources(tmp_path):
+    """name -> build(subset) for folder, cocostuff27 and cityscapes trees of two images."""
+    for k in range(2):
+        _rgb(tmp_path / "folder" / f"a{k}.png")
+    coco, city = _coco(tmp_path / "coco"), _cityscapes(tmp_path / "city")
+    return {
+        "folder": lambda s: build_source("folder", root=tmp_path / "folder", num_classes=2,
+                                         subset=s),
+        "cocostuff27": lambda s: cocostuff.build_cocostuff27(coco, "train", curated=False,
+                                                             subset=s),
+        "cityscapes": lambda s: cityscapes.build(city, "train", subset=s),
+    }
+
+
+@pytest.mark.parametrize("name", ["folder", "cocostuff27", "cityscapes"])
+@pytest.mark.parametrize("bad", [-1, 0, True, 2.5, "1"])
+def test_bad_subset_refused(three_sources, name, bad):
+    with pytest.raises(ValueError, match=rf"{name}: option subset={bad!r} must be a whole "
+                                         rf"number >= 1"):
+        three_sources[name](bad)
+
+
+@pytest.mark.parametrize("name", ["folder", "cocostuff27", "cityscapes"])
+def test_subset_keeps_the_first_n(three_sources, name):
+    assert len(three_sources[name](1)) == 1
+    assert len(three_sources[name](5)) == 2
+    assert len(three_sources[name](None)) == 2
+
+
+def test_bad_subset_on_the_command_line(tmp_path, capsys):
+    from iddc.data import layout
+    for k in range(2):
+        _rgb(tmp_path / f"a{k}.png")
+    assert layout.main(["folder", str(tmp_path), "--data-option", "num_classes=2",
+                        "--data-option", "subset=-1", "--split", "train"]) == 1
+    assert "folder: option subset=-1 must be a whole number >= 1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 20a: num_classes
+@pytest.mark.parametrize("bad", [0, -2, 1, True, 2.5, "many"])
+def test_folder_bad_num_classes_refused(tmp_path, bad):
+    _rgb(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=rf"folder: option num_classes={bad!r} must be a whole "
+                                         rf"number >= 2"):
+        build_source("folder", root=tmp_path, num_classes=bad)
+
+
+def test_folder_num_classes_with_labels(tmp_path):
+    imgs, labels = _labelled_folder(tmp_path, [np.array([[0, 1]], np.uint8)], w=2, h=1)
+    with pytest.raises(ValueError, match=r"folder \(with label_root\): option num_classes=300 "
+                                         r"must be a whole number in 2..255"):
+        build_source("folder", root=imgs, label_root=labels, num_classes=300)
+    assert build_source("folder", root=imgs, label_root=labels, num_classes=255).num_classes \
+        == 255
+    with pytest.raises(ValueError, match=r"1 class name\(s\) given; K, their number, must be "
+                                         r">= 2"):
+        build_source("folder", root=imgs, label_root=labels, class_names=["only"])
+    # unlabelled: any number of clusters
+    assert build_source("folder", root=imgs, num_classes=300).num_classes == 300
+
+
+def test_folder_unreadable_label_while_inferring_k(tmp_path):
+    imgs, labels = _labelled_folder(tmp_path, [np.zeros((1, 2), np.uint8)], w=2, h=1)
+    (labels / "img0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot infer num_classes from the labels: corrupt "
+                                         r"sample .*img0.png"):
+        build_source("folder", root=imgs, label_root=labels)
+
+
+def test_folder_inferred_single_class_refused(tmp_path):
+    imgs, labels = _labelled_folder(tmp_path, [np.zeros((1, 2), np.uint8)], w=2, h=1)
+    with pytest.raises(ValueError, match=r"only hold class id 0 \(K = 1\): pass num_classes"):
+        build_source("folder", root=imgs, label_root=labels)
+
+
+# ----------------------------------------------------------------------------- 20b: palette
+def test_palette_for_any_number_of_classes():
+    from iddc.visualize import colourise, palette
+    small = palette(27)
+    assert small.shape == (256, 3) and small[255].tolist() == [0, 0, 0]
+    big = palette(300)
+    assert big.shape == (301, 3) and big[300].tolist() == [0, 0, 0]
+    assert np.array_equal(big[:27], small[:27])  # the same colours for the same ids
+    assert np.array_equal(big, palette(300))     # deterministic
+    assert (big[:300].sum(1) > 0).all()          # no class in the ignore colour
+    ids = np.array([[0, 254, 255, 299, 300, -1]])
+    pred = colourise(ids, 300, ignore=None)[0]
+    assert pred[2].tolist() == big[255].tolist() and pred[3].tolist() == big[299].tolist()
+    assert pred[4].tolist() == [0, 0, 0] and pred[5].tolist() == [0, 0, 0]
+    assert colourise(ids, 300)[0][2].tolist() == [0, 0, 0]  # a label map's 255: unlabelled
+
+
+def test_panel_with_300_classes(tmp_path):
+    from iddc.visualize import save_panel
+    x = torch.zeros(3, 4, 5)
+    y = np.full((4, 5), 255, np.uint8)
+    y[0] = np.arange(5)
+    pred = np.arange(20).reshape(4, 5) + 280
+    mapping = np.arange(300)
+    mapping[281] = -1
+    save_panel(str(tmp_path / "p.png"), [(x, y, pred, pred)], 300, mapping)
+    assert Image.open(tmp_path / "p.png").size[0] > 0
+
+
+# ----------------------------------------------------------------------------- 20c: broken set
+def test_all_corrupt_is_a_user_error(tmp_path):
+    from iddc.cli import user_errors
+    imgs, labels = _labelled_folder(tmp_path, [np.zeros((2, 2), np.uint8)] * 3, w=8, h=6)
+    safe = skip_corrupt(build_source("folder", root=imgs, label_root=labels, num_classes=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BrokenDataSetError, match=r"3 consecutive samples .* are corrupt; "
+                                                     r"the data set looks broken") as info:
+            safe.load(0)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, user_errors())
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 20d: synthetic
+@pytest.mark.parametrize("option,value,bounds", [
+    ("image_size", 0, ">= 1"), ("image_size", 2.5, ">= 1"), ("num_images", 0, ">= 1"),
+    ("num_images", -3, ">= 1"), ("num_classes", 1, "in 2..254"),
+    ("num_classes", 255, "in 2..254"), ("num_classes", True, "in 2..254"), ("seed", -1, ">= 0"),
+    ("min_regions", 0, ">= 1")])
+def test_synthetic_bad_options(option, value, bounds):
+    with pytest.raises(ValueError, match=rf"synthetic: option {option}={value!r} must be a "
+                                         rf"whole number {bounds}"):
+        build_source("synthetic", **{"num_images": 2, option: value})
+
+
+def test_synthetic_bad_regions_and_imbalance():
+    with pytest.raises(ValueError, match=r"option max_regions=2 must be a whole number >= 4"):
+        build_source("synthetic", min_regions=4, max_regions=2)
+    for bad in (float("nan"), float("inf"), -1e6, "x"):
+        with pytest.raises(ValueError, match=rf"option imbalance={bad!r} must be a finite"):
+            build_source("synthetic", imbalance=bad)
+    src = build_source("synthetic", num_images=1, image_size=1, min_regions=1, max_regions=1)
+    assert src.load(0)[0].size == (1, 1)
+
+
+# ----------------------------------------------------------------------------- 20e: --decode
+@pytest.mark.parametrize("bad", ["abc", "-1", "2.5"])
+def test_layout_decode_must_be_a_count(bad, capsys):
+    from iddc.data import layout
+    with pytest.raises(SystemExit) as info:
+        layout.main(["synthetic", ".", "--decode", bad])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --decode: expected a whole number >= 0 or 'all', got '{bad}'" in err
+    assert "Traceback" not in err
+
+
+def test_layout_decode_counts(capsys):
+    from iddc.data import layout
+    opts = ["--data-option", "num_images=3", "--data-option", "image_size=8"]
+    assert layout.main(["synthetic", ".", "--decode", "2", "--split", "val", *opts]) == 0
+    assert "val: decoded 2 samples, 0 corrupt" in capsys.readouterr().out
+    assert layout.main(["synthetic", ".", "--decode", "all", "--split", "val", *opts]) == 0
+    assert "val: decoded 3 samples" in capsys.readouterr().out
+    assert layout.main(["synthetic", ".", "--split", "val", *opts]) == 0
+    assert "decoded" not in capsys.readouterr().out

@@ -1,0 +1,314 @@
+"""Guards of ``iddc.predict`` / ``iddc.evaluate``: no user file is ever overwritten, options are
+checked with errors naming the flag, and evaluation scores every good image exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iddc import evaluate, predict, train
+from iddc.checkpoint import load_model
+from iddc.data import build_source
+from iddc.data.layout import FileSource, skip_corrupt
+from iddc.inference import Predictor
+
+SIZE = 32
+#: a tiny model and run (as tests/test_train.py's TINY), on a folder data set
+TINY_FLAGS = ["--backbone-img-size", "32",
+              "--set", "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2}",
+              "--crop-size", "24", "--eval-size", str(SIZE), "--epochs", "1",
+              "--batch-size", "4", "--t-pos", "0.3", "--t-neg", "0.1", "--progress", "false",
+              "--vis-images", "0", "--kmeans-baseline", "false", "--device", "cpu"]
+
+
+def make_folder(root: Path, n: int = 6, seed: int = 0, ignore_half: bool = False):
+    """(image folder, label folder) of n random SIZE x SIZE images with 3-class labels."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    (root / "lab").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+            root / "img" / f"{i}.png")
+        lab = rng.integers(0, 3, (SIZE, SIZE), dtype=np.uint8)
+        lab[:2, :3] = [0, 1, 2]  # every class in every map
+        if ignore_half:
+            lab[SIZE // 2:] = 255
+        Image.fromarray(lab).save(root / "lab" / f"{i}.png")
+    return root / "img", root / "lab"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"labelled": last.pt, "unlabelled": last.pt (its probe never trained), "root": data}."""
+    tmp = tmp_path_factory.mktemp("guards")
+    img, lab = make_folder(tmp / "data")
+    labelled = train.main(["--dataset", "folder", "--data-root", str(img), "--data-option",
+                           f"label_root={lab}", "--out", str(tmp / "labelled")] + TINY_FLAGS)
+    unlabelled = train.main(["--dataset", "folder", "--data-root", str(img), "--data-option",
+                             "num_classes=3", "--out", str(tmp / "unlabelled")] + TINY_FLAGS)
+    return {"labelled": os.path.join(labelled["out"], "last.pt"),
+            "unlabelled": os.path.join(unlabelled["out"], "last.pt"), "root": tmp / "data"}
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def image(path: Path, seed: int = 1, size=(30, 20)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(path)
+    return path
+
+
+def run_predict(ckpt, *args) -> int:
+    return predict.main(["--checkpoint", str(ckpt)] + [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------- defects 1, 2
+def test_predict_never_writes_onto_an_input(runs, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    image(photos / "x_seg.png", 2)  # the user's own file, named like x.png's output
+    before = snapshot(photos)
+    for extra in ([], ["--overwrite"]):
+        assert run_predict(runs["labelled"], photos, "--out", photos, *extra) == 2
+        err = capsys.readouterr().err
+        assert "would replace input file" in err and "x_seg.png" in err
+        assert snapshot(photos) == before
+
+
+def test_predict_refuses_existing_outputs_unless_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text('{"mine": 1}')
+    first = image(tmp_path / "in" / "a.png", 1)
+    second = image(tmp_path / "in2" / "b.png", 2)
+    assert run_predict(runs["labelled"], first, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "1 output file(s) already exist" in err and "predictions.json" in err
+    assert "--overwrite" in err and "another --out" in err
+    assert snapshot(out) == {"predictions.json": b'{"mine": 1}'}  # nothing else written
+
+    (out / "predictions.json").unlink()
+    assert run_predict(runs["labelled"], first, "--out", out) == 0
+    written = snapshot(out)
+    assert sorted(written) == ["a_ids.png", "a_overlay.png", "a_seg.png", "legend.png",
+                               "predictions.json"]
+    # a second call into the same folder would replace the first call's records: refused
+    assert run_predict(runs["labelled"], second, "--out", out) == 2
+    assert "legend.png" in capsys.readouterr().err
+    assert snapshot(out) == written
+    assert run_predict(runs["labelled"], second, "--out", out, "--overwrite") == 0
+    now = snapshot(out)
+    assert json.loads(now["predictions.json"])["images"].keys() == {"b"}
+    assert {k: v for k, v in now.items() if k.startswith("a_")} == \
+        {k: v for k, v in written.items() if k.startswith("a_")}  # not this call's: kept
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+def test_predict_writes_atomically(runs, tmp_path, monkeypatch):
+    """A write that fails leaves the file it was replacing as it was, and no temp file."""
+    src = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], src, "--out", out) == 0
+    before = (out / "a_ids.png").read_bytes()
+
+    class Broken:
+        def save(self, fh, format=None):
+            fh.write(b"half a PNG")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predict, "id_image", lambda ids, k: Broken())
+    with pytest.raises(OSError, match="No space left"):
+        predict.predict_files(runs["labelled"], [str(src)], str(out), overwrite=True)
+    assert (out / "a_ids.png").read_bytes() == before
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- defect 3
+def test_unique_stems_never_take_another_inputs_stem(runs, tmp_path):
+    imgs = tmp_path / "imgs"
+    paths = [image(imgs / "a.png", 1), image(imgs / "sub" / "a.jpg", 2),
+             image(imgs / "a-1.png", 3)]
+    stems = predict._unique_stems(predict.expand_inputs([str(imgs)]))
+    assert len(set(stems)) == 3 and "a" in stems and "a-1" in stems
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], imgs, "--out", out) == 0
+    summary = json.loads((out / "predictions.json").read_text())["images"]
+    assert sorted(entry["input"] for entry in summary.values()) == sorted(map(str, paths))
+    assert summary["a-1"]["input"] == str(imgs / "a-1.png")
+    assert len(list(out.glob("*_seg.png"))) == 3
+    # case-insensitive file systems: A.png and a.png must not share outputs either
+    assert predict._unique_stems([Path("A.png"), Path("x/a.png")]) == ["A", "a-1"]
+
+
+# ----------------------------------------------------------------------------- defect 4
+def test_evaluate_json_never_replaces_the_checkpoint_or_a_file(runs, tmp_path):
+    ckpt = tmp_path / "copy.pt"
+    ckpt.write_bytes(Path(runs["labelled"]).read_bytes())
+    kept = ckpt.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match=r"--json: the output\(s\) .*copy.pt.* would "
+                                             "replace input file"):
+            evaluate.main(["--checkpoint", str(ckpt), "--json", str(ckpt)] + extra)
+        assert ckpt.read_bytes() == kept
+    mine = tmp_path / "scores.json"
+    mine.write_text("my notes")
+    with pytest.raises(FileExistsError, match="scores.json.*--overwrite"):
+        evaluate.main(["--checkpoint", str(ckpt), "--json", str(mine)])
+    assert mine.read_text() == "my notes"
+    res = evaluate.main(["--checkpoint", str(ckpt), "--json", str(mine), "--overwrite"])
+    assert json.loads(mine.read_text())["unsupervised"] == res["unsupervised"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_evaluate_cli_refusal_is_one_line(runs, tmp_path):
+    ckpt = tmp_path / "last.pt"  # a copy: the module's run must survive a regression
+    ckpt.write_bytes(Path(runs["labelled"]).read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "iddc.evaluate", "--checkpoint", str(ckpt),
+                           "--json", str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("python -m iddc.evaluate: error: --json: the output")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- defect 8
+def test_evaluate_new_data_root_needs_its_labels(runs, tmp_path):
+    img, lab = make_folder(tmp_path / "new", seed=5, ignore_half=True)
+    with pytest.raises(ValueError, match=r"--data-root .*new/img: the run's data options hold "
+                                         r"label_root=.*data/lab.*--data-option label_root=DIR"):
+        evaluate.main(["--checkpoint", runs["labelled"], "--data-root", str(img)])
+    res = evaluate.main(["--checkpoint", runs["labelled"], "--data-root", str(img),
+                         "--data-option", f"label_root={lab}"])
+    # the new labels were used: half of every map is unlabelled there
+    assert res["unsupervised"]["pixels"] == 6 * SIZE * SIZE // 2
+    # keeping the run's labels must be said explicitly, and works
+    old = evaluate.main(["--checkpoint", runs["labelled"], "--data-root", str(img),
+                         "--data-option", f"label_root={runs['root'] / 'lab'}"])
+    assert old["unsupervised"]["pixels"] == 6 * SIZE * SIZE
+    # the run's own data root (spelt differently) needs nothing
+    same = evaluate.main(["--checkpoint", runs["labelled"], "--data-root",
+                          str(runs["root"] / "img") + "/"])
+    assert same["unsupervised"] == evaluate.main(["--checkpoint", runs["labelled"]])["unsupervised"]
+    with pytest.raises(ValueError, match="--data-option expects KEY=VALUE, got 'oops'"):
+        evaluate.main(["--checkpoint", runs["labelled"], "--data-option", "oops"])
+
+
+# ----------------------------------------------------------------------------- defect 11
+def test_predict_probe_of_a_run_without_labels_is_refused(runs, tmp_path, capsys):
+    src = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    assert run_predict(runs["unlabelled"], src, "--out", out, "--head", "probe") == 2
+    assert "--head probe: this run's linear probe was never trained" in capsys.readouterr().err
+    assert not out.exists()
+    assert run_predict(runs["unlabelled"], src, "--out", out) == 0  # clusters: fine
+    assert run_predict(runs["labelled"], src, "--out", tmp_path / "o2", "--head", "probe") == 0
+    # nothing recorded: nothing to tell, not refused
+    assert not predict.probe_never_trained({"metrics": [{"kind": "iddc", "epoch": 1}]})
+
+
+# ----------------------------------------------------------------------------- defects 12, 20a
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "-1"], "--batch-size must be an integer >= 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--short-side", "-5"], "--short-side must be an integer >= 0, got -5"),
+    (["--alpha", "5"], r"--alpha \(overlay opacity\) must be in \[0, 1\], got 5.0"),
+    (["--alpha", "nan"], r"--alpha \(overlay opacity\) must be in \[0, 1\], got nan"),
+    (["--window", "0"], "--window must be an integer >= 1, got 0"),
+    (["--stride", "0"], "--stride must be an integer >= 1, got 0"),
+    (["--mode", "sliding", "--window", "16", "--stride", "20"],
+     "--stride 20 must not exceed --window 16"),
+    (["--mode", "sliding", "--window", "5"],
+     "--window 5 is not a multiple of the backbone's patch size 8 px; try 8 or 16"),
+], ids=["batch-negative", "batch-0", "short-side", "alpha-5", "alpha-nan", "window-0",
+        "stride-0", "stride-beyond-window", "window-not-patches"])
+def test_predict_bad_options_name_the_flag(runs, tmp_path, capsys, flags, message):
+    import re
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], image(tmp_path / "a.png"), "--out", out, *flags) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-mode", "sliding", "--window", "5"],
+     "--window 5 is not a multiple of the backbone's patch size 8 px"),
+    (["--eval-mode", "sliding", "--window", "16", "--stride", "20"],
+     "--stride 20 must not exceed --window 16"),
+    (["--window", "-16"], "--window must be an integer >= 1, got -16"),
+    (["--stride", "0"], "--stride must be an integer >= 1, got 0"),
+    (["--eval-size", "0"], "--eval-size must be an integer >= 1, got 0"),
+    (["--max-val-images", "-1"], "--max-val-images must be an integer >= 0, got -1"),
+], ids=["window-not-patches", "stride-beyond-window", "window-negative", "stride-0",
+        "eval-size-0", "max-val-images-negative"])
+def test_evaluate_bad_options_name_the_flag(runs, flags, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(["--checkpoint", runs["labelled"]] + flags)
+
+
+def test_predictor_checks_its_options(runs):
+    model = load_model(runs["labelled"])[0]
+    with pytest.raises(ValueError, match="--window 12 is not a multiple of the backbone's "
+                                         "patch size 8 px; try 8 or 16"):
+        Predictor(model, "sliding", window=12)
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1, got 0"):
+        Predictor(model, batch_size=0)
+    Predictor(model, "resize", window=12)  # the window is not used when resizing
+    x = torch.randn(3, 20, 28)
+    assert Predictor(model, "sliding", short_side=None, window=16).segment([x])[0].shape == \
+        (20, 28)
+
+
+# ----------------------------------------------------------------------------- defect 15
+@pytest.fixture()
+def corrupt_folder(runs, tmp_path):
+    """(source with sample 2's label of the wrong size, the same source without sample 2)."""
+    img, lab = make_folder(tmp_path / "c", seed=7)
+    Image.fromarray(np.zeros((SIZE // 2, SIZE), np.uint8)).save(lab / "2.png")
+    full = build_source("folder", root=str(img), split="val", label_root=str(lab))
+    good = [i for i in range(len(full)) if i != 2]
+    only_good = FileSource([full.images[i] for i in good], [full.labels[i] for i in good],
+                           lut=full.lut, num_classes=full.num_classes)
+    return full, only_good, lab / "2.png"
+
+
+def test_evaluation_skips_a_corrupt_sample_instead_of_scoring_another_twice(runs,
+                                                                           corrupt_folder):
+    full, only_good, bad = corrupt_folder
+    model, cfg, ckpt = load_model(runs["labelled"])
+    transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
+    kw = dict(transform=transform, num_classes=3, batch_size=4)
+    wrapped = skip_corrupt(full)  # as train.py and evaluate.main wrap it
+    with pytest.warns(UserWarning, match=r"skipping corrupt sample .*2.png.*left out"):
+        got = evaluate.evaluate(model, wrapped, **kw)
+    want = evaluate.evaluate(model, only_good, **kw)
+    assert got["unsupervised"] == want["unsupervised"]
+    assert got["linear_probe"] == want["linear_probe"]
+    assert got["unsupervised"]["pixels"] == 5 * SIZE * SIZE
+    assert got["skipped"] == [str(bad)] and wrapped.skipped == 1  # train.py logs this count
+    with pytest.warns(UserWarning, match="2.png"):
+        km = evaluate.kmeans_baseline(model, wrapped, restarts=2, **kw)
+    assert km["unsupervised"] == \
+        evaluate.kmeans_baseline(model, only_good, restarts=2, **kw)["unsupervised"]
+    assert wrapped.skipped == 2  # once per walk: the k-means labels are not read twice
+
+
+def test_evaluate_cli_skips_a_corrupt_sample(runs, corrupt_folder, tmp_path):
+    full, only_good, bad = corrupt_folder
+    root, lab = str(full.images[0].parent), str(bad.parent)
+    with pytest.warns(UserWarning, match="2.png"):
+        res = evaluate.main(["--checkpoint", runs["labelled"], "--data-root", root,
+                             "--data-option", f"label_root={lab}",
+                             "--json", str(tmp_path / "s.json")])
+    assert res["unsupervised"]["pixels"] == 5 * SIZE * SIZE
+    assert json.loads((tmp_path / "s.json").read_text())["skipped"] == [str(bad)]

@@ -1,0 +1,408 @@
+"""Guards of ``python -m iddc.train``: what --resume may touch and change, type-checked config
+fields, one-line errors for bad YAML / options / disks, non-finite weights, the sliding window,
+and the batch-size check before any work (tiny model and data, a second or so per run)."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from iddc import checkpoint, cli, train
+from iddc.config import Config, resolve_config
+from iddc.models import ModelConfig, WeightsError, build_model, load_backbone_weights
+
+from test_train import TINY
+
+QUICK = ["--kmeans-baseline", "false", "--vis-images", "0"]
+
+
+def resume(path, *flags) -> dict:
+    """--resume the checkpoint at ``path`` to its end (it was stopped with --max-steps)."""
+    return train.main(["--resume", str(path), "--max-steps", "0", *flags])
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after epoch 1 of 2 (read-only: tests copy it)."""
+    base = tmp_path_factory.mktemp("stopped")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--max-steps", "2"]
+                      + QUICK)["out"]
+
+
+@pytest.fixture
+def run_copy(tmp_path, stopped_run):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    return out
+
+
+def snapshot(folder) -> dict:
+    """{name: sha256} of every file in ``folder``: to show it is untouched byte for byte."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+def saved_config(folder) -> dict:
+    return torch.load(os.path.join(folder, "last.pt"), weights_only=True)["config"]
+
+
+# ------------------------------------------------------------------ 5: where a resume writes
+def test_resume_refuses_a_folder_that_is_not_the_runs_own(tmp_path, tiny_yaml, run_copy):
+    """A checkpoint copied next to another run's last.pt and the user's config.yaml: resuming
+    it there would replace both; it is refused, and --out continues it elsewhere."""
+    other = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "other"), "--epochs",
+                        "1"] + QUICK)["out"]
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    shutil.copy(run_copy / "last.pt", ckpts / "runA.pt")
+    shutil.copy(os.path.join(other, "last.pt"), ckpts / "last.pt")
+    (ckpts / "config.yaml").write_text("my: own config\n")
+    before = snapshot(ckpts)
+    with pytest.raises(FileExistsError, match=r"not that run folder's last.pt \(it is named "
+                                              r"'runA.pt'.*--out FOLDER"):
+        resume(ckpts / "runA.pt")
+    assert snapshot(ckpts) == before
+    # named last.pt, but neither recorded there nor matching the folder's metrics.json
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run_copy / "last.pt", lone / "last.pt")
+    (lone / "config.yaml").write_text("my: own config\n")
+    lone_before = snapshot(lone)
+    with pytest.raises(FileExistsError, match="metrics.json is not this run's"):
+        resume(lone / "last.pt")
+    assert snapshot(lone) == lone_before
+
+    res = resume(ckpts / "runA.pt", "--out", str(tmp_path / "cont"))
+    assert res["out"] == str(tmp_path / "cont") and snapshot(ckpts) == before
+    done = torch.load(tmp_path / "cont" / "last.pt", weights_only=True)
+    assert done["epoch"] == 2 and done["config"]["train"]["out"] == str(tmp_path / "cont")
+    assert not (tmp_path / "cont" / train.STARTING_MARKER).exists()
+    # an existing folder is no more a target for a resumed run than for a new one
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        resume(ckpts / "runA.pt", "--out", str(ckpts))
+    assert snapshot(ckpts) == before
+
+
+def test_resume_continues_in_its_own_folder_also_moved_or_from_an_older_version(tmp_path,
+                                                                                run_copy):
+    moved = tmp_path / "moved"
+    os.rename(run_copy, moved)  # the recorded run folder no longer matches: metrics.json does
+    res = resume(moved / "last.pt")
+    assert res["out"] == str(moved)
+    assert torch.load(moved / "last.pt", weights_only=True)["epoch"] == 2
+
+    older = tmp_path / "older"  # a checkpoint written before run_folder was recorded
+    shutil.copytree(moved, older)
+    ckpt = torch.load(older / "last.pt", weights_only=True)
+    del ckpt["run_folder"]
+    ckpt["epoch"] = 1
+    torch.save(ckpt, older / "last.pt")
+    assert resume(older / "last.pt")["out"] == str(older)
+
+
+def test_resume_with_out_leaves_the_original_run_untouched(tmp_path, run_copy):
+    before = snapshot(run_copy)
+    res = resume(run_copy / "last.pt", "--out", str(tmp_path / "fork"))
+    assert res["out"] == str(tmp_path / "fork") and snapshot(run_copy) == before
+    assert set(os.listdir(tmp_path / "fork")) >= {"last.pt", "metrics.json", "config.yaml",
+                                                  "train.log"}
+    # the same folder given as --out is the run's own: it continues there
+    res = resume(run_copy / "last.pt", "--out", str(run_copy))
+    assert res["out"] == str(run_copy)
+    assert torch.load(run_copy / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# -------------------------------------------------- 6, 7: settings given on resume all apply
+def test_resume_applies_set_data_option_config_and_preset(tmp_path, run_copy):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"train": {"epochs": 3}, "loss": {"lambda2": 0.5}}))
+    resume(run_copy / "last.pt", "--config", str(extra),
+                "--preset", "cocostuff27-vits8", "--set", "train.probe_lr=0.002",
+                "--data-option", "seed=1")
+    cfg = saved_config(run_copy)
+    # the preset replaces the run's loss values; the YAML given now beats the preset
+    assert (cfg["loss"]["t_pos"], cfg["loss"]["t_neg"], cfg["loss"]["lambda1"],
+            cfg["loss"]["lambda2"]) == (0.2, 0.12, 1.4, 0.5)
+    assert cfg["train"]["preset"] == "cocostuff27-vits8"
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["probe_lr"] == 0.002
+    # --data-option adds to the run's options, it does not replace them
+    assert cfg["data"]["options"] == {"image_size": 32, "num_classes": 3, "seed": 1}
+    on_disk = yaml.safe_load((run_copy / "config.yaml").read_text())
+    assert on_disk["loss"]["t_pos"] == 0.2 and on_disk["data"]["options"]["seed"] == 1
+    log = (run_copy / "train.log").read_text()
+    assert "settings changed: " in log and "loss.t_pos 0.3 -> 0.2" in log
+    assert "t_pos=0.2" in log  # the loss that trained is the preset's (its extra_repr)
+
+
+def test_resume_keeps_the_saved_loss_and_backend_unless_told(run_copy):
+    resume(run_copy / "last.pt")
+    cfg = saved_config(run_copy)
+    assert (cfg["loss"]["t_pos"], cfg["loss"]["lambda1"]) == (0.3, 3.0)
+    assert cfg["loss"]["backend"] == "reference" and not cfg["train"]["fused"]
+
+
+def test_resume_fused_picks_the_backend_again(run_copy):
+    res = resume(run_copy / "last.pt", "--fused")
+    assert res["backend"] == "streaming" and saved_config(run_copy)["loss"]["backend"] == "auto"
+
+
+# ------------------------------------------------------- 20a: the model cannot change on resume
+@pytest.mark.parametrize("flags, message", [
+    (["--backbone-img-size", "64"], "model.backbone_img_size 32 -> 64"),
+    (["--freeze-backbone", "false"], "model.freeze_backbone True -> False"),
+    (["--set", "model.backbone_kwargs={depth: 2, embed_dim: 16, num_heads: 2}"],
+     "model.backbone_kwargs"),
+], ids=["img-size", "freeze", "kwargs"])
+def test_resume_refuses_model_changes(run_copy, flags, message):
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match="model settings cannot change on resume .*"
+                                         + message.replace("{", r"\{")):
+        resume(run_copy / "last.pt", *flags)
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refuses_a_different_number_of_classes(run_copy):
+    kept = {name: digest for name, digest in snapshot(run_copy).items() if name != "train.log"}
+    with pytest.raises(ValueError, match="the data set now has 4 classes, the checkpoint's "
+                                         "model 3"):
+        resume(run_copy / "last.pt", "--data-option", "num_classes=4")
+    assert {n: d for n, d in snapshot(run_copy).items() if n != "train.log"} == kept
+
+
+def test_resume_mid_epoch_with_another_batch_size_touches_nothing(tmp_path, tiny_yaml):
+    part = tmp_path / "part"
+    train.main(["--config", tiny_yaml, "--out", str(part), "--max-steps", "1"] + QUICK)
+    before = snapshot(part)
+    with pytest.raises(ValueError, match="stopped 1 steps into an epoch with batch size 4"):
+        resume(part / "last.pt", "--batch-size", "2")
+    assert snapshot(part) == before  # config.yaml still records the run's batch size
+
+
+# -------------------------------------------------------------- 14/17: config field types
+@pytest.mark.parametrize("section, name, value, message", [
+    ("train", "fused", "false", "train.fused must be a boolean (true or false), got 'false' "
+                                "(str)"),
+    ("model", "freeze_backbone", "false", "model.freeze_backbone must be a boolean"),
+    ("model", "backbone", 5, "model.backbone must be a string, got 5 (int)"),
+    ("model", "backbone_kwargs", 5, "model.backbone_kwargs must be a mapping"),
+    ("model", "backbone_img_size", "big", "model.backbone_img_size must be an integer, got "
+                                          "'big' (str)"),
+    ("model", "weights", 3, "model.weights must be a string or null, got 3 (int)"),
+    ("data", "options", [1, 2], "data.options must be a mapping (KEY: VALUE, ...), got [1, 2] "
+                                "(list)"),
+    ("data", "eval_feature_cache_mb", "x", "data.eval_feature_cache_mb must be a number, got "
+                                           "'x' (str)"),
+    ("train", "seed", 1.5, "train.seed must be an integer, got 1.5 (float)"),
+    ("train", "epochs", True, "train.epochs must be an integer, got True (bool)"),
+    ("train", "kmeans_baseline", "no", "train.kmeans_baseline must be a boolean (true or "
+                                       "false) or null"),
+    ("loss", "check_finite", "no", "loss.check_finite must be a boolean"),
+])
+def test_config_field_types_are_checked(tmp_path, section, name, value, message):
+    doc = json.loads(json.dumps(TINY))
+    doc.setdefault(section, {})[name] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError) as err:
+        train.main(["--config", str(path), "--out", str(tmp_path / "run")])
+    assert str(err.value) == message or str(err.value).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_of_a_mapping_field_is_type_checked(tmp_path, tiny_yaml):
+    for flags in (["--set", "data.options=3"], ["--set", "data.options=3", "--data-option",
+                                                "seed=1"]):
+        with pytest.raises(ValueError, match=r"data.options must be a mapping .*got 3 \(int\)"):
+            train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + flags)
+    bad = tmp_path / "list.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"options": [1, 2]}}))
+    with pytest.raises(ValueError, match=r"--data-option 'seed=1': data.options must be a "
+                                         r"mapping, got \[1, 2\]"):
+        train.main(["--config", str(bad), "--data-option", "seed=1", "--out",
+                    str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_types_pass():
+    cfg = Config()
+    cfg.train.lr = 1  # a float field takes an integer
+    cfg.train.kmeans_baseline = None
+    cfg.model.weights = "w.pth"
+    assert cfg.validate() is cfg
+
+
+# ------------------------------------------------------ 16: bad YAML is a one-line error
+def test_bad_yaml_and_option_values_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 1\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"train: {name: caf\xe9}\n")
+    cases = [
+        (["--config", str(bad)], f"config file {bad} is not valid YAML: expected ',' or '}}'"),
+        (["--config", str(latin)], f"config file {latin} is not UTF-8 text (byte 17"),
+        (["--set", "train.epochs=[1"], "--set 'train.epochs=[1': '[1' is not a valid YAML "
+                                       "value"),
+        (["--data-option", "num_classes=[1"], "--data-option 'num_classes=[1': '[1' is not a "
+                                              "valid YAML value"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError) as err:
+            train.main(flags + ["--out", str(tmp_path / "run")])
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------ 18: flag types are the fields' types
+def test_flag_types_follow_the_field_types():
+    cfg = resolve_config(train.parse_args(["--eval-feature-cache-mb", "0.5", "--lr", "1",
+                                           "--kmeans-baseline", "false", "--weights", "w"]))
+    assert cfg.data.eval_feature_cache_mb == 0.5
+    assert cfg.train.lr == 1.0 and cfg.train.kmeans_baseline is False
+    assert cfg.model.weights == "w"
+    with pytest.raises(SystemExit):  # argparse: "invalid int value"
+        train.parse_args(["--epochs", "1.5"])
+    with pytest.raises(ValueError, match="data.eval_feature_cache_mb must be a finite number"):
+        resolve_config(train.parse_args(["--eval-feature-cache-mb", "nan"])).validate()
+
+
+# ----------------------------------------------- 20b: OS errors and a broken data set, one line
+def test_cli_reports_os_errors_in_one_line_but_keeps_bugs(capsys):
+    def read_only(argv):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/runs/x/train.log")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(read_only, "python -m iddc.train", [])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("python -m iddc.train: error: Read-only file system: "
+                                       "/data/runs/x/train.log\n")
+
+    def bug(argv):
+        raise RuntimeError("a genuine bug")
+
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        cli.run(bug, "python -m iddc.train", [])
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"old": 1}, str(path))
+    before = path.read_bytes()
+
+    def full(obj, fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as err:
+        checkpoint.save_atomic({"new": 2}, str(path))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert cli.message(err.value) == f"No space left on device: {path}"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_broken_data_set_is_a_one_line_error(capsys):
+    from iddc.data.base import SegmentationSource
+    from iddc.data.layout import CorruptSampleError, skip_corrupt
+
+    class AllCorrupt(SegmentationSource):
+        def __len__(self):
+            return 3
+
+        def load(self, index):
+            raise CorruptSampleError(f"img{index}.png", "cannot decode image")
+
+    def main(argv):
+        return skip_corrupt(AllCorrupt()).load(0)
+
+    with pytest.warns(UserWarning), pytest.raises(SystemExit):
+        cli.run(main, "python -m iddc.train", [])
+    err = capsys.readouterr().err
+    assert err.startswith("python -m iddc.train: error: 3 consecutive samples") and \
+        "looks broken" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------ 20c: non-finite backbone weights
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(tmp_path, tiny_yaml, bad):
+    model, _ = build_model(ModelConfig(**TINY["model"]), 3)
+    state = model.backbone.state_dict()
+    state["blocks.0.attn.qkv.weight"][0, 0] = bad
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": state}, path)
+    with pytest.raises(WeightsError, match=r"tensor 'blocks.0.attn.qkv.weight' holds 1 NaN or "
+                                           r"Inf values"):
+        load_backbone_weights(build_model(ModelConfig(**TINY["model"]), 3)[0].backbone,
+                              str(path))
+    with pytest.raises(WeightsError, match=f"weights file {path}: tensor"):
+        train.main(["--config", tiny_yaml, "--weights", str(path), "--out",
+                    str(tmp_path / "run")])
+
+
+def test_resume_does_not_need_the_weights_file_again(tmp_path, tiny_yaml):
+    model, _ = build_model(ModelConfig(**TINY["model"]), 3)
+    weights = tmp_path / "dino.pth"
+    torch.save(model.backbone.state_dict(), weights)
+    part = train.main(["--config", tiny_yaml, "--weights", str(weights), "--out",
+                       str(tmp_path / "run"), "--max-steps", "2"] + QUICK)["out"]
+    weights.unlink()  # every tensor is in the checkpoint
+    resume(os.path.join(part, "last.pt"))
+    ckpt = torch.load(os.path.join(part, "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["weights_report"]["source"] == "file"
+
+
+# ------------------------------------------------------ 20d: the sliding window and the patch
+def test_sliding_window_must_be_a_multiple_of_the_patch_size(tmp_path, tiny_yaml):
+    with pytest.raises(ValueError, match=r"data.sliding_window \(12\) must be a multiple of "
+                                         r"the backbone's patch size 8"):
+        train.main(["--config", tiny_yaml, "--eval-mode", "sliding", "--sliding-window", "12",
+                    "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    cfg = Config()
+    cfg.data.eval_mode, cfg.data.sliding_window = "sliding", 24
+    cfg.model.backbone_kwargs = {"patch_size": 16}  # the kwargs beat the name's patch8
+    with pytest.raises(ValueError, match="patch size 16"):
+        cfg.validate()
+    cfg.data.eval_mode = "resize"  # the window is not used: not checked
+    cfg.validate()
+
+
+# ------------------------------------- 21: batch size checked before any work, marker kept
+def test_batch_size_beyond_the_data_fails_first_and_the_folder_is_reused(tmp_path, tiny_yaml):
+    out = tmp_path / "bs100"
+    with pytest.raises(ValueError, match=r"train.batch_size \(100\) exceeds the 8 training "
+                                         "images"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--batch-size", "100"])
+    # no k-means baseline or evaluation ran (no metrics.json), and the folder is reusable
+    assert set(os.listdir(out)) == {train.STARTING_MARKER, "train.log"}
+    res = train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
+    assert res["out"] == str(out) and (out / "last.pt").exists()
+
+
+def test_marker_stays_until_training_starts(tmp_path, tiny_yaml, monkeypatch):
+    class Boom(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom("after the start-up evaluation")
+
+    monkeypatch.setattr(train, "TwoViewDataset", fail)
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--vis-images", "0"])
+    assert train.STARTING_MARKER in os.listdir(out) and (out / "metrics.json").exists()
+    monkeypatch.undo()
+    assert train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"]
+                      + QUICK)["out"] == str(out)
