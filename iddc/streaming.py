@@ -81,13 +81,13 @@ def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
     raise ValueError(f"unknown h variant {h!r}")
 
 
-def _negative_tile(f, c, u_l_neg, u_r, p_l, p_r, t_neg: float, h: str):
+def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
     """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t.
 
-    u_l_neg holds -u_l: the GEMM gives -f exactly (rounding is sign-symmetric), and
-    -f > -t is exactly f < t, the reference's selection.
+    The GEMM gives -f exactly (alpha = -1; rounding is sign-symmetric), and -f > -t is exactly
+    f < t, the reference's selection (1 - f would round, and select differently near t).
     """
-    torch.mm(u_l_neg, u_r.t(), out=f)
+    f.addmm_(u_l, u_r.t(), beta=0.0, alpha=-1.0)  # beta 0: f's old contents are ignored
     if t_neg <= 1.0:
         # unselected -> -1, so that w = 1 + min(-f, 0) = 1 - max(f, 0) is 0 there; on the
         # selection -f > -t >= -1, so w > 0 (1 + x is exact for x in (-1, 0)): nonzero <=> selected
@@ -129,7 +129,6 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     rows = tile_rows(n, max(m, n) if shifts else m, tile_elems)
     tiles = _TileBuffers(rows, u_a)
     p_a_neg = -p_a  # so the positive GEMM yields -c and exp(1 - c) needs one pass
-    u_a_neg = -u_a if shifts else None  # so the negative GEMM yields -f (exact selection)
     for b in range(batch):
         # partner list: (term, partner features, partner probs, its grad buffer or None)
         partners = [(0, u_b[b], p_b[b], grad_b[b] if need_b else None)]
@@ -145,8 +144,7 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
                     value, count, alpha = _positive_tile(f, c, u_l, u_r, p_a_neg[b, i0:i1], p_r,
                                                          t_pos, h)
                 else:
-                    value, count, alpha = _negative_tile(f, c, u_a_neg[b, i0:i1], u_r, p_l, p_r,
-                                                         t_neg, h)
+                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h)
                 sums[term] += value
                 counts[term] += count
                 # c now holds dvalue/dc / alpha for every pair of the tile
