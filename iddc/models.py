@@ -248,8 +248,10 @@ def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True):
     ``load_weights=False``: a bare backbone for a checkpoint's tensors (which hold every
     weight), so no weights file is read and nothing is fetched."""
     backbone = create_backbone(cfg if load_weights else dataclasses.replace(cfg, pretrained=False))
-    if cfg.weights and load_weights:
-        report = load_backbone_weights(backbone, cfg.weights)
+    if cfg.weights:
+        # not loaded again for a checkpoint, but still the run's weights, not a random init
+        report = load_backbone_weights(backbone, cfg.weights) if load_weights else \
+            {"path": str(cfg.weights), "loaded_from": "checkpoint"}
         report["source"] = "file"
     elif cfg.pretrained:
         report = {"source": "timm-pretrained", "name": cfg.backbone}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
 from .config import (Config, add_config_arguments, check_sliding_window, config_changes,
-                     resolve_config)
+                     explicit_settings, resolve_config)
 from .data import IGNORE_INDEX, build_source
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -164,18 +164,23 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
     return "the folder's metrics.json is not this run's"
 
 
-def resume_out_dir(path: str, ckpt: dict, cfg: Config) -> str:
-    """Where a resumed run continues: a new run folder when this command names one (--out or
-    --name other than the run's), else the checkpoint's own folder, but only when the
-    checkpoint is that folder's last.pt (never over another run's or the user's files)."""
-    saved = ckpt["config"].get("train", {})
+def resume_out_dir(path: str, ckpt: dict, cfg: Config, requested: dict) -> str:
+    """Where a resumed run continues: the new run folder this command names (``requested``: its
+    explicit train settings, --out or a new --name), else the checkpoint's own folder, but only
+    when the checkpoint is that folder's last.pt (never over another run's or the user's files).
+    Paths are compared resolved: a relative --out means the folder it names from here."""
     folder = os.path.dirname(os.path.abspath(path))
+    new_out = requested.get("out")
+    new_name = requested.get("name")
+    if new_name == ckpt["config"].get("train", {}).get("name"):
+        new_name = None  # the run's own name, e.g. its original command repeated
     why_not = not_own_last_pt(path, ckpt)
-    if cfg.train.out != saved.get("out") or cfg.train.name != saved.get("name"):
-        if cfg.train.out == saved.get("out"):
-            cfg.train.out = None  # only a new --name: runs/<name>
-        elif why_not is None and os.path.realpath(cfg.train.out) == os.path.realpath(folder):
+    if new_out is not None:
+        if why_not is None and os.path.realpath(new_out) == os.path.realpath(folder):
             return folder
+        return make_out_dir(cfg)  # a new run folder, by the same rules as a new run's
+    if new_name is not None:
+        cfg.train.out = None  # runs/<name>
         return make_out_dir(cfg)
     if why_not:
         raise FileExistsError(f"--resume {path}: the run would continue in {folder}, but the "
@@ -226,7 +231,7 @@ def main(argv=None) -> dict:
     resume = checkpoint.load(args.resume) if args.resume else None
     if resume is not None:
         cfg, changes = resolve_resumed(args, resume)
-        out = resume_out_dir(args.resume, resume, cfg)
+        out = resume_out_dir(args.resume, resume, cfg, explicit_settings(args).get("train", {}))
     else:
         cfg = resolve_config(args).validate()  # before a run folder exists
         out = make_out_dir(cfg)

@@ -125,6 +125,26 @@ def test_resume_with_out_leaves_the_original_run_untouched(tmp_path, run_copy):
     assert torch.load(run_copy / "last.pt", weights_only=True)["epoch"] == 2
 
 
+def test_resume_with_a_relative_out_means_the_folder_it_names_from_here(tmp_path, tiny_yaml,
+                                                                         monkeypatch):
+    """The run saved --out 'rel'; 'rel' typed in another folder is a new folder, not the run's."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(["--config", tiny_yaml, "--out", "rel", "--max-steps", "2"] + QUICK)
+    original = tmp_path / "a" / "rel"
+    before = snapshot(original)
+    monkeypatch.chdir(tmp_path / "b")
+    res = resume(original / "last.pt", "--out", "rel")
+    assert os.path.realpath(res["out"]) == os.path.realpath(tmp_path / "b" / "rel")
+    assert snapshot(original) == before
+    assert torch.load(tmp_path / "b" / "rel" / "last.pt", weights_only=True)["epoch"] == 2
+    # from the run's own folder's parent, the same text is the run's folder: it continues there
+    monkeypatch.chdir(tmp_path / "a")
+    assert os.path.realpath(resume(original / "last.pt", "--out", "rel")["out"]) == \
+        os.path.realpath(original)
+
+
 # -------------------------------------------------- 6, 7: settings given on resume all apply
 def test_resume_applies_set_data_option_config_and_preset(tmp_path, run_copy):
     extra = tmp_path / "extra.yaml"
@@ -358,9 +378,19 @@ def test_resume_does_not_need_the_weights_file_again(tmp_path, tiny_yaml):
     part = train.main(["--config", tiny_yaml, "--weights", str(weights), "--out",
                        str(tmp_path / "run"), "--max-steps", "2"] + QUICK)["out"]
     weights.unlink()  # every tensor is in the checkpoint
+    older = tmp_path / "older"  # a copy written before checkpoints held a weights report
+    shutil.copytree(part, older)
+    ckpt = torch.load(older / "last.pt", weights_only=True)
+    del ckpt["weights_report"]
+    torch.save(ckpt, older / "last.pt")
     resume(os.path.join(part, "last.pt"))
     ckpt = torch.load(os.path.join(part, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["weights_report"]["source"] == "file"
+    # still a run on the file's weights: no random-init banner, no random-init tag
+    resume(older / "last.pt")
+    ckpt = torch.load(older / "last.pt", weights_only=True)
+    assert ckpt["weights_report"]["source"] == "file"
+    assert "RANDOMLY" not in (older / "config.yaml").read_text()
 
 
 # ------------------------------------------------------ 20d: the sliding window and the patch
