@@ -358,6 +358,17 @@ def _nested_set(d: dict, dotted: str, value) -> None:
     d.setdefault(section, {})[name] = value
 
 
+def parse_data_options(items) -> dict:
+    """``--data-option KEY=VALUE`` items as a dict, values in YAML syntax (train and evaluate)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
+        options[key] = _parse_value(value, f"--data-option {item!r}")
+    return options
+
+
 def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) -> dict:
     """{section: {field: value}} of what this command sets: the YAML file, then the flags, then
     --data-option (added to the YAML's data.options, else to ``options``), then --set."""
@@ -366,15 +377,14 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
         v = getattr(args, dest, None)
         if v is not None:
             explicit.setdefault(section, {})[name] = v
-    for item in getattr(args, "data_option", []) or []:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
+    items = getattr(args, "data_option", []) or []
+    if items:
+        given = parse_data_options(items)
         data = explicit.setdefault("data", {})
         if not isinstance(data.setdefault("options", dict(options or {})), dict):
-            raise ValueError(f"--data-option {item!r}: data.options must be a mapping, got "
+            raise ValueError(f"--data-option {items[0]!r}: data.options must be a mapping, got "
                              f"{data['options']!r}")
-        data["options"][key] = _parse_value(val, f"--data-option {item!r}")
+        data["options"].update(given)
     for item in getattr(args, "set", []) or []:
         key, sep, val = item.partition("=")
         if not sep:

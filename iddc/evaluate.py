@@ -298,18 +298,6 @@ def summary_line(name: str, entry: dict) -> str:
     return s
 
 
-def parse_data_options(items) -> dict:
-    """``--data-option KEY=VALUE`` items as a dict; values parsed as iddc.train parses them."""
-    from .config import _parse_value
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
-        options[key] = _parse_value(value, f"--data-option {item!r}")
-    return options
-
-
 def split_options(cfg, split: str, given: dict, data_root: Optional[str]) -> dict:
     """The data-set options of ``split``: the run's (both splits, then that split's), then
     ``given``. A new ``data_root`` with the run's own label_root would score the new images
@@ -340,6 +328,7 @@ def main(argv=None) -> dict:
     from . import checkpoint
     from .data import build_source
     from .models import backbone_data_config
+    from .config import parse_data_options
     from .devices import resolve_device
     from .predict import check_outputs, json_writer
 
