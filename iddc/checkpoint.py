@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import uuid
 import zipfile
-from typing import Callable
 
 import numpy as np
 import torch
+
+from .files import write_atomic
 
 FORMAT = "iddc-checkpoint-1"
 
@@ -33,29 +33,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be found, read or understood."""
 
 
-def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
-    """``write(fh)`` into a temp file next to ``path``, then os.replace: never a half-written
-    file. An OSError of the writing itself (a full disk) names no file; it is raised again
-    naming ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
-            raise OSError(err.errno, err.strerror, path) from err
-        raise
-
-
 def save_atomic(obj, path: str) -> None:
     """torch.save to a temp file next to ``path``, then os.replace (never a half-written file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, lambda fh: torch.save(obj, fh))
 
 

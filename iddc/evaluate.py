@@ -118,14 +118,6 @@ def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
                          align_corners=True).argmax(1)
 
 
-def _count_skip(source, path: str) -> None:
-    """Add a skip to a skip_corrupt wrapper's shared counter (training logs it per epoch)."""
-    if isinstance(source, SkipCorrupt):
-        with source._count.get_lock():
-            source._count.value += 1
-        source.skipped_paths.append(path)
-
-
 def load_or_skip(source, index: int, skipped: Optional[list] = None):
     """Sample ``index``, or None when it is corrupt: warned, counted and appended to ``skipped``.
 
@@ -135,7 +127,8 @@ def load_or_skip(source, index: int, skipped: Optional[list] = None):
     try:
         return inner.load(index)
     except CorruptSampleError as err:
-        _count_skip(source, err.path)
+        if isinstance(source, SkipCorrupt):
+            source.record(err)  # training's per-epoch count of corrupt samples
         if skipped is not None:
             skipped.append(err.path)
         warnings.warn(f"skipping {err} (left out of the scores)", stacklevel=2)
@@ -330,7 +323,7 @@ def main(argv=None) -> dict:
     from .models import backbone_data_config
     from .config import parse_data_options
     from .devices import resolve_device
-    from .predict import check_outputs, json_writer
+    from .files import check_outputs, write_json
 
     ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
                                  description="Re-evaluate a saved IDDC run on its val split.")
@@ -395,8 +388,7 @@ def main(argv=None) -> dict:
                     res["skipped"])
     print(summary_line(f"epoch {ckpt.get('epoch')}", res))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        checkpoint.write_atomic(args.json, json_writer(res))
+        write_json(args.json, res)
     return res
 
 

@@ -25,12 +25,10 @@ the inputs (always refused). Each file is written atomically (temp file + os.rep
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -38,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import checkpoint
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
+from .files import check_outputs, write_atomic, write_json
 from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor, check_at_least
 from .visualize import palette
 
@@ -167,39 +166,8 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def _file_id(path) -> tuple:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: bool,
-                  limit: int = 5) -> None:
-    """Refuse before anything is written: an output that is one of ``inputs`` (always) or a
-    folder, or that exists already (unless ``overwrite``). ``flag``: the option that chose
-    the outputs, named in the message."""
-    existing = [Path(p) for p in outputs if os.path.lexists(p)]
-    inputs_ids = {_file_id(p) for p in inputs if os.path.exists(p)}
-    onto_input = [str(p) for p in existing if p.exists() and _file_id(p) in inputs_ids]
-    if onto_input:
-        raise ValueError(f"{flag}: the output(s) {onto_input[:limit]} would replace input "
-                         f"file(s); choose another {flag}")
-    folders = [str(p) for p in existing if p.is_dir()]
-    if folders:
-        raise IsADirectoryError(f"{flag}: output path(s) {folders[:limit]} are folders")
-    if existing and not overwrite:
-        shown = ", ".join(str(p) for p in existing[:limit])
-        raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}"
-                              f"{', ...' if len(existing) > limit else ''}); choose another "
-                              f"{flag}, or pass --overwrite to replace them")
-
-
-# writers for iddc.checkpoint.write_atomic (temp file beside the target + os.replace)
 def png_writer(image: Image.Image) -> Callable[[BinaryIO], None]:
     return lambda fh: image.save(fh, format="PNG")
-
-
-def json_writer(obj) -> Callable[[BinaryIO], None]:
-    return lambda fh: fh.write(json.dumps(obj, indent=1).encode())
 
 
 def id_image(ids: np.ndarray, k: int) -> Image.Image:
@@ -266,7 +234,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     title = "cluster" if head == "clusters" else "class (linear probe)"
     out.mkdir(parents=True, exist_ok=True)
     legend = full_legend(k, names, pal, f"{title}: {k} ids")
-    checkpoint.write_atomic(legend_path, png_writer(legend))
+    write_atomic(legend_path, png_writer(legend))
 
     written: dict = {}
     failed: dict = {}
@@ -288,7 +256,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
             seg, overlay, shares = render(img, ids, names, pal, alpha, title)
             files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
             for file, image in zip(files, (seg, overlay, id_image(ids, k))):
-                checkpoint.write_atomic(file, png_writer(image))
+                write_atomic(file, png_writer(image))
             written[stem] = [str(f) for f in files]
             summary[stem] = {"input": str(path), "size": [img.width, img.height],
                              "files": [f.name for f in files],
@@ -297,7 +265,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
               "short_side": short_side, "num_ids": k, "names": names, "images": summary,
               "failed": failed}
-    checkpoint.write_atomic(json_path, json_writer(record))
+    write_json(json_path, record)
     return {"written": written, "failed": failed, "legend": str(legend_path)}
 
 
@@ -323,15 +291,17 @@ def main(argv=None) -> int:
     ap.add_argument("--head", choices=("clusters", "probe"), default="clusters")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     args = ap.parse_args(argv)
-    from .cli import user_errors
+    from .cli import is_user_error, message
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         res = predict_files(args.checkpoint, args.images, args.out, mode=args.mode,
                             short_side=args.short_side, window=args.window, stride=args.stride,
                             batch_size=args.batch_size, device=args.device, head=args.head,
                             alpha=args.alpha, overwrite=args.overwrite)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # the rule of iddc.cli: bad input is one line, a bug a traceback
+        if not is_user_error(err):
+            raise
+        print(f"error: {message(err)}", file=sys.stderr)
         return 2
     print(f"wrote {len(res['written'])} image(s) to {args.out}"
           + (f"; {len(res['failed'])} unreadable, skipped: {sorted(res['failed'])}"

@@ -27,6 +27,7 @@ from .data import IGNORE_INDEX, build_source
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
+from .files import write_atomic, write_json
 from .loss import IDDCLoss, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
@@ -124,10 +125,6 @@ def setup_logging(path: str) -> logging.Handler:
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
     return fh
-
-
-def write_json_atomic(obj, path: str) -> None:
-    checkpoint.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
 
 
 def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict] = None) -> dict:
@@ -305,7 +302,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     import yaml
     header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n" \
         if weights_tag == "random-init" else ""
-    checkpoint.write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
+    write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
         header + yaml.safe_dump(cfg_dict, sort_keys=False)), binary=False)
     log.info("loss: preset %s, %s", tc.preset, loss_fn.extra_repr())
     log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
@@ -377,7 +374,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
             res = run_eval()
             history.append(entry_of(res, 0, "untrained_head", weights_tag))
             log.info(ev.summary_line("epoch 0 (untrained)", res))
-        write_json_atomic(history, os.path.join(out, "metrics.json"))
+        write_json(os.path.join(out, "metrics.json"), history)
 
     dataset = TwoViewDataset(train_src, TwoViewTransform(dc.crop_size, **data_config), tc.seed)
     steps_per_epoch = len(dataset) // tc.batch_size
@@ -468,7 +465,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
                 extra["partial_epoch"] = {"steps_done": skip + n_steps, "of": steps_per_epoch}
             history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
             log.info(ev.summary_line(f"epoch {epoch + 1}", res))
-        write_json_atomic(history, os.path.join(out, "metrics.json"))
+        write_json(os.path.join(out, "metrics.json"), history)
         checkpoint.save_atomic({
             "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
             "class_names": list(train_src.class_names) if train_src.class_names else None,

@@ -303,6 +303,13 @@ class SkipCorrupt(SegmentationSource):
         """Corrupt samples skipped so far, summed over this process and its loader workers."""
         return int(self._count.value)
 
+    def record(self, err: CorruptSampleError) -> None:
+        """Count a corrupt sample (in the counter shared with the loader workers) and keep its
+        path; also for a caller that leaves the sample out instead (evaluation)."""
+        with self._count.get_lock():
+            self._count.value += 1
+        self.skipped_paths.append(err.path)
+
     def __len__(self) -> int:
         return len(self.source)
 
@@ -321,9 +328,7 @@ class SkipCorrupt(SegmentationSource):
             try:
                 return self.source.load(i)
             except CorruptSampleError as err:
-                with self._count.get_lock():
-                    self._count.value += 1
-                self.skipped_paths.append(err.path)
+                self.record(err)
                 warnings.warn(f"skipping {err} (substituting the next sample)", stacklevel=2)
         raise BrokenDataSetError(
             f"{min(self.max_consecutive, n)} consecutive samples from index {index} of "

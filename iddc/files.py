@@ -1,0 +1,61 @@
+"""Writing a user's files safely: atomically (never half-written) and never over an input or,
+unless asked, over an existing file."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
+    """``write(fh)`` into a temp file next to ``path``, then os.replace: never a half-written
+    file. An OSError of the writing itself (a full disk) names no file; it is raised again
+    naming ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON, atomically."""
+    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
+
+
+def _file_id(path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: bool,
+                  limit: int = 5) -> None:
+    """Refuse before anything is written: an output that is one of ``inputs`` (always) or a
+    folder, or that exists already (unless ``overwrite``). ``flag``: the option that chose
+    the outputs, named in the message."""
+    existing = [Path(p) for p in outputs if os.path.lexists(p)]
+    inputs_ids = {_file_id(p) for p in inputs if os.path.exists(p)}
+    onto_input = [str(p) for p in existing if p.exists() and _file_id(p) in inputs_ids]
+    if onto_input:
+        raise ValueError(f"{flag}: the output(s) {onto_input[:limit]} would replace input "
+                         f"file(s); choose another {flag}")
+    folders = [str(p) for p in existing if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"{flag}: output path(s) {folders[:limit]} are folders")
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:limit])
+        raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}"
+                              f"{', ...' if len(existing) > limit else ''}); choose another "
+                              f"{flag}, or pass --overwrite to replace them")
