@@ -12,7 +12,13 @@ over the inputs (torch.cuda.max_memory_allocated after reset_peak_memory_stats).
 out-of-memory error (expected for the reference at N = 3136) is recorded, not raised.
 
 For the "tf32" rows the PyTorch baselines run with TF32 matmuls allowed
-(torch.backends.cuda.matmul.allow_tf32), the "ieee" rows with it disallowed.
+(torch.backends.cuda.matmul.allow_tf32), the "ieee" rows with it disallowed. The "bf16" row
+feeds the fused kernels bfloat16 features and probabilities (what bf16 autocast gives), against
+a bfloat16 matmul's rate.
+
+For the autotuned (non-deterministic) Triton rows, ``extra_info`` also holds the autotuner's
+choice and each candidate's median time in ms (``autotune_best``, ``autotune_ms``): the data for
+pruning the candidate list.
 
 Run with ``pytest benchmarks/test_bench_triton.py``; skipped without a CUDA device.
 """
@@ -34,7 +40,7 @@ B, D, K = 64, 384, 27
 SHIFTS = (1, 2, 3)
 T_POS, T_NEG = 0.2, 0.12
 SIZES = {"N784": 784, "N3136": 3136}
-# name -> (backend, precision, deterministic)
+# name -> (backend, precision, deterministic); "bf16": bfloat16 inputs (tensor cores)
 IMPLS = {
     "reference-ieee": ("reference", "ieee", False),
     "reference-tf32": ("reference", "tf32", False),
@@ -44,6 +50,7 @@ IMPLS = {
     "streaming-tf32": ("streaming", "tf32", False),
     "triton-ieee": ("triton", "ieee", False),
     "triton-tf32": ("triton", "tf32", False),
+    "triton-bf16": ("triton", "bf16", False),
     "triton-ieee-deterministic": ("triton", "ieee", True),
     "triton-tf32-deterministic": ("triton", "tf32", True),
 }
@@ -66,9 +73,11 @@ def get_impl(backend: str, precision: str, deterministic: bool):
         except ImportError as err:
             pytest.skip(f"iddc_kernels (Triton) is not available: {err}")
 
+        kernel_precision = "tf32" if precision == "bf16" else precision
+
         def run(*args, **kwargs):
-            return triton_pair_sums(*args, precision=precision, deterministic=deterministic,
-                                    **kwargs)
+            return triton_pair_sums(*args, precision=kernel_precision,
+                                    deterministic=deterministic, **kwargs)
         return run
     raise ValueError(backend)
 
@@ -92,7 +101,9 @@ def make_pair_inputs(batch, n, dim, classes, device, seed=0):
 
 
 def matmul_rate_at(precision: str) -> float:
-    """A plain float32 4096 x 4096 matmul's flop/s with TF32 allowed or not."""
+    """A plain 4096 x 4096 matmul's flop/s: float32 with TF32 allowed or not, or bfloat16."""
+    if precision == "bf16":
+        return matmul_rate("cuda", torch.bfloat16, reps=5)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
@@ -103,7 +114,19 @@ def matmul_rate_at(precision: str) -> float:
 
 @pytest.fixture(scope="module")
 def matmul_rates():
-    return {p: matmul_rate_at(p) for p in ("ieee", "tf32")}
+    return {p: matmul_rate_at(p) for p in ("ieee", "tf32", "bf16")}
+
+
+def autotune_report() -> dict:
+    """The row kernel's last autotuning: the chosen tiles and every candidate's median ms."""
+    from iddc_kernels import pair_sums
+    tuner = pair_sums._ROWS_KERNEL
+    timings = getattr(tuner, "configs_timings", None) or {}
+
+    def median(t):
+        return float(t[0] if isinstance(t, (list, tuple)) else t)
+    return dict(autotune_best=str(getattr(tuner, "best_config", None)),
+                autotune_ms={str(cfg): round(median(t), 4) for cfg, t in timings.items()})
 
 
 def make_step(fn, inputs, grad_out):
@@ -131,6 +154,8 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
     try:
         torch.cuda.empty_cache()
         inputs = make_pair_inputs(B, n, D, K, "cuda")
+        if precision == "bf16":
+            inputs = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in inputs]
         grad_out = torch.randn(1 + len(SHIFTS), device="cuda")
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -140,6 +165,7 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
             step()  # warm-up: compilation and autotuning happen here, outside the timing
             torch.cuda.synchronize()
             extra = torch.cuda.max_memory_allocated() - base
+            tuned = autotune_report() if backend == "triton" and not deterministic else {}
         except torch.cuda.OutOfMemoryError as err:
             info = dict(seconds=math.nan, gflops=math.nan, matmul_gflops=ceiling / 1e9,
                         fraction_of_matmul=math.nan, oom=True, error=str(err).splitlines()[0],
@@ -157,7 +183,7 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
         info = dict(seconds=seconds, gflops=flops / seconds / 1e9, matmul_gflops=ceiling / 1e9,
                     fraction_of_matmul=flops / seconds / ceiling, extra_peak_bytes=int(extra),
                     oom=False, batch=B, n=n, dim=D, classes=K, precision=precision,
-                    deterministic=deterministic, device=torch.cuda.get_device_name())
+                    deterministic=deterministic, device=torch.cuda.get_device_name(), **tuned)
         benchmark.extra_info.update(info)
         RESULTS.append((label, info))
     finally:

@@ -365,16 +365,37 @@ else:
     _MIN_BLOCK_I = min(c.kwargs["BLOCK_I"] for c in _hopper_configs())
 
 
-def _deterministic_config(block_k: int, f_precision: str) -> dict:
-    """Fixed (not autotuned) tiles of the deterministic mode, so that results are also
+def block_k_of(K: int) -> int:
+    """K as the kernels hold it on chip: padded to a power of two, at least 16 (a dot's minimum)."""
+    return max(16, triton.next_power_of_2(int(K)))
+
+
+def feature_precision(feature_dtype: torch.dtype, precision: str) -> str:
+    """The feature dot's precision: "ieee" keeps float32 features off the tensor cores; 16-bit
+    features always take the tensor-core path (float32 accumulation), named "tf32" so that no
+    backend refuses it."""
+    return precision if feature_dtype == torch.float32 else "tf32"
+
+
+def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
+    """Fixed (not autotuned) tiles: the deterministic mode's, so that its results are also
     bit-identical across processes (an autotuner may pick other tiles in another process,
-    changing the float32 summation order)."""
+    changing the float32 summation order); the GPU tests use them too, to compile once per
+    case instead of once per candidate."""
+    block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
     if block_k >= 128:  # fewest spills in ptxas reports for sm_90a
         warps = 8 if f_precision == "ieee" else 4
         return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=warps, num_stages=2)
     if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
         return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
     return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=3)
+
+
+def autotune_candidates(K: int, D: int) -> list:
+    """The tiles the autotuner times for K classes and D features (after pruning), each as a
+    launch config (what ``triton_pair_sums(_config=...)`` takes)."""
+    kept = _prune_configs(_hopper_configs(), dict(D=int(D), BLOCK_K=block_k_of(K)))
+    return [dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages) for cfg in kept]
 
 
 def _bucket(n: int) -> int:
@@ -394,15 +415,13 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     S = len(shifts)
     T = 1 + S
     dev = u_a.device
-    block_k = max(16, triton.next_power_of_2(K))
+    block_k = block_k_of(K)
     interp = _interpreting()
-    # feature dot: "ieee" keeps float32 features off the tensor cores; 16-bit features always
-    # take the tensor-core path (float32 accumulation), named "tf32" so no backend refuses it
-    f_precision = precision if u_a.dtype == torch.float32 else "tf32"
+    f_precision = feature_precision(u_a.dtype, precision)
     if config is None and interp:
         config = INTERPRETER_CONFIG
     elif config is None and deterministic:
-        config = _deterministic_config(block_k, f_precision)
+        config = fixed_config(K, u_a.dtype, precision)
     min_bi = config["BLOCK_I"] if config is not None else _MIN_BLOCK_I
     nblk = triton.cdiv(max(N, 1), min_bi)
     # partials of programs that do not exist under a larger BLOCK_I stay zero

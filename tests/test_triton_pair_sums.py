@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton", reason="the Triton backend needs the trit
 from iddc import reference  # noqa: E402
 from iddc.loss import IDDCLoss  # noqa: E402
 from iddc_kernels import triton_pair_sums  # noqa: E402
+from iddc_kernels.pair_sums import autotune_candidates, fixed_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T_POS, T_NEG = 0.2, 0.12
@@ -88,9 +89,17 @@ def assert_close_rel(actual, expected, rtol, what):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
 
 
+def sweep_config(k, dtype):
+    """Tiles of the reference sweeps. On a GPU the fixed tiles, so a case compiles once rather
+    than once per autotune candidate (each candidate is checked on its own below); under the
+    interpreter None: its single configuration."""
+    return fixed_config(k, dtype, "ieee") if DEVICE == "cuda" else None
+
+
 def check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic=False, seed=0,
                             config=None):
     u_a, u_b, p_a, p_b = make_inputs(b, n, m, d, k, seed, dtype)
+    config = sweep_config(k, dtype) if config is None else config
     sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed,
                                               deterministic=deterministic, _config=config)
     r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out)
@@ -145,6 +154,24 @@ def test_many_tiles_ragged_d_and_many_shifts(deterministic):
     shifts = (1, 2, 3, 2, 1, 3, 3, 1, 2, 2)
     check_against_reference(4, 37, 21, 100, 27, shifts, "exp", torch.float32, deterministic,
                             seed=11, config=config)
+
+
+def _config_id(cfg):
+    return (f"{cfg['BLOCK_I']}x{cfg['BLOCK_J']}x{cfg['BLOCK_D']}-w{cfg['num_warps']}"
+            f"-s{cfg['num_stages']}")
+
+
+AUTOTUNED = [pytest.param(k, d, cfg, id=f"K{k}-D{d}-{_config_id(cfg)}")
+             for k, d in ((27, 384), (171, 40)) for cfg in autotune_candidates(k, d)]
+
+
+@pytest.mark.parametrize("k,d,config", AUTOTUNED)
+def test_every_autotune_candidate_matches_reference(k, d, config):
+    """Whichever tiles the autotuner picks, the result is the reference's: every candidate it
+    keeps for these sizes, on ragged sizes (two row tiles or more for every candidate), with
+    negative shifts and their atomics."""
+    check_against_reference(3, 131, 77, d, k, (1, 2), "exp", torch.float32, False,
+                            seed=zlib.crc32(_config_id(config).encode()) + k, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
