@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from .pair_inputs import check_shifts, is_integer
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
@@ -30,14 +31,6 @@ PRESETS = {
     "cityscapes-vitb8": dict(lambda1=0.38, lambda2=0.22, t_pos=0.2, t_neg=0.28),
     "cityscapes-vits8": dict(lambda1=0.25, lambda2=0.3, t_pos=0.15, t_neg=0.25),
 }
-
-
-def _is_integer(x) -> bool:
-    """A Python or numpy integer, or a 0-d integer tensor; not a bool, a float or a string."""
-    if isinstance(x, torch.Tensor):
-        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
-            and x.dtype != torch.bool
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -70,7 +63,7 @@ class IDDCConfig:
             raise ValueError(f"backend={self.backend!r} is not known; expected one of {BACKENDS}")
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
-        if not _is_integer(self.num_shifts) or self.num_shifts < 0:
+        if not is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
         self.num_shifts = int(self.num_shifts)
         for name in ("t_pos", "t_neg", "lambda1", "lambda2", "reg_scale", "weibull_shape",
@@ -221,27 +214,6 @@ def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator
     device = generator.device if generator is not None else "cpu"
     r = torch.randint(1, batch, (num_shifts,), generator=generator, device=device)
     return tuple(int(x) for x in r.tolist())
-
-
-def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
-    """`shifts` as a tuple of ints, each in 1..B-1; anything but integers is refused (a float
-    or a string is never silently truncated or split into digits)."""
-    if isinstance(shifts, (str, bytes)) or not _iterable(shifts) \
-            or not all(_is_integer(r) for r in shifts):
-        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
-    out = tuple(int(r) for r in shifts)
-    bad = [r for r in out if not 1 <= r <= batch - 1]
-    if bad:
-        raise ValueError(f"shifts {bad} are out of range: each must lie in 1..B-1 = 1..{batch - 1}")
-    return out
-
-
-def _iterable(x) -> bool:
-    try:
-        iter(x)
-    except TypeError:
-        return False
-    return True
 
 
 def flatten_views(feats_a, feats_b, logits_a, logits_b):

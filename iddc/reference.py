@@ -23,12 +23,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .pair_inputs import H_VARIANTS, check_pair_sums_inputs
+
 #: weight floor of a positive pair: max(f, POS_WEIGHT_FLOOR)
 POS_WEIGHT_FLOOR = 1e-8
 #: inside the log of the "log" variant: -log(c + LOG_EPS), -log(1 - c + LOG_EPS)
 LOG_EPS = 1e-8
 
-H_VARIANTS = ("exp", "linear", "log")
 REGULARISERS = ("weibull", "entropy", "none")
 
 
@@ -87,7 +88,11 @@ def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg:
     Returns:
         sums: (1 + S,) tensor, sums[0] the positive term's sum, sums[1 + s] shift s's.
         counts: (1 + S,) int64 tensor of selected pairs, same order.
+
+    Computed in the inputs' dtype. Bad inputs raise ValueError
+    (:func:`iddc.pair_inputs.check_pair_sums_inputs`, shared by every backend).
     """
+    shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
     sums, counts = [], []
     s, n = pair_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)
     sums.append(s)
@@ -113,6 +118,7 @@ def _gather_term(u_l, u_r, p_l, p_r, *, positive: bool, threshold: float, h: str
 def pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float,
                             t_neg: float, h: str = "exp"):
     """The authors' formulation of :func:`pair_sums`: einsum, then boolean-mask gathers."""
+    shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
     terms = [_gather_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)]
     for r in shifts:
         terms.append(_gather_term(u_a, torch.roll(u_a, -int(r), 0), p_a,

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from .first_order import first_order_only
+from .pair_inputs import check_pair_sums_inputs
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 #: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
@@ -205,11 +206,15 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
     Returns:
         (sums, counts): (1 + S,) tensors, positive first; counts are int64 without gradient.
 
+    Computed in the inputs' dtype (on the CPU the sums accumulate in float64); bad inputs raise
+    ValueError (:func:`iddc.pair_inputs.check_pair_sums_inputs`, as in every backend).
+
     Example:
         >>> u = torch.nn.functional.normalize(torch.randn(2, 49, 16), dim=-1)
         >>> p = torch.randn(2, 49, 5).softmax(-1).requires_grad_()
         >>> sums, counts = streaming_pair_sums(u, u, p, p, (1,), t_pos=0.2, t_neg=0.1)
         >>> sums.sum().backward()
     """
-    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, tuple(int(r) for r in shifts),
-                                   float(t_pos), float(t_neg), h, int(tile_elems))
+    shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, float(t_pos), float(t_neg), h,
+                                   int(tile_elems))

@@ -39,6 +39,7 @@ import triton.language as tl
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import first_order_only
+from iddc.pair_inputs import check_pair_sums_inputs
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -617,31 +618,17 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         >>> sums, counts = triton_pair_sums(u[0], u[1], p[0], p[1], (1,), t_pos=0.2, t_neg=0.12)
         >>> (sums / counts.clamp_min(1)).sum().backward()
     """
-    if h not in _H_CODES:
-        raise ValueError(f"unknown h variant {h!r}; expected one of {tuple(_H_CODES)}")
+    shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
     if precision not in _PRECISIONS:
         raise ValueError(f"precision={precision!r} is not known; expected 'ieee' or 'tf32'")
     for name, t in (("u_a", u_a), ("u_b", u_b), ("p_a", p_a), ("p_b", p_b)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-d tensor, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
         if t.dtype not in _SUPPORTED:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: {_SUPPORTED}")
+            raise ValueError(f"{name} has dtype {t.dtype}; the kernels support {_SUPPORTED}")
     B, N, D = u_a.shape
     M = u_b.shape[1]
     K = p_a.shape[2]
-    if u_b.shape[0] != B or u_b.shape[2] != D:
-        raise ValueError(f"u_b must be B x M x D = {B} x M x {D}, got {tuple(u_b.shape)}")
-    if tuple(p_a.shape) != (B, N, K) or tuple(p_b.shape) != (B, M, K):
-        raise ValueError(f"p_a / p_b must be {B} x {N} x K and {B} x {M} x K, got "
-                         f"{tuple(p_a.shape)} and {tuple(p_b.shape)}")
     if K > _MAX_K:
         raise ValueError(f"K={K} exceeds the kernel's maximum of {_MAX_K} classes")
-    if len({t.device for t in (u_a, u_b, p_a, p_b)}) != 1:
-        raise ValueError("u_a, u_b, p_a, p_b must be on one device")
-    shifts = tuple(int(r) for r in shifts)
-    if any(not 1 <= r <= B - 1 for r in shifts):
-        raise ValueError(f"shifts {shifts} out of range 1..B-1 = 1..{B - 1}")
     wide = torch.float64 in (u_a.dtype, u_b.dtype, p_a.dtype, p_b.dtype)
     out_dtype = torch.float64 if wide else torch.float32
 

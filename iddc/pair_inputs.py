@@ -1,0 +1,77 @@
+"""The inputs every pair-sums backend takes (reference, streaming, Triton), checked one way.
+
+A backend called directly gets the same clear ValueError as :class:`iddc.IDDCLoss` gives: a
+shift outside 1..B-1 would otherwise pair an image with itself (shift 0 or B) or wrap silently,
+and mismatched shapes would fail deep inside a matmul. Shape and type checks only: no device
+sync.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+#: the h variants of SPEC section 2 (iddc.reference implements them)
+H_VARIANTS = ("exp", "linear", "log")
+
+
+def is_integer(x) -> bool:
+    """A Python or numpy integer, or a 0-d integer tensor; not a bool, a float or a string."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _iterable(x) -> bool:
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
+def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
+    """`shifts` as a tuple of ints, each in 1..B-1; anything but integers is refused (a float
+    or a string is never silently truncated or split into digits)."""
+    if isinstance(shifts, (str, bytes)) or not _iterable(shifts) \
+            or not all(is_integer(r) for r in shifts):
+        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
+    out = tuple(int(r) for r in shifts)
+    bad = [r for r in out if not 1 <= r <= batch - 1]
+    if bad:
+        raise ValueError(f"shifts {bad} are out of range: each must lie in 1..B-1 = 1..{batch - 1}")
+    return out
+
+
+def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) -> tuple:
+    """Raise ValueError naming the problem unless u_a (B x N x D), u_b (B x M x D), p_a
+    (B x N x K) and p_b (B x M x K) are floating-point tensors on one device, h is a known
+    variant, the thresholds are numbers (not NaN) and every shift lies in 1..B-1. Returns the
+    shifts as a tuple of ints."""
+    named = {"u_a": u_a, "u_b": u_b, "p_a": p_a, "p_b": p_b}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-d, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if len({t.device for t in named.values()}) > 1:
+        raise ValueError("inputs are on different devices: "
+                         + ", ".join(f"{k} on {v.device}" for k, v in named.items()))
+    B, N, D = u_a.shape
+    M, K = u_b.shape[1], p_a.shape[2]
+    if u_b.shape[0] != B or u_b.shape[2] != D:
+        raise ValueError(f"u_b must be B x M x D = {B} x M x {D} (as u_a), got {tuple(u_b.shape)}")
+    if tuple(p_a.shape) != (B, N, K) or tuple(p_b.shape) != (B, M, K):
+        raise ValueError(f"p_a / p_b must be {B} x {N} x K and {B} x {M} x K (B, N, M from u_a, "
+                         f"u_b; one K), got {tuple(p_a.shape)} and {tuple(p_b.shape)}")
+    if h not in H_VARIANTS:
+        raise ValueError(f"unknown h variant {h!r}; expected one of {H_VARIANTS}")
+    for name, t in (("t_pos", t_pos), ("t_neg", t_neg)):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
+            raise ValueError(f"{name} must be a real number, got {t!r}")
+    return check_shifts(shifts, B)

@@ -1,0 +1,85 @@
+"""Every pair-sums backend, called directly, refuses bad inputs with the same clear ValueError
+(iddc.pair_inputs.check_pair_sums_inputs) instead of a wrong answer or a matmul traceback."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iddc import reference
+from iddc.streaming import streaming_pair_sums
+
+BACKENDS = {"reference": reference.pair_sums, "authors": reference.pair_sums_masked_gather,
+            "streaming": streaming_pair_sums}
+try:
+    from iddc_kernels import triton_pair_sums
+    BACKENDS["triton"] = triton_pair_sums
+except ImportError:  # without triton the other backends are still checked
+    pass
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(b=3, n=6, m=5, d=8, k=4):
+    g = torch.Generator().manual_seed(0)
+    u_a = F.normalize(torch.randn(b, n, d, generator=g), dim=-1)
+    u_b = F.normalize(torch.randn(b, m, d, generator=g), dim=-1)
+    p_a = torch.randn(b, n, k, generator=g).softmax(-1)
+    p_b = torch.randn(b, m, k, generator=g).softmax(-1)
+    return [t.to(DEVICE) for t in (u_a, u_b, p_a, p_b)]
+
+
+def _with(index, value):
+    """The good inputs with one replaced."""
+    def make():
+        args = inputs()
+        args[index] = value(args[index]) if callable(value) else value
+        return args
+    return make
+
+
+# (what is wrong, inputs, keyword overrides, message the error must contain)
+BAD = {
+    "shift-0": (inputs, dict(shifts=(0,)), r"shifts \[0\] are out of range: each must lie in 1..B-1 = 1..2"),
+    "shift-B": (inputs, dict(shifts=(1, 3)), r"shifts \[3\] are out of range"),
+    "shift-negative": (inputs, dict(shifts=(-1,)), r"shifts \[-1\] are out of range"),
+    "shift-float": (inputs, dict(shifts=(1.5,)), "shifts must be a sequence of integers"),
+    "shift-string": (inputs, dict(shifts="12"), "shifts must be a sequence of integers"),
+    "h-unknown": (inputs, dict(h="square"), "unknown h variant 'square'"),
+    "t_pos-nan": (inputs, dict(t_pos=math.nan), "t_pos must be a real number"),
+    "t_neg-none": (inputs, dict(t_neg=None), "t_neg must be a real number"),
+    "u_a-2d": (_with(0, lambda t: t[0]), {}, r"u_a must be 3-d, got shape \(6, 8\)"),
+    "p_b-list": (_with(3, [[0.5]]), {}, "p_b must be a torch.Tensor, got list"),
+    "p_a-int": (_with(2, lambda t: t.long()), {}, "p_a must be floating point, got torch.int64"),
+    "D-mismatch": (_with(1, lambda t: t[..., :5]), {}, r"u_b must be B x M x D = 3 x M x 8"),
+    "B-mismatch": (_with(1, lambda t: t[:2]), {}, r"u_b must be B x M x D = 3 x M x 8"),
+    "N-mismatch": (_with(2, lambda t: t[:, :4]), {}, r"p_a / p_b must be 3 x 6 x K and 3 x 5 x K"),
+    "K-mismatch": (_with(3, lambda t: t[..., :3]), {}, r"p_a / p_b must be 3 x 6 x K"),
+    "M-mismatch": (_with(3, lambda t: t[:, :4]), {}, r"got \(3, 6, 4\) and \(3, 4, 4\)"),
+    "two-devices": (_with(3, lambda t: torch.empty(t.shape, device="meta")), {},
+                    "inputs are on different devices: .*p_b on meta"),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_are_refused_naming_the_problem(backend, case):
+    make, overrides, message = BAD[case]
+    kwargs = dict(shifts=(1, 2), t_pos=0.2, t_neg=0.1, h="exp")
+    kwargs.update(overrides)
+    shifts = kwargs.pop("shifts")
+    with pytest.raises(ValueError, match=message):
+        BACKENDS[backend](*make(), shifts, **kwargs)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_integer_like_shifts_and_thresholds_are_accepted(backend):
+    """numpy and 0-d tensor integers as shifts, numpy floats and ints as thresholds: the same
+    result as plain Python numbers."""
+    import numpy as np
+    fn = BACKENDS[backend]
+    plain = fn(*inputs(), (1, 2), t_pos=0.2, t_neg=0, h="exp")
+    other = fn(*inputs(), (np.int64(1), torch.tensor(2)), t_pos=np.float32(0.2), t_neg=np.int64(0),
+               h="exp")
+    assert torch.equal(plain[1], other[1])
+    torch.testing.assert_close(plain[0], other[0])
