@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .pair_inputs import check_shifts, is_integer
+from .pair_inputs import check_float_tensors, check_shifts, is_integer
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
@@ -167,19 +167,10 @@ def get_pair_sums(name) -> PairSums:
 def check_inputs(feats_a, feats_b, logits_a, logits_b, check_finite: bool = True) -> None:
     """Raise ValueError naming the problem if the four maps cannot form an IDDC batch."""
     named = {"feats_a": feats_a, "feats_b": feats_b, "logits_a": logits_a, "logits_b": logits_b}
+    check_float_tensors(named, 4, "B x C x h x w")
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d (B x C x h x w), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {t.dtype}")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
-    devices = {t.device for t in named.values()}
-    if len(devices) > 1:
-        raise ValueError("inputs are on different devices: "
-                         + ", ".join(f"{k} on {v.device}" for k, v in named.items()))
     batch = {k: v.shape[0] for k, v in named.items()}
     if len(set(batch.values())) > 1:
         raise ValueError(f"batch sizes differ: {batch}")

@@ -46,22 +46,28 @@ def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
     return out
 
 
-def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) -> tuple:
-    """Raise ValueError naming the problem unless u_a (B x N x D), u_b (B x M x D), p_a
-    (B x N x K) and p_b (B x M x K) are floating-point tensors on one device, h is a known
-    variant, the thresholds are numbers (not NaN) and every shift lies in 1..B-1. Returns the
-    shifts as a tuple of ints."""
-    named = {"u_a": u_a, "u_b": u_b, "p_a": p_a, "p_b": p_b}
+def check_float_tensors(named: dict, dims: int, layout: str) -> None:
+    """Each value a floating-point torch.Tensor with `dims` dimensions (`layout` names them in
+    the message), all on one device."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-d, got shape {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-d ({layout}), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if len({t.device for t in named.values()}) > 1:
         raise ValueError("inputs are on different devices: "
                          + ", ".join(f"{k} on {v.device}" for k, v in named.items()))
+
+
+def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) -> tuple:
+    """Raise ValueError naming the problem unless u_a (B x N x D), u_b (B x M x D), p_a
+    (B x N x K) and p_b (B x M x K) are floating-point tensors on one device, h is a known
+    variant, the thresholds are numbers (not NaN) and every shift lies in 1..B-1. Returns the
+    shifts as a tuple of ints."""
+    check_float_tensors({"u_a": u_a, "u_b": u_b, "p_a": p_a, "p_b": p_b}, 3,
+                        "B x pixels x channels")
     B, N, D = u_a.shape
     M, K = u_b.shape[1], p_a.shape[2]
     if u_b.shape[0] != B or u_b.shape[2] != D:

@@ -48,7 +48,7 @@ BAD = {
     "h-unknown": (inputs, dict(h="square"), "unknown h variant 'square'"),
     "t_pos-nan": (inputs, dict(t_pos=math.nan), "t_pos must be a real number"),
     "t_neg-none": (inputs, dict(t_neg=None), "t_neg must be a real number"),
-    "u_a-2d": (_with(0, lambda t: t[0]), {}, r"u_a must be 3-d, got shape \(6, 8\)"),
+    "u_a-2d": (_with(0, lambda t: t[0]), {}, r"u_a must be 3-d \(B x pixels x channels\), got shape \(6, 8\)"),
     "p_b-list": (_with(3, [[0.5]]), {}, "p_b must be a torch.Tensor, got list"),
     "p_a-int": (_with(2, lambda t: t.long()), {}, "p_a must be floating point, got torch.int64"),
     "D-mismatch": (_with(1, lambda t: t[..., :5]), {}, r"u_b must be B x M x D = 3 x M x 8"),
