@@ -27,7 +27,8 @@ from .pair_inputs import H_VARIANTS, check_pair_sums_inputs
 
 #: weight floor of a positive pair: max(f, POS_WEIGHT_FLOOR)
 POS_WEIGHT_FLOOR = 1e-8
-#: inside the log of the "log" variant: -log(c + LOG_EPS), -log(1 - c + LOG_EPS)
+#: inside the log of the "log" variant: -log(c + LOG_EPS), -log(max(1 - c, 0) + LOG_EPS) (the
+#: max changes nothing for c <= 1, all probabilities; c > 1 comes only from rounding)
 LOG_EPS = 1e-8
 
 REGULARISERS = ("weibull", "entropy", "none")
@@ -50,8 +51,8 @@ def h_neg(c: torch.Tensor, h: str) -> torch.Tensor:
         return torch.exp(c)
     if h == "linear":
         return c
-    if h == "log":
-        return -torch.log(1.0 - c + LOG_EPS)
+    if h == "log":  # 1 - c < 0 only by rounding (16-bit probabilities): clamped, not a NaN
+        return -torch.log((1.0 - c).clamp_min(0.0) + LOG_EPS)
     raise ValueError(f"unknown h variant {h!r}; expected one of {H_VARIANTS}")
 
 

@@ -107,9 +107,14 @@ def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
         value = torch.vdot(f.flatten(), c.flatten())
         c.copy_(f)
         return value, count, 1.0
-    if h == "log":  # value = -w log(1 - c + eps), dvalue/dc = w / (1 - c + eps)
-        c.neg_().add_(1.0).add_(LOG_EPS)  # not add_(1 + eps): in float32 that is 1, eps lost
+    if h == "log":  # value = -w log(max(1 - c, 0) + eps), dvalue/dc = w / (...) where 1 - c >= 0
+        c.neg_().add_(1.0)
+        # c > 1 happens only by rounding (16-bit probabilities): clamped, with zero gradient
+        # there, as autograd differentiates the reference's clamp_min
+        keep = c >= 0
+        c.clamp_min_(0.0).add_(LOG_EPS)  # not add_(1 + eps): in float32 that is 1, eps lost
         value = -torch.vdot(f.flatten(), torch.log(c).flatten())
+        f.mul_(keep)
         torch.div(f, c, out=c)
         return value, count, 1.0
     raise ValueError(f"unknown h variant {h!r}")

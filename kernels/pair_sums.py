@@ -126,10 +126,11 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
         elif H == 1:
             hv = c
             dh = c * 0.0 + 1.0
-        else:
-            q = 1.0 - c + _LOG_EPS
+        else:  # 1 - c < 0 only by rounding: clamped, zero gradient (the reference's clamp_min)
+            q_raw = 1.0 - c
+            q = tl.maximum(q_raw, 0.0) + _LOG_EPS
             hv = -tl.log(q)
-            dh = 1.0 / q
+            dh = tl.where(q_raw >= 0.0, 1.0 / q, 0.0)
     val = tl.where(sel, w * hv, 0.0)
     g = tl.where(sel, w * dh, 0.0)
     return sel, val, g
@@ -579,9 +580,11 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         \qquad \mathrm{counts}[1+s] = \#\{f_{ij} < t^-\}
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (``"exp"``), :math:`1-c, c` (``"linear"``) or
-    :math:`-\log(c + 10^{-8}), -\log(1 - c + 10^{-8})` (``"log"``). Gradients flow to p_a and
-    p_b only (a negative pair reaches both p_a[b,i] and p_a[(b+r)%B, j]); they are computed in
-    the forward launch and kept per term, so backward is a (1+S)-term contraction.
+    :math:`-\log(c + 10^{-8}), -\log(\max(1 - c, 0) + 10^{-8})` (``"log"``; the max only
+    matters where rounding of 16-bit probabilities makes c exceed 1, and has zero gradient).
+    Gradients flow to p_a and p_b only (a negative pair reaches both p_a[b,i] and
+    p_a[(b+r)%B, j]); they are computed in the forward launch and kept per term, so backward is
+    a (1+S)-term contraction.
 
     Args:
         u_a: B x N x D, u_b: B x M x D unit feature vectors (no gradient).

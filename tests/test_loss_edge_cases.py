@@ -46,6 +46,45 @@ def test_log_variant_with_saturated_probabilities_stays_finite(backend):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def _pair_sums_of(backend):
+    if backend == "triton":
+        from iddc_kernels import triton_pair_sums
+        return triton_pair_sums
+    if backend == "streaming":
+        from iddc.streaming import streaming_pair_sums
+        return streaming_pair_sums
+    return pair_sums
+
+
+# triton computes c in float32 from any input dtype; the others compute in the inputs' dtype
+# (in 16 bits c = 1 + 2^-14 would round to 1 there, so they are checked in 32 and 64 bits)
+_C_ABOVE_1 = [pytest.param("triton", dt, id=f"triton-{name}") for dt, name in
+              ((torch.bfloat16, "bf16"), (torch.float16, "f16"), (torch.float32, "f32"))
+              if "triton" in BACKENDS]
+_C_ABOVE_1 += [pytest.param(b, dt, id=f"{b}-{name}") for b in ("reference", "streaming")
+               for dt, name in ((torch.float32, "f32"), (torch.float64, "f64"))]
+
+
+@pytest.mark.parametrize("backend, dtype", _C_ABOVE_1)
+def test_log_variant_when_rounding_makes_c_exceed_1(backend, dtype):
+    """16-bit probabilities can sum to more than 1 (what a bf16 softmax gives), and then
+    c = p_i . p_j > 1: -log(1 - c + eps) would be NaN. Every backend clamps 1 - c at 0 (value
+    -log(eps), zero gradient there, as autograd gives the reference's clamp_min)."""
+    top, rest = 1.0, 2.0 ** -7  # exact in every dtype: a "probability" summing to 1 + 2^-7
+    p = torch.tensor([[[top, rest]], [[top, rest]]], device=DEVICE).to(dtype)
+    u = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]], device=DEVICE).to(dtype)  # f = -1 across
+    p_a, p_b = p.clone().requires_grad_(), p.clone().requires_grad_()
+    sums, counts = _pair_sums_of(backend)(u, u, p_a, p_b, (1,), t_pos=0.2, t_neg=0.12, h="log")
+    assert counts.tolist() == [2, 2]  # each image with itself (f = 1), and across (f = -1)
+    c = top * top + rest * rest  # > 1
+    assert torch.isfinite(sums).all(), sums
+    expected = [-2 * np.log(max(c, 1e-8) + 1e-8), -2 * np.log(1e-8)]
+    np.testing.assert_allclose(sums.detach().double().cpu().numpy(), expected, rtol=1e-3)
+    g_a, g_b = torch.autograd.grad(sums[1], (p_a, p_b), allow_unused=True)
+    assert g_b is None or not g_b.any()  # the negative term does not reach view B
+    assert torch.equal(g_a, torch.zeros_like(g_a)), g_a  # clamped: zero gradient
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_variant_with_no_pair_selected_is_not_nan(backend):
     """Unselected saturated pairs have weight 0: 0 * log(0) must never reach the sum."""

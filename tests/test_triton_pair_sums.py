@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton", reason="the Triton backend needs the trit
 
 from iddc import reference  # noqa: E402
 from iddc.loss import IDDCLoss  # noqa: E402
+from iddc.testing import random_logits, sign_feature_maps, unit_rows  # noqa: E402
 from iddc_kernels import triton_pair_sums  # noqa: E402
 from iddc_kernels.pair_sums import autotune_candidates, fixed_config  # noqa: E402
 
@@ -154,6 +155,44 @@ def test_many_tiles_ragged_d_and_many_shifts(deterministic):
     shifts = (1, 2, 3, 2, 1, 3, 3, 1, 2, 2)
     check_against_reference(4, 37, 21, 100, 27, shifts, "exp", torch.float32, deterministic,
                             seed=11, config=config)
+
+
+def _random_case(seed: int):
+    """Odd sizes drawn from `seed`: B, N, M, D, K, shifts, h, dtype, deterministic."""
+    rng = np.random.default_rng(seed)
+    b = int(rng.choice([1, 2, 3, 5]))
+    side = lambda: (int(rng.integers(1, 9)), int(rng.integers(1, 9)))  # noqa: E731
+    sizes = (side(), side())
+    d = int(rng.choice([3, 16, 17, 100, 384]))
+    k = int(rng.choice([2, 3, 17, 27, 64, 171, 256]))
+    shifts = tuple(int(r) for r in rng.integers(1, b, int(rng.integers(0, 4)))) if b > 1 else ()
+    h = str(rng.choice(reference.H_VARIANTS))
+    dtype = [torch.float32, torch.bfloat16, torch.float16][int(rng.integers(0, 3))]
+    return b, sizes, d, k, shifts, h, dtype, bool(rng.integers(0, 2))
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_fresh_random_shapes_match_reference(draw):
+    """A fresh seed every run (it is in the message): random odd sizes, K, D, dtype, h and mode.
+    Sign features make every f exact (a power-of-two norm, integer dot products), so counts
+    must be equal however the kernels sum, in every dtype."""
+    seed = torch.seed() % (1 << 31)
+    b, sizes, d, k, shifts, h, dtype, det = _random_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fa, fb = sign_feature_maps(b, d, sizes, generator=gen)
+    za, zb = random_logits(b, k, sizes, generator=gen)
+    u_a, u_b = (unit_rows(x).to(dtype).to(DEVICE) for x in (fa, fb))
+    p_a, p_b = (z.softmax(1).flatten(2).transpose(1, 2).to(dtype).to(DEVICE) for z in (za, zb))
+    what = f"seed={seed}: B={b} sizes={sizes} D={d} K={k} shifts={shifts} h={h} {dtype} " \
+           f"deterministic={det}"
+    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed,
+                                              deterministic=det, _config=sweep_config(k, dtype))
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out)
+    assert torch.equal(counts.cpu(), r_counts.cpu()), f"{what}: {counts} != {r_counts}"
+    tol = TOL[dtype]
+    assert_close_rel(sums, r_sums, tol["sums"], f"{what}: sums")
+    assert_close_rel(ga, r_ga, tol["grad"], f"{what}: grad p_a")
+    assert_close_rel(gb, r_gb, tol["grad"], f"{what}: grad p_b")
 
 
 def _config_id(cfg):
