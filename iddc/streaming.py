@@ -30,6 +30,8 @@ from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 #: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
 DEFAULT_TILE_ELEMS = 1 << 21
+#: K is padded (with zero columns) to a multiple of this for the thin GEMMs
+K_MULTIPLE = 16
 
 
 def tile_rows(n: int, m: int, tile_elems: int = DEFAULT_TILE_ELEMS) -> int:
@@ -124,6 +126,13 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     batch, n, _ = u_a.shape
     m = u_b.shape[1]
     terms = 1 + len(shifts)
+    # the thin K-column GEMMs (c and both gradient products) run up to 2x faster on a multiple
+    # of 16 columns (CPU BLAS, measured): zero columns change no product, and are cut off below
+    k = p_a.shape[2]
+    k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
+    if k_pad != k:
+        p_a = torch.nn.functional.pad(p_a, (0, k_pad - k))
+        p_b = torch.nn.functional.pad(p_b, (0, k_pad - k))
     acc = torch.float64 if u_a.device.type == "cpu" or u_a.dtype == torch.float64 else u_a.dtype
     sums = torch.zeros(terms, dtype=acc, device=u_a.device)
     counts = torch.zeros(terms, dtype=torch.int64, device=u_a.device)
@@ -158,6 +167,9 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
                     grad_a[term, b, i0:i1].addmm_(c, p_r, alpha=alpha)
                 if grad_r is not None:
                     grad_r.addmm_(c.t(), p_l, alpha=alpha)
+    if k_pad != k:
+        grad_a = grad_a[..., :k] if need_a else None
+        grad_b = grad_b[..., :k] if need_b else None
     return sums, counts, grad_a, grad_b
 
 
