@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .pair_inputs import check_float_tensors, check_shifts, is_integer
+from .pair_inputs import PRECISIONS, check_float_tensors, check_shifts, is_integer
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
@@ -48,8 +48,9 @@ class IDDCConfig:
     num_shifts: int = 3
     backend: str = "auto"
     check_finite: bool = True
-    # triton only: "ieee" (exact fp32 feature dot) or "tf32" (tensor cores; may flip pairs
-    # within ~1e-3 of a threshold), and bit-identical results run to run
+    # triton only: "ieee" (exact fp32 feature dot), "tf32" (tensor cores; may flip pairs
+    # within ~1e-3 of a threshold) or "tf32x3" (tensor cores, about fp32 accuracy), and
+    # bit-identical results run to run
     precision: str = "ieee"
     deterministic: bool = False
 
@@ -61,8 +62,9 @@ class IDDCConfig:
                              f"{REGULARISERS}")
         if not callable(self.backend) and self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not known; expected one of {BACKENDS}")
-        if self.precision not in ("ieee", "tf32"):
-            raise ValueError(f"precision={self.precision!r} is not known; expected 'ieee' or 'tf32'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not known; expected one of "
+                             f"{PRECISIONS}")
         if not is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
         self.num_shifts = int(self.num_shifts)

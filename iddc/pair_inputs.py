@@ -15,6 +15,8 @@ import torch
 
 #: the h variants of SPEC section 2 (iddc.reference implements them)
 H_VARIANTS = ("exp", "linear", "log")
+#: the Triton backend's dot-product precisions (the other backends compute in the inputs' dtype)
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def is_integer(x) -> bool:

@@ -39,7 +39,7 @@ import triton.language as tl
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import first_order_only
-from iddc.pair_inputs import check_pair_sums_inputs
+from iddc.pair_inputs import PRECISIONS, check_pair_sums_inputs
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -47,7 +47,6 @@ _POS_FLOOR = tl.constexpr(POS_WEIGHT_FLOOR)
 _LOG_EPS = tl.constexpr(LOG_EPS)
 
 _H_CODES = {"exp": 0, "linear": 1, "log": 2}
-_PRECISIONS = ("ieee", "tf32")
 _MAX_K = 256
 #: negative shifts handled by one launch (passed as scalar arguments, no device tensor, no sync)
 _SHIFTS_PER_LAUNCH = 8
@@ -386,10 +385,12 @@ def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
     case instead of once per candidate."""
     block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
     if block_k >= 128:  # fewest spills in ptxas reports for sm_90a
-        warps = 8 if f_precision == "ieee" else 4
+        warps = 8 if f_precision in ("ieee", "tf32x3") else 4
         return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=warps, num_stages=2)
     if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
         return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
+    if f_precision == "tf32x3":  # three products and split operands: 64x64 tiles spill KBs
+        return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=32, num_warps=8, num_stages=2)
     return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=3)
 
 
@@ -592,13 +593,18 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         shifts: python ints r in 1..B-1 (possibly empty).
         t_pos, t_neg: thresholds of the positive and negative selections.
         h: ``"exp"``, ``"linear"`` or ``"log"``.
-        precision: ``"ieee"`` computes the feature dot products in exact float32;
-            ``"tf32"`` uses TF32 tensor cores for float32 inputs (and for the small label-side
-            products). TF32 rounds the inputs to a 10-bit mantissa, so f may be off by about
-            1e-3: pairs whose f lies within ~1e-3 of t_pos / t_neg may be selected differently
-            from the exact result (counts can differ by those pairs; sums by their values).
-            float16 / bfloat16 inputs always use their tensor-core path with float32
-            accumulation, whatever ``precision`` says.
+        precision: ``"ieee"`` computes the feature dot products in exact float32 (FMA units,
+            no tensor cores). ``"tf32"`` uses TF32 tensor cores for float32 inputs (and for the
+            small label-side products). TF32 rounds the inputs to a 10-bit mantissa, so f may
+            be off by about 1e-3: pairs whose f lies within ~1e-3 of t_pos / t_neg may be
+            selected differently from the exact result (counts can differ by those pairs; sums
+            by their values). ``"tf32x3"`` splits each float32 operand into two TF32 parts and
+            runs three tensor-core products (Triton's 3xTF32): about float32 accuracy (errors
+            near 1e-7 relative, as float32 accumulation has), at tensor-core speed; pairs
+            within about that of a threshold may still flip, as with any float32 summation
+            order. float16 / bfloat16 features always use their tensor-core path with
+            float32 accumulation, whatever ``precision`` says; it then applies to the label
+            side only.
         deterministic: bit-identical results run to run. The partner rows' gradient then comes
             from a second, transposed pass (recomputing the same tiles) instead of atomics; the
             partial sums are always reduced in a fixed order. The transposed pass
@@ -622,8 +628,8 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         >>> (sums / counts.clamp_min(1)).sum().backward()
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not known; expected 'ieee' or 'tf32'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not known; expected one of {PRECISIONS}")
     for name, t in (("u_a", u_a), ("u_b", u_b), ("p_a", p_a), ("p_b", p_b)):
         if t.dtype not in _SUPPORTED:
             raise ValueError(f"{name} has dtype {t.dtype}; the kernels support {_SUPPORTED}")

@@ -64,17 +64,18 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
 
 def variants():
     """(kernel, name, feature dtype, constexprs, num_warps) covering every branch once: each h,
-    atomic and deterministic (with both transposed passes), exact and tf32 dots, 16-bit
+    atomic and deterministic (with both transposed passes), exact, tf32 and tf32x3 dots, 16-bit
     inputs, K up to 256, and the forward-only kernel."""
     cases = [  # h, feature dtype, feature-dot precision, BLOCK_K, tiles (I, J, D), warps, atomic
         (0, "fp32", "ieee", 32, (64, 32, 64), 4, True),
         (0, "fp32", "tf32", 32, (64, 64, 64), 4, False),
         (1, "bf16", "tf32", 256, (16, 32, 64), 8, True),
         (2, "fp16", "tf32", 64, (32, 64, 32), 4, False),
+        (0, "fp32", "tf32x3", 32, (64, 32, 32), 8, False),
     ]
     for h, dt, fprec, k, tiles, warps, atomic in cases:
         blocks = dict(BLOCK_I=tiles[0], BLOCK_J=tiles[1], BLOCK_D=tiles[2], BLOCK_K=k)
-        prec = dict(PRECISION="tf32" if fprec == "tf32" else "ieee", F_PRECISION=fprec)
+        prec = dict(PRECISION=fprec, F_PRECISION=fprec)
         name = f"h{h}-{dt}-{fprec}-K{k}-{'atomic' if atomic else 'deterministic'}"
         yield ("_pair_sums_rows_kernel", name, dt,
                dict(HAS_POS=1, H=h, ATOMIC=atomic, NEED_GRAD=True, UPCAST=False, **prec,
