@@ -600,9 +600,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
             selected differently from the exact result (counts can differ by those pairs; sums
             by their values). ``"tf32x3"`` splits each float32 operand into two TF32 parts and
             runs three tensor-core products (Triton's 3xTF32): about float32 accuracy (errors
-            near 1e-7 relative, as float32 accumulation has), at tensor-core speed; pairs
-            within about that of a threshold may still flip, as with any float32 summation
-            order. float16 / bfloat16 features always use their tensor-core path with
+            near 1e-7 relative, as float32 accumulation has) for three times "tf32"'s
+            tensor-core work (not yet timed on a GPU); pairs within about that of a threshold
+            may still flip, as with any float32 summation order. float16 / bfloat16 features always use their tensor-core path with
             float32 accumulation, whatever ``precision`` says; it then applies to the label
             side only.
         deterministic: bit-identical results run to run. The partner rows' gradient then comes
