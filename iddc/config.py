@@ -45,6 +45,16 @@ EXTRA_PRESETS = {
     "synthetic-random-vits8": dict(lambda1=3.0, lambda2=1.0, t_pos=0.7, t_neg=0.3),
 }
 PRESETS = {**LOSS_PRESETS, **EXTRA_PRESETS}
+#: SPEC section 3's training schedule of each paper preset: batch 64, and the epochs of its
+#: data set (COCO-Stuff-27: the paper's 5; the authors' config file says 20). A new run with the
+#: preset gets these, below its YAML and flags; a resumed run keeps its own schedule.
+TRAIN_PRESETS = {
+    "cocostuff27-vits8": dict(batch_size=64, epochs=5),
+    "cocostuff27-vits16": dict(batch_size=64, epochs=5),
+    "cocostuff171": dict(batch_size=64, epochs=20),
+    "cityscapes-vitb8": dict(batch_size=64, epochs=50),
+    "cityscapes-vits8": dict(batch_size=64, epochs=50),
+}
 #: the preset used when none is given, per data set, for a randomly initialised backbone (with
 #: --weights / --pretrained and no preset, the loss defaults are COCO-Stuff-27 ViT-S/8's)
 DEFAULT_PRESETS = {"synthetic": "synthetic-random-vits8"}
@@ -396,7 +406,8 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
 def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Config:
     """Defaults < preset < YAML < CLI, as a Config (to validate). ``saved``: a resumed run's
     config dict, which replaces the defaults and the default preset; a preset named now sets
-    its loss fields (but those this command sets), and --fused picks the backend again."""
+    its loss fields (but those this command sets), not its training schedule (TRAIN_PRESETS:
+    new runs only), and --fused picks the backend again."""
     explicit = explicit_settings(args, (saved or {}).get("data", {}).get("options"))
     preset = explicit.get("train", {}).get("preset")
     dataset = explicit.get("data", {}).get("dataset", DataConfig.dataset)
@@ -410,6 +421,8 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
         base.setdefault("loss", {}).update(PRESETS[preset])
+        if saved is None:
+            base.setdefault("train", {}).update(TRAIN_PRESETS.get(preset, {}))
     for section, vals in explicit.items():
         base.setdefault(section, {}).update(vals)
     if "backend" not in explicit.get("loss", {}) and \

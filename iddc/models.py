@@ -47,22 +47,35 @@ class ModelConfig:
     backbone_kwargs: dict = field(default_factory=dict)
 
 
+def timm_name(backbone: str) -> str:
+    """The timm model name a backbone setting means: a bare architecture name gets timm's
+    ``.dino`` tag where timm has one (SPEC section 1: the DINO checkpoints), since timm's own
+    default tag for most ViTs is a supervised ImageNet model (vit_small_patch16_224 would be
+    augreg_in21k_ft_in1k, normalised with mean = std = 0.5). A name with a tag is kept."""
+    if "." not in backbone and timm.list_pretrained(f"{backbone}.dino"):
+        return f"{backbone}.dino"
+    return backbone
+
+
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """A timm ViT without classifier, randomly initialised (from torch's current RNG state)
-    unless ``cfg.pretrained``. Raises WeightsError if pretrained weights cannot be fetched."""
+    unless ``cfg.pretrained``; named as :func:`timm_name` resolves it, so its pretrained config
+    (the input normalisation) is DINO's. Raises WeightsError if pretrained weights cannot be
+    fetched."""
     kwargs = dict(num_classes=0, img_size=cfg.backbone_img_size, dynamic_img_size=True)
     kwargs.update(cfg.backbone_kwargs or {})
+    name = timm_name(cfg.backbone)
     if cfg.pretrained:
         try:
-            return timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+            return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # no network, no cache, unknown tag, ...
             raise WeightsError(
-                f"no pretrained weights could be fetched for backbone {cfg.backbone!r} "
+                f"no pretrained weights could be fetched for backbone {name!r} "
                 f"({type(err).__name__}: {err}); this machine may be offline. Download the "
                 "checkpoint elsewhere and pass it with --weights PATH (DINO's .pth files and "
                 "timm state dicts are accepted)") from err
     try:
-        return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
 
@@ -80,7 +93,8 @@ def patch_size_of(cfg: ModelConfig) -> Optional[int]:
 
 
 def backbone_data_config(backbone: nn.Module) -> dict:
-    """The backbone's own input normalisation (mean, std) from its pretrained config."""
+    """The backbone's own input normalisation (mean, std) from its pretrained config: ImageNet's
+    for the DINO backbones (SPEC section 4), which :func:`create_backbone` names by their tag."""
     cfg = timm.data.resolve_data_config({}, model=backbone)
     return {"mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
 
@@ -254,7 +268,7 @@ def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True):
             {"path": str(cfg.weights), "loaded_from": "checkpoint"}
         report["source"] = "file"
     elif cfg.pretrained:
-        report = {"source": "timm-pretrained", "name": cfg.backbone}
+        report = {"source": "timm-pretrained", "name": timm_name(cfg.backbone)}
     else:
         report = {"source": "random-init"}
     return IDDCModel(backbone, num_classes, cfg.freeze_backbone), report

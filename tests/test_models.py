@@ -116,3 +116,37 @@ def test_pretrained_failure_is_explained(monkeypatch):
     monkeypatch.setattr(models.timm, "create_model", offline)
     with pytest.raises(WeightsError, match="no pretrained weights could be fetched.*--weights"):
         models.create_backbone(tiny_cfg(pretrained=True))
+
+
+SPEC_BACKBONES = ["vit_small_patch8_224", "vit_small_patch16_224", "vit_base_patch8_224",
+                  "vit_base_patch16_224"]
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+@pytest.mark.parametrize("arch", SPEC_BACKBONES)
+def test_spec_backbones_are_dinos_with_imagenet_normalisation(monkeypatch, arch):
+    """SPEC section 1's backbones are timm's `.dino` models: --pretrained must ask for those
+    (timm's default tag for three of them is a supervised augreg model), and the input
+    normalisation must be ImageNet's (SPEC section 4), with or without a weights file."""
+    asked = []
+    real = models.timm.create_model
+
+    def offline(name, pretrained=False, **kw):  # records the name, builds a tiny offline ViT
+        asked.append((name, pretrained))
+        return real(name, pretrained=False, **dict(kw, depth=1, embed_dim=16, num_heads=2))
+
+    monkeypatch.setattr(models.timm, "create_model", offline)
+    for pretrained in (False, True):
+        backbone = models.create_backbone(ModelConfig(backbone=arch, backbone_img_size=32,
+                                                      pretrained=pretrained))
+        assert models.backbone_data_config(backbone) == IMAGENET
+    assert asked == [(f"{arch}.dino", False), (f"{arch}.dino", True)]
+    _, report = build_model(ModelConfig(backbone=arch, backbone_img_size=32, pretrained=True), 3)
+    assert report == {"source": "timm-pretrained", "name": f"{arch}.dino"}
+
+
+def test_backbone_tag_given_or_absent_is_kept():
+    assert models.timm_name("vit_small_patch16_224.augreg_in21k") == \
+        "vit_small_patch16_224.augreg_in21k"
+    assert models.timm_name("vit_tiny_patch16_224") == "vit_tiny_patch16_224"  # no DINO tag
+    assert models.timm_name("vit_base_patch16_224") == "vit_base_patch16_224.dino"

@@ -214,6 +214,24 @@ def test_preset_and_overrides(tiny_yaml):
         (0.3, 0.1, 0.5, 0.22)
     assert cfg.loss.backend == "auto" and cfg.train.fused
     assert resolve_config(train.parse_args([])).loss.backend == "reference"
+    # the YAML's batch size and epochs beat the preset's schedule too
+    assert (cfg.train.batch_size, cfg.train.epochs) == (4, 2)
+
+
+@pytest.mark.parametrize("preset, epochs", [
+    ("cocostuff27-vits8", 5), ("cocostuff27-vits16", 5), ("cocostuff171", 20),
+    ("cityscapes-vitb8", 50), ("cityscapes-vits8", 50)])
+def test_paper_presets_set_spec_schedule(preset, epochs):
+    """SPEC section 3: batch 64 and the data set's epochs come with a paper preset, below the
+    flags; the loss numbers are SPEC's table."""
+    from iddc.config import resolve_config
+    from iddc.loss import PRESETS
+    cfg = resolve_config(train.parse_args(["--preset", preset]))
+    assert (cfg.train.batch_size, cfg.train.epochs) == (64, epochs)
+    assert {k: getattr(cfg.loss, k) for k in PRESETS[preset]} == PRESETS[preset]
+    cfg = resolve_config(train.parse_args(["--preset", preset, "--batch-size", "8",
+                                           "--epochs", "3"]))
+    assert (cfg.train.batch_size, cfg.train.epochs) == (8, 3)
 
 
 def test_corrupt_checkpoint(tmp_path):

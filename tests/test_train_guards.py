@@ -167,6 +167,15 @@ def test_resume_applies_set_data_option_config_and_preset(tmp_path, run_copy):
     assert "t_pos=0.2" in log  # the loss that trained is the preset's (its extra_repr)
 
 
+def test_resume_with_a_paper_preset_keeps_the_run_schedule(run_copy):
+    """A preset on resume sets its loss values only: batch 64 / 50 epochs of a paper preset
+    would change the run being continued."""
+    resume(run_copy / "last.pt", "--preset", "cityscapes-vitb8")
+    cfg = saved_config(run_copy)
+    assert (cfg["train"]["batch_size"], cfg["train"]["epochs"]) == (4, 2)
+    assert (cfg["loss"]["lambda1"], cfg["loss"]["t_neg"]) == (0.38, 0.28)
+
+
 def test_resume_keeps_the_saved_loss_and_backend_unless_told(run_copy):
     resume(run_copy / "last.pt")
     cfg = saved_config(run_copy)
