@@ -286,7 +286,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
                          f"size {model.patch_size}")
     check_sliding_window(dc, model.patch_size)
     model.to(device)
-    data_config = backbone_data_config(model.backbone)
+    # a resumed run keeps the normalisation it trained with (a checkpoint from before the
+    # backbones resolved to their .dino configs may hold another one)
+    data_config = (resume or {}).get("data_config") or backbone_data_config(model.backbone)
 
     backend, warn = choose_backend(cfg.loss.backend, device)
     if warn:

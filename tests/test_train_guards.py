@@ -176,6 +176,21 @@ def test_resume_with_a_paper_preset_keeps_the_run_schedule(run_copy):
     assert (cfg["loss"]["lambda1"], cfg["loss"]["t_neg"]) == (0.38, 0.28)
 
 
+def test_resume_keeps_the_run_normalisation(run_copy):
+    """A checkpoint written before the backbones resolved to their .dino configs may hold
+    another normalisation (ViT-S/16 had mean = std = 0.5): the resumed run keeps it."""
+    ckpt = torch.load(run_copy / "last.pt", weights_only=True)
+    ckpt["data_config"] = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    torch.save(ckpt, run_copy / "last.pt")
+    resume(run_copy / "last.pt")
+    assert saved_checkpoint(run_copy)["data_config"] == {"mean": (0.5, 0.5, 0.5),
+                                                          "std": (0.5, 0.5, 0.5)}
+
+
+def saved_checkpoint(folder) -> dict:
+    return torch.load(os.path.join(folder, "last.pt"), weights_only=True)
+
+
 def test_resume_keeps_the_saved_loss_and_backend_unless_told(run_copy):
     resume(run_copy / "last.pt")
     cfg = saved_config(run_copy)
