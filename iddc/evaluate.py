@@ -319,7 +319,7 @@ def check_flags(args) -> None:
 
 def main(argv=None) -> dict:
     from . import checkpoint
-    from .data import build_source
+    from .data import build_source_for
     from .models import backbone_data_config
     from .config import parse_data_options
     from .devices import resolve_device
@@ -370,8 +370,8 @@ def main(argv=None) -> dict:
     cfg.validate()
     mode = get_eval_mode(cfg.data.eval_mode)
     # not wrapped in skip_corrupt: evaluate() leaves a corrupt sample out (load_or_skip)
-    source = build_source(cfg.data.dataset, root=cfg.data.data_root, split=args.split,
-                          **options)
+    source = build_source_for(cfg.data.dataset, int(ckpt["num_classes"]),
+                              root=cfg.data.data_root, split=args.split, **options)
     data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:

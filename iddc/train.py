@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import checkpoint, evaluate as ev
 from .config import (Config, add_config_arguments, check_sliding_window, config_changes,
                      explicit_settings, resolve_config)
-from .data import IGNORE_INDEX, build_source
+from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
@@ -258,9 +258,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     # (warned, counted, replaced by the next sample): iddc.data.layout
     train_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="train",
                                           **{**dc.options, **dc.train_options}))
-    val_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="val",
-                                        **{**dc.options, **dc.val_options}))
     k = int(train_src.num_classes)
+    # one K for the run, the train split's (the folder data set infers it per split)
+    val_src = skip_corrupt(build_source_for(dc.dataset, k, root=dc.data_root, split="val",
+                                            **{**dc.options, **dc.val_options}))
     # before any work, while a failed start's folder may still be reused
     if len(train_src) < tc.batch_size:
         raise ValueError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_src)} "

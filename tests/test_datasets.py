@@ -418,3 +418,51 @@ def test_exif_orientation_is_not_applied_to_data_sets(tmp_path):
     image, label = cocostuff.build_cocostuff27(root, "val").load(0)
     assert image.size == (48, 40) and label.shape == (40, 48)
     assert open_image(path, exif_transpose=True).size == (40, 48)
+
+
+def _split_folder(root: Path, val_n: int, top_in_val_from: int, val_top: int = 2):
+    """img/{train,val} + lab/{train,val}: train maps hold ids 0..2; val maps hold 0..1, and
+    id `val_top` only from val image `top_in_val_from` on (past the 16 maps K is inferred from)."""
+    for split, n in (("train", 2), ("val", val_n)):
+        for i in range(n):
+            _rgb(root / "img" / split / f"{split}{i:02d}.png", 16, 16, seed=i)
+            lab = np.zeros((16, 16), np.uint8)
+            lab[:, 8:] = 1
+            if split == "train":
+                lab[:8, :] = 2
+            elif i >= top_in_val_from:
+                lab[:8, :] = val_top
+            _label(root / "lab" / split / f"{split}{i:02d}.png", lab)
+    return root
+
+
+def test_folder_val_scored_with_the_train_splits_classes(tmp_path):
+    """The folder data set infers K per split from its first 16 label maps: a val split whose
+    first maps lack the top class must still be scored with the run's K, not have that class's
+    pixels turned into 'unlabelled' (they silently left the scores)."""
+    from iddc import evaluate
+    from iddc.data import build_source_for
+    root = _split_folder(tmp_path / "f", val_n=18, top_in_val_from=16)
+    opts = dict(label_root=str(root / "lab"))
+    assert build_source("folder", root=root / "img", split="val", **opts).num_classes == 2
+    val = build_source_for("folder", 3, root=root / "img", split="val", **opts)
+    assert val.num_classes == 3 and sorted(np.unique(val.load(17)[1])) == [0, 1, 2]
+    res, last = _train(tmp_path, "folder", root / "img", "--data-option",
+                       f"label_root={root / 'lab'}", "--eval-batch-size", "6")
+    labelled = 18 * 32 * 32  # every val pixel is labelled (scored at --eval-size 32)
+    assert last["unsupervised"]["pixels"] == labelled
+    again = evaluate.main(["--checkpoint", res["out"] + "/last.pt"])
+    assert again["unsupervised"]["pixels"] == labelled
+
+
+def test_folder_val_with_more_classes_than_the_model_is_refused(tmp_path):
+    from iddc.data import build_source_for
+    root = _split_folder(tmp_path / "f", val_n=2, top_in_val_from=0, val_top=3)
+    with pytest.raises(ValueError, match=r"the val split has 4 classes, the model 3 \(inferred "
+                                         r"from its label maps\); set the classes with "
+                                         r"--data-option num_classes=4"):
+        build_source_for("folder", 3, root=root / "img", split="val",
+                         label_root=str(root / "lab"))
+    with pytest.raises(ValueError, match="'cocostuff27': the val split has 27 classes, the "
+                                         "model 5$"):
+        build_source_for("cocostuff27", 5, root=make_coco(tmp_path / "coco"), split="val")

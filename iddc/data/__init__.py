@@ -34,4 +34,31 @@ def build_source(name: str, root=None, split: str = "train", **options) -> Segme
                          f"in {module}.{factory}'s docstring and docs/datasets.md") from err
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationSource", "build_source"]
+#: data sets that infer K from a split's own label maps when the options give none
+INFERS_NUM_CLASSES = {"folder"}
+
+
+def build_source_for(name: str, model_classes: int, /, root=None, split: str = "val",
+                     **options) -> SegmentationSource:
+    """The split of data set `name` scored by a model of `model_classes` classes (``options``
+    are the data set's own, ``num_classes`` among them). A data set that
+    infers K per split (folder: 1 + the largest id in the split's first label maps) gets the
+    model's K when its maps happen to show fewer classes (else ids of the missing classes would
+    become unlabelled and silently leave the scores); a split showing more classes than the
+    model has, or a fixed K that differs, is a ValueError naming both."""
+    source = build_source(name, root=root, split=split, **options)
+    k = int(source.num_classes)
+    if k == model_classes:
+        return source
+    inferred = name in INFERS_NUM_CLASSES and options.get("num_classes") is None
+    if inferred and k < model_classes:
+        return build_source(name, root=root, split=split, **{**options,
+                                                              "num_classes": model_classes})
+    hint = (f"; set the classes with --data-option num_classes={max(k, model_classes)}"
+            if inferred else "")
+    raise ValueError(f"data set {name!r}: the {split} split has {k} classes, the model "
+                     f"{model_classes}{' (inferred from its label maps)' if inferred else ''}"
+                     f"{hint}")
+
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationSource", "build_source", "build_source_for"]

@@ -12,8 +12,9 @@ would be the whole folder, so held-out scores would be computed on training imag
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
 label maps and is at most 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K
-are unlabelled too, with a warning (once per data set) naming them. Without labels K is required
-(the number of clusters), any K >= 2. `class_names` may be given as a list or a text file (one
+are unlabelled too, with a warning (once per data set) naming them; iddc.train and
+iddc.evaluate score a val split with the run's K (iddc.data.build_source_for). Without labels
+K is required (the number of clusters), any K >= 2. `class_names` may be given as a list or a text file (one
 name per line). `subset=N` keeps the first N images.
 """
 from __future__ import annotations
