@@ -388,7 +388,7 @@ def main(argv=None) -> dict:
                     res["skipped"])
     print(summary_line(f"epoch {ckpt.get('epoch')}", res))
     if args.json:
-        write_json(args.json, res)
+        write_json(args.json, res, replace=args.overwrite)
     return res
 
 

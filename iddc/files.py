@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 
-def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
-    """``write(fh)`` into a temp file next to ``path``, then os.replace: never a half-written
-    file. An OSError of the writing itself (a full disk) names no file; it is raised again
-    naming ``path``."""
+def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True) -> None:
+    """``write(fh)`` into a temp file next to ``path``, then moved into place: never a
+    half-written file. ``replace=False``: never over a file that exists by then (one another
+    process wrote after our checks), a FileExistsError naming it instead; the move is then a
+    hard link, which fails on an existing name, where the file system has them. An OSError of
+    the writing itself (a full disk) names no file; it is raised again naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
@@ -21,7 +23,10 @@ def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _move_exclusive(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -30,9 +35,25 @@ def write_atomic(path: str, write: Callable, binary: bool = True) -> None:
         raise
 
 
-def write_json(path, obj) -> None:
-    """``obj`` as indented JSON, atomically."""
-    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
+def _move_exclusive(tmp: str, path: str) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (FileExistsError naming it)."""
+    appeared = FileExistsError(f"{path}: appeared while this command ran; not replaced (pass "
+                               "--overwrite to replace it)")
+    try:
+        os.link(tmp, path)  # atomic: fails if the name exists
+    except FileExistsError:
+        raise appeared from None
+    except OSError:  # no hard links here (some network or FAT file systems): check, then move
+        if os.path.lexists(path):
+            raise appeared from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_json(path, obj, replace: bool = True) -> None:
+    """``obj`` as indented JSON, atomically (``replace``: as in :func:`write_atomic`)."""
+    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False, replace=replace)
 
 
 def _file_id(path) -> tuple:

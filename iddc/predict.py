@@ -234,7 +234,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     title = "cluster" if head == "clusters" else "class (linear probe)"
     out.mkdir(parents=True, exist_ok=True)
     legend = full_legend(k, names, pal, f"{title}: {k} ids")
-    write_atomic(legend_path, png_writer(legend))
+    write_atomic(legend_path, png_writer(legend), replace=overwrite)
 
     written: dict = {}
     failed: dict = {}
@@ -256,7 +256,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
             seg, overlay, shares = render(img, ids, names, pal, alpha, title)
             files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
             for file, image in zip(files, (seg, overlay, id_image(ids, k))):
-                write_atomic(file, png_writer(image))
+                write_atomic(file, png_writer(image), replace=overwrite)
             written[stem] = [str(f) for f in files]
             summary[stem] = {"input": str(path), "size": [img.width, img.height],
                              "files": [f.name for f in files],
@@ -265,7 +265,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
               "short_side": short_side, "num_ids": k, "names": names, "images": summary,
               "failed": failed}
-    write_json(json_path, record)
+    write_json(json_path, record, replace=overwrite)
     return {"written": written, "failed": failed, "legend": str(legend_path)}
 
 

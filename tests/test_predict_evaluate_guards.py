@@ -135,6 +135,44 @@ def test_predict_writes_atomically(runs, tmp_path, monkeypatch):
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
 
 
+def test_predict_never_replaces_a_file_that_appears_after_its_checks(runs, tmp_path,
+                                                                    monkeypatch):
+    """Outputs are checked before the model runs; a file another program writes under one of
+    those names in the meantime is kept, and the call fails naming it."""
+    src = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    checked = predict.check_outputs
+
+    def check_then_race(*args, **kwargs):
+        checked(*args, **kwargs)
+        out.mkdir()
+        (out / "a_overlay.png").write_bytes(b"someone else's file")
+
+    monkeypatch.setattr(predict, "check_outputs", check_then_race)
+    with pytest.raises(FileExistsError, match="a_overlay.png.*appeared while this command ran"):
+        predict.predict_files(runs["labelled"], [str(src)], str(out))
+    assert (out / "a_overlay.png").read_bytes() == b"someone else's file"
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_write_atomic_without_replace(tmp_path, monkeypatch, links):
+    from iddc import files
+    if not links:  # a file system without hard links: checked, then moved
+        def no_link(src, dst):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(files.os, "link", no_link)
+    path = tmp_path / "x.json"
+    files.write_json(path, {"a": 1}, replace=False)
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(FileExistsError, match="x.json"):
+        files.write_json(path, {"a": 2}, replace=False)
+    assert json.loads(path.read_text()) == {"a": 1}
+    files.write_json(path, {"a": 3})
+    assert json.loads(path.read_text()) == {"a": 3}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
 # ----------------------------------------------------------------------------- defect 3
 def test_unique_stems_never_take_another_inputs_stem(runs, tmp_path):
     imgs = tmp_path / "imgs"
