@@ -38,10 +38,12 @@ def _iterable(x) -> bool:
 def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
     """`shifts` as a tuple of ints, each in 1..B-1; anything but integers is refused (a float
     or a string is never silently truncated or split into digits)."""
-    if isinstance(shifts, (str, bytes)) or not _iterable(shifts) \
-            or not all(is_integer(r) for r in shifts):
+    if isinstance(shifts, (str, bytes)) or not _iterable(shifts):
         raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
-    out = tuple(int(r) for r in shifts)
+    items = tuple(shifts)  # once: an iterator or generator is consumed by reading it
+    if not all(is_integer(r) for r in items):
+        raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
+    out = tuple(int(r) for r in items)
     bad = [r for r in out if not 1 <= r <= batch - 1]
     if bad:
         raise ValueError(f"shifts {bad} are out of range: each must lie in 1..B-1 = 1..{batch - 1}")

@@ -109,11 +109,11 @@ def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
         value = torch.vdot(f.flatten(), c.flatten())
         c.copy_(f)
         return value, count, 1.0
-    if h == "log":  # value = -w log(max(1 - c, 0) + eps), dvalue/dc = w / (...) where 1 - c >= 0
+    if h == "log":  # value = -w log(max(1 - c, 0) + eps), dvalue/dc = w / (...) where 1 - c > 0
         c.neg_().add_(1.0)
-        # c > 1 happens only by rounding (16-bit probabilities): clamped, with zero gradient
-        # there, as autograd differentiates the reference's clamp_min
-        keep = c >= 0
+        # c >= 1 happens only at saturation or by rounding: clamped, with zero gradient there,
+        # as autograd differentiates the reference's clamp_min (strictly above the bound only)
+        keep = c > 0
         c.clamp_min_(0.0).add_(LOG_EPS)  # not add_(1 + eps): in float32 that is 1, eps lost
         value = -torch.vdot(f.flatten(), torch.log(c).flatten())
         f.mul_(keep)
@@ -233,5 +233,7 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
         >>> sums.sum().backward()
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
+        p_a, p_b = p_a.detach(), p_b.detach()
     return StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, float(t_pos), float(t_neg), h,
                                    int(tile_elems))

@@ -125,11 +125,12 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
         elif H == 1:
             hv = c
             dh = c * 0.0 + 1.0
-        else:  # 1 - c < 0 only by rounding: clamped, zero gradient (the reference's clamp_min)
+        else:  # 1 - c < 0 only by rounding: clamped, zero gradient where 1 - c <= 0 (what
+            # autograd gives the reference's clamp_min: strictly above the bound only)
             q_raw = 1.0 - c
             q = tl.maximum(q_raw, 0.0) + _LOG_EPS
             hv = -tl.log(q)
-            dh = tl.where(q_raw >= 0.0, 1.0 / q, 0.0)
+            dh = tl.where(q_raw > 0.0, 1.0 / q, 0.0)
     val = tl.where(sel, w * hv, 0.0)
     g = tl.where(sel, w * dh, 0.0)
     return sel, val, g
@@ -492,7 +493,7 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
         # deterministic: the partner rows' gradients from the transposed pass, per set
         cols_meta = explicit  # the row pass's tiles: bit-identical f and masks
         passes = []
-        if has_pos and need_b:
+        if has_pos and need_b and M > 0:  # M = 0: no positive pair, and no empty grid
             passes.append((True, u_b, p_b, M, grad_b, grad_strides(grad_b, False), (0,) * 8, 1))
         if rs:
             gneg = grad_a[1 + s0:1 + s0 + len(rs)]
@@ -582,7 +583,8 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (``"exp"``), :math:`1-c, c` (``"linear"``) or
     :math:`-\log(c + 10^{-8}), -\log(\max(1 - c, 0) + 10^{-8})` (``"log"``; the max only
-    matters where rounding of 16-bit probabilities makes c exceed 1, and has zero gradient).
+    matters where rounding makes c reach or exceed 1, and has zero gradient there, as autograd
+    gives the reference's clamp_min).
     Gradients flow to p_a and p_b only (a negative pair reaches both p_a[b,i] and
     p_a[(b+r)%B, j]); they are computed in the forward launch and kept per term, so backward is
     a (1+S)-term contraction.
@@ -653,13 +655,16 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         pa = pa.float()
     if pb.dtype == torch.float64:
         pb = pb.float()
-    if B == 0 or N == 0 or M == 0:
+    # no pair at all (an empty view B still leaves the A-vs-A negative sets)
+    if B == 0 or N == 0 or (M == 0 and not shifts):
         z = pa.sum() * 0 + pb.sum() * 0
         return (z.to(out_dtype).expand(1 + len(shifts)).clone(),
                 torch.zeros(1 + len(shifts), dtype=torch.int64, device=u_a.device))
     # the kernels take float32 thresholds: round so that f > t and f < t select what they would
     # with the exact (double) t, for every float32 f
     t_pos32, t_neg32 = float32_threshold(t_pos, below=False), float32_threshold(t_neg, below=True)
+    if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
+        pa, pb = pa.detach(), pb.detach()
     sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,
                                         _H_CODES[h], precision, bool(deterministic), out_dtype,
                                         _config)

@@ -44,6 +44,26 @@ def test_log_variant_with_saturated_probabilities_stays_finite(backend):
     torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
     grads = torch.autograd.grad(out.loss, (za, zb))
     assert all(torch.isfinite(g).all() for g in grads)
+    # c = 1 exactly sits on the clamp's bound: zero gradient there, as autograd differentiates
+    # the reference's clamp_min (a 1/eps = 1e8 gradient per pair in the kernels before)
+    for g, r in zip(grads, torch.autograd.grad(ref.loss, (za, zb))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_log_variant_pair_sums_at_c_equal_1(backend):
+    """The pair sums themselves at c = 1 exactly (one-hot probabilities of one class): the
+    negative term's gradient is the reference's (zero: 1 - c is on the clamp's bound)."""
+    u = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], device=DEVICE)  # f = 0 across images
+    p = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], device=DEVICE)  # c = 1 across images
+    got, want = [], []
+    for fn, out in ((_pair_sums_of(backend), got), (pair_sums, want)):
+        p_a, p_b = p.clone().requires_grad_(), p.clone().requires_grad_()
+        sums, counts = fn(u, u, p_a, p_b, (1,), t_pos=0.2, t_neg=0.12, h="log")
+        out += [sums.detach(), counts, *torch.autograd.grad(sums[1], (p_a,))]
+    assert got[1].tolist() == want[1].tolist() == [2, 2]
+    torch.testing.assert_close(got[0].double(), want[0].double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
 
 
 def _pair_sums_of(backend):
@@ -228,3 +248,57 @@ def test_callable_backend_breaking_the_contract_is_named(result, got):
     with pytest.raises(ValueError, match=rf"backend my_backend must return \(sums, counts\), "
                                          rf"two tensors of shape \(3,\).*{got}"):
         iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
+
+
+_EMPTY_B_CASES = [pytest.param("streaming", {}, id="streaming")] + [
+    pytest.param("triton", dict(deterministic=d), id=f"triton-{'deterministic' if d else 'atomic'}")
+    for d in (False, True) if "triton" in BACKENDS]
+
+
+@pytest.mark.parametrize("backend, options", _EMPTY_B_CASES)
+def test_pair_sums_with_an_empty_view_b_keep_the_negatives(backend, options):
+    """M = 0 (view B has no pixel): no positive pair, but the A-vs-A negative sets remain (the
+    kernels returned 0 for them)."""
+    g = torch.Generator().manual_seed(3)
+    u_a = torch.nn.functional.normalize(torch.randn(3, 5, 8, generator=g), dim=-1).to(DEVICE)
+    p_a0 = torch.randn(3, 5, 4, generator=g).softmax(-1).to(DEVICE)
+    grad_out = torch.tensor([0.5, 1.0, -2.0], device=DEVICE)
+    got, want = [], []
+    for fn, out, extra in ((_pair_sums_of(backend), got, options), (pair_sums, want, {})):
+        p_a = p_a0.clone().requires_grad_()
+        p_b = p_a0[:, :0].clone().requires_grad_()
+        sums, counts = fn(u_a, u_a[:, :0], p_a, p_b, (1, 2), t_pos=0.2, t_neg=0.12, h="exp",
+                          **extra)
+        grad_a, = torch.autograd.grad(sums @ grad_out.to(sums.dtype), (p_a,))
+        out += [sums.detach().double(), counts, grad_a]
+    assert got[1].tolist() == want[1].tolist() and want[1][0] == 0 and want[1][1:].min() > 0
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_work_without_grad_mode(backend, mode, monkeypatch):
+    """Under no_grad / inference_mode the saved-gradient backends compute no gradients (inside
+    an autograd.Function, needs_input_grad still says True for inputs that require grad)."""
+    seen = []
+    if backend == "triton":
+        import iddc_kernels.pair_sums as mod
+        real = mod._launch
+        monkeypatch.setattr(mod, "_launch", lambda *a, **k: seen.append(a[10]) or real(*a, **k))
+    else:
+        import iddc.streaming as mod
+        real = mod._walk
+        monkeypatch.setattr(mod, "_walk", lambda *a, **k: seen.append(a[8] or a[9]) or
+                            real(*a, **k))
+    g = torch.Generator().manual_seed(2)
+    u = torch.nn.functional.normalize(torch.randn(2, 6, 8, generator=g), dim=-1).to(DEVICE)
+    p = torch.randn(2, 6, 3, generator=g).softmax(-1).to(DEVICE).requires_grad_()
+    with getattr(torch, mode)():
+        sums, counts = _pair_sums_of(backend)(u, u, p, p, (1,), t_pos=0.2, t_neg=0.1)
+    want, want_counts = pair_sums(u, u, p.detach(), p.detach(), (1,), t_pos=0.2, t_neg=0.1)
+    assert seen == [False]
+    assert not sums.requires_grad and torch.equal(counts, want_counts)
+    torch.testing.assert_close(sums, want)
+    _pair_sums_of(backend)(u, u, p, p, (1,), t_pos=0.2, t_neg=0.1)  # with grad mode: computed
+    assert seen == [False, True]

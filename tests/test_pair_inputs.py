@@ -83,3 +83,25 @@ def test_integer_like_shifts_and_thresholds_are_accepted(backend):
                h="exp")
     assert torch.equal(plain[1], other[1])
     torch.testing.assert_close(plain[0], other[0])
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_shifts_from_an_iterator_or_generator(backend):
+    """A one-shot iterable of shifts is read once: all of its shifts are used (they became no
+    shift at all, the check having consumed them)."""
+    fn = BACKENDS[backend]
+    plain = fn(*inputs(), (1, 2), t_pos=0.2, t_neg=0.1, h="exp")
+    for shifts in (iter([1, 2]), (r for r in (1, 2)), torch.tensor([1, 2])):
+        sums, counts = fn(*inputs(), shifts, t_pos=0.2, t_neg=0.1, h="exp")
+        assert torch.equal(counts, plain[1]) and len(counts) == 3
+        torch.testing.assert_close(sums, plain[0])
+
+
+def test_loss_shifts_from_an_iterator():
+    from iddc import IDDCLoss
+    g = torch.Generator().manual_seed(1)
+    fa, fb = torch.randn(3, 8, 4, 4, generator=g), torch.randn(3, 8, 4, 4, generator=g)
+    za, zb = torch.randn(3, 5, 4, 4, generator=g), torch.randn(3, 5, 4, 4, generator=g)
+    loss = IDDCLoss(backend="reference")
+    plain, other = loss(fa, fb, za, zb, shifts=(1, 2)), loss(fa, fb, za, zb, shifts=iter([1, 2]))
+    assert other.shifts == (1, 2) and torch.equal(other.loss, plain.loss)
