@@ -137,14 +137,17 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve_backend(name, device: torch.device):
-    """The concrete backend `name` means for tensors on `device` ("auto": fastest exact path).
+def resolve_backend(name, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """The concrete backend `name` means for tensors on `device` computed in `dtype` ("auto":
+    the fastest exact path; for float64 that is streaming, the kernels computing in float32).
 
     A callable (any function with the contract of `reference.pair_sums`) is its own backend.
     """
     if callable(name):
         return name
     if name == "auto":
+        if dtype == torch.float64:
+            return "streaming"
         return "triton" if _triton_usable(device) else "streaming"
     if name == "triton" and device.type != "cuda":
         import os
@@ -296,7 +299,9 @@ class IDDCLoss(nn.Module):
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
         else:
             shifts = check_shifts(shifts, batch)
-        backend = resolve_backend(cfg.backend, feats_a.device)
+        wide = torch.float64 in {t.dtype for t in (feats_a, feats_b, logits_a, logits_b)}
+        backend = resolve_backend(cfg.backend, feats_a.device,
+                                  torch.float64 if wide else torch.float32)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one
         with _autocast_off(feats_a.device):

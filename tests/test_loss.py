@@ -136,6 +136,27 @@ def test_auto_backend_on_cpu_is_streaming():
     assert resolve_backend("auto", torch.device("cpu")) == "streaming"
 
 
+def test_auto_backend_keeps_float64_exact(monkeypatch):
+    """Where the kernels are usable, "auto" still takes streaming for float64 inputs: the
+    kernels compute in float32, and pairs within float32 rounding of a threshold could flip."""
+    from iddc import loss as loss_mod
+    monkeypatch.setattr(loss_mod, "_triton_usable", lambda device: True)
+    dev = torch.device("cpu")
+    assert resolve_backend("auto", dev, torch.float32) == "triton"
+    assert resolve_backend("auto", dev, torch.float64) == "streaming"
+    assert resolve_backend("triton", dev, torch.float64) == "triton"  # asked for: as asked
+    picked = []
+    def reference_without_kernel_options(*args, precision=None, deterministic=None, **kw):
+        return loss_mod.reference.pair_sums(*args, **kw)
+    monkeypatch.setattr(loss_mod, "get_pair_sums",
+                        lambda name: picked.append(name) or reference_without_kernel_options)
+    fa, fb, za, zb = views(batch=2, size_a=(2, 3), size_b=(3, 2), dim=8, classes=3,
+                           seed=11)
+    IDDCLoss()(fa, fb, za.double(), zb, shifts=(1,))
+    IDDCLoss()(fa, fb, za, zb, shifts=(1,))
+    assert picked == ["streaming", "triton"]
+
+
 def test_reference_gradcheck_float64():
     fa, fb, za, zb = views(batch=3, size_a=(3, 3), size_b=(2, 3), dim=16, classes=3,
                            dtype=torch.float64)
