@@ -8,7 +8,7 @@
 #   bash benchmarks/run_gpu.sh bench OUTDIR   # only the benchmarks (core rows, then the rest)
 #
 # "all" runs, each step cut off at what is left of IDDC_GPU_BUDGET_S (default 510 s) and
-# skipped when too little is left:
+# skipped when too little is left (the warm step at most IDDC_GPU_WARM_S, default 200 s):
 #   1. warm: benchmarks/warm_triton_cache.py compiles every kernel the benchmarks will launch
 #      (every autotune candidate) in parallel processes, so the autotuner's serial compiles
 #      become cache hits;
@@ -24,12 +24,14 @@
 # bench-core.json, bench-rest.json; a step cut off still leaves its log.
 set -uo pipefail
 usage="usage: bash benchmarks/run_gpu.sh [all|core|tests|bench] OUTDIR"
-if [ $# -eq 1 ]; then set -- all "$1"; fi
-stage=${1:?$usage}
-out=${2:?$usage}
-case "$stage" in all|core|tests|bench) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "${1:-}" in
+  all|core|tests|bench) [ $# -eq 2 ] || { echo "$usage" >&2; exit 2; } ;;  # a stage needs OUTDIR
+  *) [ $# -eq 1 ] || { echo "$usage" >&2; exit 2; }; set -- all "$1" ;;
+esac
+stage=$1
+mkdir -p "$2"
+out=$(cd "$2" && pwd)  # from the caller's folder, before the cd below
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
 py=${PYTHON:-python3}
 budget=${IDDC_GPU_BUDGET_S:-510}
 export PYTHONUNBUFFERED=1
@@ -37,16 +39,18 @@ failures=0
 
 left() { echo $(( budget - SECONDS )); }
 
-# step NAME MIN_SECONDS CMD...: run CMD with what is left of the budget (SIGINT first, so pytest
-# still writes its XML/JSON), or skip it when less than MIN_SECONDS is left
+# step NAME MIN_SECONDS MAX_SECONDS CMD...: run CMD for what is left of the budget, at most
+# MAX_SECONDS (SIGINT first, so pytest still writes its XML/JSON), or skip it when less than
+# MIN_SECONDS is left
 step() {
-  local name=$1 need=$2; shift 2
+  local name=$1 need=$2 most=$3; shift 3
   local rest; rest=$(left)
   if [ "$rest" -lt "$need" ]; then
     echo "=== $name: SKIPPED, ${rest}s of the budget left (needs ${need}s)"
     failures=$((failures + 1)); return
   fi
-  echo "=== $name: start at ${SECONDS}s, ${rest}s left"
+  [ "$rest" -le "$most" ] || rest=$most
+  echo "=== $name: start at ${SECONDS}s, ${rest}s allowed"
   timeout -s INT -k 20 "$rest" "$@"
   local rc=$?
   echo "=== $name: exit $rc at ${SECONDS}s"
@@ -72,22 +76,23 @@ p.multi_processor_count)" || true
     core_ids+=("$bench[$id]")
   done
 
-  warm() { step warm 60 "$py" benchmarks/warm_triton_cache.py; }
+  # capped: a slow warm-up must leave the core rows their time (what it compiled still counts)
+  warm() { step warm 60 "${IDDC_GPU_WARM_S:-200}" "$py" benchmarks/warm_triton_cache.py; }
   core() {
     # TRITON_PRINT_AUTOTUNING: the log names each key's winner and its tuning time
-    step core 120 env TRITON_PRINT_AUTOTUNING=1 "$py" -m pytest -q -p no:cacheprovider -rs \
+    step core 120 "$budget" env TRITON_PRINT_AUTOTUNING=1 "$py" -m pytest -q -p no:cacheprovider -rs \
       --benchmark-json "$out/bench-core.json" "${core_ids[@]}"
   }
   tests() {
     # the rest of the suite tests CPU behaviour (CLIs, data, files): CI runs it
-    step tests 90 "$py" -m pytest "${workers[@]}" -q -p no:cacheprovider --durations=15 \
+    step tests 90 "$budget" "$py" -m pytest "${workers[@]}" -q -p no:cacheprovider --durations=15 \
       --junitxml "$out/tests.xml" tests/test_triton_pair_sums.py tests/test_train_fused.py \
       tests/test_loss_edge_cases.py tests/test_streaming.py
   }
   rest() {
     local deselect=()
     for id in "${core_ids[@]}"; do deselect+=(--deselect "$id"); done
-    step rest 60 env TRITON_PRINT_AUTOTUNING=1 "$py" -m pytest -q -p no:cacheprovider -rs \
+    step rest 60 "$budget" env TRITON_PRINT_AUTOTUNING=1 "$py" -m pytest -q -p no:cacheprovider -rs \
       --benchmark-json "$out/bench-rest.json" benchmarks/test_bench_triton.py "${deselect[@]}"
   }
 

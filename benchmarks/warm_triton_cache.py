@@ -1,16 +1,16 @@
 """Compile, in parallel processes, every Triton kernel the GPU benchmarks will launch.
 
 Triton's autotuner compiles its candidates one after another inside the timed script (about
-2 s a variant on one CPU core; the benchmarks' 8 autotuned keys x 14 candidates would take
-minutes of a short GPU lease). Each worker here launches its share of (benchmark row, size,
-tile) once on the benchmark's own shapes, with the tiles given explicitly, so the kernels land
-in Triton's on-disk cache with the very specialisation the autotuner will ask for; the
-autotuner then finds them compiled. The runs also check, natively, that every candidate
-launches at the benchmark's sizes.
+2 s a variant on one CPU core; the benchmarks' 4 autotuned rows x 14 candidates, shared by
+their two sizes, would take about two minutes of a short GPU lease). Each worker here launches
+its share of (benchmark row, tile) once at each benchmark size, on the benchmark's own shapes
+with the tiles given explicitly, so the kernels land in Triton's on-disk cache with the very
+specialisation the autotuner will ask for; the autotuner then finds them compiled. The runs
+also check, natively, that every candidate launches at the benchmark's sizes.
 
 Usage (from the repository root, on a CUDA machine):
     python benchmarks/warm_triton_cache.py [--workers N]
-Prints one line per worker and a summary; exits 1 if any launch failed.
+Prints one line per launch and a summary; exits 1 if any launch failed.
 """
 from __future__ import annotations
 
@@ -45,6 +45,20 @@ def tasks() -> list:
     return out
 
 
+def shares_of(all_tasks: list, workers: int) -> list:
+    """The tasks cut into `workers` shares, each (row, tile) in one share with its sizes one
+    after the other: the benchmark's two sizes have the same specialisation (every size and
+    stride divisible by 16), so the second launch is a cache hit rather than a concurrent
+    compile of the same binary in another worker."""
+    groups: dict = {}
+    for task in all_tasks:
+        groups.setdefault((task[0], json.dumps(task[2], sort_keys=True)), []).append(task)
+    shares = [[] for _ in range(max(1, workers))]
+    for i, group in enumerate(groups.values()):
+        shares[i % len(shares)] += group
+    return shares
+
+
 def work(chunk: list, device: str = "cuda") -> int:
     """Launch each task once (forward with gradients: the benchmarks' kernels); the number
     that failed."""
@@ -58,8 +72,7 @@ def work(chunk: list, device: str = "cuda") -> int:
         _, precision, deterministic = IMPLS[impl]
         bf16 = precision == "bf16"
         key = (size, bf16)
-        if key not in inputs:
-            inputs.clear()  # one size at a time: the 3136 inputs are a few hundred MB
+        if key not in inputs:  # at most 4 sets, about 1 GB at N = 3136
             ts = make_pair_inputs(B, SIZES[size], D, K, device)
             if bf16:
                 ts = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in ts]
@@ -94,11 +107,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: kernels would not be compiled", file=sys.stderr)
         return 2
-    # grouped by inputs (size, bf16 or not), then cut into contiguous shares: each worker
-    # makes new inputs only where its share crosses a group
-    all_tasks = sorted(tasks(), key=lambda t: (t[1], t[0] == "triton-bf16"))
-    n, w = len(all_tasks), max(1, args.workers)
-    shares = [all_tasks[i * n // w:(i + 1) * n // w] for i in range(w)]
+    all_tasks = tasks()
+    shares = shares_of(all_tasks, args.workers)
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, __file__, "--chunk", json.dumps(share)])
              for share in shares if share]

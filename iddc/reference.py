@@ -51,8 +51,10 @@ def h_neg(c: torch.Tensor, h: str) -> torch.Tensor:
         return torch.exp(c)
     if h == "linear":
         return c
-    if h == "log":  # 1 - c < 0 only by rounding (16-bit probabilities): clamped, not a NaN
-        return -torch.log((1.0 - c).clamp_min(0.0) + LOG_EPS)
+    if h == "log":  # 1 - c < 0 only by rounding (16-bit probabilities): clamped, not a NaN;
+        # relu, not clamp_min: relu's gradient at the bound (1 - c = 0, a saturated head) is 0,
+        # clamp_min's depends on the torch version (1 in older releases)
+        return -torch.log(torch.relu(1.0 - c) + LOG_EPS)
     raise ValueError(f"unknown h variant {h!r}; expected one of {H_VARIANTS}")
 
 

@@ -112,7 +112,7 @@ def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
     if h == "log":  # value = -w log(max(1 - c, 0) + eps), dvalue/dc = w / (...) where 1 - c > 0
         c.neg_().add_(1.0)
         # c >= 1 happens only at saturation or by rounding: clamped, with zero gradient there,
-        # as autograd differentiates the reference's clamp_min (strictly above the bound only)
+        # as autograd differentiates the reference's relu
         keep = c > 0
         c.clamp_min_(0.0).add_(LOG_EPS)  # not add_(1 + eps): in float32 that is 1, eps lost
         value = -torch.vdot(f.flatten(), torch.log(c).flatten())

@@ -125,8 +125,8 @@ def _pair_weights(f, c, valid, t_pos, t_neg, POSITIVE: tl.constexpr, H: tl.const
         elif H == 1:
             hv = c
             dh = c * 0.0 + 1.0
-        else:  # 1 - c < 0 only by rounding: clamped, zero gradient where 1 - c <= 0 (what
-            # autograd gives the reference's clamp_min: strictly above the bound only)
+        else:  # 1 - c < 0 only by rounding: clamped, zero gradient where 1 - c <= 0 (the
+            # reference's relu)
             q_raw = 1.0 - c
             q = tl.maximum(q_raw, 0.0) + _LOG_EPS
             hv = -tl.log(q)
@@ -583,8 +583,7 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (``"exp"``), :math:`1-c, c` (``"linear"``) or
     :math:`-\log(c + 10^{-8}), -\log(\max(1 - c, 0) + 10^{-8})` (``"log"``; the max only
-    matters where rounding makes c reach or exceed 1, and has zero gradient there, as autograd
-    gives the reference's clamp_min).
+    matters where saturation or rounding makes c reach or exceed 1, and has zero gradient there).
     Gradients flow to p_a and p_b only (a negative pair reaches both p_a[b,i] and
     p_a[(b+r)%B, j]); they are computed in the forward launch and kept per term, so backward is
     a (1+S)-term contraction.

@@ -43,6 +43,17 @@ def test_warm_tasks_are_the_benchmarks_kernels():
     assert {impl for impl, _, _ in tasks} == {i for i, v in bench.IMPLS.items() if v[0] == "triton"}
 
 
+def test_warm_shares_keep_each_tile_in_one_worker():
+    tasks = warm.tasks()
+    shares = warm.shares_of(tasks, 14)
+    assert len(shares) == 14 and sorted(map(repr, sum(shares, []))) == sorted(map(repr, tasks))
+    owner = {}
+    for i, share in enumerate(shares):
+        for impl, size, cfg in share:
+            assert owner.setdefault((impl, repr(sorted(cfg.items()))), i) == i
+    assert max(map(len, shares)) - min(map(len, shares)) <= 2  # balanced within one tile
+
+
 def test_warm_worker_launches_its_tiles(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("the native launch is what run_gpu.sh's warm step itself does")
