@@ -426,7 +426,9 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
         config = INTERPRETER_CONFIG
     elif config is None and deterministic:
         config = fixed_config(K, u_a.dtype, precision)
-    min_bi = config["BLOCK_I"] if config is not None else _MIN_BLOCK_I
+    # one NBLK for explicit tiles and autotuned ones (an int argument is specialised on its
+    # divisibility by 16: the same value lets both find one compiled kernel)
+    min_bi = _MIN_BLOCK_I if config is None else min(_MIN_BLOCK_I, config["BLOCK_I"])
     nblk = triton.cdiv(max(N, 1), min_bi)
     # partials of programs that do not exist under a larger BLOCK_I stay zero
     psum = torch.zeros((T, B, nblk), device=dev, dtype=torch.float32)

@@ -97,3 +97,21 @@ def test_core_rows_named_by_the_script_exist():
     for size in bench.SIZES:
         for impl in ("triton-tf32", "reference-tf32", "triton-ieee", "reference-ieee"):
             assert f"{size}-{impl}" in core
+
+
+def test_explicit_tiles_and_autotuned_ones_share_nblk(monkeypatch):
+    """NBLK (an int kernel argument, specialised on divisibility by 16) must not depend on the
+    tiles, or a warm launch with explicit tiles and the autotuner's launch would compile two
+    kernels (e.g. N = 1024: 8 blocks of 128 rows against 64 of 16)."""
+    import iddc_kernels.pair_sums as ps
+    monkeypatch.setattr(ps, "_MIN_BLOCK_I", 16)  # the GPU candidates' smallest row block
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(2, 40, 8, generator=g), dim=-1)
+    p = torch.randn(2, 40, 3, generator=g).softmax(-1)
+    shapes = set()
+    for bi in (16, 32, 64):
+        cfg = dict(BLOCK_I=bi, BLOCK_J=32, BLOCK_D=16)
+        psum, pcnt, _, _ = ps._launch(u, u, p, p, (1,), 0.2, 0.1, 0, "ieee", False, False,
+                                      config=cfg)
+        shapes.add(tuple(psum.shape))
+    assert shapes == {(2, 2, 3)}  # cdiv(40, 16) blocks whatever the tiles
