@@ -41,11 +41,11 @@ INFERS_NUM_CLASSES = {"folder"}
 def build_source_for(name: str, model_classes: int, /, root=None, split: str = "val",
                      **options) -> SegmentationSource:
     """The split of data set `name` scored by a model of `model_classes` classes (``options``
-    are the data set's own, ``num_classes`` among them). A data set that
-    infers K per split (folder: 1 + the largest id in the split's first label maps) gets the
-    model's K when its maps happen to show fewer classes (else ids of the missing classes would
-    become unlabelled and silently leave the scores); a split showing more classes than the
-    model has, or a fixed K that differs, is a ValueError naming both."""
+    are the data set's own, ``num_classes`` among them). A data set that infers K per split
+    (folder: 1 + the largest id in the split's first label maps) gets the model's K when its
+    maps happen to show fewer classes (else ids of the missing classes would become unlabelled
+    and silently leave the scores); a split showing more classes than the model has, or a fixed
+    K that differs, is a ValueError naming both."""
     source = build_source(name, root=root, split=split, **options)
     k = int(source.num_classes)
     if k == model_classes:

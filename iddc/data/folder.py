@@ -14,8 +14,8 @@ would be the whole folder, so held-out scores would be computed on training imag
 label maps and is at most 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K
 are unlabelled too, with a warning (once per data set) naming them; iddc.train and
 iddc.evaluate score a val split with the run's K (iddc.data.build_source_for). Without labels
-K is required (the number of clusters), any K >= 2. `class_names` may be given as a list or a text file (one
-name per line). `subset=N` keeps the first N images.
+K is required (the number of clusters), any K >= 2. `class_names` may be given as a list or a
+text file (one name per line). `subset=N` keeps the first N images.
 """
 from __future__ import annotations
 
