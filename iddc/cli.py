@@ -28,11 +28,29 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def message(err: BaseException) -> str:
-    """One line: an OSError's reason and path(s) without its "[Errno N]" prefix."""
+    """One line: an OSError's reason and path(s) without its "[Errno N]" prefix; an error
+    raised in a DataLoader worker without the worker's traceback that torch puts in it."""
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
         return f"{err.strerror}: {' -> '.join(paths)}"
-    return str(err)
+    return _without_worker_traceback(str(err))
+
+
+def _without_worker_traceback(text: str) -> str:
+    """torch re-raises a worker's error as "Caught X in DataLoader worker process N.\nOriginal
+    Traceback ...\nX: message": the message, and the worker it came from."""
+    first, _, rest = text.partition("\n")
+    if not (first.startswith("Caught ") and " in DataLoader worker process " in first
+            and rest.startswith("Original Traceback")):
+        return text
+    where = first.split(" in ", 1)[1].rstrip(".")
+    lines = rest.rstrip().splitlines()[1:]
+    # the frames are indented; the first line that is not is "X: message"
+    start = next((i for i, line in enumerate(lines) if not line.startswith(" ")), None)
+    if start is None or ": " not in lines[start]:
+        return text
+    original = "\n".join(lines[start:]).split(": ", 1)[1]
+    return f"{original} (in {where})"
 
 
 def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):

@@ -460,3 +460,27 @@ def test_marker_stays_until_training_starts(tmp_path, tiny_yaml, monkeypatch):
     monkeypatch.undo()
     assert train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"]
                       + QUICK)["out"] == str(out)
+
+
+def test_error_in_a_dataloader_worker_is_one_line(capsys):
+    """torch puts the worker's traceback inside the message of an error raised in a DataLoader
+    worker: the CLI prints the original message and the worker, not the traceback."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError("folder val: label 3.png: ids 300: not class ids")
+
+    def main(argv):
+        list(DataLoader(Bad(), num_workers=1))
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, "iddc.train", [])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("iddc.train: error: folder val: label 3.png: ids 300: not class ids "
+                   "(in DataLoader worker process 0)\n")
+    assert cli.message(ValueError("Caught nothing special")) == "Caught nothing special"
