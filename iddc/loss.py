@@ -299,13 +299,11 @@ class IDDCLoss(nn.Module):
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
         else:
             shifts = check_shifts(shifts, batch)
-        wide = torch.float64 in {t.dtype for t in (feats_a, feats_b, logits_a, logits_b)}
-        backend = resolve_backend(cfg.backend, feats_a.device,
-                                  torch.float64 if wide else torch.float32)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one
         with _autocast_off(feats_a.device):
             u_a, u_b, p_a, p_b = flatten_views(feats_a, feats_b, logits_a, logits_b)
+            backend = resolve_backend(cfg.backend, feats_a.device, u_a.dtype)
             options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
                        if backend == "triton" else {})
             result = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,

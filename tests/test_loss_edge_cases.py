@@ -279,16 +279,20 @@ def test_pair_sums_with_an_empty_view_b_keep_the_negatives(backend, options):
 def test_no_gradient_work_without_grad_mode(backend, mode, monkeypatch):
     """Under no_grad / inference_mode the saved-gradient backends compute no gradients (inside
     an autograd.Function, needs_input_grad still says True for inputs that require grad)."""
-    seen = []
+    import inspect
     if backend == "triton":
         import iddc_kernels.pair_sums as mod
-        real = mod._launch
-        monkeypatch.setattr(mod, "_launch", lambda *a, **k: seen.append(a[10]) or real(*a, **k))
+        name, needs = "_launch", ("need_grad",)
     else:
         import iddc.streaming as mod
-        real = mod._walk
-        monkeypatch.setattr(mod, "_walk", lambda *a, **k: seen.append(a[8] or a[9]) or
-                            real(*a, **k))
+        name, needs = "_walk", ("need_a", "need_b")
+    real, seen = getattr(mod, name), []
+
+    def spy(*args, **kwargs):  # records whether the walk was asked for any gradient
+        bound = inspect.signature(real).bind(*args, **kwargs).arguments
+        seen.append(any(bound[n] for n in needs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mod, name, spy)
     g = torch.Generator().manual_seed(2)
     u = torch.nn.functional.normalize(torch.randn(2, 6, 8, generator=g), dim=-1).to(DEVICE)
     p = torch.randn(2, 6, 3, generator=g).softmax(-1).to(DEVICE).requires_grad_()

@@ -55,8 +55,12 @@ def snapshot(folder) -> dict:
             for name in sorted(os.listdir(folder))}
 
 
+def saved_checkpoint(folder) -> dict:
+    return torch.load(os.path.join(folder, "last.pt"), weights_only=True)
+
+
 def saved_config(folder) -> dict:
-    return torch.load(os.path.join(folder, "last.pt"), weights_only=True)["config"]
+    return saved_checkpoint(folder)["config"]
 
 
 # ------------------------------------------------------------------ 5: where a resume writes
@@ -185,10 +189,6 @@ def test_resume_keeps_the_run_normalisation(run_copy):
     resume(run_copy / "last.pt")
     assert saved_checkpoint(run_copy)["data_config"] == {"mean": (0.5, 0.5, 0.5),
                                                           "std": (0.5, 0.5, 0.5)}
-
-
-def saved_checkpoint(folder) -> dict:
-    return torch.load(os.path.join(folder, "last.pt"), weights_only=True)
 
 
 def test_resume_keeps_the_saved_loss_and_backend_unless_told(run_copy):
