@@ -128,7 +128,7 @@ def load_or_skip(source, index: int, skipped: Optional[list] = None):
         return inner.load(index)
     except CorruptSampleError as err:
         if isinstance(source, SkipCorrupt):
-            source.record(err)  # training's per-epoch count of corrupt samples
+            source.record(err, index)  # training's count of corrupt samples
         if skipped is not None:
             skipped.append(err.path)
         warnings.warn(f"skipping {err} (left out of the scores)", stacklevel=2)

@@ -11,14 +11,14 @@ import contextlib
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .pair_inputs import PRECISIONS, check_float_tensors, check_shifts, is_integer
+from .pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
+                          is_integer)
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
@@ -65,6 +65,9 @@ class IDDCConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not known; expected one of "
                              f"{PRECISIONS}")
+        for name in ("check_finite", "deterministic"):
+            if not isinstance(getattr(self, name), bool):  # a string "no" would count as true
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
         self.num_shifts = int(self.num_shifts)
@@ -137,16 +140,19 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve_backend(name, device: torch.device, dtype: Optional[torch.dtype] = None):
-    """The concrete backend `name` means for tensors on `device` computed in `dtype` ("auto":
-    the fastest exact path; for float64 that is streaming, the kernels computing in float32).
+def resolve_backend(name, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    classes: Optional[int] = None):
+    """The concrete backend `name` means for tensors on `device` computed in `dtype` with
+    `classes` classes ("auto": the fastest exact path: triton on CUDA, except for float64,
+    which the kernels would compute in float32, and beyond the kernels' 256 classes, where it
+    is streaming).
 
     A callable (any function with the contract of `reference.pair_sums`) is its own backend.
     """
     if callable(name):
         return name
     if name == "auto":
-        if dtype == torch.float64:
+        if dtype == torch.float64 or (classes is not None and classes > TRITON_MAX_CLASSES):
             return "streaming"
         return "triton" if _triton_usable(device) else "streaming"
     if name == "triton" and device.type != "cuda":
@@ -169,8 +175,9 @@ def get_pair_sums(name) -> PairSums:
     raise ValueError(f"backend={name!r} is not known; expected one of {BACKENDS}")
 
 
-def check_inputs(feats_a, feats_b, logits_a, logits_b, check_finite: bool = True) -> None:
-    """Raise ValueError naming the problem if the four maps cannot form an IDDC batch."""
+def check_inputs(feats_a, feats_b, logits_a, logits_b) -> None:
+    """Raise ValueError naming the problem if the four maps cannot form an IDDC batch (shapes,
+    types and devices: no device sync; values are checked by `check_finite_views`)."""
     named = {"feats_a": feats_a, "feats_b": feats_b, "logits_a": logits_a, "logits_b": logits_b}
     check_float_tensors(named, 4, "B x C x h x w")
     for name, t in named.items():
@@ -191,15 +198,37 @@ def check_inputs(feats_a, feats_b, logits_a, logits_b, check_finite: bool = True
         if f.shape[2:] != z.shape[2:]:
             raise ValueError(f"view {view}: feats_{view} is {tuple(f.shape[2:])} (h x w) but "
                              f"logits_{view} is {tuple(z.shape[2:])}; they must match")
-    if check_finite:
-        for name, t in named.items():
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip "
-                                 "this check)")
+
+
+def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b) -> None:
+    """Raise ValueError naming the input whose values break the loss, with one device sync.
+
+    Checks what the loss consumes: each feature pixel's norm (NaN or Inf if the features hold
+    NaN or Inf, or if the squares overflow) and the probabilities (NaN for NaN or +Inf logits,
+    or a pixel whose logits are all -Inf; a -Inf logit alone, a masked class, is fine).
+    """
+    flags = torch.stack([torch.isfinite(t).all()
+                         for t in (views.norm_a, views.norm_b, views.p_a, views.p_b)])
+    if bool(flags.all()):
+        return
+    ok = flags.tolist()  # error path only: a second sync to say which
+    skip = " (pass check_finite=False to skip this check)"
+    for name, feats, good in (("feats_a", feats_a, ok[0]), ("feats_b", feats_b, ok[1])):
+        if not good:
+            if not bool(torch.isfinite(feats).all()):
+                raise ValueError(f"{name} contains NaN or Inf{skip}")
+            raise ValueError(f"{name}: a pixel's feature norm overflows {views.u_a.dtype} (values "
+                             f"up to {float(feats.abs().max()):.3g}); scale the features down "
+                             f"or pass float64{skip}")
+    for name, good in (("logits_a", ok[2]), ("logits_b", ok[3])):
+        if not good:
+            raise ValueError(f"{name} contains NaN or +Inf, or a pixel whose logits are all -Inf "
+                             f"(its softmax is NaN){skip}")
 
 
 def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator] = None) -> tuple:
-    """S shifts drawn uniformly from 1..B-1, with replacement (a CPU draw: no device sync)."""
+    """S shifts drawn uniformly from 1..B-1, with replacement: on the CPU (no device sync) unless
+    `generator` lives on a device, where the draw is made there and read back (one sync)."""
     if num_shifts == 0:
         return ()
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -212,17 +241,33 @@ def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator
     return tuple(int(x) for x in r.tolist())
 
 
-def flatten_views(feats_a, feats_b, logits_a, logits_b):
-    """Unit features (no grad) and probabilities, as B x N x D and B x N x K, float32 (or
-    float64 if any input is float64)."""
+class FlatViews(NamedTuple):
+    """What the backends consume: unit features (B x N x D, B x M x D; constants) and
+    probabilities (B x N x K, B x M x K), with the feature norms (B x 1 x h x w, for the finite
+    check)."""
+    u_a: torch.Tensor
+    u_b: torch.Tensor
+    p_a: torch.Tensor
+    p_b: torch.Tensor
+    norm_a: torch.Tensor
+    norm_b: torch.Tensor
+
+
+def flatten_views(feats_a, feats_b, logits_a, logits_b) -> FlatViews:
+    """Unit features u = F / max(||F||, 1e-12) (no grad) and probabilities p = softmax(Z), in
+    float32 (or float64 if any input is float64)."""
     dtypes = {t.dtype for t in (feats_a, feats_b, logits_a, logits_b)}
     dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    u, norms = [], []
     with torch.no_grad():
-        u = [F.normalize(f.to(dtype), dim=1, eps=1e-12).flatten(2).transpose(1, 2).contiguous()
-             for f in (feats_a, feats_b)]
+        for f in (feats_a, feats_b):
+            f = f.to(dtype)
+            norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # F.normalize's arithmetic
+            u.append((f / norm.clamp_min(1e-12)).flatten(2).transpose(1, 2).contiguous())
+            norms.append(norm)
     p = [torch.softmax(z.to(dtype), dim=1).flatten(2).transpose(1, 2).contiguous()
          for z in (logits_a, logits_b)]
-    return u[0], u[1], p[0], p[1]
+    return FlatViews(u[0], u[1], p[0], p[1], norms[0], norms[1])
 
 
 class IDDCLoss(nn.Module):
@@ -253,7 +298,8 @@ class IDDCLoss(nn.Module):
 
     Backends (all exact, same maths): ``"reference"`` materialises B x N x M matrices;
     ``"streaming"`` walks tiles of pairs on any device, never building an N x M matrix;
-    ``"triton"`` runs fused kernels on CUDA; ``"auto"`` picks triton on CUDA, else streaming.
+    ``"triton"`` runs fused kernels on CUDA; ``"auto"`` picks triton on CUDA (streaming for
+    float64 inputs or more than 256 classes), else streaming.
     A callable with the contract of :func:`iddc.reference.pair_sums` may be passed instead
     (e.g. ``reference.pair_sums_masked_gather``, the authors' formulation).
 
@@ -293,7 +339,7 @@ class IDDCLoss(nn.Module):
     def forward(self, feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
                 generator: Optional[torch.Generator] = None) -> IDDCOutput:
         cfg = self.config
-        check_inputs(feats_a, feats_b, logits_a, logits_b, cfg.check_finite)
+        check_inputs(feats_a, feats_b, logits_a, logits_b)
         batch = feats_a.shape[0]
         if shifts is None:
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
@@ -302,8 +348,11 @@ class IDDCLoss(nn.Module):
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one
         with _autocast_off(feats_a.device):
-            u_a, u_b, p_a, p_b = flatten_views(feats_a, feats_b, logits_a, logits_b)
-            backend = resolve_backend(cfg.backend, feats_a.device, u_a.dtype)
+            views = flatten_views(feats_a, feats_b, logits_a, logits_b)
+            if cfg.check_finite:
+                check_finite_views(views, feats_a, feats_b, logits_a, logits_b)
+            u_a, u_b, p_a, p_b = views[:4]
+            backend = resolve_backend(cfg.backend, feats_a.device, u_a.dtype, p_a.shape[2])
             options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
                        if backend == "triton" else {})
             result = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,

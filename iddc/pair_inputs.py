@@ -7,6 +7,7 @@ sync.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Sequence
@@ -17,6 +18,8 @@ import torch
 H_VARIANTS = ("exp", "linear", "log")
 #: the Triton backend's dot-product precisions (the other backends compute in the inputs' dtype)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+#: the most classes the Triton kernels hold on chip (``auto`` takes streaming beyond it)
+TRITON_MAX_CLASSES = 256
 
 
 def is_integer(x) -> bool:
@@ -85,3 +88,30 @@ def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) 
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
             raise ValueError(f"{name} must be a real number, got {t!r}")
     return check_shifts(shifts, B)
+
+
+def common_dtype(*tensors) -> list:
+    """The tensors in their promoted dtype (reference and streaming compute in one dtype; a
+    mixed call would otherwise fail inside a matmul)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def comparison_threshold(t: float, dtype: torch.dtype, below: bool) -> float:
+    """The value t_d of `dtype` with, for every f of that dtype, ``f < t_d <=> f < t``
+    (below=True: t rounded up) or ``f > t_d <=> f > t`` (below=False: rounded down).
+
+    torch (and a kernel taking a float32 argument) rounds a Python float threshold to the
+    tensor's dtype, to nearest: a t between two representable values would then wrongly
+    select, or drop, the f equal to the rounded value. Every backend compares with this t_d,
+    so all select exactly the pairs the real-valued t selects.
+    """
+    t = float(t)
+    if dtype == torch.float64 or math.isinf(t):
+        return t
+    t_d = torch.tensor(t, dtype=torch.float64).to(dtype)
+    if below and float(t_d) < t:
+        t_d = torch.nextafter(t_d, torch.tensor(math.inf, dtype=dtype))
+    elif not below and float(t_d) > t:
+        t_d = torch.nextafter(t_d, torch.tensor(-math.inf, dtype=dtype))
+    return float(t_d)

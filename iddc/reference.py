@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .pair_inputs import H_VARIANTS, check_pair_sums_inputs
+from .pair_inputs import H_VARIANTS, check_pair_sums_inputs, common_dtype, comparison_threshold
 
 #: weight floor of a positive pair: max(f, POS_WEIGHT_FLOOR)
 POS_WEIGHT_FLOOR = 1e-8
@@ -70,6 +70,8 @@ def pair_term(u_l, u_r, p_l, p_r, *, positive: bool, threshold: float, h: str):
     """Sum and count of one pair set: every pixel of u_l[b] against every pixel of u_r[b]."""
     f = torch.bmm(u_l, u_r.transpose(1, 2))  # B x N x M feature affinities (constants)
     c = torch.bmm(p_l, p_r.transpose(1, 2))  # B x N x M label affinities
+    # the threshold in f's dtype, rounded so that f > t / f < t select as with the exact t
+    threshold = comparison_threshold(threshold, f.dtype, below=not positive)
     if positive:
         mask = f > threshold
         value = w_pos(f) * h_pos(c, h)
@@ -92,10 +94,11 @@ def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg:
         sums: (1 + S,) tensor, sums[0] the positive term's sum, sums[1 + s] shift s's.
         counts: (1 + S,) int64 tensor of selected pairs, same order.
 
-    Computed in the inputs' dtype. Bad inputs raise ValueError
+    Computed in the inputs' (promoted) dtype. Bad inputs raise ValueError
     (:func:`iddc.pair_inputs.check_pair_sums_inputs`, shared by every backend).
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    u_a, u_b, p_a, p_b = common_dtype(u_a.detach(), u_b.detach(), p_a, p_b)  # u: constants
     sums, counts = [], []
     s, n = pair_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)
     sums.append(s)
@@ -111,6 +114,7 @@ def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg:
 def _gather_term(u_l, u_r, p_l, p_r, *, positive: bool, threshold: float, h: str):
     f = torch.einsum("bnd,bmd->bnm", u_l, u_r)
     c = torch.einsum("bnk,bmk->bnm", p_l, p_r)
+    threshold = comparison_threshold(threshold, f.dtype, below=not positive)
     if positive:
         mask = f > threshold
         return (w_pos(f[mask]) * h_pos(c[mask], h)).sum(), mask.sum()
@@ -122,6 +126,7 @@ def pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos:
                             t_neg: float, h: str = "exp"):
     """The authors' formulation of :func:`pair_sums`: einsum, then boolean-mask gathers."""
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    u_a, u_b, p_a, p_b = common_dtype(u_a.detach(), u_b.detach(), p_a, p_b)
     terms = [_gather_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)]
     for r in shifts:
         terms.append(_gather_term(u_a, torch.roll(u_a, -int(r), 0), p_a,

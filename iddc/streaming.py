@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from .first_order import first_order_only
-from .pair_inputs import check_pair_sums_inputs
+from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 #: target size of one pair tile, in elements (float32: 8 MiB; two such buffers stay in L3)
@@ -56,7 +56,13 @@ class _TileBuffers:
         return f[:rows * width].view(rows, width), c[:rows * width].view(rows, width)
 
 
-def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
+def _drop_nan(w):
+    """A NaN affinity (from a NaN feature) selects no pair, as the reference's f > t and f < t
+    masks: its weight becomes 0 (threshold keeps NaN)."""
+    torch.nan_to_num_(w, nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str, nan_possible: bool):
     """Fill f with the masked weight and c with g/alpha; return (value sum, count, alpha).
 
     The gradient of the tile's value sum w.r.t. c is alpha * c (after the call).
@@ -65,6 +71,8 @@ def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
     # weight max(f, 1e-8) on f > t: threshold(f, t, 0) keeps f where f > t, zero elsewhere
     if t_pos >= POS_WEIGHT_FLOOR:
         torch.threshold(f, t_pos, 0.0, out=f)
+        if nan_possible:
+            _drop_nan(f)
     else:  # the floor matters only when the threshold lets non-positive affinities through
         f.copy_(torch.where(f > t_pos, f.clamp_min(POS_WEIGHT_FLOOR), 0.0))
     count = torch.count_nonzero(f)  # the masked weight is > 0 exactly on the selection
@@ -84,7 +92,7 @@ def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str):
     raise ValueError(f"unknown h variant {h!r}")
 
 
-def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
+def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str, nan_possible: bool):
     """As `_positive_tile` for a negative partner: weight 1 - max(f, 0) on f < t.
 
     The GEMM gives -f exactly (alpha = -1; rounding is sign-symmetric), and -f > -t is exactly
@@ -96,11 +104,15 @@ def _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg: float, h: str):
         # selection -f > -t >= -1, so w > 0 (1 + x is exact for x in (-1, 0)): nonzero <=> selected
         torch.threshold(f, -t_neg, -1.0, out=f)
         f.clamp_max_(0.0).add_(1.0)
+        if nan_possible:
+            _drop_nan(f)
         count = torch.count_nonzero(f)
     else:  # a threshold above 1 selects pairs whose weight can be 0 or negative
         mask = f > -t_neg
         count = mask.sum()
         f.clamp_max_(0.0).add_(1.0).mul_(mask)
+        if nan_possible:
+            _drop_nan(f)
     torch.mm(p_l, p_r.t(), out=c)
     if h == "exp":  # value = w e^{c}, dvalue/dc = value
         c.exp_().mul_(f)
@@ -133,7 +145,14 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     if k_pad != k:
         p_a = torch.nn.functional.pad(p_a, (0, k_pad - k))
         p_b = torch.nn.functional.pad(p_b, (0, k_pad - k))
-    acc = torch.float64 if u_a.device.type == "cpu" or u_a.dtype == torch.float64 else u_a.dtype
+    # float64 sums on the CPU (free there), float32 at least elsewhere (a 16-bit sum of a
+    # tile's ~2M values would overflow)
+    acc = torch.float64 if u_a.device.type == "cpu" else torch.promote_types(u_a.dtype,
+                                                                            torch.float32)
+    # NaN features give NaN affinities, which must select nothing: checked once per call on the
+    # CPU (no sync there); elsewhere the tiles are always cleaned (an elementwise pass, no sync)
+    nan_possible = u_a.device.type != "cpu" or not bool(
+        torch.isfinite(u_a).all() & torch.isfinite(u_b).all())
     sums = torch.zeros(terms, dtype=acc, device=u_a.device)
     counts = torch.zeros(terms, dtype=torch.int64, device=u_a.device)
     # gradient of each term's sum: negatives reach p_a on both sides, the positive reaches p_b
@@ -157,9 +176,10 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
                 f, c = tiles.get(i1 - i0, u_r.shape[0])
                 if term == 0:
                     value, count, alpha = _positive_tile(f, c, u_l, u_r, p_a_neg[b, i0:i1], p_r,
-                                                         t_pos, h)
+                                                         t_pos, h, nan_possible)
                 else:
-                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h)
+                    value, count, alpha = _negative_tile(f, c, u_l, u_r, p_l, p_r, t_neg, h,
+                                                         nan_possible)
                 sums[term] += value
                 counts[term] += count
                 # c now holds dvalue/dc / alpha for every pair of the tile
@@ -223,8 +243,9 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
     Returns:
         (sums, counts): (1 + S,) tensors, positive first; counts are int64 without gradient.
 
-    Computed in the inputs' dtype (on the CPU the sums accumulate in float64); bad inputs raise
-    ValueError (:func:`iddc.pair_inputs.check_pair_sums_inputs`, as in every backend).
+    Computed in the inputs' (promoted) dtype (the sums accumulate in float64 on the CPU, in at
+    least float32 elsewhere); bad inputs raise ValueError
+    (:func:`iddc.pair_inputs.check_pair_sums_inputs`, as in every backend).
 
     Example:
         >>> u = torch.nn.functional.normalize(torch.randn(2, 49, 16), dim=-1)
@@ -235,5 +256,8 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
     if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
         p_a, p_b = p_a.detach(), p_b.detach()
-    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, float(t_pos), float(t_neg), h,
-                                   int(tile_elems))
+    u_a, u_b, p_a, p_b = common_dtype(u_a.detach(), u_b.detach(), p_a, p_b)
+    # f has u's dtype: thresholds rounded so that the selection is the exact t's
+    t_pos = comparison_threshold(t_pos, u_a.dtype, below=False)
+    t_neg = comparison_threshold(t_neg, u_a.dtype, below=True)
+    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, int(tile_elems))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +38,8 @@ import triton.language as tl
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import first_order_only
-from iddc.pair_inputs import PRECISIONS, check_pair_sums_inputs
+from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_pair_sums_inputs,
+                              comparison_threshold)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -47,7 +47,7 @@ _POS_FLOOR = tl.constexpr(POS_WEIGHT_FLOOR)
 _LOG_EPS = tl.constexpr(LOG_EPS)
 
 _H_CODES = {"exp": 0, "linear": 1, "log": 2}
-_MAX_K = 256
+_MAX_K = TRITON_MAX_CLASSES
 #: negative shifts handled by one launch (passed as scalar arguments, no device tensor, no sync)
 _SHIFTS_PER_LAUNCH = 8
 
@@ -548,18 +548,6 @@ class TritonPairSums(torch.autograd.Function):
         return (gp_a, gp_b) + (None,) * 10
 
 
-def float32_threshold(t: float, below: bool) -> float:
-    """The float32 number t32 with, for every float32 f, ``f < t32 <=> f < t`` (below=True:
-    t rounded up to float32) or ``f > t32 <=> f > t`` (below=False: rounded down)."""
-    t = float(t)
-    t32 = np.float32(t)
-    if below and float(t32) < t:
-        t32 = np.nextafter(t32, np.float32(np.inf))
-    elif not below and float(t32) > t:
-        t32 = np.nextafter(t32, np.float32(-np.inf))
-    return float(t32)
-
-
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -663,7 +651,8 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
                 torch.zeros(1 + len(shifts), dtype=torch.int64, device=u_a.device))
     # the kernels take float32 thresholds: round so that f > t and f < t select what they would
     # with the exact (double) t, for every float32 f
-    t_pos32, t_neg32 = float32_threshold(t_pos, below=False), float32_threshold(t_neg, below=True)
+    t_pos32 = comparison_threshold(t_pos, torch.float32, below=False)
+    t_neg32 = comparison_threshold(t_neg, torch.float32, below=True)
     if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
         pa, pb = pa.detach(), pb.detach()
     sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,

@@ -261,6 +261,35 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
         assert safe.skipped == 3
 
 
+def test_decompression_bomb_is_a_corrupt_sample(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it must still be skipped, not crash."""
+    root = make_coco(tmp_path, n=(3, 1))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 48 x 40 images now exceed 2x that
+    src = cocostuff.build_cocostuff27(root, "train")
+    with pytest.raises(CorruptSampleError, match=r"t00000000001.jpg: cannot decode image .*"
+                                                 r"decompression bomb"):
+        src.load(1)
+    from iddc.data.layout import open_label
+    with pytest.raises(CorruptSampleError, match="cannot decode label"):
+        open_label(root / "annotations" / "train2017" / "t00000000001.png")
+
+
+def test_linked_folder_loop_lists_each_image_once(tmp_path):
+    from iddc.data.layout import list_images
+    make_folder(tmp_path / "d", n=3)
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d", target_is_directory=True)
+    (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "sub" / "up").symlink_to(tmp_path / "d", target_is_directory=True)
+    assert len(list_images(tmp_path / "d")) == 3
+    assert len(build_source("folder", root=tmp_path / "d", num_classes=2)) == 3
+
+
+def test_folder_labels_beside_the_images_are_named_as_the_cause(tmp_path):
+    make_folder(tmp_path / "d", n=2)
+    with pytest.raises(LayoutError, match=r"every image under .* lies in the label folder"):
+        build_source("folder", root=tmp_path / "d", label_root=tmp_path / "d", num_classes=2)
+
+
 def test_corrupt_label_and_size_mismatch(tmp_path):
     root = make_coco(tmp_path, n=(2, 1))
     lab = root / "annotations" / "train2017" / "t00000000000.png"
@@ -300,19 +329,24 @@ class _Loaded(torch.utils.data.Dataset):
 
 
 def test_skip_counter_shared_with_loader_workers(tmp_path):
+    """Each corrupt sample counts once, however often it is read or tried as a substitute,
+    whichever worker finds it: 2 and 3 are corrupt, 2's substitute search also tries 3."""
     import copy
     import pickle
-    root = make_coco(tmp_path, n=(4, 1))
-    (root / "images" / "train2017" / "t00000000002.jpg").write_bytes(b"x")
+    root = make_coco(tmp_path, n=(6, 1))
+    for i in (2, 3):
+        (root / "images" / "train2017" / f"t0000000000{i}.jpg").write_bytes(b"x")
     safe = skip_corrupt(cocostuff.build_cocostuff27(root, "train"))
     loader = torch.utils.data.DataLoader(_Loaded(safe), batch_size=2, num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(loader)
-    assert sum(len(b) for b in batches) == 4 and safe.skipped == 1
+        assert sum(len(b) for b in batches) == 6 and safe.skipped == 2
+        list(loader)  # a second epoch finds no new corrupt sample
+    assert safe.skipped == 2
     # an ordinary copy gets its own counter instead of failing
     other = pickle.loads(pickle.dumps(safe))
-    assert isinstance(other, SkipCorrupt) and other.skipped == 0 and len(other) == 4
+    assert isinstance(other, SkipCorrupt) and other.skipped == 0 and len(other) == 6
     assert copy.deepcopy(safe).skipped == 0
 
 
@@ -361,7 +395,7 @@ def test_train_and_evaluate_folder(tmp_path):
     assert len(last["unsupervised"]["per_class_iou"]) == 4 and last["unsupervised"]["pixels"] > 0
 
 
-def test_train_on_unlabelled_folder(tmp_path, caplog):
+def test_train_on_unlabelled_folder(tmp_path):
     from iddc import evaluate
     make_folder(tmp_path / "imgs", None, n=4, size=(40, 34))
     res, last = _train(tmp_path, "folder", tmp_path / "imgs", "--data-option", "num_classes=3",
@@ -369,13 +403,14 @@ def test_train_on_unlabelled_folder(tmp_path, caplog):
     # nothing to score without labels: no (0 %) scores, no baseline, a warning instead
     assert "unsupervised" not in last and "linear_probe" not in last
     assert [e["kind"] for e in res["metrics"]] == ["iddc"]
-    assert "val split has no labels" in caplog.text
+    # the run's own log (the "iddc" logger does not propagate to pytest's caplog)
+    assert "val split has no labels" in (tmp_path / "run" / "train.log").read_text()
     assert (tmp_path / "run" / "last.pt").exists()
     with pytest.raises(evaluate.NoLabelsError, match="val split: .*no labelled pixels"):
         evaluate.main(["--checkpoint", res["out"] + "/last.pt"])
 
 
-def test_train_survives_corrupt_images(tmp_path, caplog):
+def test_train_survives_corrupt_images(tmp_path):
     root = make_coco(tmp_path / "coco", n=(3, 2), size=(40, 36))
     (root / "images" / "train2017" / "t00000000001.jpg").write_bytes(b"corrupt")
     (root / "images" / "val2017" / "v00000000000.jpg").write_bytes(b"corrupt")
@@ -384,7 +419,7 @@ def test_train_survives_corrupt_images(tmp_path, caplog):
         _, last = _train(tmp_path, "cocostuff27", root, "--batch-size", "3")
     assert any("t00000000001.jpg" in str(w.message) for w in record)
     assert any("v00000000000.jpg" in str(w.message) for w in record)
-    assert "corrupt samples skipped so far" in caplog.text
+    assert "corrupt samples skipped so far: 1 train" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_layout_mistake_stops_before_training(tmp_path):

@@ -145,6 +145,9 @@ def test_auto_backend_keeps_float64_exact(monkeypatch):
     assert resolve_backend("auto", dev, torch.float32) == "triton"
     assert resolve_backend("auto", dev, torch.float64) == "streaming"
     assert resolve_backend("triton", dev, torch.float64) == "triton"  # asked for: as asked
+    # beyond the kernels' 256 classes, auto takes streaming rather than raising
+    assert resolve_backend("auto", dev, torch.float32, 256) == "triton"
+    assert resolve_backend("auto", dev, torch.float32, 257) == "streaming"
     picked = []
     def reference_without_kernel_options(*args, precision=None, deterministic=None, **kw):
         return loss_mod.reference.pair_sums(*args, **kw)
@@ -154,7 +157,9 @@ def test_auto_backend_keeps_float64_exact(monkeypatch):
                            seed=11)
     IDDCLoss()(fa, fb, za.double(), zb, shifts=(1,))
     IDDCLoss()(fa, fb, za, zb, shifts=(1,))
-    assert picked == ["streaming", "triton"]
+    wide_a, wide_b = random_logits(2, 300, ((2, 3), (3, 2)), generator=torch.Generator())
+    IDDCLoss()(fa, fb, wide_a, wide_b, shifts=(1,))
+    assert picked == ["streaming", "triton", "streaming"]
 
 
 def test_reference_gradcheck_float64():
@@ -208,10 +213,48 @@ def test_non_finite_inputs_are_rejected(which, bad):
     fa, fb, za, zb = views()
     named = dict(feats_a=fa, feats_b=fb, logits_a=za.detach().clone(), logits_b=zb.detach().clone())
     named[which][0, 0, 0, 0] = bad
-    with pytest.raises(ValueError, match=f"{which} contains NaN or Inf"):
+    with pytest.raises(ValueError, match=rf"{which} contains NaN or \+?Inf"):
         _call(*named.values(), shifts=(1,))
     # the check can be switched off for speed
     IDDCLoss(backend="streaming", check_finite=False, **HYPER)(*named.values(), shifts=(1,))
+
+
+def test_finite_check_costs_one_sync_and_names_the_input(monkeypatch):
+    """Valid inputs: one bool() of a device tensor (one sync), however many inputs (the
+    reference backend itself makes none)."""
+    fa, fb, za, zb = views()
+    calls = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append(1) or real_bool(t))
+    IDDCLoss(backend="reference", **HYPER)(fa, fb, za, zb, shifts=(1,))
+    monkeypatch.undo()
+    assert len(calls) == 1
+
+
+def test_feature_norm_overflow_is_refused_not_zeroed():
+    """Finite float32 features whose squares overflow would normalise to 0 (no pair selected,
+    silently): refused, naming the input; float64 computes them."""
+    fa, fb, za, zb = views()
+    with pytest.raises(ValueError, match=r"feats_b: a pixel's feature norm overflows "
+                                         r"torch.float32 \(values up to 1e\+25\)"):
+        _call(fa, fb * 0 + 1e25, za, zb, shifts=(1,))
+    big = _call(fa.double(), fb.double() * 1e25, za, zb, shifts=(1,))
+    ref = _call(fa.double(), fb.double(), za, zb, shifts=(1,))
+    torch.testing.assert_close(big.loss, ref.loss)
+
+
+def test_masked_classes_with_minus_inf_logits_are_accepted():
+    """A -inf logit (a class masked out) has probability 0; a pixel whose logits are all -inf
+    has none, and is refused."""
+    fa, fb, za, zb = views()
+    za, zb = za.detach().clone(), zb.detach().clone()
+    za[:, 0] = -math.inf
+    out = _call(fa, fb, za, zb, shifts=(1,))
+    assert torch.isfinite(out.loss)
+    za[0, :, 0, 0] = -math.inf
+    with pytest.raises(ValueError, match="logits_a contains NaN or \\+Inf, or a pixel whose "
+                                         "logits are all -Inf"):
+        _call(fa, fb, za, zb, shifts=(1,))
 
 
 def test_bad_shifts_and_batch_of_one():
@@ -234,6 +277,8 @@ def test_bad_shifts_and_batch_of_one():
     (dict(num_shifts=-1), "num_shifts must be a non-negative integer"),
     (dict(weibull_scale=0.0), "weibull_shape and weibull_scale must be positive"),
     (dict(precision="fp8"), "precision='fp8' is not known"),
+    (dict(check_finite="no"), "check_finite must be True or False, got 'no'"),
+    (dict(deterministic=1), "deterministic must be True or False, got 1"),
 ])
 def test_bad_configuration_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -116,9 +116,11 @@ def test_log_variant_with_no_pair_selected_is_not_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("above", [2e-8, "next-float"], ids=["t+2e-8", "t+ulp"])
+@pytest.mark.parametrize("above", [2e-8, 5e-9, "next-float"], ids=["t+2e-8", "t+third-ulp",
+                                                                    "t+ulp"])
 def test_negative_selection_is_exact_at_the_threshold(backend, above):
-    """f exactly 1/8, t a hair above it: f < t holds, in every backend (no 1 - f rounding)."""
+    """f exactly 1/8, t a hair above it: f < t holds, in every backend (no 1 - f rounding, and
+    no t rounded to the nearest float32, 1/8 itself, for a t a third of an ulp above it)."""
     feats = torch.ones(2, 16, 1, 1, device=DEVICE)
     feats[1, :7] = -1.0  # unit vectors whose dot across the two images is 2/16 = 0.125 exactly
     t_neg = 0.125 + above if above != "next-float" else \
@@ -131,6 +133,21 @@ def test_negative_selection_is_exact_at_the_threshold(backend, above):
     ref = iddc_loss(feats, feats.clone(), za, zb, backend="reference", **kw)
     assert out.neg_counts.tolist() == ref.neg_counts.tolist() == [2]
     torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_positive_selection_is_exact_at_the_threshold(backend, dtype):
+    """f exactly 1/8, t_pos a third of a float32 ulp below it: f > t holds (float32 rounding t
+    to nearest would give t = 1/8 and drop the pair)."""
+    feats_a = torch.ones(1, 16, 1, 1, device=DEVICE, dtype=dtype)
+    feats_b = feats_a.clone()
+    feats_b[0, :7] = -1.0  # f = (9 - 7) / 16 = 0.125 exactly
+    za = torch.zeros(1, 3, 1, 1, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = iddc_loss(feats_a, feats_b, za, za, backend=backend, shifts=(), t_pos=0.125 - 3e-9,
+                    t_neg=0.1)
+    assert int(out.pos_count) == 1
+    assert float(out.pos.detach()) == pytest.approx(0.125 * np.exp(1 - 1 / 3), rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

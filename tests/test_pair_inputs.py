@@ -105,3 +105,70 @@ def test_loss_shifts_from_an_iterator():
     loss = IDDCLoss(backend="reference")
     plain, other = loss(fa, fb, za, zb, shifts=(1, 2)), loss(fa, fb, za, zb, shifts=iter([1, 2]))
     assert other.shifts == (1, 2) and torch.equal(other.loss, plain.loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_comparison_threshold_selects_as_the_exact_threshold(dtype, seed):
+    """Every backend compares f of some dtype with t rounded by comparison_threshold: for the
+    values of that dtype around t, f < t_d and f > t_d must hold exactly when f < t, f > t do
+    with the real-valued t (torch's own rounding of a Python float to nearest does not)."""
+    from iddc.pair_inputs import comparison_threshold
+    gen = torch.Generator().manual_seed(seed)
+    ts = torch.rand(200, generator=gen, dtype=torch.float64) * 2 - 1
+    inf = torch.tensor(math.inf, dtype=dtype)
+    for t in ts.tolist() + [0.125 + 2e-8, 0.125 + 5e-9, 0.125 - 3e-9, 0.2, 0.12, -1.0, 1.0, 0.0]:
+        t_d = torch.tensor(t, dtype=torch.float64).to(dtype)
+        f = torch.stack([torch.nextafter(t_d, -inf), t_d, torch.nextafter(t_d, inf)])
+        f = torch.cat([f, torch.nextafter(f, inf), torch.nextafter(f, -inf)])
+        up, down = comparison_threshold(t, dtype, below=True), comparison_threshold(t, dtype,
+                                                                                   below=False)
+        assert torch.equal(f < up, f.double() < t), (t, up)
+        assert torch.equal(f > down, f.double() > t), (t, down)
+    assert comparison_threshold(0.1, torch.float64, below=True) == 0.1  # float64: exact already
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_mixed_dtypes_are_computed_in_the_promoted_dtype(backend):
+    """A direct call mixing float32 and float64 inputs is computed, not refused deep inside a
+    matmul, and agrees with the all-float64 reference."""
+    u_a, u_b, p_a, p_b = inputs()
+    mixed = (u_a, u_b.double(), p_a.double().requires_grad_(), p_b.requires_grad_())
+    kw = dict(t_pos=0.1, t_neg=0.05, h="exp")
+    sums, counts = BACKENDS[backend](*mixed, (1, 2), **kw)
+    wide = [t.detach().double().requires_grad_() for t in (p_a, p_b)]
+    r_sums, r_counts = reference.pair_sums(u_a.double(), u_b.double(), *wide, (1, 2), **kw)
+    assert counts.tolist() == r_counts.tolist()
+    torch.testing.assert_close(sums.double(), r_sums, rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(sums.sum(), mixed[2:])
+    r_grads = torch.autograd.grad(r_sums.sum(), wide)
+    for g, r, like in zip(grads, r_grads, mixed[2:]):
+        assert g.dtype == like.dtype
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_features_get_no_gradient(backend):
+    """u is a constant of the loss (SPEC section 2): no backend builds a graph through it."""
+    u_a, u_b, p_a, p_b = inputs()
+    u_a.requires_grad_()
+    sums, _ = BACKENDS[backend](u_a, u_b, p_a.requires_grad_(), p_b, (1,), t_pos=0.1,
+                                t_neg=0.05, h="exp")
+    sums.sum().backward()
+    assert u_a.grad is None and p_a.grad is not None
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_nan_features_select_no_pair_in_any_backend(backend):
+    """With the finite check off, a NaN feature gives NaN affinities, which select nothing
+    (f > t and f < t are false): every backend drops those pairs as the reference does."""
+    u_a, u_b, p_a, p_b = inputs()
+    u_a[1, 2, :] = math.nan
+    u_b[0, 3, 0] = math.nan
+    kw = dict(t_pos=0.1, t_neg=0.05, h="exp")
+    sums, counts = BACKENDS[backend](u_a, u_b, p_a, p_b, (1, 2), **kw)
+    r_sums, r_counts = reference.pair_sums(u_a, u_b, p_a, p_b, (1, 2), **kw)
+    assert torch.isfinite(r_sums).all()
+    assert counts.tolist() == r_counts.tolist()
+    torch.testing.assert_close(sums.double(), r_sums.double(), rtol=1e-5, atol=0)

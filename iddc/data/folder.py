@@ -131,7 +131,12 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
         label_dir = _split_dir(require_dir(label_root, "the folder of label PNGs (one "
                                            "<image stem>.png per image)"), split)
         # label PNGs must not be taken for images when they live under the image folder
+        found = len(images)
         images = [p for p in images if label_dir not in p.parents]
+        if found and not images:
+            raise LayoutError(f"every image under {image_dir} lies in the label folder "
+                              f"{label_dir}: keep the images and the label PNGs in separate "
+                              "folders (label_root is the folder of labels only)")
     if not images:
         raise LayoutError(f"no images under {image_dir}: expected image files "
                           f"({', '.join(('.jpg', '.png', '...'))})")

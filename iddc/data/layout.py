@@ -95,9 +95,14 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     """Sorted image files under `folder` whose names end with `suffix` + an image extension."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
-    found = []
+    found, seen = [], set()
     walker = os.walk(folder, followlinks=True) if recursive else [(folder, [], os.listdir(folder))]
     for dirpath, dirnames, filenames in walker:
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a linked folder already listed (a link loop would never end)
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
@@ -156,7 +161,8 @@ def open_image(path, exif_transpose: bool = False) -> Image.Image:
             if img.mode in _WIDE_MODES:
                 img = _to_8bit(img, path)
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation etc. as OSError
+    # PIL reports truncation etc. as OSError; a decompression bomb is its own Exception
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
 
 
@@ -175,7 +181,7 @@ def open_label(path) -> np.ndarray:
             arr = np.asarray(img)
     except CorruptSampleError:
         raise
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptSampleError(path, f"cannot decode label ({err})") from err
     if arr.ndim != 2:
         raise CorruptSampleError(path, f"label has shape {arr.shape}; expected H x W")
@@ -282,33 +288,39 @@ class SkipCorrupt(SegmentationSource):
         self.class_names = source.class_names
         self.has_labels = source.has_labels
         self.skipped_paths: list[str] = []  # this process only
-        self._count = multiprocessing.Value("l", 0)
+        self._corrupt = self._new_flags()
 
-    # the shared counter travels to DataLoader workers when they are started (fork, spawn or
-    # forkserver); any other copy (deepcopy, pickle to disk) gets a fresh local counter.
+    def _new_flags(self):
+        # one shared byte per sample: a sample found corrupt by any loader worker, counted once
+        # however often it is read or tried as a substitute
+        return multiprocessing.Array("b", max(len(self.source), 1), lock=False)
+
+    # the shared flags travel to DataLoader workers when they are started by the default start
+    # method's context (fork, spawn or forkserver); any other copy (deepcopy, pickle to disk)
+    # gets fresh local flags.
     def __getstate__(self):
         state = dict(self.__dict__)
         from multiprocessing import context
         if context.get_spawning_popen() is None:
-            state["_count"] = None
+            state["_corrupt"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if self._count is None:
-            self._count = multiprocessing.Value("l", 0)
+        if self._corrupt is None:
+            self._corrupt = self._new_flags()
 
     @property
     def skipped(self) -> int:
-        """Corrupt samples skipped so far, summed over this process and its loader workers."""
-        return int(self._count.value)
+        """Distinct corrupt samples found so far, over this process and its loader workers."""
+        return int(np.frombuffer(self._corrupt, dtype=np.int8).sum())
 
-    def record(self, err: CorruptSampleError) -> None:
-        """Count a corrupt sample (in the counter shared with the loader workers) and keep its
-        path; also for a caller that leaves the sample out instead (evaluation)."""
-        with self._count.get_lock():
-            self._count.value += 1
-        self.skipped_paths.append(err.path)
+    def record(self, err: CorruptSampleError, index: int) -> None:
+        """Mark sample `index` corrupt (in the flags shared with the loader workers) and keep
+        its path; also for a caller that leaves the sample out instead (evaluation)."""
+        if not self._corrupt[index]:
+            self._corrupt[index] = 1
+            self.skipped_paths.append(err.path)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -328,7 +340,7 @@ class SkipCorrupt(SegmentationSource):
             try:
                 return self.source.load(i)
             except CorruptSampleError as err:
-                self.record(err)
+                self.record(err, i)
                 warnings.warn(f"skipping {err} (substituting the next sample)", stacklevel=2)
         raise BrokenDataSetError(
             f"{min(self.max_consecutive, n)} consecutive samples from index {index} of "

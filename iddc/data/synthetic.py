@@ -9,8 +9,8 @@ colour, others in texture: the task is not separable by a single statistic. A gl
 per-image illumination change and pixel noise add overlap. Class frequencies are mildly
 imbalanced. Label maps are for evaluation only.
 
-The train and val splits use different image seeds (``seed * 1000 + split index``) and so never
-share an image. Nothing is downloaded or written to disk.
+Image ``index`` of a split is drawn from the seed sequence ``[seed, split id, index]``: the train
+and val splits never share an image. Nothing is downloaded or written to disk.
 """
 from __future__ import annotations
 
