@@ -153,7 +153,10 @@ class Config:
             if bad:
                 raise ValueError(f"unknown {f.name} config fields {sorted(bad)}; expected some of "
                                  f"{sorted(names)}")
-            kw[f.name] = typ(**sub)
+            try:
+                kw[f.name] = typ(**sub)
+            except ValueError as err:  # IDDCConfig checks its fields: say which section
+                raise ValueError(f"{f.name}.{err}") from None
         return cls(**kw)
 
     def validate(self) -> "Config":
@@ -295,6 +298,8 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+#: the section of a run's config.yaml recording what it resolved (iddc.train), not settings
+RESOLVED_SECTION = "resolved"
 _EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
@@ -320,7 +325,11 @@ def _parse_value(s: str, option: str) -> Any:
 
 def load_yaml_file(path: str) -> dict:
     """A --config file's {section: {field: value}}; ValueError naming the file if it cannot be
-    read, is not UTF-8 text or not YAML, or is not a mapping of mappings."""
+    read, is not UTF-8 text or not YAML, or is not a mapping of mappings.
+
+    A run's own config.yaml works as a --config: its "resolved" section (what the run found:
+    device, backend, K, weights) is a record, not settings, and is left out. Numbers YAML 1.1
+    leaves as text (1e-3) become floats, as on the command line."""
     try:
         with open(path, encoding="utf-8") as fh:
             loaded = yaml.safe_load(fh) or {}
@@ -336,7 +345,12 @@ def load_yaml_file(path: str) -> dict:
     for section, vals in loaded.items():
         if vals is not None and not isinstance(vals, dict):
             raise ValueError(f"config file {path}: section {section!r} must be a mapping")
-    return {section: dict(vals) for section, vals in loaded.items() if vals is not None}
+    loaded.pop(RESOLVED_SECTION, None)
+
+    def number(v):
+        return float(v) if isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v.strip()) else v
+    return {section: {k: number(v) for k, v in vals.items()} for section, vals in loaded.items()
+            if vals is not None}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

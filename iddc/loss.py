@@ -67,7 +67,8 @@ class IDDCConfig:
                              f"{PRECISIONS}")
         for name in ("check_finite", "deterministic"):
             if not isinstance(getattr(self, name), bool):  # a string "no" would count as true
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a boolean (True or False), got "
+                                 f"{getattr(self, name)!r}")
         if not is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
         self.num_shifts = int(self.num_shifts)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
-from .config import (Config, add_config_arguments, check_sliding_window, config_changes,
-                     explicit_settings, resolve_config)
+from .config import (RESOLVED_SECTION, Config, add_config_arguments, check_sliding_window,
+                     config_changes, explicit_settings, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -113,7 +113,20 @@ def make_out_dir(cfg: Config) -> str:
     return out
 
 
-def setup_logging(path: str) -> logging.Handler:
+class _EarlyRecords(logging.Handler):
+    """Keeps what is logged before the run folder exists (the start-up checks), for its
+    train.log."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging() -> _EarlyRecords:
+    """Log to stderr now, and keep the records for the run's train.log (see `log_to_file`)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
@@ -121,8 +134,18 @@ def setup_logging(path: str) -> logging.Handler:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
+    early = _EarlyRecords()
+    log.addHandler(early)
+    return early
+
+
+def log_to_file(path: str, early: _EarlyRecords) -> logging.Handler:
+    """From now on also log to `path`, starting with the records kept so far."""
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.removeHandler(early)
+    for record in early.records:
+        fh.handle(record)
     log.addHandler(fh)
     return fh
 
@@ -223,30 +246,67 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
-    """Train; returns {"out": run folder, "metrics": [...], "backend": ...}."""
+    """Train; returns {"out": run folder, "metrics": [...], "backend": ...}.
+
+    Every setting, the data set, the device, the backbone and the evaluation mode are checked
+    before the run folder is made (or, on resume, before the run's files change): a bad one
+    leaves nothing behind."""
     args = parse_args(argv)
+    t_start = time.time()
     resume = checkpoint.load(args.resume) if args.resume else None
     if resume is not None:
         cfg, changes = resolve_resumed(args, resume)
-        out = resume_out_dir(args.resume, resume, cfg, explicit_settings(args).get("train", {}))
     else:
-        cfg = resolve_config(args).validate()  # before a run folder exists
-        out = make_out_dir(cfg)
-    cfg.train.out = out
-    fh = setup_logging(os.path.join(out, "train.log"))
+        cfg = resolve_config(args).validate()
+    early = setup_logging()
+    fh = None
     try:
         if resume is not None:
-            log.info("resuming %s in %s; settings changed: %s", args.resume, out,
+            log.info("resuming %s; settings changed: %s", args.resume,
                      ", ".join(changes) or "none")
-        return _run(cfg, out, resume)
+        run = prepare(cfg, resume)
+        if resume is not None:
+            out = resume_out_dir(args.resume, resume, cfg,
+                                 explicit_settings(args).get("train", {}))
+        else:
+            out = make_out_dir(cfg)
+        cfg.train.out = out
+        fh = log_to_file(os.path.join(out, "train.log"), early)
+        return _run(cfg, out, resume, run, t_start)
     finally:
-        log.removeHandler(fh)
-        fh.close()
+        log.removeHandler(early)
+        if fh is not None:
+            log.removeHandler(fh)
+            fh.close()
 
 
-def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
-    t_start = time.time()
+def check_resumable(resume: dict, cfg: Config) -> None:
+    """Refuse a resume that has nothing left to train (it would rewrite the run's config and
+    checkpoint for nothing) or whose schedule now ends before the epochs already done."""
+    tc = cfg.train
+    done, global_step = int(resume["epoch"]), int(resume["global_step"])
+    partial = int(resume.get("step_in_epoch", 0))
+    if tc.epochs <= done:  # a partial epoch is epoch done + 1
+        state = f"{done} epochs" + (f" and {partial} steps of epoch {done + 1}" if partial else "")
+        raise ValueError(f"--resume: the run has already trained {state}; train.epochs = "
+                         f"{tc.epochs} leaves nothing to train (raise --epochs to continue it)")
+    if tc.max_steps and global_step >= tc.max_steps:
+        raise ValueError(f"--resume: the run has already made {global_step} steps and "
+                         f"train.max_steps = {tc.max_steps} (a total); raise --max-steps, or "
+                         "pass --max-steps 0 for no limit, to continue it")
+
+
+class Prepared(dict):
+    """What `prepare` built and checked (attribute access to its entries)."""
+    __getattr__ = dict.__getitem__
+
+
+def prepare(cfg: Config, resume: Optional[dict]) -> Prepared:
+    """Check and build everything a run needs, writing no file: the device, both splits, the
+    model (weights read), the loss backend and the evaluation mode."""
     tc, dc = cfg.train, cfg.data
+    if resume is not None:
+        check_resumable(resume, cfg)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
@@ -262,7 +322,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     # one K for the run, the train split's (the folder data set infers it per split)
     val_src = skip_corrupt(build_source_for(dc.dataset, k, root=dc.data_root, split="val",
                                             **{**dc.options, **dc.val_options}))
-    # before any work, while a failed start's folder may still be reused
     if len(train_src) < tc.batch_size:
         raise ValueError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_src)} "
                          "training images (an epoch only has full batches)")
@@ -298,10 +357,23 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
     loss_cfg = dict(vars(cfg.loss))
     loss_cfg["backend"] = backend
     loss_fn = IDDCLoss(**loss_cfg)
+    mode = ev.get_eval_mode(dc.eval_mode)
+    eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
+    return Prepared(device=device, train_src=train_src, val_src=val_src, k=k, model=model,
+                    weights=weights, weights_tag=weights_tag, data_config=data_config,
+                    backend=backend, loss_fn=loss_fn, mode=mode, eval_tf=eval_tf)
 
+
+def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: float) -> dict:
+    tc, dc = cfg.train, cfg.data
+    device, train_src, val_src, k, model = (run.device, run.train_src, run.val_src, run.k,
+                                            run.model)
+    weights, weights_tag, data_config = run.weights, run.weights_tag, run.data_config
+    backend, loss_fn, mode, eval_tf = run.backend, run.loss_fn, run.mode, run.eval_tf
     cfg_dict = cfg.to_dict()
-    cfg_dict["resolved"] = {"loss_backend": backend, "device": str(device), "num_classes": k,
-                            "backbone_weights": weights, "normalisation": data_config}
+    cfg_dict[RESOLVED_SECTION] = {"loss_backend": backend, "device": str(device),
+                                  "num_classes": k, "backbone_weights": weights,
+                                  "normalisation": data_config}
     import yaml
     header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n" \
         if weights_tag == "random-init" else ""
@@ -333,17 +405,20 @@ def _run(cfg: Config, out: str, resume: Optional[dict]) -> dict:
         checkpoint.set_rng_state(resume["rng"], shift_gen)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         start_skip = int(resume.get("step_in_epoch", 0))
-        # the poly factor of the (possibly extended, --epochs) schedule at the resumed epoch
-        for group, base in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base * poly_factor(min(start_epoch, tc.epochs), tc.epochs,
-                                             tc.poly_power)
+        # this command's learning rates (the saved state holds the old ones), at the poly factor
+        # of the (possibly extended, --epochs) schedule at the resumed epoch
+        bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
+        sched.base_lrs = bases
+        factor = poly_factor(min(start_epoch, tc.epochs), tc.epochs, tc.poly_power)
+        for group, base in zip(opt.param_groups, bases):
+            group["initial_lr"] = base
+            group["lr"] = base * factor
+        for group in probe_opt.param_groups:
+            group["lr"] = tc.probe_lr
         history = list(resume.get("metrics", []))
         log.info("resumed from epoch %d%s (step %d)", start_epoch,
                  f", step {start_skip} of epoch {start_epoch + 1}" if start_skip else "",
                  global_step)
-
-    mode = ev.get_eval_mode(dc.eval_mode)
-    eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
 
     cache = ev.FeatureCache(dc.eval_feature_cache_mb) \
         if cfg.model.freeze_backbone and dc.eval_feature_cache_mb > 0 else None

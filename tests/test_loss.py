@@ -277,8 +277,8 @@ def test_bad_shifts_and_batch_of_one():
     (dict(num_shifts=-1), "num_shifts must be a non-negative integer"),
     (dict(weibull_scale=0.0), "weibull_shape and weibull_scale must be positive"),
     (dict(precision="fp8"), "precision='fp8' is not known"),
-    (dict(check_finite="no"), "check_finite must be True or False, got 'no'"),
-    (dict(deterministic=1), "deterministic must be True or False, got 1"),
+    (dict(check_finite="no"), r"check_finite must be a boolean \(True or False\), got 'no'"),
+    (dict(deterministic=1), r"deterministic must be a boolean \(True or False\), got 1"),
 ])
 def test_bad_configuration_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -157,9 +157,12 @@ def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, 
     with pytest.raises(ValueError, match=r"data.crop_size \(20\) must be a multiple of the "
                                          "backbone's patch size 8"):
         train.main(["--config", tiny_yaml, "--out", str(out), "--crop-size", "20"])
-    assert set(os.listdir(out)) <= train.START_FILES
-    failed_log = (out / "train.log").read_text()
-    assert "RANDOMLY INITIALISED" in failed_log
+    assert not out.exists()  # checked before the run folder is made: nothing left behind
+    # a start that stopped later (killed during the k-means baseline) left its marker and log
+    out.mkdir()
+    (out / train.STARTING_MARKER).write_text("starting\n")
+    failed_log = "2026-12-01 an earlier start, killed\n"
+    (out / "train.log").write_text(failed_log)
     res = train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1",
                       "--kmeans-baseline", "false", "--vis-images", "0"])
     assert res["out"] == str(out) and (out / "last.pt").exists()

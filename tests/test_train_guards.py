@@ -434,13 +434,14 @@ def test_sliding_window_must_be_a_multiple_of_the_patch_size(tmp_path, tiny_yaml
 
 
 # ------------------------------------- 21: batch size checked before any work, marker kept
-def test_batch_size_beyond_the_data_fails_first_and_the_folder_is_reused(tmp_path, tiny_yaml):
+def test_batch_size_beyond_the_data_fails_before_the_run_folder_is_made(tmp_path, tiny_yaml):
     out = tmp_path / "bs100"
     with pytest.raises(ValueError, match=r"train.batch_size \(100\) exceeds the 8 training "
                                          "images"):
         train.main(["--config", tiny_yaml, "--out", str(out), "--batch-size", "100"])
-    # no k-means baseline or evaluation ran (no metrics.json), and the folder is reusable
-    assert set(os.listdir(out)) == {train.STARTING_MARKER, "train.log"}
+    # checked before the run folder is made: no k-means baseline or evaluation ran, and
+    # nothing is left behind
+    assert not out.exists()
     res = train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
     assert res["out"] == str(out) and (out / "last.pt").exists()
 
@@ -484,3 +485,65 @@ def test_error_in_a_dataloader_worker_is_one_line(capsys):
     assert err == ("iddc.train: error: folder val: label 3.png: ids 300: not class ids "
                    "(in DataLoader worker process 0)\n")
     assert cli.message(ValueError("Caught nothing special")) == "Caught nothing special"
+
+
+# ------------------------------------------------ resume: what it applies, what it refuses
+def test_resume_trains_with_this_commands_learning_rates(run_copy):
+    """--lr and --probe-lr given with --resume are the rates epoch 2 trains with (the saved
+    optimiser state holds the old ones), at epoch 2's poly factor."""
+    seen = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(round(opt.param_groups[0]["lr"], 12)))
+    try:
+        resume(run_copy / "last.pt", "--lr", "0.1", "--probe-lr", "0.5")
+    finally:
+        hook.remove()
+    factor = (1 - 1 / 2) ** 0.9  # epoch 2 of 2, poly power 0.9
+    assert sorted(set(seen)) == [round(0.1 * factor, 12), 0.5]
+    ckpt = saved_checkpoint(run_copy)
+    assert ckpt["scheduler"]["base_lrs"] == [0.1]
+    assert ckpt["config"]["train"]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "1", "--max-steps", "0"], r"the run has already trained 1 epochs; "
+                                            r"train.epochs = 1 leaves nothing to train"),
+    ([], r"the run has already made 2 steps and train.max_steps = 2 \(a total\); raise "
+         r"--max-steps, or pass --max-steps 0"),
+    (["--max-steps", "0", "--eval-mode", "bogus"], "eval mode 'bogus'"),
+], ids=["epochs-done", "max-steps-reached", "bad-eval-mode"])
+def test_a_refused_resume_leaves_the_run_untouched(run_copy, flags, message):
+    """Refused before any file of the run changes: config.yaml, last.pt and train.log stay
+    byte for byte (the saved max_steps of 2 is reached: a resume without --max-steps would
+    train a step past it)."""
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match=message):
+        train.main(["--resume", str(run_copy / "last.pt"), *flags])
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data-option", "bogus=1"], "bogus"),
+    (["--dataset", "bogus"], "bogus"),
+    (["--eval-mode", "bogus"], "eval mode 'bogus'"),
+    (["--crop-size", "20"], r"data.crop_size \(20\) must be a multiple"),
+], ids=["data-option", "dataset", "eval-mode", "crop-size"])
+def test_a_bad_start_leaves_no_run_folder(tmp_path, tiny_yaml, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train.main(["--config", tiny_yaml, *flags] + QUICK)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_runs_config_yaml_is_a_valid_config(run_copy, tmp_path):
+    """A run's own config.yaml starts a new run (its "resolved" record is not settings), and
+    YAML numbers such as 1e-3 (text to YAML 1.1) are numbers, as on the command line."""
+    from iddc.config import load_yaml_file
+    res = train.main(["--config", str(run_copy / "config.yaml"), "--out", str(tmp_path / "again"),
+                      "--epochs", "1"] + QUICK)
+    assert (tmp_path / "again" / "last.pt").exists() and res["out"] == str(tmp_path / "again")
+    path = tmp_path / "exp.yaml"
+    path.write_text("train: {lr: 1e-3, probe_lr: 5E-4, name: run-1e3}\n")
+    assert load_yaml_file(str(path)) == {"train": {"lr": 1e-3, "probe_lr": 5e-4,
+                                                   "name": "run-1e3"}}
