@@ -439,6 +439,12 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
             base.setdefault("train", {}).update(TRAIN_PRESETS.get(preset, {}))
     for section, vals in explicit.items():
         base.setdefault(section, {}).update(vals)
+    given_backend = explicit.get("loss", {}).get("backend")
+    if given_backend is not None and "fused" in explicit.get("train", {}) and \
+            bool(explicit["train"]["fused"]) != (given_backend != "reference"):
+        raise ValueError(f"--fused {explicit['train']['fused']} and loss.backend "
+                         f"{given_backend!r} contradict each other (--fused means a fused "
+                         "backend, 'auto'); give one of them")
     if "backend" not in explicit.get("loss", {}) and \
             (saved is None or "fused" in explicit.get("train", {})):
         fused = base.get("train", {}).get("fused", TrainConfig.fused)

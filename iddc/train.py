@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -226,7 +228,19 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
         raise ValueError(f"this checkpoint stopped {skip} steps into an epoch with batch size "
                          f"{saved_batch}; resume it with that batch size (a new --batch-size "
                          "applies from an epoch boundary)")
+    # the rest of a stopped epoch is its order's unseen part: a new seed or training set would
+    # draw another order, repeating some images and never showing others
+    of_order = [c for c in changes if c.split(" ", 1)[0] in ORDER_FIELDS]
+    if skip and of_order:
+        raise ValueError(f"this checkpoint stopped {skip} steps into an epoch; resume it with "
+                         f"the same order of training images ({'; '.join(of_order)} would "
+                         "change it): these settings can change from an epoch boundary")
     return cfg, changes
+
+
+#: the settings that fix an epoch's order of training images
+ORDER_FIELDS = ("train.seed", "data.dataset", "data.data_root", "data.options",
+                "data.train_options")
 
 
 RESUME_HELP = """continue the run of this checkpoint. Settings given now (flags, --set,
@@ -294,6 +308,47 @@ def check_resumable(resume: dict, cfg: Config) -> None:
         raise ValueError(f"--resume: the run has already made {global_step} steps and "
                          f"train.max_steps = {tc.max_steps} (a total); raise --max-steps, or "
                          "pass --max-steps 0 for no limit, to continue it")
+
+
+class GracefulInterrupt:
+    """Ctrl-C (SIGINT) during training: the step in progress finishes, last.pt is saved as a
+    mid-epoch stop (so --resume continues exactly), then the run stops; a second Ctrl-C stops
+    at once. Only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> "GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True  # no logging here: a signal handler may interrupt the logger
+
+
+def batches_until(loader, interrupt: GracefulInterrupt):
+    """The loader's batches, ending early once a Ctrl-C was asked for. The terminal's SIGINT
+    also ends the loader's workers, so a fetch failing after it is that stop, not an error."""
+    it = iter(loader)
+    while not interrupt.requested:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if interrupt.requested:
+                return
+            raise
+        yield batch
 
 
 class Prepared(dict):
@@ -467,98 +522,111 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         os.remove(marker)
 
     stop, last_eval = False, None
-    for epoch in range(start_epoch, tc.epochs):
-        if end_to_end:
-            model.set_backbone_frozen(epoch < 0.4 * tc.epochs or epoch >= 0.8 * tc.epochs)
-        model.train()
-        dataset.epoch = epoch
-        # a run stopped mid-epoch continues with the very batches it had not yet seen
-        skip = start_skip if epoch == start_epoch else 0
-        order = epoch_order(len(dataset), tc.seed, epoch)[skip * tc.batch_size:]
-        # its own generator: a loader draws a base seed when iterated, which must not come
-        # from (and shift) the global RNG that dropout uses, or a resumed run would diverge
-        loader_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
-                                             drop_last=True, num_workers=dc.num_workers,
-                                             pin_memory=device.type == "cuda",
-                                             generator=loader_gen)
-        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
-        n_steps, n_images, t0 = 0, 0, time.time()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                   # None: no bar when stderr is not a terminal (CI logs, nohup)
-                   disable=None if tc.progress else True, dynamic_ncols=True, file=sys.stderr) \
-            if tqdm else None
-        for xa, xb, la, lb in loader:
-            xa, xb, la, lb = (t.to(device, non_blocking=True) for t in (xa, xb, la, lb))
-            b = xa.shape[0]
-            feats = model.features(torch.cat([xa, xb]))
-            inter, logits, probe = model.heads(feats)
-            out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:], generator=shift_gen)
-            opt.zero_grad(set_to_none=True)
-            out_loss.loss.backward()
-            opt.step()
-            labels = torch.cat([la, lb])
-            probe_up = F.interpolate(probe, size=labels.shape[-2:], mode="bilinear",
-                                     align_corners=True)
-            if bool((labels != IGNORE_INDEX).any()):
-                ce = F.cross_entropy(probe_up, labels, ignore_index=IGNORE_INDEX)
-                probe_opt.zero_grad(set_to_none=True)
-                ce.backward()
-                probe_opt.step()
-                sums["probe_ce"] += float(ce.detach())
-            for key in ("loss", "pos", "neg", "reg"):
-                sums[key] += float(getattr(out_loss, key).detach())
-            n_steps += 1
-            n_images += b
-            global_step += 1
+    interrupt = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, then stop
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            if end_to_end:
+                model.set_backbone_frozen(epoch < 0.4 * tc.epochs or epoch >= 0.8 * tc.epochs)
+            model.train()
+            dataset.epoch = epoch
+            # a run stopped mid-epoch continues with the very batches it had not yet seen
+            skip = start_skip if epoch == start_epoch else 0
+            order = epoch_order(len(dataset), tc.seed, epoch)[skip * tc.batch_size:]
+            # its own generator: a loader draws a base seed when iterated, which must not come
+            # from (and shift) the global RNG that dropout uses, or a resumed run would diverge
+            loader_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=order,
+                                                 drop_last=True, num_workers=dc.num_workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 generator=loader_gen)
+            sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
+            n_steps, n_images, t0 = 0, 0, time.time()
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                       # None: no bar when stderr is not a terminal (CI logs, nohup)
+                       disable=None if tc.progress else True, dynamic_ncols=True, file=sys.stderr) \
+                if tqdm else None
+            for xa, xb, la, lb in batches_until(loader, interrupt):
+                xa, xb, la, lb = (t.to(device, non_blocking=True) for t in (xa, xb, la, lb))
+                b = xa.shape[0]
+                feats = model.features(torch.cat([xa, xb]))
+                inter, logits, probe = model.heads(feats)
+                out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
+                                   generator=shift_gen)
+                opt.zero_grad(set_to_none=True)
+                out_loss.loss.backward()
+                opt.step()
+                labels = torch.cat([la, lb])
+                probe_up = F.interpolate(probe, size=labels.shape[-2:], mode="bilinear",
+                                         align_corners=True)
+                if bool((labels != IGNORE_INDEX).any()):
+                    ce = F.cross_entropy(probe_up, labels, ignore_index=IGNORE_INDEX)
+                    probe_opt.zero_grad(set_to_none=True)
+                    ce.backward()
+                    probe_opt.step()
+                    sums["probe_ce"] += float(ce.detach())
+                for key in ("loss", "pos", "neg", "reg"):
+                    sums[key] += float(getattr(out_loss, key).detach())
+                n_steps += 1
+                n_images += b
+                global_step += 1
+                if bar is not None:
+                    ips = n_images / max(time.time() - t0, 1e-9)
+                    avg = {k_: v / n_steps for k_, v in sums.items()}
+                    bar.set_postfix(loss=f"{avg['loss']:.4f}", pos=f"{avg['pos']:.3f}",
+                                    neg=f"{avg['neg']:.3f}", reg=f"{avg['reg']:.3f}",
+                                    img_s=f"{ips:.1f}")
+                    bar.update(1)
+                if tc.max_steps and global_step >= tc.max_steps:
+                    stop = True
+                    break
             if bar is not None:
-                ips = n_images / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}", pos=f"{sums['pos'] / n_steps:.3f}",
-                                neg=f"{sums['neg'] / n_steps:.3f}", reg=f"{sums['reg'] / n_steps:.3f}",
-                                img_s=f"{ips:.1f}")
-                bar.update(1)
-            if tc.max_steps and global_step >= tc.max_steps:
-                stop = True
+                bar.close()
+            mid_epoch = skip + n_steps < steps_per_epoch
+            if not mid_epoch:
+                sched.step()
+            seconds = time.time() - t0
+            train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
+            train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
+                               seconds=round(seconds, 2), lr=opt.param_groups[0]["lr"])
+            log.info("epoch %d: %s", epoch + 1, train_stats)
+            if train_src.skipped or val_src.skipped:
+                log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
+                            train_src.skipped, val_src.skipped)
+            stop = stop or interrupt.requested
+            if interrupt.requested:
+                pass  # no evaluation: the user asked to stop; the checkpoint below keeps the step
+            elif not labelled_val:
+                history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
+            elif (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
+                res = run_eval(keep=tc.vis_images)
+                last_eval = res
+                extra = {"train": train_stats}
+                if mid_epoch:
+                    extra["partial_epoch"] = {"steps_done": skip + n_steps, "of": steps_per_epoch}
+                history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
+                log.info(ev.summary_line(f"epoch {epoch + 1}", res))
+            write_json(os.path.join(out, "metrics.json"), history)
+            checkpoint.save_atomic({
+                "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
+                "class_names": list(train_src.class_names) if train_src.class_names else None,
+                "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
+                "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
+                "scheduler": sched.state_dict(), "global_step": global_step,
+                # a stop mid-epoch records the steps done, so --resume finishes that epoch
+                "epoch": epoch if mid_epoch else epoch + 1,
+                "step_in_epoch": skip + n_steps if mid_epoch else 0,
+                "rng": checkpoint.rng_state(shift_gen), "metrics": history,
+                # proves on --resume that this folder is the run's own (train.not_own_last_pt)
+                "run_folder": os.path.abspath(out),
+                "loss_backend": backend}, os.path.join(out, "last.pt"))
+            if stop:
                 break
-        if bar is not None:
-            bar.close()
-        mid_epoch = skip + n_steps < steps_per_epoch
-        if not mid_epoch:
-            sched.step()
-        seconds = time.time() - t0
-        train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
-        train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
-                           seconds=round(seconds, 2), lr=opt.param_groups[0]["lr"])
-        log.info("epoch %d: %s", epoch + 1, train_stats)
-        if train_src.skipped or val_src.skipped:
-            log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
-                        train_src.skipped, val_src.skipped)
-        if not labelled_val:
-            history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
-        elif (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
-            res = run_eval(keep=tc.vis_images)
-            last_eval = res
-            extra = {"train": train_stats}
-            if mid_epoch:
-                extra["partial_epoch"] = {"steps_done": skip + n_steps, "of": steps_per_epoch}
-            history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
-            log.info(ev.summary_line(f"epoch {epoch + 1}", res))
-        write_json(os.path.join(out, "metrics.json"), history)
-        checkpoint.save_atomic({
-            "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
-            "class_names": list(train_src.class_names) if train_src.class_names else None,
-            "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
-            "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
-            "scheduler": sched.state_dict(), "global_step": global_step,
-            # a stop mid-epoch records the steps done, so --resume finishes that epoch
-            "epoch": epoch if mid_epoch else epoch + 1,
-            "step_in_epoch": skip + n_steps if mid_epoch else 0,
-            "rng": checkpoint.rng_state(shift_gen), "metrics": history,
-            # proves on --resume that this folder is the run's own (train.not_own_last_pt)
-            "run_folder": os.path.abspath(out),
-            "loss_backend": backend}, os.path.join(out, "last.pt"))
-        if stop:
-            break
+    finally:
+        interrupt.uninstall()
+    if interrupt.requested:
+        log.warning("interrupted: %s holds the run at step %d; continue it with --resume %s",
+                    os.path.join(out, "last.pt"), global_step, os.path.join(out, "last.pt"))
+        raise KeyboardInterrupt
 
     final = last_eval if last_eval is not None or not labelled_val \
         else run_eval(keep=tc.vis_images)

@@ -547,3 +547,58 @@ def test_a_runs_config_yaml_is_a_valid_config(run_copy, tmp_path):
     path.write_text("train: {lr: 1e-3, probe_lr: 5E-4, name: run-1e3}\n")
     assert load_yaml_file(str(path)) == {"train": {"lr": 1e-3, "probe_lr": 5e-4,
                                                    "name": "run-1e3"}}
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_yaml,
+                                                               monkeypatch):
+    """SIGINT in the middle of a step (epoch 2's first): the step finishes, last.pt is saved as
+    a mid-epoch stop without an evaluation, the run ends with KeyboardInterrupt (the CLI's exit
+    130), and --resume then ends with the very weights of an uninterrupted run."""
+    import signal
+
+    from iddc.loss import IDDCLoss
+    full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
+    real_forward, calls = IDDCLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # 2 steps an epoch: the first of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    cut = saved_checkpoint(out)
+    assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (3, 1, 1)
+    assert [e["epoch"] for e in cut["metrics"] if e["kind"] == "iddc"] == [1]  # no eval of it
+    assert "continue it with --resume" in (out / "train.log").read_text()
+    resume(out / "last.pt")
+    a, b = saved_checkpoint(full["out"]), saved_checkpoint(out)
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_a_mid_epoch_resume_keeps_the_epochs_image_order(tmp_path, tiny_yaml):
+    """Stopped 1 step into epoch 1: a new seed (or training set) would draw another order for
+    the rest of the epoch, so it is refused; from an epoch boundary it is allowed."""
+    out = tmp_path / "mid"
+    train.main(["--config", tiny_yaml, "--out", str(out), "--max-steps", "1"] + QUICK)
+    before = snapshot(out)
+    for flags in (["--seed", "7"], ["--data-option", "num_images=6"]):
+        with pytest.raises(ValueError, match="stopped 1 steps into an epoch; resume it with the "
+                                             "same order of training images"):
+            train.main(["--resume", str(out / "last.pt"), "--max-steps", "0", *flags])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("flags", [["--fused", "--set", "loss.backend=reference"],
+                                   ["--fused", "false", "--set", "loss.backend=streaming"]],
+                         ids=["fused-reference", "unfused-streaming"])
+def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tiny_yaml, flags):
+    with pytest.raises(ValueError, match="contradict each other"):
+        train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()
