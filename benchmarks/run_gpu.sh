@@ -87,7 +87,7 @@ p.multi_processor_count)" || true
     # the rest of the suite tests CPU behaviour (CLIs, data, files): CI runs it
     step tests 90 "$budget" "$py" -m pytest "${workers[@]}" -q -p no:cacheprovider --durations=15 \
       --junitxml "$out/tests.xml" tests/test_triton_pair_sums.py tests/test_train_fused.py \
-      tests/test_loss_edge_cases.py tests/test_streaming.py
+      tests/test_loss_edge_cases.py tests/test_streaming.py tests/test_pair_inputs.py
   }
   rest() {
     local deselect=()
