@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -89,24 +90,95 @@ def rng_state(shift_generator: torch.Generator) -> dict:
             "python": random.getstate(), "shift_generator": shift_generator.get_state()}
 
 
-def set_rng_state(state: dict, shift_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
-                         has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    shift_generator.set_state(state["shift_generator"])
+def set_rng_state(state: dict, shift_generator: torch.Generator,
+                  path: str = "the checkpoint") -> None:
+    """Restore :func:`rng_state`'s ``state``; CheckpointError naming ``path`` (the checkpoint
+    it came from) if it is not such a state."""
+    try:
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                             has_gauss, cached))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        shift_generator.set_state(state["shift_generator"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its \"rng\" entry is not the random state "
+                              f"an IDDC run saves ({type(err).__name__}: {err})") from err
+
+
+def require(ckpt: dict, path: str, *keys: str) -> None:
+    """CheckpointError naming ``path`` and every one of ``keys`` that ``ckpt`` lacks (a file
+    with the right format tag can still be cut down or edited)."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(map(repr, missing))} "
+                              f"entr{'y' if len(missing) == 1 else 'ies'}: it is incomplete or "
+                              "not written by iddc.train")
 
 
 def load_model(path: str, device="cpu"):
-    """(IDDCModel in eval mode, Config, checkpoint dict) rebuilt from a checkpoint alone."""
+    """(IDDCModel in eval mode, Config, checkpoint dict) rebuilt from a checkpoint alone;
+    CheckpointError naming ``path`` if its config, classes and weights do not make a model."""
     from .config import Config
     from .models import build_model
 
     ckpt = load(path)
-    cfg = Config.from_dict(ckpt["config"])
-    # every tensor is in the checkpoint: a bare backbone, no weights read or fetched
-    model, _ = build_model(cfg.model, ckpt["num_classes"], load_weights=False)
-    model.load_state_dict(ckpt["model"])
+    require(ckpt, path, "config", "num_classes", "model")
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+        # every tensor is in the checkpoint: a bare backbone, no weights read or fetched
+        model, _ = build_model(cfg.model, int(ckpt["num_classes"]), load_weights=False)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its config and number of classes do not "
+                              f"make a model ({type(err).__name__}: {err})") from err
+    load_weights(model, ckpt, path)
     return model.to(device).eval(), cfg, ckpt
+
+
+def load_weights(model, ckpt: dict, path: str) -> None:
+    """The checkpoint's "model" tensors into ``model``; CheckpointError naming ``path`` if they
+    are not a model's tensors or do not fit its config."""
+    state = ckpt["model"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path}: its \"model\" entry is a "
+                              f"{type(state).__name__}, not a model's tensors")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its weights do not match its model config "
+                              f"({_state_mismatch(model.state_dict(), state) or err})") from err
+
+
+def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer,
+                        scheduler) -> None:
+    """A resumed run's weights, optimiser states and schedule; CheckpointError naming ``path``
+    if an entry does not fit this run's (an edited or foreign checkpoint)."""
+    load_weights(model, ckpt, path)
+    for name, target in (("optimizer", optimizer), ("probe_optimizer", probe_optimizer),
+                         ("scheduler", scheduler)):
+        try:
+            target.load_state_dict(ckpt[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path}: its {name!r} entry does not fit this "
+                                  f"run's ({type(err).__name__}: {err})") from err
+
+
+def _state_mismatch(expected: Mapping, state: Mapping) -> str:
+    """A short account of how ``state`` differs from ``expected`` (load_state_dict's own
+    message lists every key, hundreds of lines for a changed depth); "" if it does not."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) !=
+              tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, e.g. {k}: "
+                     f"{list(getattr(state[k], 'shape', ()))} in the file, "
+                     f"{list(expected[k].shape)} for the config")
+    return "; ".join(parts)

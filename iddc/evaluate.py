@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from . import metrics
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
-from .inference import check_at_least, check_window, sliding_predict_fn
+from .inference import (MAX_TOKENS, ImageTooLargeError, check_at_least, check_window,
+                        sliding_predict_fn, token_count)
 
 log = logging.getLogger("iddc")
 
@@ -51,6 +52,8 @@ def predict_whole(model, images: torch.Tensor, feats: Optional[torch.Tensor] = N
 
 #: predict_fns that accept ``feats=`` (so evaluate may serve them cached backbone features)
 predict_whole.accepts_feats = True
+#: predict_fns that run the backbone on the whole image at once (bounded by MAX_TOKENS)
+predict_whole.whole_image = True
 
 
 class FeatureCache:
@@ -135,6 +138,33 @@ def load_or_skip(source, index: int, skipped: Optional[list] = None):
         return None
 
 
+def sample_name(source, index: int) -> str:
+    """Sample ``index`` as a user knows it: its image file where the source has one."""
+    inner = source.source if isinstance(source, SkipCorrupt) else source
+    path = getattr(inner, "path", None)
+    try:
+        return str(path(index)) if callable(path) else f"sample {inner.name(index)}"
+    except Exception:  # a name is only for the message
+        return f"sample {index}"
+
+
+def check_whole_image(source, index: int, x: torch.Tensor, patch_size: Optional[int]) -> None:
+    """ImageTooLargeError naming sample ``index`` when its resized input ``x`` (... x H x W)
+    is more than MAX_TOKENS backbone tokens: one forward pass of it would hang or run out of
+    memory (an extreme aspect ratio: the shorter-side resize has no bound on the long side)."""
+    if not patch_size:
+        return
+    h, w = x.shape[-2:]
+    tokens = token_count(int(h), int(w), int(patch_size))
+    if tokens > MAX_TOKENS:
+        raise ImageTooLargeError(
+            f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
+            f"eval size) it would be {tokens} backbone tokens of {patch_size} px patches in one "
+            f"forward pass, more than the limit of {MAX_TOKENS} (attention's time and memory "
+            "grow with their square); evaluate with --eval-mode sliding (bounded windows) or a "
+            "smaller --eval-size, or leave the image out")
+
+
 def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
                     skipped: Optional[list] = None):
     """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images
@@ -178,7 +208,10 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     samples, skipped = [], []
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
+        whole = getattr(predict_fn, "whole_image", False)
         for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped):
+            if whole:  # a batch holds one size: its first image names it
+                check_whole_image(source, idx[0], x, getattr(model, "patch_size", None))
             x = x.to(device)
             if use_cache:
                 feats = cache.get(tuple(idx), lambda: model.features(x))
@@ -331,10 +364,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-mode", default=None, help="default: the run's data.eval_mode")
     ap.add_argument("--eval-size", type=int, default=None)
-    ap.add_argument("--window", type=int, default=None, help="sliding window (px); default: "
-                    "the run's data.sliding_window")
-    ap.add_argument("--stride", type=int, default=None, help="sliding stride (px); default: "
-                    "the run's data.sliding_stride")
+    ap.add_argument("--window", type=int, default=None, help="sliding window (px; sliding eval "
+                    "mode only); default: the run's data.sliding_window")
+    ap.add_argument("--stride", type=int, default=None, help="sliding stride (px; sliding eval "
+                    "mode only); default: the run's data.sliding_stride")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                     help="data-set factory option (repeatable), over the run's own; e.g. "
@@ -354,6 +387,12 @@ def main(argv=None) -> dict:
         check_outputs([args.json], [args.checkpoint], "--json", args.overwrite)
     if args.eval_mode:
         cfg.data.eval_mode = args.eval_mode
+    unused = [flag for flag, value in (("--window", args.window), ("--stride", args.stride))
+              if value is not None]
+    if unused and cfg.data.eval_mode != "sliding":  # a flag that does nothing: refused
+        raise ValueError(f"{' and '.join(unused)} only appl{'y' if len(unused) > 1 else 'ies'} "
+                         f"to the sliding eval mode; this evaluation's mode is "
+                         f"{cfg.data.eval_mode!r} (add --eval-mode sliding)")
     if args.eval_size is not None:
         cfg.data.eval_size = args.eval_size
     if args.window is not None:

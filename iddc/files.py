@@ -14,7 +14,9 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     half-written file. ``replace=False``: never over a file that exists by then (one another
     process wrote after our checks), a FileExistsError naming it instead; the move is then a
     hard link, which fails on an existing name, where the file system has them. An OSError of
-    the writing itself (a full disk) names no file; it is raised again naming ``path``."""
+    the writing itself (a full disk) names no file; it is raised again naming ``path``, also
+    when ``write`` turned it into another error (torch.save's zip writer raises a RuntimeError
+    "unexpected pos" with the OSError as its context)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
@@ -30,9 +32,24 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
-            raise OSError(err.errno, err.strerror, path) from err
+        cause = _os_error_of(err)
+        if cause is not None and cause.filename in (None, tmp):
+            raise OSError(cause.errno, cause.strerror, path) from err
         raise
+
+
+def _os_error_of(err: BaseException):
+    """The OSError with an errno behind ``err``: ``err`` itself, or for another Exception the
+    first OSError in its chain (its cause, or the context it was raised in); else None. An
+    OSError without an errno (a message of our own, e.g. FileExistsError "appeared") is final."""
+    seen = set()
+    while isinstance(err, Exception) and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err if err.errno is not None else None
+        seen.add(id(err))
+        err = err.__cause__ if err.__cause__ is not None else \
+            (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 def _move_exclusive(tmp: str, path: str) -> None:

@@ -10,7 +10,8 @@ resize   the image is resized so that its shorter side is `short_side` (320, the
          default; both sides rounded to a multiple of `multiple`, the patch size), the model
          runs once, the logits are upsampled bilinearly (align_corners=True) to the output
          size; probabilities = softmax of those upsampled logits. Images that resize to the
-         same shape are batched together.
+         same shape are batched together. An image that would resize to more than
+         MAX_TOKENS patches (an extreme aspect ratio) is refused: ImageTooLargeError.
 sliding  the image is (optionally, `short_side`) resized, then covered by `window` x `window`
          windows every `stride` px (224 and 224 - 75 = 149: 75 px overlap; windows under 224 px
          default to a third of overlap instead; the last window in
@@ -37,6 +38,14 @@ MODES = ("resize", "sliding")
 DEFAULT_SHORT_SIDE = 320
 DEFAULT_WINDOW = 224
 DEFAULT_OVERLAP = 75
+#: the most backbone tokens (patches) a resize-mode image may hold: 128 x 128 patches, e.g.
+#: 1024 x 1024 px at patch 8 or 320 x 3272 px (an aspect ratio of 10) at the default shorter
+#: side. Global attention's time and memory grow with the square of the tokens (16384 tokens:
+#: a 1 GiB float32 score map per head and block unless fused), and the shorter-side resize has
+#: no bound on the long side: a 10 x 4000 px strip would become 320 x 128000 px, 640000
+#: tokens, which hangs or runs out of memory. Sliding mode runs bounded windows instead (its
+#: sums still hold K values per resized pixel: memory grows with the area).
+MAX_TOKENS = 16384
 
 Heads = Optional[Union[str, Sequence[str]]]
 
@@ -92,6 +101,27 @@ def resized_shape(height: int, width: int, short_side: Optional[int], multiple: 
     h = max(multiple, int(round(height * scale / multiple)) * multiple)
     w = max(multiple, int(round(width * scale / multiple)) * multiple)
     return h, w
+
+
+class ImageTooLargeError(ValueError):
+    """An image that would hold more than MAX_TOKENS backbone tokens in one forward pass."""
+
+
+def token_count(height: int, width: int, multiple: int) -> int:
+    """Backbone tokens of an H x W input cut into `multiple` px patches."""
+    return -(-height // multiple) * -(-width // multiple)
+
+
+def largest_short_side(height: int, width: int, multiple: int,
+                       max_tokens: int = MAX_TOKENS) -> Optional[int]:
+    """The largest shorter side that resizes an H x W image to at most `max_tokens` tokens
+    (None if none does)."""
+    ratio = max(height, width) / min(height, width)
+    side = int(multiple * (max_tokens / ratio) ** 0.5) + multiple
+    while side >= 1 and token_count(*resized_shape(height, width, side, multiple),
+                                    multiple) > max_tokens:
+        side -= 1
+    return side if side >= 1 else None
 
 
 def _resize_image(x: torch.Tensor, size) -> torch.Tensor:
@@ -155,7 +185,8 @@ class Predictor:
                  stride: Optional[int] = None, batch_size: int = 16,
                  multiple: Optional[int] = None, heads: Heads = None,
                  device: Union[None, str, torch.device] = None,
-                 amp_dtype: Optional[torch.dtype] = None, max_elements: int = 1 << 26):
+                 amp_dtype: Optional[torch.dtype] = None, max_elements: int = 1 << 26,
+                 max_tokens: int = MAX_TOKENS):
         if mode not in MODES:
             raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
         self.model = model
@@ -175,6 +206,27 @@ class Predictor:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.amp_dtype = amp_dtype
         self.max_elements = int(max_elements)
+        self.max_tokens = int(max_tokens)
+
+    def check_size(self, height: int, width: int) -> None:
+        """ImageTooLargeError unless an H x W image fits in one forward pass of at most
+        `max_tokens` tokens (resize mode; sliding windows always fit)."""
+        if self.mode != "resize":
+            return
+        h, w = resized_shape(height, width, self.short_side, self.multiple)
+        tokens = token_count(h, w, self.multiple)
+        if tokens <= self.max_tokens:
+            return
+        side = largest_short_side(height, width, self.multiple, self.max_tokens)
+        resized = f"resized to {h} x {w} px (shorter side {self.short_side})" \
+            if self.short_side is not None else "at its own size"
+        fix = (f"use --short-side {side} or less, or --mode sliding" if side else
+               "use --mode sliding")
+        raise ImageTooLargeError(
+            f"image of {height} x {width} px (H x W) {resized} would be {tokens} backbone "
+            f"tokens of {self.multiple} px patches in one forward pass, more than the limit of "
+            f"{self.max_tokens} (attention's time and memory grow with their square); {fix} "
+            f"(bounded windows; its memory still grows with the resized image's area)")
 
     # ------------------------------------------------------------------ model call
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -274,6 +326,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ modes
     def _resize_mode(self, images, dev) -> dict:
+        for im in images:  # before any work: one forward pass per image
+            self.check_size(im.shape[-2], im.shape[-1])
         shapes = [resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
                   for im in images]
         groups: dict = {}

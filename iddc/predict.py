@@ -14,9 +14,11 @@ has class names and its run evaluated the model, each cluster is also named by t
 the Hungarian matching of the last evaluation assigned it ("3 ~ sky"). ``--head probe`` shows
 the linear probe's classes (named directly). Inference modes (iddc.inference): ``--mode
 resize`` (default; shorter side ``--short-side``, default: the run's eval size) or ``--mode
-sliding`` (``--window``/``--stride`` windows, averaged softmax). Images are read lazily and
-predicted ``--batch-size`` at a time; an unreadable image is reported and skipped (exit code 1
-at the end), it never stops the others.
+sliding`` (``--window``/``--stride`` windows, averaged softmax; both flags are refused in
+resize mode, where they would do nothing). Images are read lazily and predicted
+``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
+iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported and skipped
+(exit code 1 at the end), it never stops the others.
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
@@ -37,7 +39,8 @@ from . import checkpoint
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
 from .files import check_outputs, write_atomic, write_json
-from .inference import DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, Predictor, check_at_least
+from .inference import (DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, ImageTooLargeError, Predictor,
+                        check_at_least)
 from .visualize import palette
 
 log = logging.getLogger("iddc")
@@ -186,27 +189,43 @@ def probe_never_trained(ckpt: dict) -> bool:
     return bool(stats) and all(s["probe_ce"] == 0 for s in stats)
 
 
-def check_options(alpha: float, stride: Optional[int]) -> None:
-    """predict's own options (Predictor checks --batch-size, --short-side, --window)."""
+def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = None,
+                  window: Optional[int] = None) -> None:
+    """predict's own options (Predictor checks --batch-size, --short-side, --window); a
+    --window or --stride given with a `mode` other than sliding, which never uses them, is
+    refused."""
     if not 0 <= alpha <= 1:  # NaN fails too
         raise ValueError(f"--alpha (overlay opacity) must be in [0, 1], got {alpha}")
+    if window is not None:
+        check_at_least("--window", window, 1)
     if stride is not None:
         check_at_least("--stride", stride, 1)
+    given = [flag for flag, value in (("--window", window), ("--stride", stride))
+             if value is not None]
+    if mode is not None and mode != "sliding" and given:
+        both = len(given) > 1
+        raise ValueError(f"{' and '.join(given)} only appl{'y' if both else 'ies'} to --mode "
+                         f"sliding; --mode {mode} predicts each whole image in one pass, so "
+                         f"{'they' if both else 'it'} would do nothing (add --mode sliding, or "
+                         f"drop {'them' if both else 'it'})")
 
 
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: str = "resize", short_side: Optional[int] = None,
-                  window: int = DEFAULT_WINDOW, stride: Optional[int] = None,
+                  window: Optional[int] = None, stride: Optional[int] = None,
                   batch_size: int = 8, device: str = "auto", head: str = "clusters",
                   alpha: float = 0.5, overwrite: bool = False) -> dict:
     """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`
     (refused if one exists, unless `overwrite`; never onto an input).
 
-    Returns {"written": {stem: [paths]}, "failed": {path: reason}, "legend": path}.
+    `window` / `stride`: sliding mode only (None: DEFAULT_WINDOW and its default stride).
+
+    Returns {"written": {stem: [paths]}, "failed": {path: reason}, "too_large": [paths of
+    `failed` that were readable but too large for resize mode], "legend": path}.
     """
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
-    check_options(alpha, stride)
+    check_options(alpha, stride, mode, window)
     paths = expand_inputs(inputs)
     stems = _unique_stems(paths)
     out = Path(out_dir)
@@ -227,7 +246,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     key = {"clusters": "logits", "probe": "probe"}[head]
     if short_side is None:
         short_side = int(cfg.data.eval_size)
-    predictor = Predictor(model, mode=mode, short_side=short_side, window=window,
+    predictor = Predictor(model, mode=mode, short_side=short_side,
+                          window=DEFAULT_WINDOW if window is None else window,
                           stride=stride, batch_size=batch_size, heads=(key,), device=dev)
     names = cluster_names(ckpt, head, k)
     pal = palette(k)
@@ -238,15 +258,22 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
     written: dict = {}
     failed: dict = {}
+    too_large: list = []
     summary: dict = {}
     for start in range(0, len(paths), batch_size):
         batch = []
         for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
             try:
-                batch.append((path, stem, open_image(path, exif_transpose=True)))
+                img = open_image(path, exif_transpose=True)
+                predictor.check_size(img.height, img.width)
+                batch.append((path, stem, img))
             except CorruptSampleError as err:
                 failed[str(path)] = err.reason
                 log.warning("skipping %s", err)
+            except ImageTooLargeError as err:  # would hang or run out of memory: skipped too
+                failed[str(path)] = str(err)
+                too_large.append(str(path))
+                log.warning("skipping %s: %s", path, err)
         if not batch:
             continue
         tensors = [to_tensor(img, data_config["mean"], data_config["std"]) for _, _, img in batch]
@@ -266,7 +293,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
               "short_side": short_side, "num_ids": k, "names": names, "images": summary,
               "failed": failed}
     write_json(json_path, record, replace=overwrite)
-    return {"written": written, "failed": failed, "legend": str(legend_path)}
+    return {"written": written, "failed": failed, "too_large": too_large,
+            "legend": str(legend_path)}
 
 
 def main(argv=None) -> int:
@@ -281,10 +309,11 @@ def main(argv=None) -> int:
     ap.add_argument("--short-side", type=int, default=None,
                     help="resize the shorter side to this first (default: the run's eval size; "
                          "0: keep the image's size)")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="sliding window (px)")
+    ap.add_argument("--window", type=int, default=None,
+                    help=f"sliding window (px; default {DEFAULT_WINDOW}; --mode sliding only)")
     ap.add_argument("--stride", type=int, default=None,
                     help=f"sliding stride (default: window - {DEFAULT_OVERLAP}; small windows: "
-                         "two thirds of the window)")
+                         "two thirds of the window; --mode sliding only)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="images read per step (and windows per forward pass when sliding)")
     ap.add_argument("--device", default="auto")
@@ -292,6 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     args = ap.parse_args(argv)
     from .cli import is_user_error, message
+    prog = ap.prog
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         res = predict_files(args.checkpoint, args.images, args.out, mode=args.mode,
@@ -301,11 +331,13 @@ def main(argv=None) -> int:
     except Exception as err:  # the rule of iddc.cli: bad input is one line, a bug a traceback
         if not is_user_error(err):
             raise
-        print(f"error: {message(err)}", file=sys.stderr)
+        print(f"{prog}: error: {message(err)}", file=sys.stderr)  # as iddc.cli.run prints
         return 2
+    large = len(res["too_large"])
+    why = [f"{n} {what}" for n, what in ((len(res["failed"]) - large, "unreadable"),
+                                         (large, "too large for --mode resize")) if n]
     print(f"wrote {len(res['written'])} image(s) to {args.out}"
-          + (f"; {len(res['failed'])} unreadable, skipped: {sorted(res['failed'])}"
-             if res["failed"] else ""))
+          + (f"; {', '.join(why)}, skipped: {sorted(res['failed'])}" if res["failed"] else ""))
     return 1 if res["failed"] else 0
 
 

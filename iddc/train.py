@@ -269,6 +269,9 @@ def main(argv=None) -> dict:
     t_start = time.time()
     resume = checkpoint.load(args.resume) if args.resume else None
     if resume is not None:
+        checkpoint.require(resume, args.resume, "config", "num_classes", "model", "optimizer",
+                           "probe_optimizer", "scheduler", "rng", "epoch", "global_step")
+    if resume is not None:
         cfg, changes = resolve_resumed(args, resume)
     else:
         cfg = resolve_config(args).validate()
@@ -278,7 +281,7 @@ def main(argv=None) -> dict:
         if resume is not None:
             log.info("resuming %s; settings changed: %s", args.resume,
                      ", ".join(changes) or "none")
-        run = prepare(cfg, resume)
+        run = prepare(cfg, resume, args.resume)
         if resume is not None:
             out = resume_out_dir(args.resume, resume, cfg,
                                  explicit_settings(args).get("train", {}))
@@ -356,9 +359,10 @@ class Prepared(dict):
     __getattr__ = dict.__getitem__
 
 
-def prepare(cfg: Config, resume: Optional[dict]) -> Prepared:
+def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> Prepared:
     """Check and build everything a run needs, writing no file: the device, both splits, the
-    model (weights read), the loss backend and the evaluation mode."""
+    model (weights read), the loss backend, the evaluation mode and the optimisers (on resume,
+    with the states of the checkpoint at `path`)."""
     tc, dc = cfg.train, cfg.data
     if resume is not None:
         check_resumable(resume, cfg)
@@ -416,7 +420,52 @@ def prepare(cfg: Config, resume: Optional[dict]) -> Prepared:
     eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
     return Prepared(device=device, train_src=train_src, val_src=val_src, k=k, model=model,
                     weights=weights, weights_tag=weights_tag, data_config=data_config,
-                    backend=backend, loss_fn=loss_fn, mode=mode, eval_tf=eval_tf)
+                    backend=backend, loss_fn=loss_fn, mode=mode, eval_tf=eval_tf,
+                    **build_optimisers(cfg, model, resume, path))
+
+
+def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
+                     path: Optional[str] = None) -> dict:
+    """The optimisers, the poly schedule and the shift generator, with the run's position; on
+    resume with the states of the checkpoint at `path` (CheckpointError if they do not fit)
+    and this command's learning rates."""
+    tc = cfg.train
+    groups = [{"params": model.head_parameters(), "lr": tc.lr}]
+    end_to_end = not cfg.model.freeze_backbone
+    if end_to_end:
+        groups.append({"params": list(model.backbone.parameters()),
+                       "lr": tc.lr * tc.backbone_lr_ratio})
+        log.info("end-to-end: backbone lr %.3g, frozen in epochs < %.1f and >= %.1f",
+                 tc.lr * tc.backbone_lr_ratio, 0.4 * tc.epochs, 0.8 * tc.epochs)
+    opt = torch.optim.Adam(groups)
+    probe_opt = torch.optim.Adam(model.probe.parameters(), lr=tc.probe_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
+    shift_gen = torch.Generator().manual_seed(tc.seed + 1)
+    start_epoch, global_step, history = 0, 0, []
+    start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
+    if resume is not None:
+        checkpoint.load_training_state(resume, path, model, opt, probe_opt, sched)
+        checkpoint.set_rng_state(resume["rng"], shift_gen, path)
+        start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        start_skip = int(resume.get("step_in_epoch", 0))
+        # this command's learning rates (the saved state holds the old ones), at the poly factor
+        # of the (possibly extended, --epochs) schedule at the resumed epoch
+        bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
+        sched.base_lrs = bases
+        factor = poly_factor(min(start_epoch, tc.epochs), tc.epochs, tc.poly_power)
+        for group, base in zip(opt.param_groups, bases):
+            group["initial_lr"] = base
+            group["lr"] = base * factor
+        for group in probe_opt.param_groups:
+            group["lr"] = tc.probe_lr
+        history = list(resume.get("metrics", []))
+        log.info("resumed from epoch %d%s (step %d)", start_epoch,
+                 f", step {start_skip} of epoch {start_epoch + 1}" if start_skip else "",
+                 global_step)
+    return dict(opt=opt, probe_opt=probe_opt, sched=sched, shift_gen=shift_gen,
+                start_epoch=start_epoch, start_skip=start_skip, global_step=global_step,
+                history=history, end_to_end=end_to_end)
 
 
 def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: float) -> dict:
@@ -438,42 +487,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
              len(val_src), k)
 
-    groups = [{"params": model.head_parameters(), "lr": tc.lr}]
-    end_to_end = not cfg.model.freeze_backbone
-    if end_to_end:
-        groups.append({"params": list(model.backbone.parameters()),
-                       "lr": tc.lr * tc.backbone_lr_ratio})
-        log.info("end-to-end: backbone lr %.3g, frozen in epochs < %.1f and >= %.1f",
-                 tc.lr * tc.backbone_lr_ratio, 0.4 * tc.epochs, 0.8 * tc.epochs)
-    opt = torch.optim.Adam(groups)
-    probe_opt = torch.optim.Adam(model.probe.parameters(), lr=tc.probe_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
-    shift_gen = torch.Generator().manual_seed(tc.seed + 1)
-    start_epoch, global_step, history = 0, 0, []
-    start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        probe_opt.load_state_dict(resume["probe_optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        checkpoint.set_rng_state(resume["rng"], shift_gen)
-        start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
-        start_skip = int(resume.get("step_in_epoch", 0))
-        # this command's learning rates (the saved state holds the old ones), at the poly factor
-        # of the (possibly extended, --epochs) schedule at the resumed epoch
-        bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
-        sched.base_lrs = bases
-        factor = poly_factor(min(start_epoch, tc.epochs), tc.epochs, tc.poly_power)
-        for group, base in zip(opt.param_groups, bases):
-            group["initial_lr"] = base
-            group["lr"] = base * factor
-        for group in probe_opt.param_groups:
-            group["lr"] = tc.probe_lr
-        history = list(resume.get("metrics", []))
-        log.info("resumed from epoch %d%s (step %d)", start_epoch,
-                 f", step {start_skip} of epoch {start_epoch + 1}" if start_skip else "",
-                 global_step)
+    opt, probe_opt, sched, shift_gen = run.opt, run.probe_opt, run.sched, run.shift_gen
+    start_epoch, start_skip, global_step = run.start_epoch, run.start_skip, run.global_step
+    history, end_to_end = run.history, run.end_to_end
 
     cache = ev.FeatureCache(dc.eval_feature_cache_mb) \
         if cfg.model.freeze_backbone and dc.eval_feature_cache_mb > 0 else None

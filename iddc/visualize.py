@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 
 from .data.base import IGNORE_INDEX
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalise
+from .files import write_atomic
 
 IGNORE_COLOUR = (0, 0, 0)
 
@@ -73,5 +74,8 @@ def panel(samples, num_classes: int, mapping=None, mean=IMAGENET_MEAN, std=IMAGE
 
 def save_panel(path: str, samples, num_classes: int, mapping=None, mean=IMAGENET_MEAN,
                std=IMAGENET_STD) -> None:
+    """The panel as a PNG at ``path``, written atomically (never a half-written file, and a
+    full disk is an error naming ``path``)."""
     if samples:
-        panel(samples, num_classes, mapping, mean, std).save(path)
+        image = panel(samples, num_classes, mapping, mean, std)
+        write_atomic(path, lambda fh: image.save(fh, format="PNG"))

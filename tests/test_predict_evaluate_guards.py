@@ -334,11 +334,13 @@ def test_evaluation_skips_a_corrupt_sample_instead_of_scoring_another_twice(runs
     assert got["linear_probe"] == want["linear_probe"]
     assert got["unsupervised"]["pixels"] == 5 * SIZE * SIZE
     assert got["skipped"] == [str(bad)] and wrapped.skipped == 1  # train.py logs this count
-    with pytest.warns(UserWarning, match="2.png"):
+    with pytest.warns(UserWarning, match="2.png") as walk:
         km = evaluate.kmeans_baseline(model, wrapped, restarts=2, **kw)
     assert km["unsupervised"] == \
         evaluate.kmeans_baseline(model, only_good, restarts=2, **kw)["unsupervised"]
-    assert wrapped.skipped == 2  # once per walk: the k-means labels are not read twice
+    # one walk (the k-means labels are not read twice); the sample is counted once in all
+    assert sum("2.png" in str(w.message) for w in walk) == 1
+    assert wrapped.skipped == 1
 
 
 def test_evaluate_cli_skips_a_corrupt_sample(runs, corrupt_folder, tmp_path):
@@ -350,3 +352,160 @@ def test_evaluate_cli_skips_a_corrupt_sample(runs, corrupt_folder, tmp_path):
                              "--json", str(tmp_path / "s.json")])
     assert res["unsupervised"]["pixels"] == 5 * SIZE * SIZE
     assert json.loads((tmp_path / "s.json").read_text())["skipped"] == [str(bad)]
+
+
+# ----------------------------------------------------------------------------- checkpoint contents
+def edited_checkpoint(runs, tmp_path, edit) -> Path:
+    """A copy of the labelled run's checkpoint (right format tag) changed by ``edit(ckpt)``."""
+    ckpt = torch.load(runs["labelled"], map_location="cpu", weights_only=True)
+    edit(ckpt)
+    path = tmp_path / "edited.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _set_depth(ckpt, depth=2, embed_dim=16):
+    ckpt["config"]["model"]["backbone_kwargs"] = {"depth": depth, "embed_dim": embed_dim,
+                                                  "num_heads": 2}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("config"), r"edited.pt has no 'config' entry"),
+    (lambda c: c.pop("model"), r"edited.pt has no 'model' entry"),
+    (lambda c: [c.pop("model"), c.pop("num_classes")],
+     r"edited.pt has no 'num_classes', 'model' entries"),
+    (lambda c: c.update(model=[1, 2]), r"its \"model\" entry is a list, not a model's tensors"),
+    (lambda c: c["config"].update(model="vit"), r"its config and number of classes do not make "
+                                                r"a model"),
+    (_set_depth, r"its weights do not match its model config \(\d+ tensor\(s\) missing, e.g. "
+                 r"backbone.blocks.1"),
+    (lambda c: _set_depth(c, 1, 32), r"do not match its model config \(\d+ of another shape, "
+                                     r"e.g. backbone.\S+: \[1, 1, 16\] in the file, \[1, 1, 32\]"),
+], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
+        "depth-changed", "width-changed"])
+def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
+        runs, tmp_path, capsys, edit, message):
+    import re
+    from iddc import cli
+    from iddc.checkpoint import CheckpointError
+    path = edited_checkpoint(runs, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        evaluate.main(["--checkpoint", str(path)])
+    with pytest.raises(SystemExit) as stop:
+        cli.run(evaluate.main, "python -m iddc.evaluate", ["--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"python -m iddc.evaluate: error: checkpoint {path}") and \
+        re.search(message, err)
+    out = tmp_path / "out"
+    assert run_predict(path, image(tmp_path / "a.png"), "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m iddc.predict: error: checkpoint {path}") and \
+        re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_malformed_rng_state_is_a_checkpoint_error():
+    from iddc import checkpoint
+    gen = torch.Generator()
+    state = checkpoint.rng_state(gen)
+    checkpoint.set_rng_state(state, gen, "run/last.pt")  # a good one restores
+    for bad in ({k: v for k, v in state.items() if k != "numpy"}, {**state, "python": 3}, []):
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint run/last.pt: its "
+                                                             r"\"rng\" entry is not"):
+            checkpoint.set_rng_state(bad, gen, "run/last.pt")
+
+
+# ----------------------------------------------------------------------------- extreme aspect ratio
+#: 2 x 2100 px: the run's eval size (32) makes it 32 x 33600 px, 4 x 4200 = 16800 tokens of
+#: 8 px patches, beyond iddc.inference.MAX_TOKENS (16384); refused before any forward pass
+STRIP = (2100, 2)  # PIL's (width, height)
+
+
+def test_predict_skips_an_image_too_large_for_resize_mode(runs, tmp_path, capsys, caplog):
+    from iddc.inference import MAX_TOKENS
+    assert MAX_TOKENS == 16384  # the arithmetic of STRIP
+    strip = image(tmp_path / "in" / "strip.png", size=STRIP)
+    normal = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], strip, normal, "--out", out) == 1  # did not hang
+    captured = capsys.readouterr()
+    assert "wrote 1 image(s)" in captured.out and "1 too large for --mode resize" in captured.out
+    record = json.loads((out / "predictions.json").read_text())
+    assert list(record["images"]) == ["a"]
+    reason = record["failed"][str(strip)]
+    assert "image of 2 x 2100 px (H x W) resized to 32 x 33600 px (shorter side 32) would be " \
+           "16800 backbone tokens of 8 px patches" in reason
+    assert "more than the limit of 16384" in reason
+    assert "use --short-side 31 or less, or --mode sliding" in reason
+    assert f"skipping {strip}: image of 2 x 2100 px" in caplog.text  # the warning names it
+    assert not (out / "strip_seg.png").exists()
+    # the suggestions hold: sliding predicts it in bounded windows
+    assert run_predict(runs["labelled"], strip, "--out", tmp_path / "o2", "--mode", "sliding",
+                       "--window", "32") == 0
+    assert np.asarray(Image.open(tmp_path / "o2" / "strip_ids.png")).shape == (2, 2100)
+
+
+def test_largest_short_side_is_the_bound():
+    from iddc.inference import largest_short_side, resized_shape, token_count
+    for h, w, p in [(2, 2100, 8), (10, 4000, 8), (4000, 10, 16), (1, 20000, 8), (300, 500, 8)]:
+        side = largest_short_side(h, w, p, 16384)
+        assert token_count(*resized_shape(h, w, side, p), p) <= 16384
+        assert token_count(*resized_shape(h, w, side + 1, p), p) > 16384
+    assert largest_short_side(2, 2100, 8) == 31
+
+
+def test_predictor_refuses_an_image_too_large_before_any_work(runs):
+    from iddc.inference import ImageTooLargeError
+    model = load_model(runs["labelled"])[0]
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    small, strip = torch.randn(3, 20, 28), torch.randn(3, 2, 2100)
+    with pytest.raises(ImageTooLargeError, match="would be 16800 backbone tokens"):
+        Predictor(model, short_side=32).segment([small, strip])
+    assert not calls
+    with pytest.raises(ImageTooLargeError, match=r"2 x 40 px \(H x W\) at its own size would be "
+                                                 r"5 backbone tokens.*limit of 4"):
+        Predictor(model, short_side=None, max_tokens=4).segment([torch.randn(3, 2, 40)])
+
+
+def test_evaluate_refuses_an_image_too_large_for_resize_mode(runs, tmp_path):
+    from iddc.inference import ImageTooLargeError
+    img, lab = make_folder(tmp_path / "d", n=2)
+    strip = image(img / "strip.png", size=STRIP)
+    Image.fromarray(np.ones(STRIP[::-1], np.uint8)).save(lab / "strip.png")
+    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+             f"label_root={lab}"]
+    with pytest.raises(ImageTooLargeError, match=rf"{strip}: resized to 32 x 33600 px .* 16800 "
+                                                 r"backbone tokens .* --eval-mode sliding"):
+        evaluate.main(flags)
+    res = evaluate.main(flags + ["--eval-mode", "sliding", "--window", "32"])
+    assert res["unsupervised"]["pixels"] == 2 * SIZE * SIZE + 32 * 33600
+
+
+# ----------------------------------------------------------------------------- unused flags
+@pytest.mark.parametrize("flags, message", [
+    (["--window", "32"], "--window only applies to --mode sliding; --mode resize predicts each "
+                         "whole image in one pass, so it would do nothing"),
+    (["--stride", "16"], "--stride only applies to --mode sliding"),
+    (["--window", "32", "--stride", "16"], "--window and --stride only apply to --mode sliding"),
+])
+def test_predict_refuses_sliding_flags_in_resize_mode(runs, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], image(tmp_path / "a.png"), "--out", out, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m iddc.predict: error: {message}")
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--window", "32"], ["--stride", "16"],
+                                   ["--eval-mode", "resize", "--window", "32", "--stride", "16"]])
+def test_evaluate_refuses_sliding_flags_in_resize_mode(runs, flags):
+    with pytest.raises(ValueError, match=r"only appl(y|ies) to the sliding eval mode; this "
+                                         r"evaluation's mode is 'resize' \(add --eval-mode "
+                                         r"sliding\)"):
+        evaluate.main(["--checkpoint", runs["labelled"]] + flags)
+    res = evaluate.main(["--checkpoint", runs["labelled"], "--eval-mode", "sliding",
+                         "--window", "32", "--stride", "16"])
+    assert res["unsupervised"]["pixels"] == 6 * SIZE * SIZE

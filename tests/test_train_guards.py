@@ -602,3 +602,24 @@ def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tin
     with pytest.raises(ValueError, match="contradict each other"):
         train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), *flags])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("optimizer"), "has no 'optimizer' entry"),
+    (lambda c: c.pop("rng"), "has no 'rng' entry"),
+    (lambda c: c.update(rng={"torch": 1}), "its \"rng\" entry is not the random state"),
+    (lambda c: c.update(scheduler={"base_lrs": 3}), "its 'scheduler' entry does not fit"),
+    (lambda c: c["model"].pop(next(iter(c["model"]))), "its weights do not match its model"),
+], ids=["no-optimizer", "no-rng", "bad-rng", "bad-scheduler", "missing-tensor"])
+def test_an_edited_checkpoint_is_refused_on_resume(run_copy, edit, message):
+    """A checkpoint with the right format tag but cut down or edited: a CheckpointError (the
+    CLI's one line) naming the file, not a KeyError or a load_state_dict traceback."""
+    ckpt = saved_checkpoint(run_copy)
+    edit(ckpt)
+    path = run_copy / "edited.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(checkpoint.CheckpointError, match=message) as err:
+        train.main(["--resume", str(path), "--out", str(run_copy.parent / "new"),
+                    "--max-steps", "0"])
+    assert str(path) in str(err.value)
+    assert not (run_copy.parent / "new").exists()  # refused before the new run folder is made

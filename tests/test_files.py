@@ -1,0 +1,116 @@
+"""``iddc.files.write_atomic``: a write that fails (a full disk) is an error naming the file,
+whatever form the writer gives it, and leaves the old file as it was and no temporary file."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iddc import checkpoint, cli, visualize
+from iddc.files import write_atomic
+
+
+def test_a_full_disk_that_torch_save_reports_as_a_runtime_error_names_the_file(tmp_path,
+                                                                                monkeypatch):
+    """torch.save's zip writer turns the OSError of a full disk into RuntimeError("[enforce
+    fail at inline_container.cc:672] . unexpected pos ..."), the OSError only its context."""
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"old": 1}, str(path))
+    before = path.read_bytes()
+
+    def full(obj, fh):
+        fh.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as err:
+        checkpoint.save_atomic({"new": 2}, str(path))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert cli.is_user_error(err.value)
+    assert cli.message(err.value) == f"No space left on device: {path}"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+#: a child process that writes a checkpoint past a file size limit: the kernel then makes a
+#: short write and fails the next one (EFBIG), as a full disk does (ENOSPC), so the real zip
+#: writer of torch.save meets it, without a small file system to fill (mounting needs root)
+FILE_SIZE_LIMIT = r"""
+import os, resource, signal, sys, torch
+from iddc import checkpoint, cli
+path = sys.argv[1]
+checkpoint.save_atomic({"old": 1}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed
+resource.setrlimit(resource.RLIMIT_FSIZE,
+                   (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoint.save_atomic({"w": torch.zeros(50_000)}, path)  # ~200 KB
+except Exception as err:
+    print(type(err).__name__, cli.is_user_error(err), getattr(err, "filename", None),
+          cli.message(err), sep="|")
+"""
+
+
+def test_a_real_zip_writer_past_a_size_limit_names_the_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    kind, user, filename, text = proc.stdout.strip().split("|")
+    assert (kind, user, filename) == ("OSError", "True", str(path)), proc.stdout
+    assert text == f"{os.strerror(errno.EFBIG)}: {path}"
+    assert torch.load(path, weights_only=True) == {"old": 1}  # the old file, whole
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_an_error_without_an_os_error_behind_it_is_raised_as_it_is(tmp_path):
+    def bug(fh):
+        fh.write(b"partial")
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        write_atomic(str(tmp_path / "x.bin"), bug)
+    # an OSError handled and followed by an error of our own is not the error's cause
+    def handled(fh):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            pass
+        raise ValueError("bad value")
+
+    with pytest.raises(ValueError, match="bad value"):
+        write_atomic(str(tmp_path / "x.bin"), handled)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_val_panel_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "val_panel.png"
+    path.write_bytes(b"the previous panel")
+    x, y = torch.zeros(3, 8, 8), np.zeros((8, 8), np.int64)
+    samples = [(x, y, np.zeros((8, 8), np.int64), np.zeros((8, 8), np.int64))]
+
+    def full(self, fp, format=None, **params):
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as fh:
+                fh.write(b"partial")
+        else:
+            fp.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError) as err:
+        visualize.save_panel(str(path), samples, 3)
+    assert err.value.filename == str(path)
+    assert path.read_bytes() == b"the previous panel" and os.listdir(tmp_path) == [path.name]
+    monkeypatch.undo()
+    visualize.save_panel(str(path), samples, 3)
+    assert Image.open(path).format == "PNG" and os.listdir(tmp_path) == [path.name]
