@@ -394,6 +394,9 @@ def main(argv=None) -> dict:
                          f"to the sliding eval mode; this evaluation's mode is "
                          f"{cfg.data.eval_mode!r} (add --eval-mode sliding)")
     if args.eval_size is not None:
+        if args.eval_size < model.patch_size:  # as training refuses it
+            raise ValueError(f"--eval-size {args.eval_size} must be at least the backbone's "
+                             f"patch size {model.patch_size}")
         cfg.data.eval_size = args.eval_size
     if args.window is not None:
         cfg.data.sliding_window = args.window

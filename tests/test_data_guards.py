@@ -329,7 +329,7 @@ def test_synthetic_bad_regions_and_imbalance():
 def test_layout_decode_must_be_a_count(bad, capsys):
     from iddc.data import layout
     with pytest.raises(SystemExit) as info:
-        layout.main(["synthetic", ".", "--decode", bad])
+        layout.main(["synthetic", "--decode", bad])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --decode: expected a whole number >= 0 or 'all', got '{bad}'" in err
@@ -339,9 +339,19 @@ def test_layout_decode_must_be_a_count(bad, capsys):
 def test_layout_decode_counts(capsys):
     from iddc.data import layout
     opts = ["--data-option", "num_images=3", "--data-option", "image_size=8"]
-    assert layout.main(["synthetic", ".", "--decode", "2", "--split", "val", *opts]) == 0
+    assert layout.main(["synthetic", "--decode", "2", "--split", "val", *opts]) == 0
     assert "val: decoded 2 samples, 0 corrupt" in capsys.readouterr().out
-    assert layout.main(["synthetic", ".", "--decode", "all", "--split", "val", *opts]) == 0
+    assert layout.main(["synthetic", "--decode", "all", "--split", "val", *opts]) == 0
     assert "val: decoded 3 samples" in capsys.readouterr().out
-    assert layout.main(["synthetic", ".", "--split", "val", *opts]) == 0
+    assert layout.main(["synthetic", "--split", "val", *opts]) == 0
     assert "decoded" not in capsys.readouterr().out
+
+
+def test_synthetic_refuses_a_data_root():
+    """The synthetic data set reads no files: a --data-root meant for another data set is
+    refused, not silently ignored (training and evaluation would score generated images)."""
+    from iddc.data import build_source
+    with pytest.raises(ValueError, match="data root '/data/coco' given for the synthetic data "
+                                         "set, which is generated"):
+        build_source("synthetic", root="/data/coco", split="val", num_images=2)
+    assert len(build_source("synthetic", split="val", num_images=2)) == 2

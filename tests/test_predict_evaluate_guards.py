@@ -509,3 +509,10 @@ def test_evaluate_refuses_sliding_flags_in_resize_mode(runs, flags):
     res = evaluate.main(["--checkpoint", runs["labelled"], "--eval-mode", "sliding",
                          "--window", "32", "--stride", "16"])
     assert res["unsupervised"]["pixels"] == 6 * SIZE * SIZE
+
+
+def test_evaluate_refuses_an_eval_size_below_the_patch_size(runs):
+    """As training does (it was rounded up to one patch, silently)."""
+    with pytest.raises(ValueError, match="--eval-size 4 must be at least the backbone's patch "
+                                         "size 8"):
+        evaluate.main(["--checkpoint", runs["labelled"], "--eval-size", "4"])

@@ -388,7 +388,7 @@ def _decode_count(text: str) -> Optional[int]:
 
 
 def main(argv=None) -> int:
-    """python -m iddc.data.layout DATASET ROOT [--split S] [--decode N|all]"""
+    """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]"""
     from . import DATASETS, build_source
     # the module's own classes (under `python -m` this file also runs as __main__)
     from .layout import LayoutError as layout_error, scan as scan_source
@@ -397,7 +397,8 @@ def main(argv=None) -> int:
                                  description="Check a data set's layout (and optionally decode "
                                              "its files) before training.")
     ap.add_argument("dataset", choices=sorted(DATASETS))
-    ap.add_argument("root")
+    ap.add_argument("root", nargs="?", default=None,
+                    help="the data set's folder (none for the generated synthetic set)")
     ap.add_argument("--split", action="append", choices=SPLITS,
                     help="default: both")
     ap.add_argument("--decode", default="0", type=_decode_count,

@@ -158,11 +158,16 @@ class SyntheticSource(SegmentationSource):
 
 
 def build(root=None, split: str = "train", **options) -> SyntheticSource:
-    """Registry factory ("synthetic"); ``root`` is unused (nothing is read from disk).
+    """Registry factory ("synthetic"); nothing is read from disk, so a ``root`` is refused
+    (a --data-root meant for another data set would otherwise be silently ignored).
 
     Options: num_images (default 512 for train, 128 for val), image_size (96), num_classes (6),
     seed (0), imbalance (1.0), min_regions (3), max_regions (8).
     """
+    if root is not None:
+        raise ValueError(f"data root {str(root)!r} given for the synthetic data set, which is "
+                         "generated and reads no files; name the data set of that folder "
+                         "(--dataset cocostuff27, cityscapes, folder, ...) or drop --data-root")
     options = dict(options)
     if "num_images" not in options:
         options["num_images"] = 512 if split == "train" else 128
