@@ -26,10 +26,13 @@ def loss_flops(batch: int, n: int, m: int, dim: int, classes: int, shifts=SHIFTS
 def make_inputs(batch, side, dim, classes, device="cpu", dtype=torch.float32, seed=0):
     """Feature maps and logits of two views, with positives and negatives both selected."""
     gen = torch.Generator().manual_seed(seed)
-    # a shared direction per image spreads the affinities across both thresholds
+    # a direction per image, shared by its two views (as overlapping crops share content),
+    # spreads the affinities across both thresholds: pairs of one image's views are mostly
+    # positives, pairs across images mostly negatives
+    shared = torch.randn(batch, dim, 1, 1, generator=gen)
+
     def feats():
-        shared = torch.randn(batch, dim, 1, 1, generator=gen)
-        return torch.randn(batch, dim, side, side, generator=gen) * 0.05 + shared * 0.05 \
+        return torch.randn(batch, dim, side, side, generator=gen) * 0.1 + shared * 0.05 \
             + torch.randn(batch, dim, 1, 1, generator=gen) * 0.02
     fa, fb = feats(), feats()
     za = torch.randn(batch, classes, side, side, generator=gen)

@@ -162,8 +162,8 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     The positional embedding is resampled (timm.layers.resample_abs_pos_embed) when its grid
     differs from the backbone's. DINO's projection-head keys (``head.*``) are dropped. Returns a
     report ``{"path", "loaded", "missing", "unexpected", "resampled"}``; raises WeightsError for
-    a missing/corrupt file, a tensor holding NaN/Inf, a file with no matching key, a shape
-    mismatch, or (``strict``) any missing/unexpected key.
+    a missing/corrupt file, a tensor holding NaN/Inf, a file lacking any backbone tensor (it
+    would stay random), a shape mismatch, or (``strict``) any unexpected key.
     """
     state = extract_backbone_state(_read_checkpoint(path))
     own = backbone.state_dict()
@@ -190,13 +190,15 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     if loaded == 0:
         raise WeightsError(f"weights file {path}: none of its {len(state)} keys match the backbone "
                            f"(first keys: {list(state)[:5]})")
-    if missing:
-        log.warning("weights %s: %d backbone keys MISSING from the file (left at their random "
-                    "init): %s", path, len(missing), missing)
+    if missing:  # a backbone left partly random would be reported as the file's weights
+        raise WeightsError(f"weights file {path} lacks {len(missing)} of the backbone's "
+                           f"{len(own)} tensors (they would stay randomly initialised), e.g. "
+                           f"{missing[:5]}; is it this backbone's checkpoint ({len(unexpected)} "
+                           f"of its keys match none: {unexpected[:5]})?")
     if unexpected:
         log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)
-    if strict and (missing or unexpected):
-        raise WeightsError(f"weights file {path}: missing keys {missing}, unexpected {unexpected}")
+    if strict and unexpected:
+        raise WeightsError(f"weights file {path}: unexpected keys {unexpected}")
     return {"path": os.path.abspath(path), "loaded": loaded, "missing": missing,
             "unexpected": unexpected, "dropped": dropped, "resampled": resampled}
 

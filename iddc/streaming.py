@@ -150,9 +150,10 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     acc = torch.float64 if u_a.device.type == "cpu" else torch.promote_types(u_a.dtype,
                                                                             torch.float32)
     # NaN features give NaN affinities, which must select nothing: checked once per call on the
-    # CPU (no sync there); elsewhere the tiles are always cleaned (an elementwise pass, no sync)
-    nan_possible = u_a.device.type != "cpu" or not bool(
-        torch.isfinite(u_a).all() & torch.isfinite(u_b).all())
+    # CPU (no sync there); elsewhere the tiles are always cleaned (an elementwise pass, no sync).
+    # A sum is NaN or Inf if any feature is (or, harmlessly, if it overflows); isfinite itself
+    # would allocate a copy of u
+    nan_possible = u_a.device.type != "cpu" or not bool(torch.isfinite(u_a.sum() + u_b.sum()))
     sums = torch.zeros(terms, dtype=acc, device=u_a.device)
     counts = torch.zeros(terms, dtype=torch.int64, device=u_a.device)
     # gradient of each term's sum: negatives reach p_a on both sides, the positive reaches p_b

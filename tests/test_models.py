@@ -150,3 +150,19 @@ def test_backbone_tag_given_or_absent_is_kept():
         "vit_small_patch16_224.augreg_in21k"
     assert models.timm_name("vit_tiny_patch16_224") == "vit_tiny_patch16_224"  # no DINO tag
     assert models.timm_name("vit_base_patch16_224") == "vit_base_patch16_224.dino"
+
+
+@pytest.mark.parametrize("edit", ["renamed-blocks", "one-block-missing"])
+def test_weights_lacking_backbone_tensors_are_refused(tmp_path, edit):
+    """A file that matches only part of the backbone would leave the rest random while the run
+    reports the file's weights: refused, naming what is missing."""
+    state = tiny_backbone(1).state_dict()
+    if edit == "renamed-blocks":
+        state = {k.replace("blocks.", "layers."): v for k, v in state.items()}
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("blocks.0.")}
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"partial.pth lacks \d+ of the backbone's \d+ "
+                                           r"tensors .*blocks.0"):
+        build_model(tiny_cfg(weights=str(path)), num_classes=3)
