@@ -287,6 +287,8 @@ def _field_flags():
 
 
 FLAGS = _field_flags()
+#: {(section, field): declared type} of every scalar field
+_FIELD_TYPES = {(section, name): kind for section, name, kind in FLAGS.values()}
 
 
 def _parse_bool(s: str) -> bool:
@@ -310,7 +312,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
 
 
-def _parse_value(s: str, option: str) -> Any:
+def _parse_value(s: str, option: str, wants: Any = None) -> Any:
     """A command-line value as YAML (true, 3, [1, 2], {a: 1}); numbers YAML 1.1 leaves as text
     (1e-3, 5E-4: no dot) become floats. ValueError naming ``option`` if it is not YAML."""
     try:
@@ -318,7 +320,9 @@ def _parse_value(s: str, option: str) -> Any:
     except yaml.YAMLError as err:
         raise ValueError(f"{option}: {s!r} is not a valid YAML value ({_yaml_problem(err)})") \
             from err
-    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+    # a field declared as text (a run name "1e3") stays text; other values become numbers
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) and \
+            wants in (None, int, float):
         return float(value)
     return value
 
@@ -347,10 +351,12 @@ def load_yaml_file(path: str) -> dict:
             raise ValueError(f"config file {path}: section {section!r} must be a mapping")
     loaded.pop(RESOLVED_SECTION, None)
 
-    def number(v):
-        return float(v) if isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v.strip()) else v
-    return {section: {k: number(v) for k, v in vals.items()} for section, vals in loaded.items()
-            if vals is not None}
+    def number(section, name, v):  # only where a number belongs: a name "1e3" stays text
+        wants = _FIELD_TYPES.get((section, name))
+        return float(v) if wants in (int, float) and isinstance(v, str) and \
+            _EXPONENT_NUMBER.fullmatch(v.strip()) else v
+    return {section: {k: number(section, k, v) for k, v in vals.items()}
+            for section, vals in loaded.items() if vals is not None}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -413,7 +419,8 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
         key, sep, val = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
-        _nested_set(explicit, key, _parse_value(val, f"--set {item!r}"))
+        _nested_set(explicit, key, _parse_value(val, f"--set {item!r}",
+                                                _FIELD_TYPES.get(tuple(key.split(".", 1)))))
     return explicit
 
 
@@ -439,12 +446,14 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
             base.setdefault("train", {}).update(TRAIN_PRESETS.get(preset, {}))
     for section, vals in explicit.items():
         base.setdefault(section, {}).update(vals)
+    # the --fused flag typed with a backend that contradicts it (a YAML file's pair, e.g. a
+    # run's own config.yaml with fused: false and the backend it chose, keeps its backend)
     given_backend = explicit.get("loss", {}).get("backend")
-    if given_backend is not None and "fused" in explicit.get("train", {}) and \
-            bool(explicit["train"]["fused"]) != (given_backend != "reference"):
-        raise ValueError(f"--fused {explicit['train']['fused']} and loss.backend "
-                         f"{given_backend!r} contradict each other (--fused means a fused "
-                         "backend, 'auto'); give one of them")
+    fused_flag = getattr(args, "fused", None)
+    if given_backend is not None and fused_flag is not None and \
+            bool(fused_flag) != (given_backend != "reference"):
+        raise ValueError(f"--fused {fused_flag} and loss.backend {given_backend!r} contradict "
+                         "each other (--fused means a fused backend, 'auto'); give one of them")
     if "backend" not in explicit.get("loss", {}) and \
             (saved is None or "fused" in explicit.get("train", {})):
         fused = base.get("train", {}).get("fused", TrainConfig.fused)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from . import metrics
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
-from .inference import (MAX_TOKENS, ImageTooLargeError, check_at_least, check_window,
-                        sliding_predict_fn, token_count)
+from .inference import (MAX_TOKENS, check_at_least, check_window, sliding_predict_fn,
+                        token_count)
 
 log = logging.getLogger("iddc")
 
@@ -148,34 +148,48 @@ def sample_name(source, index: int) -> str:
         return f"sample {index}"
 
 
-def check_whole_image(source, index: int, x: torch.Tensor, patch_size: Optional[int]) -> None:
-    """ImageTooLargeError naming sample ``index`` when its resized input ``x`` (... x H x W)
-    is more than MAX_TOKENS backbone tokens: one forward pass of it would hang or run out of
-    memory (an extreme aspect ratio: the shorter-side resize has no bound on the long side)."""
-    if not patch_size:
-        return
-    h, w = x.shape[-2:]
-    tokens = token_count(int(h), int(w), int(patch_size))
-    if tokens > MAX_TOKENS:
-        raise ImageTooLargeError(
-            f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
+def too_large(source, index: int, size, patch_size: int) -> Optional[str]:
+    """Why sample ``index`` cannot go through the backbone whole, or None: its input of
+    ``size`` (H, W) would be more than MAX_TOKENS tokens, one forward pass that would hang or
+    run out of memory (an extreme aspect ratio: the shorter-side resize has no bound on the
+    long side)."""
+    h, w = int(size[0]), int(size[1])
+    tokens = token_count(h, w, int(patch_size))
+    if tokens <= MAX_TOKENS:
+        return None
+    return (f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
             f"eval size) it would be {tokens} backbone tokens of {patch_size} px patches in one "
             f"forward pass, more than the limit of {MAX_TOKENS} (attention's time and memory "
-            "grow with their square); evaluate with --eval-mode sliding (bounded windows) or a "
-            "smaller --eval-size, or leave the image out")
+            "grow with their square); --eval-mode sliding (bounded windows) or a smaller "
+            "--eval-size scores it")
 
 
 def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
-                    skipped: Optional[list] = None):
+                    skipped: Optional[list] = None, patch_size: Optional[int] = None):
     """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images
-    among the first ``max_images``; corrupt samples are left out (see :func:`load_or_skip`)."""
+    among the first ``max_images``. Corrupt samples are left out (see :func:`load_or_skip`),
+    and, with ``patch_size`` (the backbone runs on whole images), those too large for one
+    forward pass (:func:`too_large`): warned and appended to ``skipped``."""
     n = len(source) if not max_images else min(max_images, len(source))
     idx, xs, ys = [], [], []
     for i in range(n):
         sample = load_or_skip(source, i, skipped)
         if sample is None:
             continue
-        x, y = transform(*sample)
+        if patch_size:
+            out_size = getattr(transform, "output_size", None)
+            size = out_size(*sample[0].size) if out_size else None  # before the resize
+            x, y = (None, None) if size else transform(*sample)
+            why = too_large(source, i, size or x.shape[-2:], patch_size)
+            if why:
+                warnings.warn(f"leaving out {why}", stacklevel=2)
+                if skipped is not None:
+                    skipped.append(sample_name(source, i))
+                continue
+            if x is None:
+                x, y = transform(*sample)
+        else:
+            x, y = transform(*sample)
         if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size):
             yield idx, torch.stack(xs), torch.stack(ys)
             idx, xs, ys = [], [], []
@@ -196,7 +210,8 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     Returns {"unsupervised": scores, "linear_probe": scores, "samples": [...], "skipped": [...]}
     where scores hold pixel_accuracy and miou (percent), per_class_iou, and (unsupervised) the
     cluster -> class mapping; "samples" keeps the first ``keep`` (image, label, prediction,
-    probe) for plots; "skipped" names the corrupt samples left out of the scores.
+    probe) for plots; "skipped" names the samples left out of the scores (corrupt, or too large
+    for one forward pass of a whole image).
     ``cache``: a FeatureCache reused across calls (only valid while the backbone is frozen and
     the transform deterministic), used when ``predict_fn.accepts_feats``.
     """
@@ -209,9 +224,9 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
         whole = getattr(predict_fn, "whole_image", False)
-        for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped):
-            if whole:  # a batch holds one size: its first image names it
-                check_whole_image(source, idx[0], x, getattr(model, "patch_size", None))
+        patch = getattr(model, "patch_size", None) if whole else None
+        for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
+                                         patch):
             x = x.to(device)
             if use_cache:
                 feats = cache.get(tuple(idx), lambda: model.features(x))
@@ -295,7 +310,8 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     feats, labels = [], []
     # labels kept (as bytes, beside the larger features) rather than read again: a second walk
     # would warn about every corrupt sample twice
-    for idx, x, y in iterate_batches(source, transform, batch_size, max_images):
+    for idx, x, y in iterate_batches(source, transform, batch_size, max_images,
+                                     patch_size=getattr(model, "patch_size", None)):
         x = x.to(device)
         raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
             else model.features(x)
@@ -426,7 +442,8 @@ def main(argv=None) -> dict:
     res["epoch"] = ckpt.get("epoch")
     res["checkpoint"] = args.checkpoint
     if res["skipped"]:
-        log.warning("%d corrupt sample(s) left out of the scores: %s", len(res["skipped"]),
+        log.warning("%d sample(s) left out of the scores (corrupt or too large, see the "
+                    "warnings): %s", len(res["skipped"]),
                     res["skipped"])
     print(summary_line(f"epoch {ckpt.get('epoch')}", res))
     if args.json:

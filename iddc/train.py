@@ -356,7 +356,12 @@ def batches_until(loader, interrupt: GracefulInterrupt):
 
 class Prepared(dict):
     """What `prepare` built and checked (attribute access to its entries)."""
-    __getattr__ = dict.__getitem__
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> Prepared:
@@ -537,7 +542,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     if os.path.exists(marker):
         os.remove(marker)
 
-    stop, last_eval = False, None
+    stop, last_eval, finished = False, None, False
     interrupt = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, then stop
     try:
         for epoch in range(start_epoch, tc.epochs):
@@ -635,13 +640,19 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 # proves on --resume that this folder is the run's own (train.not_own_last_pt)
                 "run_folder": os.path.abspath(out),
                 "loss_backend": backend}, os.path.join(out, "last.pt"))
-            if stop:
+            finished = not mid_epoch and epoch + 1 == tc.epochs
+            if stop or interrupt.requested:  # also a Ctrl-C during the evaluation or the save
                 break
     finally:
         interrupt.uninstall()
     if interrupt.requested:
-        log.warning("interrupted: %s holds the run at step %d; continue it with --resume %s",
-                    os.path.join(out, "last.pt"), global_step, os.path.join(out, "last.pt"))
+        last = os.path.join(out, "last.pt")
+        if finished:
+            log.warning("interrupted after the last epoch: %s holds the whole run (score it "
+                        "with python -m iddc.evaluate --checkpoint %s)", last, last)
+        else:
+            log.warning("interrupted: %s holds the run at step %d; continue it with --resume "
+                        "%s", last, global_step, last)
         raise KeyboardInterrupt
 
     final = last_eval if last_eval is not None or not labelled_val \

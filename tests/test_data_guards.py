@@ -355,3 +355,12 @@ def test_synthetic_refuses_a_data_root():
                                          "set, which is generated"):
         build_source("synthetic", root="/data/coco", split="val", num_images=2)
     assert len(build_source("synthetic", split="val", num_images=2)) == 2
+
+
+def test_layout_checker_needs_a_root_except_for_synthetic(capsys):
+    from iddc.data import layout
+    with pytest.raises(SystemExit) as err:
+        layout.main(["cocostuff27"])
+    assert err.value.code == 2 and "'cocostuff27' needs its ROOT folder" in capsys.readouterr().err
+    assert layout.main(["synthetic", "--split", "val", "--data-option", "num_images=3"]) == 0
+    assert "val: 3 images, K = 6" in capsys.readouterr().out

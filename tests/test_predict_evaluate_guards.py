@@ -469,16 +469,24 @@ def test_predictor_refuses_an_image_too_large_before_any_work(runs):
         Predictor(model, short_side=None, max_tokens=4).segment([torch.randn(3, 2, 40)])
 
 
-def test_evaluate_refuses_an_image_too_large_for_resize_mode(runs, tmp_path):
-    from iddc.inference import ImageTooLargeError
+def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
+    """Left out of the scores, warned and named (as a corrupt sample is), never run: one forward
+    pass of it would hang; training's per-epoch evaluation and k-means do the same. Sliding
+    mode scores it."""
     img, lab = make_folder(tmp_path / "d", n=2)
     strip = image(img / "strip.png", size=STRIP)
     Image.fromarray(np.ones(STRIP[::-1], np.uint8)).save(lab / "strip.png")
     flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
              f"label_root={lab}"]
-    with pytest.raises(ImageTooLargeError, match=rf"{strip}: resized to 32 x 33600 px .* 16800 "
-                                                 r"backbone tokens .* --eval-mode sliding"):
-        evaluate.main(flags)
+    with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 32 x 33600 px .* "
+                                         r"16800 backbone tokens .* --eval-mode sliding"):
+        res = evaluate.main(flags)
+    assert res["skipped"] == [str(strip)] and res["unsupervised"]["pixels"] == 2 * SIZE * SIZE
+    model, cfg, ckpt = load_model(runs["labelled"])
+    source = build_source("folder", root=img, split="val", label_root=lab, num_classes=3)
+    transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
+    with pytest.warns(UserWarning, match="leaving out"):
+        evaluate.kmeans_baseline(model, source, transform=transform, num_classes=3, restarts=1)
     res = evaluate.main(flags + ["--eval-mode", "sliding", "--window", "32"])
     assert res["unsupervised"]["pixels"] == 2 * SIZE * SIZE + 32 * 33600
 
@@ -516,3 +524,17 @@ def test_evaluate_refuses_an_eval_size_below_the_patch_size(runs):
     with pytest.raises(ValueError, match="--eval-size 4 must be at least the backbone's patch "
                                          "size 8"):
         evaluate.main(["--checkpoint", runs["labelled"], "--eval-size", "4"])
+
+
+def test_training_survives_a_val_image_too_large_for_resize_mode(tmp_path):
+    """Training's per-epoch evaluation (and its k-means baseline) leave the image out: the run
+    finishes and saves its checkpoint instead of failing after its first epoch."""
+    img, lab = make_folder(tmp_path / "d", n=4)
+    strip = image(img / "strip.png", size=STRIP)
+    Image.fromarray(np.ones(STRIP[::-1], np.uint8)).save(lab / "strip.png")
+    with pytest.warns(UserWarning, match=f"leaving out {strip}"):
+        res = train.main(["--dataset", "folder", "--data-root", str(img), "--data-option",
+                          f"label_root={lab}", "--out", str(tmp_path / "run"),
+                          "--kmeans-baseline", "true"] + TINY_FLAGS)
+    assert (tmp_path / "run" / "last.pt").exists()
+    assert [e["kind"] for e in res["metrics"]][-1] == "iddc"

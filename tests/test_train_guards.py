@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -623,3 +624,46 @@ def test_an_edited_checkpoint_is_refused_on_resume(run_copy, edit, message):
                     "--max-steps", "0"])
     assert str(path) in str(err.value)
     assert not (run_copy.parent / "new").exists()  # refused before the new run folder is made
+
+
+@pytest.mark.parametrize("at_call, saved, message", [
+    (2, (1, 0), "continue it with --resume"),
+    (3, (2, 0), "interrupted after the last epoch: .* holds the whole run"),
+], ids=["epoch-1-eval", "last-eval"])
+def test_ctrl_c_during_an_evaluation_stops_after_its_checkpoint(tmp_path, tiny_yaml, monkeypatch,
+                                                                at_call, saved, message):
+    """The evaluation and checkpoint of the epoch finish; no further epoch starts (no empty
+    "epoch 2" record), and after the last epoch the run is reported complete, not resumable."""
+    import signal
+
+    from iddc import evaluate as ev
+    real, calls = ev.evaluate, []
+
+    def evaluate(*args, **kwargs):  # call 1: the untrained head, before training
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
+    ckpt = saved_checkpoint(out)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == saved
+    text = (out / "train.log").read_text()
+    assert re.search(message, text) and "'steps': 0" not in text
+
+
+def test_yaml_pairs_of_fused_and_backend_are_the_files_own(tmp_path):
+    """A run's config.yaml holds fused: false beside the backend it chose: as --config it keeps
+    that backend; only the --fused flag typed against a backend is a contradiction. A text
+    field looking like a number ("1e3") stays text."""
+    from iddc.config import load_yaml_file
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {fused: false, name: '1e3'}\nloss: {backend: streaming}\n")
+    cfg = resolve_config(train.parse_args(["--config", str(path)]))
+    assert cfg.loss.backend == "streaming" and cfg.train.name == "1e3"
+    assert load_yaml_file(str(path))["train"]["name"] == "1e3"
+    assert resolve_config(train.parse_args(["--set", "train.name=1e3"])).train.name == "1e3"
+    with pytest.raises(ValueError, match="--fused False and loss.backend 'streaming' contradict"):
+        resolve_config(train.parse_args(["--config", str(path), "--fused", "false"]))

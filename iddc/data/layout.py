@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
+    if args.root is None and args.dataset != "synthetic":
+        ap.error(f"the data set {args.dataset!r} needs its ROOT folder")
     import yaml
     options = {}
     for item in args.data_option:
@@ -419,7 +421,7 @@ def main(argv=None) -> int:
             print(f"{split}: LAYOUT ERROR: {err}")
             bad += 1
             continue
-        print(f"{split}: {src!r}")
+        print(f"{split}: {len(src)} images, K = {src.num_classes}")
         limit = args.decode
         if limit != 0:
             corrupt = scan_source(src, limit, args.workers)

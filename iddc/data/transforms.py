@@ -110,6 +110,11 @@ class EvalTransform:
         self.size, self.multiple = int(size), int(multiple)
         self.mean, self.std = tuple(mean), tuple(std)
 
+    def output_size(self, width: int, height: int):
+        """(H, W) of the input this transform makes of a width x height image."""
+        w, h = eval_size(width, height, self.size, self.multiple)
+        return h, w
+
     def __call__(self, img: Image.Image, label: Optional[np.ndarray]):
         img = img.convert("RGB")
         size = eval_size(img.width, img.height, self.size, self.multiple)
