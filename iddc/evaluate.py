@@ -372,7 +372,7 @@ def main(argv=None) -> dict:
     from .models import backbone_data_config
     from .config import parse_data_options
     from .devices import resolve_device
-    from .files import check_outputs, write_json
+    from .files import check_outputs, check_writable, write_json
 
     ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
                                  description="Re-evaluate a saved IDDC run on its val split.")
@@ -401,6 +401,7 @@ def main(argv=None) -> dict:
     model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
     if args.json:
         check_outputs([args.json], [args.checkpoint], "--json", args.overwrite)
+        check_writable(args.json)  # a read-only disk found now, not after the evaluation
     if args.eval_mode:
         cfg.data.eval_mode = args.eval_mode
     unused = [flag for flag, value in (("--window", args.window), ("--stride", args.stride))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable
@@ -97,3 +98,18 @@ def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: boo
         raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}"
                               f"{', ...' if len(existing) > limit else ''}); choose another "
                               f"{flag}, or pass --overwrite to replace them")
+
+
+def check_writable(path: str) -> None:
+    """An OSError naming ``path``'s folder if no file can be made there (a read-only or full
+    disk, no permission): for a command to find out before the work whose result it writes.
+    A folder that does not exist yet is made by the write itself, and not checked."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-writable-", dir=folder)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, folder) from err
+    os.close(fd)
+    os.unlink(probe)

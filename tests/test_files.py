@@ -114,3 +114,28 @@ def test_the_val_panel_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     visualize.save_panel(str(path), samples, 3)
     assert Image.open(path).format == "PNG" and os.listdir(tmp_path) == [path.name]
+
+
+def test_evaluate_json_on_a_read_only_folder_fails_before_evaluating(tmp_path, monkeypatch):
+    """--json's folder is probed first: a read-only disk is the one-line error naming the
+    folder before the evaluation, not after it."""
+    import errno
+    import tempfile
+
+    from iddc import evaluate, files
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    ran = []
+    import types
+    monkeypatch.setattr(files, "tempfile", types.SimpleNamespace(mkstemp=read_only))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: ran.append(1))
+    from iddc import checkpoint as ckpt_mod
+    monkeypatch.setattr(ckpt_mod, "load_model", lambda path, device: (None, None, None))
+    with pytest.raises(OSError, match="Read-only file system") as err:
+        evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--json",
+                       str(tmp_path / "scores.json")])
+    assert err.value.filename == str(tmp_path) and not ran
+    monkeypatch.setattr(files, "tempfile", tempfile)
+    files.check_writable(str(tmp_path / "scores.json"))
+    assert os.listdir(tmp_path) == []  # the probe leaves nothing
