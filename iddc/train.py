@@ -314,23 +314,26 @@ def check_resumable(resume: dict, cfg: Config) -> None:
 
 
 class GracefulInterrupt:
-    """Ctrl-C (SIGINT) during training: the step in progress finishes, last.pt is saved as a
-    mid-epoch stop (so --resume continues exactly), then the run stops; a second Ctrl-C stops
-    at once. Only in the main thread, where Python delivers signals."""
+    """Ctrl-C (SIGINT) or SIGTERM (a job scheduler's stop) during training: the step in
+    progress finishes, last.pt is saved as a mid-epoch stop (so --resume continues exactly),
+    then the run stops; a second signal stops at once. Only in the main thread, where Python
+    delivers signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def install(self) -> "GracefulInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -550,8 +550,9 @@ def test_a_runs_config_yaml_is_a_valid_config(run_copy, tmp_path):
                                                    "name": "run-1e3"}}
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_yaml,
-                                                               monkeypatch):
+                                                               monkeypatch, signame):
     """SIGINT in the middle of a step (epoch 2's first): the step finishes, last.pt is saved as
     a mid-epoch stop without an evaluation, the run ends with KeyboardInterrupt (the CLI's exit
     130), and --resume then ends with the very weights of an uninterrupted run."""
@@ -564,7 +565,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
     def forward(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # 2 steps an epoch: the first of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, signame))
         return real_forward(self, *args, **kwargs)
     monkeypatch.setattr(IDDCLoss, "forward", forward)
     out = tmp_path / "cut"
@@ -572,6 +573,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
         train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     cut = saved_checkpoint(out)
     assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (3, 1, 1)
     assert [e["epoch"] for e in cut["metrics"] if e["kind"] == "iddc"] == [1]  # no eval of it
