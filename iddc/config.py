@@ -320,9 +320,15 @@ def _parse_value(s: str, option: str, wants: Any = None) -> Any:
     except yaml.YAMLError as err:
         raise ValueError(f"{option}: {s!r} is not a valid YAML value ({_yaml_problem(err)})") \
             from err
-    # a field declared as text (a run name "1e3") stays text; other values become numbers
-    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) and \
-            wants in (None, int, float):
+    return _exponent_number(value, wants)
+
+
+def _exponent_number(value: Any, wants: Any = None) -> Any:
+    """``value``, or the float it spells where YAML 1.1 left a number as text (1e-3, 5E-4: no
+    dot), unless the field it sets (``wants``: its declared type) takes text: a run named
+    "1e3" stays "1e3"."""
+    if isinstance(value, str) and wants in (None, int, float) and \
+            _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
     return value
 
@@ -351,11 +357,8 @@ def load_yaml_file(path: str) -> dict:
             raise ValueError(f"config file {path}: section {section!r} must be a mapping")
     loaded.pop(RESOLVED_SECTION, None)
 
-    def number(section, name, v):  # only where a number belongs: a name "1e3" stays text
-        wants = _FIELD_TYPES.get((section, name))
-        return float(v) if wants in (int, float) and isinstance(v, str) and \
-            _EXPONENT_NUMBER.fullmatch(v.strip()) else v
-    return {section: {k: number(section, k, v) for k, v in vals.items()}
+    return {section: {k: _exponent_number(v, _FIELD_TYPES.get((section, k)))
+                      for k, v in vals.items()}
             for section, vals in loaded.items() if vals is not None}
 
 

@@ -176,19 +176,20 @@ def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
         sample = load_or_skip(source, i, skipped)
         if sample is None:
             continue
+        x = y = None
         if patch_size:
-            out_size = getattr(transform, "output_size", None)
-            size = out_size(*sample[0].size) if out_size else None  # before the resize
-            x, y = (None, None) if size else transform(*sample)
-            why = too_large(source, i, size or x.shape[-2:], patch_size)
+            if hasattr(transform, "output_size"):  # known before the (costly) resize
+                size = transform.output_size(*sample[0].size)
+            else:
+                x, y = transform(*sample)
+                size = x.shape[-2:]
+            why = too_large(source, i, size, patch_size)
             if why:
                 warnings.warn(f"leaving out {why}", stacklevel=2)
                 if skipped is not None:
                     skipped.append(sample_name(source, i))
                 continue
-            if x is None:
-                x, y = transform(*sample)
-        else:
+        if x is None:
             x, y = transform(*sample)
         if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size):
             yield idx, torch.stack(xs), torch.stack(ys)

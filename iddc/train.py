@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -357,14 +358,8 @@ def batches_until(loader, interrupt: GracefulInterrupt):
         yield batch
 
 
-class Prepared(dict):
-    """What `prepare` built and checked (attribute access to its entries)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+#: what `prepare` built and checked, by name
+Prepared = SimpleNamespace
 
 
 def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> Prepared:
@@ -616,12 +611,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if train_src.skipped or val_src.skipped:
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
                             train_src.skipped, val_src.skipped)
-            stop = stop or interrupt.requested
-            if interrupt.requested:
-                pass  # no evaluation: the user asked to stop; the checkpoint below keeps the step
-            elif not labelled_val:
+            # after a Ctrl-C no evaluation and no record: the checkpoint below keeps the step
+            if not labelled_val and not interrupt.requested:
                 history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
-            elif (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop:
+            elif labelled_val and not interrupt.requested and (
+                    (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop):
                 res = run_eval(keep=tc.vis_images)
                 last_eval = res
                 extra = {"train": train_stats}
