@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
 from .config import (RESOLVED_SECTION, Config, add_config_arguments, check_sliding_window,
-                     config_changes, explicit_settings, resolve_config)
+                     config_changes, explicit_settings, preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -400,6 +400,9 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
         log.warning(RANDOM_INIT_BANNER)
     else:
         log.info("backbone weights: %s", weights)
+    mismatch = preset_backbone_warning(cfg) if resume is None else None
+    if mismatch:
+        log.warning("WARNING: %s", mismatch)
     if dc.crop_size % model.patch_size:
         raise ValueError(f"data.crop_size ({dc.crop_size}) must be a multiple of the backbone's "
                          f"patch size {model.patch_size}")

@@ -383,9 +383,14 @@ def test_train_and_evaluate_cocostuff(tmp_path, dataset, k):
 
 def test_train_and_evaluate_cityscapes(tmp_path):
     root = make_cityscapes(tmp_path / "cs", n=(2, 2), size=(64, 32))
-    _, last = _train(tmp_path, "cityscapes", root, "--eval-mode", "sliding")
+    res, last = _train(tmp_path, "cityscapes", root, "--eval-mode", "sliding",
+                       "--preset", "cityscapes-vitb8")
     assert list(last["unsupervised"]["per_class_iou"])[:2] == ["road", "sidewalk"]
     assert last["unsupervised"]["pixels"] > 0
+    # the ViT-B/8 preset on the default ViT-S/8 backbone: said in the run's log
+    log = (Path(res["out"]) / "train.log").read_text()
+    assert "preset 'cityscapes-vitb8' holds SPEC's t+, t-, lambda1 and lambda2 for " \
+        "vit_base_patch8_224; this run's backbone is vit_small_patch8_224" in log
 
 
 def test_train_and_evaluate_folder(tmp_path):

@@ -237,6 +237,40 @@ def test_paper_presets_set_spec_schedule(preset, epochs):
     assert (cfg.train.batch_size, cfg.train.epochs) == (8, 3)
 
 
+@pytest.mark.parametrize("dataset", ["cocostuff27", "cocostuff171", "cityscapes", "folder"])
+def test_real_data_sets_start_from_spec_sizes(dataset, tmp_path):
+    """SPEC sections 3-5 for a new run on a real data set: 224 px crops, batch 64, evaluation
+    at shorter side 320 (the dataclass defaults are the synthetic set's 64 / 96 / 32), below
+    the preset, YAML and flags; a resumed run keeps its own."""
+    from iddc.config import resolve_config
+    new = ["--dataset", dataset, "--data-root", "/data"]
+    cfg = resolve_config(train.parse_args(new))
+    assert (cfg.data.crop_size, cfg.data.eval_size, cfg.train.batch_size) == (224, 320, 64)
+    assert resolve_config(train.parse_args([])).data.crop_size == 64
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data: {crop_size: 112}\n")
+    cfg = resolve_config(train.parse_args(new + ["--config", str(yaml_file), "--eval-size", "160",
+                                                 "--preset", "cocostuff27-vits8"]))
+    assert (cfg.data.crop_size, cfg.data.eval_size, cfg.train.batch_size) == (112, 160, 64)
+    saved = resolve_config(train.parse_args(new + ["--batch-size", "8"])).to_dict()
+    saved["data"]["crop_size"] = 48
+    cfg = resolve_config(train.parse_args([]), saved=saved)
+    assert (cfg.data.crop_size, cfg.train.batch_size) == (48, 8)
+
+
+def test_preset_backbone_warning():
+    from iddc.config import preset_backbone_warning, resolve_config
+    def warning(*argv):
+        return preset_backbone_warning(resolve_config(train.parse_args(list(argv))))
+    assert warning("--preset", "cityscapes-vitb8", "--backbone", "vit_base_patch8_224") is None
+    assert warning("--preset", "cocostuff27-vits16",
+                   "--backbone", "vit_small_patch16_224.dino") is None
+    assert warning("--preset", "cocostuff171") is None  # SPEC names no backbone for it
+    assert warning() is None
+    assert "for vit_small_patch16_224; this run's backbone is vit_small_patch8_224" in \
+        warning("--preset", "cocostuff27-vits16")
+
+
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"\x80\x02garbage, not a checkpoint")
