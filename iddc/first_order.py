@@ -12,9 +12,12 @@ import torch
 
 class _SecondOrderError(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grad, anchor, backend):
-        ctx.backend = backend
+    def forward(grad, anchor, backend):
         return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the form torch.func transforms need
+        ctx.backend = inputs[2]
 
     @staticmethod
     def backward(ctx, *_):

@@ -104,7 +104,14 @@ class IDDCConfig:
 
 @dataclass
 class IDDCOutput:
-    """What `IDDCLoss` returns: the total and each term (0-dim tensors) with the pair counts."""
+    """What `IDDCLoss` returns.
+
+    ``loss``, ``pos``, ``neg`` and ``reg`` are 0-dim tensors of the compute dtype (float32, or
+    float64 for float64 inputs) that carry the graph (``loss.backward()``; detach the terms, or
+    take ``.item()``, before keeping them across steps: a kept term holds the step's graph and
+    the backend's saved gradients). ``pos_count`` (0-dim) and ``neg_counts`` (S,) are int64
+    pair counts on the inputs' device, without gradient; ``shifts`` the S shifts used.
+    """
     loss: torch.Tensor
     pos: torch.Tensor
     neg: torch.Tensor
@@ -218,9 +225,10 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
         if not good:
             if not bool(torch.isfinite(feats).all()):
                 raise ValueError(f"{name} contains NaN or Inf{skip}")
+            wider = "" if views.u_a.dtype == torch.float64 else " or pass float64"
             raise ValueError(f"{name}: a pixel's feature norm overflows {views.u_a.dtype} (values "
-                             f"up to {float(feats.abs().max()):.3g}); scale the features down "
-                             f"or pass float64{skip}")
+                             f"up to {float(feats.abs().max()):.3g}); scale the features "
+                             f"down{wider}{skip}")
     for name, good in (("logits_a", ok[2]), ("logits_b", ok[3])):
         if not good:
             raise ValueError(f"{name} contains NaN or +Inf, or a pixel whose logits are all -Inf "

@@ -16,7 +16,7 @@ import torch
 
 #: the h variants of SPEC section 2 (iddc.reference implements them)
 H_VARIANTS = ("exp", "linear", "log")
-#: the Triton backend's dot-product precisions (the other backends compute in the inputs' dtype)
+#: the Triton backend's dot-product precisions (the other backends compute in the inputs' dtype, at least float32)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 #: the most classes the Triton kernels hold on chip (``auto`` takes streaming beyond it)
 TRITON_MAX_CLASSES = 256
@@ -91,9 +91,11 @@ def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) 
 
 
 def common_dtype(*tensors) -> list:
-    """The tensors in their promoted dtype (reference and streaming compute in one dtype; a
-    mixed call would otherwise fail inside a matmul)."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    """The tensors in their promoted dtype, at least float32 (reference and streaming compute
+    in one dtype, or a mixed call would fail inside a matmul; 16-bit inputs are upcast exactly,
+    as the kernels accumulate them in float32: the same pairs, no 16-bit overflow of the sums,
+    and the 1e-8 weight floor survives)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 

@@ -72,13 +72,15 @@ def pair_term(u_l, u_r, p_l, p_r, *, positive: bool, threshold: float, h: str):
     c = torch.bmm(p_l, p_r.transpose(1, 2))  # B x N x M label affinities
     # the threshold in f's dtype, rounded so that f > t / f < t select as with the exact t
     threshold = comparison_threshold(threshold, f.dtype, below=not positive)
+    # the weight is masked before the product: an unselected pair's weight may be NaN (a NaN
+    # feature, with check_finite=False), and NaN * 0 would poison the gradient
     if positive:
         mask = f > threshold
-        value = w_pos(f) * h_pos(c, h)
+        value = torch.where(mask, w_pos(f), 0.0) * h_pos(c, h)
     else:
         mask = f < threshold
-        value = w_neg(f) * h_neg(c, h)
-    return torch.where(mask, value, torch.zeros_like(value)).sum(), mask.sum()
+        value = torch.where(mask, w_neg(f), 0.0) * h_neg(c, h)
+    return value.sum(), mask.sum()
 
 
 def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg: float,
@@ -94,7 +96,8 @@ def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg:
         sums: (1 + S,) tensor, sums[0] the positive term's sum, sums[1 + s] shift s's.
         counts: (1 + S,) int64 tensor of selected pairs, same order.
 
-    Computed in the inputs' (promoted) dtype. Bad inputs raise ValueError
+    Computed in the inputs' promoted dtype, at least float32 (16-bit inputs are upcast). Bad
+    inputs raise ValueError
     (:func:`iddc.pair_inputs.check_pair_sums_inputs`, shared by every backend).
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)

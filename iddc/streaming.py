@@ -195,20 +195,28 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
 
 
 class StreamingPairSums(torch.autograd.Function):
-    """Pair sums and counts with their gradients computed in the forward walk."""
+    """Pair sums and counts with their gradients computed in the forward walk.
+
+    Returns (sums, counts, grad_a, grad_b); only sums is differentiable, the per-term
+    gradients are outputs so that `setup_context` can save them (the form torch.func needs).
+    need_a / need_b: whether p_a / p_b will be asked for a gradient (the caller knows: forward
+    has no ctx here)."""
 
     @staticmethod
-    def forward(ctx, u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, tile_elems):
-        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    def forward(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, tile_elems, need_a, need_b):
         sums, counts, grad_a, grad_b = _walk(u_a.detach(), u_b.detach(), p_a.detach(),
                                              p_b.detach(), shifts, t_pos, t_neg, h, need_a,
                                              need_b, tile_elems)
-        ctx.save_for_backward(grad_a, grad_b, p_a, p_b)
-        ctx.mark_non_differentiable(counts)
-        return sums.to(p_a.dtype), counts
+        return sums.to(p_a.dtype), counts, grad_a, grad_b
 
     @staticmethod
-    def backward(ctx, grad_sums, grad_counts):
+    def setup_context(ctx, inputs, output):
+        _, counts, grad_a, grad_b = output
+        ctx.save_for_backward(grad_a, grad_b, inputs[2], inputs[3])
+        ctx.mark_non_differentiable(*(t for t in (counts, grad_a, grad_b) if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad_sums, *_):
         grad_a, grad_b, p_a, p_b = ctx.saved_tensors
         go = grad_sums.to(grad_a.dtype if grad_a is not None else grad_sums.dtype)
         d_a = d_b = None
@@ -218,7 +226,7 @@ class StreamingPairSums(torch.autograd.Function):
             d_b = grad_b * go[0]
         d_a = first_order_only(d_a, p_a, "streaming")
         d_b = first_order_only(d_b, p_b, "streaming")
-        return None, None, d_a, d_b, None, None, None, None, None
+        return None, None, d_a, d_b, None, None, None, None, None, None, None
 
 
 def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
@@ -244,8 +252,8 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
     Returns:
         (sums, counts): (1 + S,) tensors, positive first; counts are int64 without gradient.
 
-    Computed in the inputs' (promoted) dtype (the sums accumulate in float64 on the CPU, in at
-    least float32 elsewhere); bad inputs raise ValueError
+    Computed in the inputs' promoted dtype, at least float32 (16-bit inputs are upcast; the
+    sums accumulate in float64 on the CPU); bad inputs raise ValueError
     (:func:`iddc.pair_inputs.check_pair_sums_inputs`, as in every backend).
 
     Example:
@@ -261,4 +269,7 @@ def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,
     # f has u's dtype: thresholds rounded so that the selection is the exact t's
     t_pos = comparison_threshold(t_pos, u_a.dtype, below=False)
     t_neg = comparison_threshold(t_neg, u_a.dtype, below=True)
-    return StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, int(tile_elems))
+    sums, counts, _, _ = StreamingPairSums.apply(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h,
+                                                 int(tile_elems), p_a.requires_grad,
+                                                 p_b.requires_grad)
+    return sums, counts

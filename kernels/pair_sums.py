@@ -28,6 +28,7 @@ per-term gradients (1+S, B, N, K) and (B, M, K).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -232,7 +233,7 @@ def _pair_sums_rows_kernel(
         _store_set(psum_ptr, pcnt_ptr, b * NBLK + pid_i, total, count, g_own, g_rows, gmask,
                    NEED_GRAD, False)
     for s in range(0, NUM_SHIFTS):
-        slot = s + HAS_POS
+        slot = tl.cast(s + HAS_POS, tl.int64)  # slot * s_gat passes 2**31 before B * N * K does
         r = _select_shift(s, r0, r1, r2, r3, r4, r5, r6, r7).to(tl.int64)
         bc = (b + r) % B
         total, count, g_rows = _walk_partner(
@@ -385,9 +386,9 @@ def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
     changing the float32 summation order); the GPU tests use them too, to compile once per
     case instead of once per candidate."""
     block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
-    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a
-        warps = 8 if f_precision in ("ieee", "tf32x3") else 4
-        return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=warps, num_stages=2)
+    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a: none but ieee's and
+        # tf32x3's (a few hundred bytes to 7 KB) at 8 warps, up to 18 KB at 4
+        return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=8, num_stages=2)
     if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
         return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
     if f_precision == "tf32x3":  # three products and split operands: 64x64 tiles spill KBs
@@ -514,30 +515,43 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
 class TritonPairSums(torch.autograd.Function):
     """Autograd wrapper: forward runs the fused kernels (sums, counts and, when p_a or p_b need
     it, the per-term gradients in the same launch); backward only contracts the saved per-term
-    gradients with grad_output: grad_p_a = sum_t g[t] grad_a[t], grad_p_b = g[0] grad_b."""
+    gradients with grad_output: grad_p_a = sum_t g[t] grad_a[t], grad_p_b = g[0] grad_b.
+
+    Returns (sums, counts, grad_a, grad_b); only sums is differentiable, the per-term
+    gradients are outputs so that `setup_context` can save them (the form torch.func needs).
+    need_a / need_b: whether p_a / p_b will be asked for a gradient."""
 
     @staticmethod
-    def forward(ctx, p_a, p_b, u_a, u_b, shifts, t_pos, t_neg, h_code, precision, deterministic,
-                out_dtype, config):
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(p_a, p_b, u_a, u_b, shifts, t_pos, t_neg, h_code, precision, deterministic,
+                out_dtype, config, need_a, need_b):
         need_grad = bool(need_a or need_b)
-        psum, pcnt, grad_a, grad_b = _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code,
-                                             precision, deterministic, need_grad, config,
-                                             need_b=bool(need_b))
+        # Triton launches on the current CUDA device: make it the inputs' (cuda:1 from a
+        # process whose current device is cuda:0, as under DDP without set_device)
+        on_inputs = torch.cuda.device(u_a.device) if u_a.device.type == "cuda" else \
+            contextlib.nullcontext()
+        with on_inputs:
+            psum, pcnt, grad_a, grad_b = _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg,
+                                                 h_code, precision, deterministic, need_grad,
+                                                 config, need_b=bool(need_b))
         # fixed-order reductions of the per-program partials (float64 for the sums)
         sums = psum.flatten(1).to(torch.float64).sum(1).to(out_dtype)
         counts = pcnt.flatten(1).to(torch.int64).sum(1)
-        ctx.mark_non_differentiable(counts)
-        ctx.save_for_backward(grad_a if need_a else None, grad_b if need_b else None, p_a, p_b)
-        ctx.p_dtypes = (p_a.dtype, p_b.dtype)
-        return sums, counts
+        return sums, counts, grad_a if need_a else None, grad_b if need_b else None
 
     @staticmethod
-    def backward(ctx, grad_sums, grad_counts=None):
+    def setup_context(ctx, inputs, output):
+        _, counts, grad_a, grad_b = output
+        p_a, p_b = inputs[0], inputs[1]
+        ctx.save_for_backward(grad_a, grad_b, p_a, p_b)
+        ctx.mark_non_differentiable(*(t for t in (counts, grad_a, grad_b) if t is not None))
+        ctx.p_dtypes = (p_a.dtype, p_b.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_sums, *_):
         grad_a, grad_b, p_a, p_b = ctx.saved_tensors
         gp_a = gp_b = None
         if grad_sums is None:
-            return (None,) * 12
+            return (None,) * 14
         g = grad_sums.to(torch.float32)
         if grad_a is not None:
             gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
@@ -545,7 +559,7 @@ class TritonPairSums(torch.autograd.Function):
             gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
         # a second derivative would lack the pair terms: make it raise, not silently drop them
         gp_a, gp_b = first_order_only(gp_a, p_a, "triton"), first_order_only(gp_b, p_b, "triton")
-        return (gp_a, gp_b) + (None,) * 10
+        return (gp_a, gp_b) + (None,) * 12
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -655,7 +669,8 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
     t_neg32 = comparison_threshold(t_neg, torch.float32, below=True)
     if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
         pa, pb = pa.detach(), pb.detach()
-    sums, counts = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,
-                                        _H_CODES[h], precision, bool(deterministic), out_dtype,
-                                        _config)
+    sums, counts, _, _ = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,
+                                              _H_CODES[h], precision, bool(deterministic),
+                                              out_dtype, _config, pa.requires_grad,
+                                              pb.requires_grad)
     return sums, counts

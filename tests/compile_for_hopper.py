@@ -4,7 +4,8 @@ Run by tests/test_triton_compile.py in a subprocess (Triton's interpreter must b
 compile). The interpreter tests check what the kernels compute; this checks that every variant
 also compiles for the GPU the autotune configurations target (an error the interpreter never
 meets: a type mismatch in a branch, an op the backend lacks). Prints one JSON line per variant:
-{"kernel", "variant", "ok", "error", "registers", "spill_bytes"} (ptxas's own report).
+{"kernel", "variant", "ok", "error", "registers", "spill_bytes"} (ptxas's own report),
+"int32_stride_products" (offsets that could wrap past 2**31).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 def signature(fn, feat_dtype: str, constexprs: dict) -> tuple[dict, dict]:
     """Argument types from the kernels' naming convention: *_ptr pointers (features and
-    probabilities in feat_dtype, pcnt int32, gradients and sums float32), s_* int64 strides,
-    t_* float32, others int32."""
+    probabilities in feat_dtype, pcnt int32, gradients and sums float32), t_* float32, other
+    ints (strides s_* included) int32, as the launcher passes any int below 2**31."""
     sig, const = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -36,8 +37,6 @@ def signature(fn, feat_dtype: str, constexprs: dict) -> tuple[dict, dict]:
         elif name.endswith("_ptr"):
             sig[name] = ("*" + feat_dtype) if name[0] in "up" and name != "psum_ptr" else \
                 ("*i32" if name == "pcnt_ptr" else "*fp32")
-        elif name.startswith("s_"):
-            sig[name] = "i64"
         elif name in ("t_pos", "t_neg"):
             sig[name] = "fp32"
         else:
@@ -94,6 +93,14 @@ def variants():
                 F_PRECISION="ieee", BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, BLOCK_K=32), 4)
 
 
+def int32_stride_products(ttir: str) -> list:
+    """The 32-bit multiplies by a stride argument in a kernel's TTIR: an offset that can wrap
+    (the kernels widen every index to int64 before it meets a stride)."""
+    return [line.strip().split(" loc(")[0] for line in ttir.splitlines()
+            if "arith.muli" in line and line.rstrip().split(" loc(")[0].endswith(": i32")
+            and re.search(r"%s_\w+", line)]
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: kernels cannot be compiled", file=sys.stderr)
@@ -106,6 +113,7 @@ def main() -> int:
             compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=TARGET,
                                       options=dict(num_warps=warps, num_stages=2))
             row["registers"], row["spill_bytes"] = ptxas_report(compiled.asm["ptx"])
+            row["int32_stride_products"] = int32_stride_products(compiled.asm["ttir"])
             row["ok"] = True
         except Exception as err:  # reported, not raised: the test lists every failure
             row.update(ok=False, error=f"{type(err).__name__}: {str(err)[-2000:]}")

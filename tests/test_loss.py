@@ -236,8 +236,12 @@ def test_feature_norm_overflow_is_refused_not_zeroed():
     silently): refused, naming the input; float64 computes them."""
     fa, fb, za, zb = views()
     with pytest.raises(ValueError, match=r"feats_b: a pixel's feature norm overflows "
-                                         r"torch.float32 \(values up to 1e\+25\)"):
+                                         r"torch.float32 \(values up to 1e\+25\); scale the "
+                                         r"features down or pass float64"):
         _call(fa, fb * 0 + 1e25, za, zb, shifts=(1,))
+    with pytest.raises(ValueError, match=r"overflows torch.float64 \(values up to 1e\+200\); "
+                                         r"scale the features down \(pass check_finite"):
+        _call(fa.double(), fb.double() * 0 + 1e200, za, zb, shifts=(1,))
     big = _call(fa.double(), fb.double() * 1e25, za, zb, shifts=(1,))
     ref = _call(fa.double(), fb.double(), za, zb, shifts=(1,))
     torch.testing.assert_close(big.loss, ref.loss)

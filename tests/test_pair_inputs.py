@@ -164,11 +164,44 @@ def test_nan_features_select_no_pair_in_any_backend(backend):
     """With the finite check off, a NaN feature gives NaN affinities, which select nothing
     (f > t and f < t are false): every backend drops those pairs as the reference does."""
     u_a, u_b, p_a, p_b = inputs()
+    # the oracle: those pixels' features zeroed, f = 0, which neither t+ = 0.1 nor t- = -0.05
+    # selects
+    zeroed = [u_a.clone(), u_b.clone()]
+    zeroed[0][1, 2, :] = 0.0
+    zeroed[1][0, 3, :] = 0.0
     u_a[1, 2, :] = math.nan
     u_b[0, 3, 0] = math.nan
-    kw = dict(t_pos=0.1, t_neg=0.05, h="exp")
-    sums, counts = BACKENDS[backend](u_a, u_b, p_a, p_b, (1, 2), **kw)
-    r_sums, r_counts = reference.pair_sums(u_a, u_b, p_a, p_b, (1, 2), **kw)
-    assert torch.isfinite(r_sums).all()
+    kw = dict(t_pos=0.1, t_neg=-0.05, h="exp")
+    p = [t.requires_grad_() for t in (p_a, p_b)]
+    sums, counts = BACKENDS[backend](u_a, u_b, *p, (1, 2), **kw)
+    grads = torch.autograd.grad(sums.sum(), p)
+    r_sums, r_counts = reference.pair_sums(*zeroed, *p, (1, 2), **kw)
+    r_grads = torch.autograd.grad(r_sums.sum(), p)
+    assert min(r_counts.tolist()) > 0
     assert counts.tolist() == r_counts.tolist()
     torch.testing.assert_close(sums.double(), r_sums.double(), rtol=1e-5, atol=0)
+    for g, r in zip(grads, r_grads):  # finite: no NaN * 0 from an unselected pair's weight
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_16bit_inputs_are_computed_in_float32(backend, dtype):
+    """16-bit inputs are upcast (exactly) and summed in float32 or wider by every backend: the
+    pairs of the upcast values, float32 sums where 16-bit sums of 320k pairs would overflow, and
+    the 1e-8 positive-weight floor kept for a threshold that lets f <= 0 through."""
+    args = [t.to(dtype) for t in inputs(b=2, n=400, m=400)]
+    p = [t.requires_grad_() for t in args[2:]]
+    kw = dict(t_pos=-0.5, t_neg=0.05, h="exp")
+    sums, counts = BACKENDS[backend](*args[:2], *p, (1,), **kw)
+    assert sums.dtype == torch.float32
+    wide = [t.detach().double().requires_grad_() for t in p]
+    r_sums, r_counts = reference.pair_sums(*[t.double() for t in args[:2]], *wide, (1,), **kw)
+    assert r_sums[0] > torch.finfo(torch.float16).max
+    assert counts.tolist() == r_counts.tolist()
+    torch.testing.assert_close(sums.double(), r_sums, rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(sums.sum(), p)
+    r_grads = torch.autograd.grad(r_sums.sum(), wide)
+    for g, r in zip(grads, r_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=0)
