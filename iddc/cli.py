@@ -13,6 +13,15 @@ import sys
 from typing import Callable, Optional, Sequence
 
 
+def path_arg(text: str) -> str:
+    """argparse type of a path flag: an empty one (``--out ""``) is refused, not read as the
+    current folder or as no file."""
+    if not text.strip():
+        import argparse
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def user_errors() -> tuple:
     """Exception types that describe bad input, not a bug."""
     from .checkpoint import CheckpointError

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .cli import path_arg
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
 from .inference import (MAX_TOKENS, check_at_least, check_window, sliding_predict_fn,
@@ -377,7 +378,7 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
                                  description="Re-evaluate a saved IDDC run on its val split.")
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, type=path_arg)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-mode", default=None, help="default: the run's data.eval_mode")
     ap.add_argument("--eval-size", type=int, default=None)
@@ -385,13 +386,13 @@ def main(argv=None) -> dict:
                     "mode only); default: the run's data.sliding_window")
     ap.add_argument("--stride", type=int, default=None, help="sliding stride (px; sliding eval "
                     "mode only); default: the run's data.sliding_stride")
-    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--data-root", default=None, type=path_arg)
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                     help="data-set factory option (repeatable), over the run's own; e.g. "
                          "label_root=DIR for a folder data set")
     ap.add_argument("--max-val-images", type=int, default=None)
     ap.add_argument("--split", default="val")
-    ap.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    ap.add_argument("--json", default=None, type=path_arg, help="also write the scores to this JSON file")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --json file (never the checkpoint)")
     args = ap.parse_args(argv)

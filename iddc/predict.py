@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
+from .cli import path_arg
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
 from .files import check_outputs, write_atomic, write_json
@@ -300,9 +301,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m iddc.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="an IDDC checkpoint (last.pt)")
-    ap.add_argument("images", nargs="+", help="image files or folders")
-    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--checkpoint", required=True, type=path_arg, help="an IDDC checkpoint (last.pt)")
+    ap.add_argument("images", nargs="+", type=path_arg, help="image files or folders")
+    ap.add_argument("--out", required=True, type=path_arg, help="output folder (created)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace output files that already exist in --out (never an input)")
     ap.add_argument("--mode", choices=MODES, default="resize")

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
+from .cli import path_arg
 from .config import (RESOLVED_SECTION, Config, add_config_arguments, check_sliding_window,
                      config_changes, explicit_settings, preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
@@ -77,7 +79,8 @@ def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[
 
 
 #: written into a new run folder at once and removed when training starts: a folder that still
-#: has it (and nothing but what a start writes) is a start that failed, and may be reused
+#: has it (and nothing but what a start writes) is a start that failed, and may be reused. It
+#: records the starting process ("pid host"): a start still running is never reused.
 STARTING_MARKER = ".iddc-starting"
 #: what a run writes before its first epoch
 START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
@@ -91,28 +94,88 @@ def _reusable(folder: str) -> bool:
     return not entries or (STARTING_MARKER in entries and entries <= START_FILES)
 
 
+def _starting_elsewhere(marker: str) -> Optional[str]:
+    """Who is starting a run in the marker's folder now ("pid P on this host" or "a process on
+    host H"), or None if that start has stopped (or the marker predates the pid record)."""
+    try:
+        with open(marker) as fh:
+            pid, _, host = fh.readline().strip().partition(" ")
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return f"a process on host {host}"  # cannot be checked from here
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return f"pid {pid} on this host"
+
+
+def _claim(out: str) -> Optional[str]:
+    """Make `out` this process's run folder, atomically (two runs starting at once with the
+    same --out or --name cannot both get it); None on success, else why not."""
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        os.mkdir(out)
+    except FileExistsError:
+        if not os.path.isdir(out):
+            raise FileExistsError(f"output path {out} is a file, not a folder; choose another "
+                                  "--out") from None
+        if not _reusable(out):
+            return "holds other files"
+    marker = os.path.join(out, STARTING_MARKER)
+    if os.path.exists(marker):
+        who = _starting_elsewhere(marker)
+        if who is not None:
+            return f"is being used by a run starting now ({who})"
+        # a failed start's marker: the one process whose rename succeeds takes the folder
+        stale = f"{marker}.{os.getpid()}"
+        try:
+            os.rename(marker, stale)
+        except FileNotFoundError:
+            return "is being used by a run starting now"
+        os.remove(stale)
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return "is being used by a run starting now"
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()} {socket.gethostname()}\n"
+                 "this run has not started training yet; if it stopped, the folder may be "
+                 "reused\n")
+    return None
+
+
 def make_out_dir(cfg: Config) -> str:
-    """The run folder, marked as starting; refuses a folder holding anything but a failed
-    start's files (never overwrites a run, nor any file of the user's)."""
+    """The run folder, claimed and marked as starting; refuses a folder holding anything but a
+    failed start's files (never overwrites a run, nor any file of the user's) or one another
+    start is using."""
     out = cfg.train.out
     if out is None:
         base = cfg.train.name or time.strftime("%Y%m%d-%H%M%S")
-        out = os.path.join("runs", base)
-        n = 1
-        while not _reusable(out):
+        out, n = os.path.join("runs", base), 1
+        while _claim(out) is not None:
             out = os.path.join("runs", f"{base}-{n}")
             n += 1
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"output path {out} is a file, not a folder; choose another --out")
-    if not _reusable(out):
+        return out
+    why_not = _claim(out)
+    if why_not == "holds other files":
+        if set(os.listdir(out)) == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
+            raise FileExistsError(f"output folder {out} holds a run that stopped before it "
+                                  "saved a checkpoint (its train.log says why); choose another "
+                                  "--out, or delete the folder to reuse it")
         hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"
                 if os.path.exists(os.path.join(out, "last.pt")) else "")
         raise FileExistsError(f"output folder {out} already holds other files (a run?); choose "
                               f"another --out{hint}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, STARTING_MARKER), "w") as fh:
-        fh.write("this run has not started training yet; if it stopped, the folder may be "
-                 "reused\n")
+    if why_not is not None:
+        raise FileExistsError(f"output folder {out} {why_not}; choose another --out (if no run "
+                              f"is starting there, delete {os.path.join(out, STARTING_MARKER)})")
     return out
 
 
@@ -255,7 +318,7 @@ any other checkpoint file)"""
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m iddc.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--resume", metavar="PATH", help=RESUME_HELP)
+    ap.add_argument("--resume", metavar="PATH", type=path_arg, help=RESUME_HELP)
     add_config_arguments(ap)
     return ap.parse_args(argv)
 
@@ -604,12 +667,13 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if bar is not None:
                 bar.close()
             mid_epoch = skip + n_steps < steps_per_epoch
+            epoch_lr = opt.param_groups[0]["lr"]  # the epoch's own, before the decay step
             if not mid_epoch:
                 sched.step()
             seconds = time.time() - t0
             train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
             train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
-                               seconds=round(seconds, 2), lr=opt.param_groups[0]["lr"])
+                               seconds=round(seconds, 2), lr=epoch_lr)
             log.info("epoch %d: %s", epoch + 1, train_stats)
             if train_src.skipped or val_src.skipped:
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",

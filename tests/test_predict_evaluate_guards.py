@@ -538,3 +538,23 @@ def test_training_survives_a_val_image_too_large_for_resize_mode(tmp_path):
                           "--kmeans-baseline", "true"] + TINY_FLAGS)
     assert (tmp_path / "run" / "last.pt").exists()
     assert [e["kind"] for e in res["metrics"]][-1] == "iddc"
+
+
+@pytest.mark.parametrize("tool, argv, flag", [
+    (predict, ["--checkpoint", "x.pt", "a.png", "--out", ""], "--out"),
+    (predict, ["--checkpoint", "", "a.png", "--out", "o"], "--checkpoint"),
+    (predict, ["--checkpoint", "x.pt", " ", "--out", "o"], "images"),
+    (evaluate, ["--checkpoint", "x.pt", "--json", ""], "--json"),
+    (evaluate, ["--checkpoint", "x.pt", "--data-root", ""], "--data-root"),
+    (train, ["--resume", ""], "--resume"),
+], ids=["predict-out", "predict-checkpoint", "predict-image", "evaluate-json",
+        "evaluate-data-root", "train-resume"])
+def test_empty_paths_are_refused(tool, argv, flag, capsys, tmp_path, monkeypatch):
+    """An empty path flag was read as the current folder (predict wrote there) or as no file
+    (evaluate --json "" wrote nothing, silently)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a path, got an empty string" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

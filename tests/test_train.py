@@ -128,6 +128,13 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     (out / "metrics.json").write_text("[]")
     with pytest.raises(FileExistsError, match="already holds other files"):
         train.main(["--config", tiny_yaml, "--out", str(out)])
+    # a run that failed once training had started: its files, no checkpoint, said so
+    for name in ("train.log", "config.yaml"):
+        (out / name).write_text("kept\n")
+    with pytest.raises(FileExistsError, match=r"holds a run that stopped before it saved a "
+                                              r"checkpoint \(its train.log says why\)"):
+        train.main(["--config", tiny_yaml, "--out", str(out)])
+    assert (out / "train.log").read_text() == "kept\n"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -150,6 +157,41 @@ def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags
     assert not (tmp_path / "run" / "last.pt").exists()
     assert not (tmp_path / "run").exists() or \
         set(os.listdir(tmp_path / "run")) <= train.START_FILES
+
+
+def _claim_and_hold(out, ready, results):
+    """In a child process: claim `out`, report, and stay alive until told (a start under way)."""
+    results.put(train._claim(out))
+    ready.wait(30)
+
+
+def test_runs_starting_at_once_never_share_a_folder(tmp_path, tiny_yaml, monkeypatch):
+    """Two starts with the same --out or --name: one takes the folder, the other is refused
+    (--out) or goes to the next name (--name), while the first is still starting; once that
+    start has stopped, its folder is reused."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    out = str(tmp_path / "runs" / "same")
+    ready, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_and_hold, args=(out, ready, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claims = [results.get(timeout=60) for _ in procs]
+    assert claims.count(None) == 1, claims  # exactly one winner, whatever the timing
+    assert all("being used by a run starting now" in c for c in claims if c is not None)
+    with pytest.raises(FileExistsError, match=r"output folder .*same is being used by a run "
+                                              r"starting now \(pid \d+ on this host\)"):
+        train.main(["--config", tiny_yaml, "--out", out])
+    monkeypatch.chdir(tmp_path)
+    assert train.make_out_dir(train.resolve_config(train.parse_args(
+        ["--config", tiny_yaml, "--name", "same"]))) == os.path.join("runs", "same-1")
+    ready.set()
+    for p in procs:
+        p.join(30)
+    # the winner has stopped: its start failed, so the folder is reused
+    assert train._claim(out) is None
+    assert open(os.path.join(out, train.STARTING_MARKER)).readline().split()[0] == \
+        str(os.getpid())
 
 
 def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, tiny_yaml):

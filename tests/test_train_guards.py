@@ -502,6 +502,10 @@ def test_resume_trains_with_this_commands_learning_rates(run_copy):
         hook.remove()
     factor = (1 - 1 / 2) ** 0.9  # epoch 2 of 2, poly power 0.9
     assert sorted(set(seen)) == [round(0.1 * factor, 12), 0.5]
+    # metrics.json records the rate each epoch trained with (not the next epoch's)
+    records = json.loads((run_copy / "metrics.json").read_text())
+    lrs = [round(e["train"]["lr"], 12) for e in records if e["kind"] == "iddc" and "train" in e]
+    assert lrs[-1] == round(0.1 * factor, 12)
     ckpt = saved_checkpoint(run_copy)
     assert ckpt["scheduler"]["base_lrs"] == [0.1]
     assert ckpt["config"]["train"]["lr"] == 0.1
