@@ -313,11 +313,12 @@ def _hopper_configs():
 
     Chosen from ptxas register reports for sm_90a (tests/compile_for_hopper.py prints them),
     not yet from timings. For the row kernel with gradients at K <= 32 (BLOCK_K 32): the 4-warp
-    64 x 64 tiles spill in every dtype (a few hundred bytes with bfloat16, a few KB with float32
-    features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill nothing with tf32 or
-    bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 with bfloat16 only). The exact-fp32 "ieee"
-    path runs its dots on FMA units and spills at every tile but 32 x 32 x 32 (8 warps). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks among these
-    by timing on the GPU.
+    64 x 64 tiles spill in every dtype (0.5-1.1 KB with bfloat16, 2.5-7 KB with float32
+    features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill at most 24 bytes with
+    tf32 or bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 nothing with bfloat16 only). The
+    exact-fp32 "ieee" path runs its dots on FMA units and spills nothing only at 8-warp tiles
+    of at most 32 x 64 x 32. K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
+    among these by timing on the GPU.
     """
     cfgs = []
     for bi, bj, bd, warps, stages in [
@@ -386,8 +387,8 @@ def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
     changing the float32 summation order); the GPU tests use them too, to compile once per
     case instead of once per candidate."""
     block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
-    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a: none but ieee's and
-        # tf32x3's (a few hundred bytes to 7 KB) at 8 warps, up to 18 KB at 4
+    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a: at 8 warps none, but
+        # 6.8 KB with ieee and 0.6 KB with tf32x3; up to 18 KB at 4 warps
         return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=8, num_stages=2)
     if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
         return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
