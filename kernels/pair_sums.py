@@ -316,8 +316,8 @@ def _hopper_configs():
     64 x 64 tiles spill in every dtype (0.5-1.1 KB with bfloat16, 2.5-7 KB with float32
     features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill at most 24 bytes with
     tf32 or bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 nothing with bfloat16 only). The
-    exact-fp32 "ieee" path runs its dots on FMA units and spills nothing only at 8-warp tiles
-    of at most 32 x 64 x 32. K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
+    exact-fp32 "ieee" path runs its dots on FMA units and spills at most 24 bytes only at the
+    small tiles (8-warp tiles of 2048-4096 elements; 4-warp 16 x 32 and 32 x 16). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
     among these by timing on the GPU.
     """
     cfgs = []
