@@ -317,7 +317,8 @@ def _hopper_configs():
     features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill at most 24 bytes with
     tf32 or bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 nothing with bfloat16 only). The
     exact-fp32 "ieee" path runs its dots on FMA units and spills at most 24 bytes only at the
-    small tiles (8-warp tiles of 2048-4096 elements; 4-warp 16 x 32 and 32 x 16). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
+    small tiles (8 warps: 64 x 32 x 32, 32 x 64 x 32, 32 x 32 x {32, 64}, 16 x 32 x 64; 4
+    warps: 16 x 32 x 64, 32 x 16 x 64). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
     among these by timing on the GPU.
     """
     cfgs = []
