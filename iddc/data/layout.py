@@ -4,8 +4,10 @@ corrupt-sample policy.
 Layout policy (checked when a source is constructed, before any training starts):
   every folder and list the layout needs exists, every listed image exists, and every image
   has its label file. A mistake raises `LayoutError`, whose message names the path and what
-  was expected there. Decoding every image up front would take minutes on COCO, so
-  readability is checked lazily, when a sample is loaded.
+  was expected there; so does a folder this user cannot read (never left out silently). A
+  name with an image extension that is not a regular file (a FIFO, which would hang a reader;
+  a socket, device or broken link) is skipped with a warning. Decoding every image up front
+  would take minutes on COCO, so readability is checked lazily, when a sample is loaded.
 
 Corrupt-sample policy (at load time):
   `FileSource.load` raises `CorruptSampleError` (naming the file and the reason) when an image
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -70,17 +73,31 @@ def check_split(split: str, splits: Sequence[str] = SPLITS) -> str:
 def require_root(root, dataset: str) -> Path:
     if root is None:
         raise LayoutError(f"{dataset}: no data root given (pass --data-root / root=)")
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"{dataset}: data root {root!r} must be a path, got "
+                         f"{type(root).__name__}")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise LayoutError(f"{dataset}: data root {path} does not exist or is not a folder")
-    return path
+    return _readable(path)
 
 
 def require_dir(path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise LayoutError(f"missing folder {path}: expected {what}")
-    return path
+    return _readable(path)
+
+
+def _readable(folder: Path) -> Path:
+    """`folder`, if this user may list it (else a LayoutError naming it, not a "missing" or
+    "no images" error about what lies inside)."""
+    try:
+        with os.scandir(folder):
+            pass
+    except OSError as err:
+        _unreadable_folder(err)
+    return folder
 
 
 def require_file(path, what: str) -> Path:
@@ -90,13 +107,43 @@ def require_file(path, what: str) -> Path:
     return path
 
 
+def _unreadable_folder(err: OSError):
+    """os.walk's onerror: a folder that cannot be listed is a LayoutError naming it, never a
+    folder silently left out of the data set."""
+    raise LayoutError(f"cannot read folder {err.filename}: {err.strerror or err}; expected a "
+                      f"folder of images readable by this user") from err
+
+
+def _not_regular(path: str) -> str:
+    """What the non-regular file `path` is, for the warning that skips it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken link"
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
 def list_images(folder, recursive: bool = True, suffix: str = "",
                 extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Sorted image files under `folder` whose names end with `suffix` + an image extension."""
+    """Sorted image files under `folder` whose names end with `suffix` + an image extension.
+
+    A folder that cannot be read is a LayoutError naming it; a name with an image extension
+    that is not a regular file (after following links: a named pipe, socket, device or broken
+    link, whose reading could hang or fail) is skipped with a warning naming it."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
-    found, seen = [], set()
-    walker = os.walk(folder, followlinks=True) if recursive else [(folder, [], os.listdir(folder))]
+    found, seen, odd = [], set(), []
+    if recursive:
+        walker = os.walk(folder, onerror=_unreadable_folder, followlinks=True)
+    else:
+        try:
+            with os.scandir(folder) as entries:
+                names = [e.name for e in entries if not e.is_dir()]
+        except OSError as err:
+            _unreadable_folder(err)
+        walker = [(str(folder), [], names)]
     for dirpath, dirnames, filenames in walker:
         real = os.path.realpath(dirpath)
         if real in seen:  # a linked folder already listed (a link loop would never end)
@@ -109,7 +156,17 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                 continue
             stem, ext = os.path.splitext(name)
             if ext.lower() in exts and stem.endswith(suffix):
-                found.append(Path(dirpath) / name)
+                path = os.path.join(dirpath, name)
+                if os.path.isfile(path):  # follows links; False for a FIFO, device, ...
+                    found.append(Path(path))
+                else:
+                    odd.append(path)
+    for path in odd[:5]:
+        warnings.warn(f"skipping {path}: {_not_regular(path)}, not an image file",
+                      stacklevel=2)
+    if len(odd) > 5:
+        warnings.warn(f"skipping {len(odd) - 5} more non-regular file(s) under {folder}",
+                      stacklevel=2)
     return sorted(found)
 
 
@@ -388,7 +445,8 @@ def _decode_count(text: str) -> Optional[int]:
 
 
 def main(argv=None) -> int:
-    """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]"""
+    """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]
+    [--data-option KEY=VALUE ...] (options read as iddc.train reads them)"""
     from . import DATASETS, build_source
     # the module's own classes (under `python -m` this file also runs as __main__)
     from .layout import LayoutError as layout_error, scan as scan_source
@@ -408,11 +466,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.root is None and args.dataset != "synthetic":
         ap.error(f"the data set {args.dataset!r} needs its ROOT folder")
-    import yaml
-    options = {}
-    for item in args.data_option:
-        key, _, val = item.partition("=")
-        options[key] = yaml.safe_load(val)
+    from ..config import parse_data_options
+    options = parse_data_options(args.data_option)  # as iddc.train and iddc.evaluate read them
     bad = 0
     for split in args.split or SPLITS:
         try:
@@ -435,4 +490,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     import sys
-    sys.exit(main(sys.argv[1:]))
+
+    from ..cli import run  # a user's mistake (a bad option, an unreadable path) is one line
+    sys.exit(run(main, "python -m iddc.data.layout"))
