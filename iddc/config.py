@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -407,27 +408,80 @@ def _nested_set(d: dict, dotted: str, value) -> None:
 
 
 def parse_data_options(items) -> dict:
-    """``--data-option KEY=VALUE`` items as a dict, values in YAML syntax (train and evaluate)."""
+    """``--data-option KEY=VALUE`` items as a dict (train, evaluate and the layout checker).
+    Values are YAML syntax (3, true, [a, b]), except those of the options that take text or a
+    path (iddc.data.PATH_OPTIONS, TEXT_OPTIONS), kept as typed: a folder named 2024, ~ or
+    "labs #2" is a folder, not a number, null or a comment; class_names is a YAML list when it
+    starts with "[", else the path of a text file."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
-        options[key] = _parse_value(value, f"--data-option {item!r}")
+        options[key] = data_option_value(key, value, f"--data-option {item!r}")
     return options
+
+
+def data_option_value(key: str, text: str, option: str) -> Any:
+    """The value of the data-set option ``key`` typed as ``text`` (see parse_data_options)."""
+    from .data import LIST_OR_PATH_OPTIONS, PATH_OPTIONS, TEXT_OPTIONS
+    as_text = key in PATH_OPTIONS or key in TEXT_OPTIONS or \
+        (key in LIST_OR_PATH_OPTIONS and not text.lstrip().startswith("["))
+    if not as_text:
+        return _parse_value(text, option)
+    if not text.strip():
+        raise ValueError(f"{option}: {key} needs a value ("
+                         f"{'a path' if key not in TEXT_OPTIONS else 'text'})")
+    return text
+
+
+def _absolute(value: Any) -> Any:
+    """A path given as text made absolute (~ expanded); anything else as it is (a wrong type is
+    refused, naming the option, when the data set is built)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and value.strip():
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def absolute_data_options(options: Any) -> Any:
+    """A data-option mapping with its paths relative to the current folder (label_root; a
+    class_names file) made absolute: a run's config.yaml and checkpoint then name the same
+    files wherever a later iddc.evaluate or iddc.train --resume runs."""
+    from .data import LIST_OR_PATH_OPTIONS, PATH_OPTIONS
+    if not isinstance(options, dict):
+        return options
+    return {k: _absolute(v) if k in PATH_OPTIONS or k in LIST_OR_PATH_OPTIONS else v
+            for k, v in options.items()}
+
+
+def _absolute_data_setting(name: str, value: Any) -> Any:
+    """A data-section setting given now, with its paths made absolute (data_root, and the path
+    options of options / train_options / val_options)."""
+    if name == "data_root":
+        return _absolute(value)
+    if name in ("options", "train_options", "val_options"):
+        return absolute_data_options(value)
+    return value
 
 
 def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) -> dict:
     """{section: {field: value}} of what this command sets: the YAML file, then the flags, then
     --data-option (added to the YAML's data.options, else to ``options``), then --set."""
     explicit = load_yaml_file(args.config) if getattr(args, "config", None) else {}
+    if "data" in explicit:  # paths relative to the current folder are recorded absolute
+        explicit["data"] = {k: _absolute_data_setting(k, v) for k, v in explicit["data"].items()}
     for dest, (section, name, _) in FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
+            if section == "data":
+                v = _absolute_data_setting(name, v)
             explicit.setdefault(section, {})[name] = v
     items = getattr(args, "data_option", []) or []
     if items:
-        given = parse_data_options(items)
+        given = absolute_data_options(parse_data_options(items))
         data = explicit.setdefault("data", {})
         if not isinstance(data.setdefault("options", dict(options or {})), dict):
             raise ValueError(f"--data-option {items[0]!r}: data.options must be a mapping, got "
@@ -437,8 +491,11 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
         key, sep, val = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
-        _nested_set(explicit, key, _parse_value(val, f"--set {item!r}",
-                                                _FIELD_TYPES.get(tuple(key.split(".", 1)))))
+        value = _parse_value(val, f"--set {item!r}", _FIELD_TYPES.get(tuple(key.split(".", 1))))
+        section, _, name = key.partition(".")
+        if section == "data":
+            value = _absolute_data_setting(name, value)
+        _nested_set(explicit, key, value)
     return explicit
 
 

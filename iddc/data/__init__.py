@@ -34,6 +34,18 @@ def build_source(name: str, root=None, split: str = "train", **options) -> Segme
                          f"in {module}.{factory}'s docstring and docs/datasets.md") from err
 
 
+#: options whose value is text: ``--data-option KEY=VALUE`` keeps it as typed, not read as YAML
+#: (which would make label_root=2024 a number, ~ null, no false and "labs #2" "labs").
+#: PATH_OPTIONS are paths relative to the current folder, made absolute in a run's config
+#: (iddc.config), so that a later command run elsewhere reads the same files; TEXT_OPTIONS are
+#: not (curated_list is a file name in the data root's curated/<split>2017/).
+PATH_OPTIONS = ("label_root",)
+TEXT_OPTIONS = ("curated_list", "image_ext")
+#: a list in YAML syntax ([sky, road]) or else, kept as typed, a text file (relative to the
+#: current folder, made absolute as PATH_OPTIONS are)
+LIST_OR_PATH_OPTIONS = ("class_names",)
+
+
 #: data sets that infer K from a split's own label maps when the options give none
 INFERS_NUM_CLASSES = {"folder"}
 
@@ -61,4 +73,5 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
                      f"{hint}")
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationSource", "build_source", "build_source_for"]
+__all__ = ["DATASETS", "IGNORE_INDEX", "LIST_OR_PATH_OPTIONS", "PATH_OPTIONS", "TEXT_OPTIONS",
+           "SegmentationSource", "build_source", "build_source_for"]

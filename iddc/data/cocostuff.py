@@ -138,6 +138,15 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
            curated: bool = True, curated_list: Optional[str] = None,
            image_ext: str = ".jpg", subset: Optional[int] = None) -> FileSource:
     check_split(split)
+    if not isinstance(curated, bool):  # curated=0 or "no" in YAML quotes: a slip
+        raise ValueError(f"{dataset}: option curated={curated!r} must be true or false")
+    if curated_list is not None and not (isinstance(curated_list, str) and curated_list):
+        raise ValueError(f"{dataset}: option curated_list={curated_list!r} must be a file name "
+                         f"(in curated/{split}2017/)")
+    if not (isinstance(image_ext, str) and image_ext.strip(".")):
+        raise ValueError(f"{dataset}: option image_ext={image_ext!r} must be a file extension, "
+                         f"e.g. .jpg")
+    image_ext = image_ext if image_ext.startswith(".") else "." + image_ext  # jpg: <id>.jpg
     root = require_root(root, dataset)
     year = f"{split}2017"
     image_dir = require_dir(root / "images" / year,

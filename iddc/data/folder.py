@@ -15,10 +15,13 @@ label maps and is at most 255 (label maps hold ids 0..254, 255 = unlabelled); st
 are unlabelled too, with a warning (once per data set) naming them; iddc.train and
 iddc.evaluate score a val split with the run's K (iddc.data.build_source_for). Without labels
 K is required (the number of clusters), any K >= 2. `class_names` may be given as a list or a
-text file (one name per line). `subset=N` keeps the first N images.
+text file (one name per line); the names must be distinct. `subset=N` keeps the first N images.
+`label_root` must be a path (a number or false from YAML is a ValueError naming it); label PNGs
+under the image root are left out of the images by real path, however the two are spelled.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -54,10 +57,65 @@ def _label_for(image: Path, image_dir: Path, label_dir: Path) -> Path:
     return flat if flat.is_file() else nested
 
 
-def _read_class_names(class_names):
-    if isinstance(class_names, (str, Path)):
-        return [l.strip() for l in Path(class_names).read_text().splitlines() if l.strip()]
-    return class_names
+def _path_option(value, name: str, dataset: str = "folder"):
+    """A path-valued option as given (None: not set); a ValueError naming it for anything but
+    text or a path (a YAML ``label_root: 2024`` or ``no`` reads as a number or false)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return value
+    raise ValueError(f"{dataset}: option {name}={value!r} must be a path, got "
+                     f"{type(value).__name__}; in a YAML file quote it ({name}: '{value}')")
+
+
+def _read_class_names(class_names) -> Optional[list]:
+    """The class names as a list of text: given as a list, or read from a text file (one name
+    per line); a ValueError naming the option for another type, an unreadable file, a name
+    that is not text, or a name given twice (scores are keyed by name: a repeated one would
+    drop classes from per_class_iou)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, (str, os.PathLike)):
+        path = Path(class_names).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise ValueError(f"folder: option class_names={str(class_names)!r}: cannot read the "
+                             f"file {path} ({reason}); expected a list ([sky, road, ...]) or a "
+                             f"text file with one name per line") from err
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        where = f"in {path}"
+    elif isinstance(class_names, (list, tuple)):
+        names, where = [], "in class_names"
+        for name in class_names:
+            if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+                raise ValueError(f"folder: option class_names: {name!r} "
+                                 f"({type(name).__name__}) is not a class name; expected text")
+            names.append(str(name))
+    else:
+        raise ValueError(f"folder: option class_names={class_names!r} must be a list of names "
+                         f"or the path of a text file (one name per line), got "
+                         f"{type(class_names).__name__}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"folder: class name(s) {repeated} given more than once {where}; "
+                         f"expected one distinct name per class")
+    return names
+
+
+def _outside(images: list, label_dir: Path) -> list:
+    """The images that do not lie in `label_dir`, compared as real paths (the two may be given
+    one relative and one absolute, through .. or a link)."""
+    real_labels = os.path.realpath(label_dir)
+    inside: dict = {}  # image folder -> whether it lies in label_dir (one realpath per folder)
+
+    def in_labels(folder: Path) -> bool:
+        if folder not in inside:
+            real = os.path.realpath(folder)
+            inside[folder] = real == real_labels or real.startswith(real_labels.rstrip(os.sep)
+                                                                      + os.sep)
+        return inside[folder]
+
+    return [p for p in images if not in_labels(p.parent)]
 
 
 def _infer_num_classes(labels: list, label_dir: Path) -> int:
@@ -127,12 +185,14 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     image_dir = _split_dir(root, split)
     images = list_images(image_dir)
     label_dir = None
+    label_root = _path_option(label_root, "label_root")
+    class_names = _read_class_names(class_names)
     if label_root is not None:
-        label_dir = _split_dir(require_dir(label_root, "the folder of label PNGs (one "
-                                           "<image stem>.png per image)"), split)
+        label_dir = _split_dir(require_dir(Path(label_root).expanduser(), "the folder of label "
+                                           "PNGs (one <image stem>.png per image)"), split)
         # label PNGs must not be taken for images when they live under the image folder
         found = len(images)
-        images = [p for p in images if label_dir not in p.parents]
+        images = _outside(images, label_dir)
         if found and not images:
             raise LayoutError(f"every image under {image_dir} lies in the label folder "
                               f"{label_dir}: keep the images and the label PNGs in separate "
@@ -141,7 +201,6 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
         raise LayoutError(f"no images under {image_dir}: expected image files "
                           f"({', '.join(('.jpg', '.png', '...'))})")
     images = take_subset(images, subset, "folder")
-    class_names = _read_class_names(class_names)
     labels = None if label_dir is None else _labels_for(images, image_dir, label_dir)
     num_classes = _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
     if labels is None:
