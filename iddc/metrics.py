@@ -73,9 +73,14 @@ def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> 
     total = true_count.sum()
     iou = tp / (tp + fp + fn).clamp_min(1)
     present = (tp + fp + fn) > 0
+    names = [str(class_names[c]) if class_names is not None else str(c)
+             for c in range(hist.shape[0])]
+    if len(set(names)) != len(names):  # keyed by name: a repeated one would drop classes
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"class name(s) {repeated} repeat; per-class scores need one distinct "
+                         "name per class")
     per_class = {}
-    for c in range(hist.shape[0]):
-        name = str(class_names[c]) if class_names is not None else str(c)
+    for c, name in enumerate(names):
         per_class[name] = float(100 * iou[c]) if bool(present[c]) else None
     return {
         "pixel_accuracy": float(100 * tp.sum() / total) if total > 0 else 0.0,
