@@ -202,6 +202,12 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= t.seed < 2 ** 32:  # numpy's seed range: named here, not by numpy
+            raise ValueError(f"train.seed must be an integer in 0..2**32-1, got {t.seed!r}")
+        for name, value in (("train.out", t.out), ("train.name", t.name),
+                            ("data.data_root", d.data_root)):
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{name} must not be empty (leave it out for the default)")
         if d.sliding_stride > d.sliding_window:
             raise ValueError(f"data.sliding_stride ({d.sliding_stride}) must not exceed "
                              f"data.sliding_window ({d.sliding_window}): pixels between "

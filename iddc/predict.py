@@ -148,6 +148,8 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
             out.extend(found)
         elif path.is_file():
             out.append(path)
+        elif path.exists():  # a pipe, socket or device: reading it could block forever
+            raise ValueError(f"input {path} is not a regular file (a pipe, socket or device)")
         else:
             raise FileNotFoundError(f"input image not found: {path}")
     return out

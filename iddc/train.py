@@ -433,7 +433,14 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     if resume is not None:
         check_resumable(resume, cfg)
     if tc.threads:
-        torch.set_num_threads(tc.threads)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        threads = tc.threads
+        if threads > 4 * cpus:  # a typo (or another machine's run): thread stacks run out later
+            threads = cpus
+            log.warning("WARNING: train.threads %d is over 4x the %d CPUs this process may use; "
+                        "using %d", tc.threads, cpus, threads)
+        torch.set_num_threads(threads)
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)

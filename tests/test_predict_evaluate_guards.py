@@ -558,3 +558,12 @@ def test_empty_paths_are_refused(tool, argv, flag, capsys, tmp_path, monkeypatch
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected a path, got an empty string" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_predict_refuses_a_pipe_given_as_a_file(tmp_path):
+    """A FIFO named on the command line (not inside a folder, where it is skipped) is named
+    as what it is; opening it would wait for a writer forever."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=f"input {fifo} is not a regular file"):
+        predict.expand_inputs([str(fifo)])

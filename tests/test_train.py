@@ -147,8 +147,13 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
     (["--data-option", "nope=1"], r"data set 'synthetic': bad --data-option .*'nope'"),
     (["--sliding-stride", "300"], r"data.sliding_stride \(300\) must not exceed"),
+    (["--seed", "-1"], r"train.seed must be an integer in 0..2\*\*32-1, got -1"),
+    (["--seed", str(2 ** 32)], r"train.seed must be an integer in 0..2\*\*32-1"),
+    (["--name", ""], "train.name must not be empty"),
+    (["--data-root", " "], "data.data_root must not be empty"),
 ], ids=["epochs-0", "batch-1", "eval-every-0", "lr-negative", "eval-batch-0", "kmeans-restarts-0",
-        "t_pos-1.5", "unknown-data-option", "stride-beyond-window"])
+        "t_pos-1.5", "unknown-data-option", "stride-beyond-window", "seed-negative",
+        "seed-2**32", "name-empty", "data-root-blank"])
 def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags, message):
     with pytest.raises(ValueError, match=message):
         train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + flags)
@@ -157,6 +162,30 @@ def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags
     assert not (tmp_path / "run" / "last.pt").exists()
     assert not (tmp_path / "run").exists() or \
         set(os.listdir(tmp_path / "run")) <= train.START_FILES
+
+
+def test_empty_out_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="train.out must not be empty"):
+        train.main(["--out", ""])
+    assert os.listdir(tmp_path) == []
+
+
+def test_threads_far_beyond_the_cpus_are_capped_with_a_warning(tmp_path, tiny_yaml):
+    """--threads 100000 ended in "can't allocate memory" creating the backbone; a resumed run
+    from a bigger machine must still run: capped to the CPUs here, said in the log."""
+    before = torch.get_num_threads()
+    try:
+        res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), "--epochs", "1",
+                          "--max-steps", "1", "--threads", "100000", "--kmeans-baseline",
+                          "false", "--vis-images", "0"])
+        cpus = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == cpus
+    finally:
+        torch.set_num_threads(before)
+    log = open(os.path.join(res["out"], "train.log")).read()
+    assert f"train.threads 100000 is over 4x the {cpus} CPUs this process may use; using " \
+        f"{cpus}" in log
 
 
 def _claim_and_hold(out, ready, results):
