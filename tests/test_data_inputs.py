@@ -106,18 +106,46 @@ def test_walk_error_handler_names_the_folder():
         layout._unreadable_folder(err)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads a chmod 000 folder; the monkeypatched tests above "
-                           "simulate the denial instead")
-def test_chmod_000_folder_is_a_layout_error(tmp_path):
-    _rgb(tmp_path / "a" / "x.png")
-    _rgb(tmp_path / "b" / "y.png")
-    (tmp_path / "b").chmod(0)
+def _build_as_user(root: Path, queue) -> None:
+    """In a child: drop root to user nobody (root reads any folder), then build the data set
+    and report the error message, or None."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
     try:
-        with pytest.raises(LayoutError, match=r"cannot read folder .*b: Permission denied"):
-            build_source("folder", root=tmp_path, num_classes=2)
+        build_source("folder", root=root, num_classes=2)
+        queue.put(None)
+    except Exception as err:  # reported to the test, which checks it
+        queue.put(f"{type(err).__name__}: {err}")
+
+
+def test_chmod_000_folder_is_a_layout_error():
+    """A real chmod 000, read by a user it denies (as root the check runs as nobody in a
+    child process), in a folder outside pytest's private tmp (which nobody cannot enter)."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="iddc-chmod-"))
+    try:
+        root.chmod(0o755)
+        _rgb(root / "a" / "x.png")
+        _rgb(root / "b" / "y.png")
+        for p in (root / "a", root / "b"):
+            p.chmod(0o755)
+            for f in p.iterdir():
+                f.chmod(0o644)
+        (root / "b").chmod(0)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_build_as_user, args=(root, queue))
+        child.start()
+        got = queue.get(timeout=120)
+        child.join(30)
+        assert got is not None and got.startswith("LayoutError: cannot read folder "
+                                                  f"{root / 'b'}: Permission denied"), got
     finally:
-        (tmp_path / "b").chmod(0o755)
+        (root / "b").chmod(0o755)
+        shutil.rmtree(root)
 
 
 # ----------------------------------------------------------------------------- 2: option values
