@@ -359,6 +359,21 @@ def split_options(cfg, split: str, given: dict, data_root: Optional[str]) -> dic
     return {**run, **given}
 
 
+def relative_run_paths(cfg, options: dict, given: dict, data_root: Optional[str]) -> list:
+    """The run's own paths (its data root, path options) that are relative and not given now:
+    "name 'value'" each."""
+    from .data import LIST_OR_PATH_OPTIONS, PATH_OPTIONS
+    found = []
+    if data_root is None and isinstance(cfg.data.data_root, str) and \
+            not os.path.isabs(cfg.data.data_root):
+        found.append(f"data_root {cfg.data.data_root!r}")
+    for key in PATH_OPTIONS + LIST_OR_PATH_OPTIONS:
+        value = options.get(key)
+        if key not in given and isinstance(value, str) and not os.path.isabs(value):
+            found.append(f"{key} {value!r}")
+    return found
+
+
 def check_flags(args) -> None:
     """Each numeric flag in its range, named in the error (before any work)."""
     for flag, value, low in [("--eval-size", args.eval_size, 1), ("--window", args.window, 1),
@@ -424,6 +439,11 @@ def main(argv=None) -> dict:
     if args.max_val_images is not None:
         cfg.data.max_val_images = args.max_val_images
     options = split_options(cfg, args.split, given, args.data_root)
+    relative = relative_run_paths(cfg, options, given, args.data_root)
+    if relative:  # a run from before paths were recorded absolute
+        log.warning("WARNING: the run recorded %s as relative path(s), read from the current "
+                    "folder %s; pass them again (--data-root, --data-option) if the run was "
+                    "started elsewhere", ", ".join(relative), os.getcwd())
     if args.data_root:
         cfg.data.data_root = args.data_root
     if cfg.data.eval_mode == "sliding":  # before validate(): the error names the flags
