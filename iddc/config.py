@@ -463,6 +463,18 @@ def absolute_data_options(options: Any) -> Any:
             for k, v in options.items()}
 
 
+def absolute_saved_paths(saved: dict) -> dict:
+    """A saved run config (a dict) with its relative data paths read from the current folder,
+    as they always were, and made absolute: an older run resumed with its own command (the same
+    relative paths, now recorded absolute) then changes no setting."""
+    out = copy.deepcopy(saved)
+    data = out.get("data")
+    if isinstance(data, dict):
+        for name in list(data):
+            data[name] = _absolute_data_setting(name, data[name])
+    return out
+
+
 def _absolute_data_setting(name: str, value: Any) -> Any:
     """A data-section setting given now, with its paths made absolute (data_root, and the path
     options of options / train_options / val_options)."""

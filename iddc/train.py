@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
 from .cli import path_arg
-from .config import (RESOLVED_SECTION, Config, add_config_arguments, check_sliding_window,
-                     config_changes, explicit_settings, preset_backbone_warning, resolve_config)
+from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
+                     check_sliding_window, config_changes, explicit_settings,
+                     preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -79,11 +80,14 @@ def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[
 
 
 #: written into a new run folder at once and removed when training starts: a folder that still
-#: has it (and nothing but what a start writes) is a start that failed, and may be reused. It
-#: records the starting process ("pid host"): a start still running is never reused.
+#: has it (and nothing but what a start writes) is a start that failed, and may be reused. The
+#: starting process holds an exclusive lock on it (released when it stops, however it stops),
+#: so a start still running is never reused; it also records "pid host" for the messages.
 STARTING_MARKER = ".iddc-starting"
 #: what a run writes before its first epoch
 START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
+#: run folder -> the open, locked marker of the start this process is making there
+_CLAIMS: dict = {}
 
 
 def _reusable(folder: str) -> bool:
@@ -94,31 +98,29 @@ def _reusable(folder: str) -> bool:
     return not entries or (STARTING_MARKER in entries and entries <= START_FILES)
 
 
-def _starting_elsewhere(marker: str) -> Optional[str]:
-    """Who is starting a run in the marker's folder now ("pid P on this host" or "a process on
-    host H"), or None if that start has stopped (or the marker predates the pid record)."""
+try:
+    import fcntl
+except ImportError:  # not on POSIX: no lock, as before locks were used
+    fcntl = None
+
+
+def _lock(fd: int) -> bool:
+    """Take the marker's lock without waiting: False if another start holds it. A file system
+    without locks (some network mounts) gives no protection against a concurrent start, as
+    before locks were used: True."""
+    if fcntl is None:
+        return True
     try:
-        with open(marker) as fh:
-            pid, _, host = fh.readline().strip().partition(" ")
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return f"a process on host {host}"  # cannot be checked from here
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
         pass
-    return f"pid {pid} on this host"
+    return True
 
 
-def _claim(out: str) -> Optional[str]:
-    """Make `out` this process's run folder, atomically (two runs starting at once with the
-    same --out or --name cannot both get it); None on success, else why not."""
+def _claim_once(out: str) -> Optional[str]:
+    """One attempt at `_claim`: None (claimed), "retry", or why not."""
     try:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         os.mkdir(out)
@@ -126,29 +128,52 @@ def _claim(out: str) -> Optional[str]:
         if not os.path.isdir(out):
             raise FileExistsError(f"output path {out} is a file, not a folder; choose another "
                                   "--out") from None
-        if not _reusable(out):
-            return "holds other files"
+    if not _reusable(out):
+        return "holds other files"
     marker = os.path.join(out, STARTING_MARKER)
-    if os.path.exists(marker):
-        who = _starting_elsewhere(marker)
-        if who is not None:
-            return f"is being used by a run starting now ({who})"
-        # a failed start's marker: the one process whose rename succeeds takes the folder
-        stale = f"{marker}.{os.getpid()}"
-        try:
-            os.rename(marker, stale)
-        except FileNotFoundError:
-            return "is being used by a run starting now"
-        os.remove(stale)
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return "is being used by a run starting now"
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()} {socket.gethostname()}\n"
-                 "this run has not started training yet; if it stopped, the folder may be "
-                 "reused\n")
+    try:  # an existing marker is opened, never re-created: its start may be training now
+        fd = os.open(marker, os.O_RDWR) if os.path.exists(marker) else \
+            os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except (FileNotFoundError, FileExistsError):  # another start came and went in between
+        return "retry"
+    if not _lock(fd):
+        with os.fdopen(fd) as fh:
+            who = fh.readline().strip().split(" ")
+        where = f" (pid {who[0]} on host {who[1]})" if len(who) == 2 else ""
+        return f"is being used by a run starting now{where}"
+    try:  # still this folder's marker (not one a start unlinked as it began training)?
+        same = os.stat(marker).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same or not _reusable(out):
+        os.close(fd)
+        return "retry"
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has not started training "
+                 "yet; if it stopped, the folder may be reused\n".encode())
+    _CLAIMS[os.path.abspath(out)] = fd
     return None
+
+
+def _claim(out: str) -> Optional[str]:
+    """Make `out` this process's run folder, atomically (two runs starting at once with the
+    same --out or --name cannot both get it): None on success, else why not."""
+    for _ in range(5):
+        why_not = _claim_once(out)
+        if why_not != "retry":
+            return why_not
+    return "is being used by another run starting now"
+
+
+def release_claim(out: str, started: bool) -> None:
+    """End this process's start in `out`: when training starts (`started`), the marker goes
+    (the folder holds a run now); otherwise it stays, unlocked, for a later start to reuse."""
+    fd = _CLAIMS.pop(os.path.abspath(out), None)
+    marker = os.path.join(out, STARTING_MARKER)
+    if started and os.path.exists(marker):
+        os.remove(marker)  # under the lock: no other start can take the folder meanwhile
+    if fd is not None:
+        os.close(fd)
 
 
 def make_out_dir(cfg: Config) -> str:
@@ -166,16 +191,15 @@ def make_out_dir(cfg: Config) -> str:
     why_not = _claim(out)
     if why_not == "holds other files":
         if set(os.listdir(out)) == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
-            raise FileExistsError(f"output folder {out} holds a run that stopped before it "
-                                  "saved a checkpoint (its train.log says why); choose another "
-                                  "--out, or delete the folder to reuse it")
+            raise FileExistsError(f"output folder {out} holds a run that has saved no "
+                                  "checkpoint yet (training now, or stopped in its first epoch: "
+                                  "its train.log says which); choose another --out")
         hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"
                 if os.path.exists(os.path.join(out, "last.pt")) else "")
         raise FileExistsError(f"output folder {out} already holds other files (a run?); choose "
                               f"another --out{hint}")
     if why_not is not None:
-        raise FileExistsError(f"output folder {out} {why_not}; choose another --out (if no run "
-                              f"is starting there, delete {os.path.join(out, STARTING_MARKER)})")
+        raise FileExistsError(f"output folder {out} {why_not}; choose another --out")
     return out
 
 
@@ -280,8 +304,9 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
     """(the resumed run's saved config with this command's settings on top, validated; the
     settings changed). Its model settings cannot change: the checkpoint's tensors and
     optimiser state fit that model only."""
-    cfg = resolve_config(args, saved=ckpt["config"]).validate()
-    changes = config_changes(Config.from_dict(ckpt["config"]), cfg)
+    saved = absolute_saved_paths(ckpt["config"])  # an older run's relative paths
+    cfg = resolve_config(args, saved=saved).validate()
+    changes = config_changes(Config.from_dict(saved), cfg)
     of_model = [c for c in changes if c.startswith("model.")]
     if of_model:
         raise ValueError(f"--resume: model settings cannot change on resume ({'; '.join(of_model)}"
@@ -340,7 +365,7 @@ def main(argv=None) -> dict:
     else:
         cfg = resolve_config(args).validate()
     early = setup_logging()
-    fh = None
+    fh, out = None, None
     try:
         if resume is not None:
             log.info("resuming %s; settings changed: %s", args.resume,
@@ -355,6 +380,8 @@ def main(argv=None) -> dict:
         fh = log_to_file(os.path.join(out, "train.log"), early)
         return _run(cfg, out, resume, run, t_start)
     finally:
+        if out is not None:  # a start that failed: its folder stays reusable, unlocked
+            release_claim(out, started=False)
         log.removeHandler(early)
         if fh is not None:
             log.removeHandler(fh)
@@ -609,9 +636,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         tqdm = None
 
     # training starts: from here on the folder holds a run, never to be reused
-    marker = os.path.join(out, STARTING_MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
+    release_claim(out, started=True)
 
     stop, last_eval, finished = False, None, False
     interrupt = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, then stop

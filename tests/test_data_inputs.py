@@ -99,6 +99,15 @@ def test_unreadable_root_says_permission_denied(tmp_path, monkeypatch, capsys):
     assert f"train: LAYOUT ERROR: cannot read folder {tmp_path / 'imgs'}: Permission denied" in out
 
 
+def test_lost_and_found_is_not_entered(tmp_path, monkeypatch):
+    """A data set on a mounted disk: its root-owned lost+found (unreadable to others) is a file
+    system's, not a folder of images; it is neither listed nor an error."""
+    _rgb(tmp_path / "x.png")
+    _rgb(tmp_path / "lost+found" / "#1234.png")
+    _deny(monkeypatch, tmp_path / "lost+found")
+    assert list_images(tmp_path) == [tmp_path / "x.png"]
+
+
 def test_walk_error_handler_names_the_folder():
     err = PermissionError(13, "Permission denied", "/data/photos/b")
     with pytest.raises(LayoutError, match=r"^cannot read folder /data/photos/b: Permission "
@@ -260,16 +269,25 @@ def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
     assert cfg.data.options == {"class_names": ["a", "b"]}
 
 
-def test_resumed_run_keeps_its_saved_paths(tmp_path, monkeypatch):
-    """Only what is given now is made absolute: a saved relative path stays as saved (a change
-    of data.options would stop a resume in the middle of an epoch)."""
-    from iddc.config import Config, resolve_config
+def test_an_older_runs_relative_paths_resume_unchanged(tmp_path, monkeypatch):
+    """An older run's saved relative paths are read from the current folder (as they always
+    were) and recorded absolute; resumed mid-epoch with its own command (the same relative
+    paths, made absolute now), no setting has changed, so the resume is not refused."""
+    from iddc import train
+    from iddc.config import Config
     monkeypatch.chdir(tmp_path)
     saved = Config().to_dict()
     saved["data"].update(dataset="folder", data_root="ds", options={"label_root": "labs"})
-    cfg = resolve_config(_args(["--data-option", "subset=2"]), saved=saved)
-    assert cfg.data.data_root == "ds"
-    assert cfg.data.options == {"label_root": "labs", "subset": 2}
+    ckpt = {"config": saved, "step_in_epoch": 1}
+    for argv in ([], ["--data-root", "ds", "--data-option", "label_root=labs"]):
+        cfg, changes = train.resolve_resumed(_args(argv), ckpt)
+        assert changes == []
+        assert cfg.data.data_root == str(tmp_path / "ds")
+        assert cfg.data.options == {"label_root": str(tmp_path / "labs")}
+    cfg, changes = train.resolve_resumed(_args(["--data-option", "subset=2"]), dict(ckpt,
+                                                                          step_in_epoch=0))
+    assert changes == ["data.options {'label_root': '%s'} -> {'label_root': '%s', 'subset': 2}"
+                       % (tmp_path / "labs", tmp_path / "labs")]
 
 
 def test_evaluate_elsewhere_scores_the_runs_own_tree(tmp_path, monkeypatch):

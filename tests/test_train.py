@@ -131,8 +131,8 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     # a run that failed once training had started: its files, no checkpoint, said so
     for name in ("train.log", "config.yaml"):
         (out / name).write_text("kept\n")
-    with pytest.raises(FileExistsError, match=r"holds a run that stopped before it saved a "
-                                              r"checkpoint \(its train.log says why\)"):
+    with pytest.raises(FileExistsError, match=r"holds a run that has saved no checkpoint yet "
+                                              r"\(training now, or stopped in its first epoch"):
         train.main(["--config", tiny_yaml, "--out", str(out)])
     assert (out / "train.log").read_text() == "kept\n"
 
@@ -209,7 +209,7 @@ def test_runs_starting_at_once_never_share_a_folder(tmp_path, tiny_yaml, monkeyp
     assert claims.count(None) == 1, claims  # exactly one winner, whatever the timing
     assert all("being used by a run starting now" in c for c in claims if c is not None)
     with pytest.raises(FileExistsError, match=r"output folder .*same is being used by a run "
-                                              r"starting now \(pid \d+ on this host\)"):
+                                              r"starting now \(pid \d+ on host [^)]+\)"):
         train.main(["--config", tiny_yaml, "--out", out])
     monkeypatch.chdir(tmp_path)
     assert train.make_out_dir(train.resolve_config(train.parse_args(
@@ -221,6 +221,24 @@ def test_runs_starting_at_once_never_share_a_folder(tmp_path, tiny_yaml, monkeyp
     assert train._claim(out) is None
     assert open(os.path.join(out, train.STARTING_MARKER)).readline().split()[0] == \
         str(os.getpid())
+    train.release_claim(out, started=False)
+
+
+def test_a_stopped_start_is_reused_whatever_its_marker_says(tmp_path, tiny_yaml):
+    """The marker's lock, not its text, tells a live start: one stopped on another host (a
+    container, a cluster job), with a pid alive here, or an empty marker is reused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for text in (f"{os.getppid()} another-host\n", f"{os.getpid()} {os.uname().nodename}\n", ""):
+        (out / train.STARTING_MARKER).write_text(text)
+        assert train._claim(str(out)) is None
+        train.release_claim(str(out), started=False)
+    res = train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1",
+                      "--max-steps", "1", "--kmeans-baseline", "false", "--vis-images", "0"])
+    assert res["out"] == str(out) and not (out / train.STARTING_MARKER).exists()
+    # training started: the folder holds a run now, never reused
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        train.main(["--config", tiny_yaml, "--out", str(out)])
 
 
 def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, tiny_yaml):

@@ -129,7 +129,8 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                 extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """Sorted image files under `folder` whose names end with `suffix` + an image extension.
 
-    A folder that cannot be read is a LayoutError naming it; a name with an image extension
+    Hidden folders and lost+found are not entered. A folder that cannot be read is a
+    LayoutError naming it; a name with an image extension
     that is not a regular file (after following links: a named pipe, socket, device or broken
     link, whose reading could hang or fail) is skipped with a warning naming it."""
     folder = Path(folder)
@@ -150,7 +151,8 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # hidden folders, and a file system's lost+found (root's own, unreadable to others)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
         for name in filenames:
             if name.startswith("."):
                 continue
