@@ -20,6 +20,11 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
+try:
+    import fcntl
+except ImportError:  # not on POSIX: run folders are claimed without a lock
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -96,12 +101,6 @@ def _reusable(folder: str) -> bool:
         return True
     entries = set(os.listdir(folder))
     return not entries or (STARTING_MARKER in entries and entries <= START_FILES)
-
-
-try:
-    import fcntl
-except ImportError:  # not on POSIX: no lock, as before locks were used
-    fcntl = None
 
 
 def _lock(fd: int) -> bool:
