@@ -175,6 +175,40 @@ def release_claim(out: str, started: bool) -> None:
         os.close(fd)
 
 
+#: run folder -> this process's open, locked train.log: held while it trains there (new or
+#: resumed), so that a second process (a requeued job whose first is still alive) cannot
+_RUNS: dict = {}
+
+
+def _training_now(out: str) -> bool:
+    """Whether some process holds `out`'s run lock (is training there now)."""
+    try:
+        fd = os.open(os.path.join(out, "train.log"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not _lock(fd)
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+
+
+def hold_run(out: str) -> None:
+    """Take `out`'s run lock for this process, or refuse: another process trains there."""
+    fd = os.open(os.path.join(out, "train.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if not _lock(fd):
+        os.close(fd)
+        raise FileExistsError(f"output folder {out} is being trained in by another process now "
+                              "(its train.log is locked); wait for it to stop, or continue in a "
+                              "new folder with --out")
+    _RUNS[os.path.abspath(out)] = fd
+
+
+def release_run(out: str) -> None:
+    fd = _RUNS.pop(os.path.abspath(out), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def make_out_dir(cfg: Config) -> str:
     """The run folder, claimed and marked as starting; refuses a folder holding anything but a
     failed start's files (never overwrites a run, nor any file of the user's) or one another
@@ -189,10 +223,12 @@ def make_out_dir(cfg: Config) -> str:
         return out
     why_not = _claim(out)
     if why_not == "holds other files":
+        if _training_now(out):
+            raise FileExistsError(f"output folder {out} is being trained in by another process "
+                                  "now; choose another --out")
         if set(os.listdir(out)) == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
-            raise FileExistsError(f"output folder {out} holds a run that has saved no "
-                                  "checkpoint yet (training now, or stopped in its first epoch: "
-                                  "its train.log says which); choose another --out")
+            raise FileExistsError(f"output folder {out} holds a run that stopped before it saved "
+                                  "a checkpoint (its train.log says why); choose another --out")
         hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"
                 if os.path.exists(os.path.join(out, "last.pt")) else "")
         raise FileExistsError(f"output folder {out} already holds other files (a run?); choose "
@@ -376,11 +412,13 @@ def main(argv=None) -> dict:
         else:
             out = make_out_dir(cfg)
         cfg.train.out = out
+        hold_run(out)
         fh = log_to_file(os.path.join(out, "train.log"), early)
         return _run(cfg, out, resume, run, t_start)
     finally:
         if out is not None:  # a start that failed: its folder stays reusable, unlocked
             release_claim(out, started=False)
+            release_run(out)
         log.removeHandler(early)
         if fh is not None:
             log.removeHandler(fh)

@@ -131,10 +131,32 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
     # a run that failed once training had started: its files, no checkpoint, said so
     for name in ("train.log", "config.yaml"):
         (out / name).write_text("kept\n")
-    with pytest.raises(FileExistsError, match=r"holds a run that has saved no checkpoint yet "
-                                              r"\(training now, or stopped in its first epoch"):
+    with pytest.raises(FileExistsError, match=r"holds a run that stopped before it saved a "
+                                              r"checkpoint \(its train.log says why\)"):
         train.main(["--config", tiny_yaml, "--out", str(out)])
     assert (out / "train.log").read_text() == "kept\n"
+    # the same folder while a process trains there (holds its run lock): said so
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_run, args=(str(out), held, done))
+    child.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(FileExistsError, match=r"output folder .*run is being trained in by "
+                                                  r"another process now"):
+            train.main(["--config", tiny_yaml, "--out", str(out)])
+    finally:
+        done.set()
+        child.join(30)
+    assert (out / "train.log").read_text() == "kept\n"
+
+
+def _hold_run(out, held, done):
+    """In a child process: train in `out` (hold its run lock) until told to stop."""
+    train.hold_run(out)
+    held.set()
+    done.wait(60)
 
 
 @pytest.mark.parametrize("flags, message", [
