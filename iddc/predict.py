@@ -136,6 +136,16 @@ def render(image: Image.Image, ids: np.ndarray, names, pal, alpha: float, title:
     return seg, canvas, shares
 
 
+def eval_resized(img, short_side: Optional[int], multiple: int):
+    """`img` resized as evaluation resizes it: shorter side `short_side` (None: its own size),
+    both sides rounded to a multiple of the patch size, PIL bicubic."""
+    from PIL import Image
+
+    from .inference import resized_shape
+    h, w = resized_shape(img.height, img.width, short_side, multiple)
+    return img if (w, h) == img.size else img.resize((w, h), Image.BICUBIC)
+
+
 def expand_inputs(paths: Sequence[str]) -> list[Path]:
     """Image files, folders expanded (recursively, sorted); a missing path is an error."""
     out = []
@@ -252,6 +262,13 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     predictor = Predictor(model, mode=mode, short_side=short_side,
                           window=DEFAULT_WINDOW if window is None else window,
                           stride=stride, batch_size=batch_size, heads=(key,), device=dev)
+    # the images are resized here as evaluation resizes them (PIL bicubic on the 8-bit image,
+    # iddc.data.transforms.EvalTransform), so predict shows what evaluate scored; this
+    # predictor neither resizes nor rounds again (the sides are patch multiples already) and
+    # upsamples to each image's own size
+    sized = Predictor(model, mode=mode, short_side=None,
+                      window=DEFAULT_WINDOW if window is None else window,
+                      stride=stride, batch_size=batch_size, heads=(key,), device=dev)
     names = cluster_names(ckpt, head, k)
     pal = palette(k)
     title = "cluster" if head == "clusters" else "class (linear probe)"
@@ -279,8 +296,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                 log.warning("skipping %s: %s", path, err)
         if not batch:
             continue
-        tensors = [to_tensor(img, data_config["mean"], data_config["std"]) for _, _, img in batch]
-        preds = predictor.segment(tensors)
+        tensors = [to_tensor(eval_resized(img, predictor.short_side, predictor.multiple),
+                             data_config["mean"], data_config["std"]) for _, _, img in batch]
+        preds = sized.segment(tensors, out_sizes=[(img.height, img.width) for _, _, img in batch])
         for (path, stem, img), pred in zip(batch, preds):
             ids = pred.cpu().numpy()
             seg, overlay, shares = render(img, ids, names, pal, alpha, title)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -87,3 +88,25 @@ def test_same_stem_gets_unique_names(coco_checkpoint, images, tmp_path):
     other.write_bytes(images[1].read_bytes())
     res = predict.predict_files(coco_checkpoint, [str(images[1]), str(other)], str(tmp_path / "o"))
     assert sorted(res["written"]) == ["img_200x90", "img_200x90-1"]
+
+
+def test_predict_shows_what_evaluate_scored(coco_checkpoint, images, tmp_path):
+    """predict's maps are the model's output on evaluation's own input (EvalTransform: PIL
+    bicubic to the eval size), upsampled to the image: not on a tensor-resized variant of it,
+    which moved a few percent of the patches to other clusters."""
+    from iddc import checkpoint
+    from iddc.data.transforms import EvalTransform
+    from iddc.inference import Predictor
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", coco_checkpoint, *map(str, images[:2]),
+                         "--out", str(out)]) == 0
+    model, cfg, ckpt = checkpoint.load_model(coco_checkpoint, torch.device("cpu"))
+    transform = EvalTransform(cfg.data.eval_size, ckpt["data_config"]["mean"],
+                              ckpt["data_config"]["std"], multiple=model.patch_size)
+    as_scored = Predictor(model, short_side=None, heads=("logits",))
+    for p in images[:2]:
+        img = Image.open(p).convert("RGB")
+        x, _ = transform(img, None)
+        want = as_scored.segment([x], out_sizes=[(img.height, img.width)])[0].numpy()
+        got = np.asarray(Image.open(out / f"{p.stem}_ids.png"))
+        assert np.array_equal(got, want)
