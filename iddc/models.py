@@ -176,6 +176,14 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
         from timm.layers import resample_abs_pos_embed
         prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
         grid = backbone.patch_embed.grid_size
+        file_tokens = state["pos_embed"].shape[1] - prefix
+        if file_tokens > grid[0] * grid[1]:  # shrunk at load: larger inputs stretch it back
+            side = int(round(file_tokens ** 0.5))
+            log.warning("WARNING: weights file %s: its positional embedding (%d x %d patches) "
+                        "is shrunk to this backbone's %d x %d grid (model.backbone_img_size), "
+                        "losing detail for any larger input; build the backbone at %d px to "
+                        "keep it", path, side, side, grid[0], grid[1],
+                        side * backbone.patch_embed.patch_size[0])
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid),
                                                     num_prefix_tokens=prefix)
         resampled = True

@@ -64,7 +64,26 @@ def test_pos_embed_resampled_when_grid_differs(tmp_path):
     path = tmp_path / "big.pth"
     torch.save({"state_dict": big.state_dict()}, path)
     target = tiny_backbone(4)
-    report = load_backbone_weights(target, str(path))
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("iddc").addHandler(handler)
+    try:
+        report = load_backbone_weights(target, str(path))
+        # shrinking the file's 6 x 6 grid to 4 x 4 loses what larger inputs would use: said
+        said = [r.getMessage() for r in records]
+        assert any("its positional embedding (6 x 6 patches) is shrunk to this backbone's 4 x 4 "
+                   "grid" in m and "build the backbone at 48 px" in m for m in said), said
+        records.clear()
+        # 4 x 4 into a 6 x 6 backbone: enlarged, nothing lost, quiet
+        torch.save(tiny_backbone(5).state_dict(), tmp_path / "small.pth")
+        wide = models.create_backbone(ModelConfig(backbone_img_size=48,
+                                                  backbone_kwargs=dict(TINY)))
+        assert load_backbone_weights(wide, str(tmp_path / "small.pth"))["resampled"]
+        assert not [r for r in records if "shrunk" in r.getMessage()]
+    finally:
+        logging.getLogger("iddc").removeHandler(handler)
     assert report["resampled"]
     assert target.pos_embed.shape == (1, 1 + 16, 32)
     assert torch.equal(target.cls_token, big.cls_token)
