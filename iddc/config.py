@@ -468,11 +468,14 @@ def absolute_saved_paths(saved: dict) -> dict:
     as they always were, and made absolute: an older run resumed with its own command (the same
     relative paths, now recorded absolute) then changes no setting."""
     out = copy.deepcopy(saved)
-    data = out.get("data")
-    if isinstance(data, dict):
-        for name in list(data):
-            data[name] = _absolute_data_setting(name, data[name])
+    if isinstance(out.get("data"), dict):
+        out["data"] = _absolute_data_section(out["data"])
     return out
+
+
+def _absolute_data_section(data: dict) -> dict:
+    """A data section's settings with their paths made absolute."""
+    return {name: _absolute_data_setting(name, value) for name, value in data.items()}
 
 
 def _absolute_data_setting(name: str, value: Any) -> Any:
@@ -490,7 +493,7 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
     --data-option (added to the YAML's data.options, else to ``options``), then --set."""
     explicit = load_yaml_file(args.config) if getattr(args, "config", None) else {}
     if "data" in explicit:  # paths relative to the current folder are recorded absolute
-        explicit["data"] = {k: _absolute_data_setting(k, v) for k, v in explicit["data"].items()}
+        explicit["data"] = _absolute_data_section(explicit["data"])
     for dest, (section, name, _) in FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:

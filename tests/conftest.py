@@ -29,3 +29,46 @@ def code_payload(tmp_path):
     """(object to pickle into a file, path that exists only if unpickling ran its code)."""
     marker = tmp_path / "payload-ran"
     return CodePayload(marker), marker
+
+
+@pytest.fixture
+def iddc_log():
+    """The messages logged to the "iddc" logger during the test (it does not propagate to
+    pytest's caplog); clear() the list to start over."""
+    import logging
+    messages: list = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("iddc")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
+
+
+def _hold_run(out, held, done):
+    from iddc import train
+    train.hold_run(out)
+    held.set()
+    done.wait(60)
+
+
+@pytest.fixture
+def training_elsewhere():
+    """A context manager: while it is open, another process trains in the folder given (holds
+    its run lock, iddc.train.hold_run)."""
+    import contextlib
+    import multiprocessing
+
+    @contextlib.contextmanager
+    def hold(out):
+        ctx = multiprocessing.get_context("fork")
+        held, done = ctx.Event(), ctx.Event()
+        child = ctx.Process(target=_hold_run, args=(str(out), held, done))
+        child.start()
+        try:
+            assert held.wait(60), "the child process never took the run lock"
+            yield
+        finally:
+            done.set()
+            child.join(30)
+    return hold

@@ -308,11 +308,9 @@ def test_evaluate_elsewhere_scores_the_runs_own_tree(tmp_path, monkeypatch):
     assert again["unsupervised"]["pixels"] == pixels
 
 
-def test_evaluate_warns_of_an_old_runs_relative_paths(tmp_path, monkeypatch):
+def test_evaluate_warns_of_an_old_runs_relative_paths(tmp_path, monkeypatch, iddc_log):
     """A checkpoint from before paths were recorded absolute: its relative data root and
     label_root are read from the current folder, and evaluate says so (unless given now)."""
-    import logging
-
     import torch
     from iddc import evaluate, train
     _labelled(tmp_path / "ds", tmp_path / "labs", n=3, w=32, h=32)
@@ -323,22 +321,16 @@ def test_evaluate_warns_of_an_old_runs_relative_paths(tmp_path, monkeypatch):
     ckpt["config"]["data"]["data_root"] = "ds"
     ckpt["config"]["data"]["options"]["label_root"] = "labs"
     torch.save(ckpt, tmp_path / "old.pt")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("iddc").addHandler(handler)
-    try:
-        evaluate.main(["--checkpoint", str(tmp_path / "old.pt")])
-        said = [r.getMessage() for r in records if "relative path" in r.getMessage()]
-        assert said == [f"WARNING: the run recorded data_root 'ds', label_root 'labs' as relative "
-                        f"path(s), read from the current folder {tmp_path}; pass them again "
-                        "(--data-root, --data-option) if the run was started elsewhere"]
-        records.clear()
-        evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--data-root", "ds",
-                       "--data-option", "label_root=labs"])
-        assert not [r for r in records if "relative path" in r.getMessage()]
-    finally:
-        logging.getLogger("iddc").removeHandler(handler)
+    iddc_log.clear()
+    evaluate.main(["--checkpoint", str(tmp_path / "old.pt")])
+    assert [m for m in iddc_log if "relative path" in m] == [
+        f"WARNING: the run recorded data_root 'ds', label_root 'labs' as relative path(s), read "
+        f"from the current folder {tmp_path}; pass them again (--data-root, --data-option) if "
+        "the run was started elsewhere"]
+    iddc_log.clear()
+    evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--data-root", "ds",
+                   "--data-option", "label_root=labs"])
+    assert not [m for m in iddc_log if "relative path" in m]
 
 
 # ----------------------------------------------------------------------------- 4: layout CLI

@@ -58,35 +58,25 @@ def test_plain_timm_state_dict_and_build_model(tmp_path):
     assert torch.equal(model.backbone.pos_embed, source.pos_embed)
 
 
-def test_pos_embed_resampled_when_grid_differs(tmp_path):
+def test_pos_embed_resampled_when_grid_differs(tmp_path, iddc_log):
     torch.manual_seed(0)
     big = models.create_backbone(ModelConfig(backbone_img_size=48, backbone_kwargs=dict(TINY)))
     path = tmp_path / "big.pth"
     torch.save({"state_dict": big.state_dict()}, path)
     target = tiny_backbone(4)
-    import logging
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("iddc").addHandler(handler)
-    try:
-        report = load_backbone_weights(target, str(path))
-        # shrinking the file's 6 x 6 grid to 4 x 4 loses what larger inputs would use: said
-        said = [r.getMessage() for r in records]
-        assert any("its positional embedding (6 x 6 patches) is shrunk to this backbone's 4 x 4 "
-                   "grid" in m and "build the backbone at 48 px" in m for m in said), said
-        records.clear()
-        # 4 x 4 into a 6 x 6 backbone: enlarged, nothing lost, quiet
-        torch.save(tiny_backbone(5).state_dict(), tmp_path / "small.pth")
-        wide = models.create_backbone(ModelConfig(backbone_img_size=48,
-                                                  backbone_kwargs=dict(TINY)))
-        assert load_backbone_weights(wide, str(tmp_path / "small.pth"))["resampled"]
-        assert not [r for r in records if "shrunk" in r.getMessage()]
-    finally:
-        logging.getLogger("iddc").removeHandler(handler)
+    report = load_backbone_weights(target, str(path))
     assert report["resampled"]
     assert target.pos_embed.shape == (1, 1 + 16, 32)
     assert torch.equal(target.cls_token, big.cls_token)
+    # shrinking the file's 6 x 6 grid to 4 x 4 loses what larger inputs would use: said
+    assert any("its positional embedding (6 x 6 patches) is shrunk to this backbone's 4 x 4 "
+               "grid" in m and "build the backbone at 48 px" in m for m in iddc_log), iddc_log
+    iddc_log.clear()
+    # 4 x 4 into a 6 x 6 backbone: enlarged, nothing lost, quiet
+    torch.save(tiny_backbone(5).state_dict(), tmp_path / "small.pth")
+    wide = models.create_backbone(ModelConfig(backbone_img_size=48, backbone_kwargs=dict(TINY)))
+    assert load_backbone_weights(wide, str(tmp_path / "small.pth"))["resampled"]
+    assert not [m for m in iddc_log if "shrunk" in m]
 
 
 def test_missing_weights_file(tmp_path):

@@ -122,7 +122,7 @@ def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path, tiny_yaml):
         assert torch.equal(v, b["model"][k]), k
 
 
-def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
+def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("[]")
@@ -136,27 +136,11 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml):
         train.main(["--config", tiny_yaml, "--out", str(out)])
     assert (out / "train.log").read_text() == "kept\n"
     # the same folder while a process trains there (holds its run lock): said so
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
-    held, done = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_run, args=(str(out), held, done))
-    child.start()
-    try:
-        assert held.wait(60)
+    with training_elsewhere(out):
         with pytest.raises(FileExistsError, match=r"output folder .*run is being trained in by "
                                                   r"another process now"):
             train.main(["--config", tiny_yaml, "--out", str(out)])
-    finally:
-        done.set()
-        child.join(30)
     assert (out / "train.log").read_text() == "kept\n"
-
-
-def _hold_run(out, held, done):
-    """In a child process: train in `out` (hold its run lock) until told to stop."""
-    train.hold_run(out)
-    held.set()
-    done.wait(60)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -489,32 +489,16 @@ def test_error_in_a_dataloader_worker_is_one_line(capsys):
 
 
 # ------------------------------------------------ resume: what it applies, what it refuses
-def _hold_run(out, held, done):
-    train.hold_run(out)
-    held.set()
-    done.wait(60)
-
-
-def test_a_run_training_now_is_not_resumed_twice(run_copy):
+def test_a_run_training_now_is_not_resumed_twice(run_copy, training_elsewhere):
     """A requeued job resuming a run whose first job still trains in that folder is refused
     before any of the run's files change; once that process stops, the resume goes ahead."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
-    held, done = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_run, args=(str(run_copy), held, done))
-    child.start()
     before = snapshot(run_copy)
-    try:
-        assert held.wait(60)
+    with training_elsewhere(run_copy):
         with pytest.raises(FileExistsError, match=r"is being trained in by another process now "
                                                   r"\(its train.log is locked\)"):
             resume(run_copy / "last.pt")
         assert snapshot(run_copy) == before
-    finally:
-        done.set()
-        child.join(30)
     assert resume(run_copy / "last.pt")["out"] == str(run_copy)
-
 
 
 def test_resume_trains_with_this_commands_learning_rates(run_copy):
