@@ -52,6 +52,31 @@ SWATCH = 11
 IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
 
 
+def _names_entry(ckpt: dict) -> Optional[dict]:
+    """The newest metrics entry with a Hungarian mapping of the clusters, or None."""
+    for entry in reversed(ckpt.get("metrics") or []):
+        if entry.get("kind") == "iddc" and (entry.get("unsupervised") or {}).get("mapping") \
+                is not None:
+            return entry
+    return None
+
+
+def names_source(ckpt: dict, head: str) -> Optional[dict]:
+    """Where the names of `cluster_names` come from, for predictions.json: {"epoch": the
+    evaluation's epoch, "of_these_weights": whether it scored the checkpoint's own weights};
+    None when there are no names or they are the probe's classes (fixed)."""
+    entry = _names_entry(ckpt) if head == "clusters" and ckpt.get("class_names") else None
+    if entry is None:
+        return None
+    done, step = int(ckpt.get("epoch", -1)), int(ckpt.get("step_in_epoch", 0) or 0)
+    partial = (entry.get("partial_epoch") or {}).get("steps_done")
+    # a save after a whole epoch is `done` epochs in; one mid-epoch is `step` steps into the
+    # next (its evaluation, if any, records the steps in partial_epoch)
+    same = (entry["epoch"] == done and partial is None) if step == 0 else \
+        (entry["epoch"] == done + 1 and partial == step)
+    return {"epoch": entry["epoch"], "of_these_weights": bool(same)}
+
+
 def cluster_names(ckpt: dict, head: str, k: int) -> list[Optional[str]]:
     """Per output id: a class name (probe), "~ class" from the last Hungarian match (clusters),
     or None when the checkpoint has no names."""
@@ -60,14 +85,10 @@ def cluster_names(ckpt: dict, head: str, k: int) -> list[Optional[str]]:
         return [None] * k
     if head == "probe":
         return [str(names[c]) if c < len(names) else None for c in range(k)]
-    mapping = None
-    for entry in reversed(ckpt.get("metrics") or []):
-        m = (entry.get("unsupervised") or {}).get("mapping")
-        if entry.get("kind") == "iddc" and m is not None:
-            mapping = m
-            break
-    if mapping is None:
+    entry = _names_entry(ckpt)
+    if entry is None:
         return [None] * k
+    mapping = entry["unsupervised"]["mapping"]
     return [f"~ {names[mapping[c]]}" if c < len(mapping) and 0 <= mapping[c] < len(names)
             else None for c in range(k)]
 
@@ -270,6 +291,12 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                       window=DEFAULT_WINDOW if window is None else window,
                       stride=stride, batch_size=batch_size, heads=(key,), device=dev)
     names = cluster_names(ckpt, head, k)
+    source = names_source(ckpt, head)
+    if source is not None and not source["of_these_weights"]:
+        # e.g. a Ctrl-C mid-epoch: last.pt holds newer weights than the last evaluation
+        log.warning("the cluster names come from the evaluation after epoch %d, not of this "
+                    "checkpoint's weights (trained further, never evaluated): they may be off "
+                    "for some clusters", source["epoch"])
     pal = palette(k)
     title = "cluster" if head == "clusters" else "class (linear probe)"
     out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +338,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                              "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
             log.info("%s -> %s", path, files[1])
     record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-              "short_side": short_side, "num_ids": k, "names": names, "images": summary,
+              "short_side": short_side, "num_ids": k, "names": names, "names_from": source, "images": summary,
               "failed": failed}
     write_json(json_path, record, replace=overwrite)
     return {"written": written, "failed": failed, "too_large": too_large,

@@ -64,8 +64,53 @@ def test_predict_writes_files_for_odd_sizes(coco_checkpoint, images, tmp_path, m
     names = summary["names"]
     if head == "probe":
         assert names[0] == "electronic" and names[9] == "person"
+        assert summary["names_from"] is None
     else:  # each cluster named by the class of the last Hungarian match
         assert all(n.startswith("~ ") for n in names)
+        assert summary["names_from"] == {"epoch": 1, "of_these_weights": True}
+
+
+def _entry(epoch, mapping, partial=None):
+    e = {"epoch": epoch, "kind": "iddc", "unsupervised": {"mapping": mapping}}
+    if partial is not None:
+        e["partial_epoch"] = {"steps_done": partial, "of": 10}
+    return e
+
+
+@pytest.mark.parametrize("saved, metrics, expected", [
+    # saved after epoch 2, evaluated then: the names are of these weights
+    ((2, 0), [_entry(1, [1, 0]), _entry(2, [0, 1])], (2, True, ["~ a", "~ b"])),
+    # eval_every 2: epoch 3 was trained after the last evaluation
+    ((3, 0), [_entry(2, [0, 1]), {"epoch": 3, "kind": "iddc", "train": {}}],
+     (2, False, ["~ a", "~ b"])),
+    # a Ctrl-C 4 steps into epoch 3: no evaluation of those weights
+    ((2, 4), [_entry(2, [1, 0])], (2, False, ["~ b", "~ a"])),
+    # a --max-steps stop 4 steps into epoch 3, evaluated there
+    ((2, 4), [_entry(2, [0, 1]), _entry(3, [1, 0], partial=4)], (3, True, ["~ b", "~ a"])),
+    # resumed from that stop and stopped again at step 7 with no evaluation
+    ((2, 7), [_entry(3, [1, 0], partial=4)], (3, False, ["~ b", "~ a"])),
+], ids=["evaluated", "eval-every-2", "ctrl-c-mid-epoch", "stop-evaluated", "stop-again"])
+def test_names_from_says_which_evaluation_named_the_clusters(saved, metrics, expected):
+    ckpt = {"class_names": ["a", "b"], "epoch": saved[0], "step_in_epoch": saved[1],
+            "metrics": metrics}
+    epoch, same, names = expected
+    assert predict.names_source(ckpt, "clusters") == {"epoch": epoch, "of_these_weights": same}
+    assert predict.cluster_names(ckpt, "clusters", 2) == names
+    assert predict.names_source(ckpt, "probe") is None
+    assert predict.names_source({**ckpt, "class_names": None}, "clusters") is None
+
+
+def test_predict_warns_when_the_names_predate_the_weights(coco_checkpoint, images, tmp_path,
+                                                          iddc_log):
+    ckpt = torch.load(coco_checkpoint, weights_only=False)
+    ckpt["step_in_epoch"] = 1  # as a Ctrl-C one step into the next epoch leaves it
+    stale = tmp_path / "stale.pt"
+    torch.save(ckpt, stale)
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(stale), str(images[0]), "--out", str(out)]) == 0
+    assert json.loads((out / "predictions.json").read_text())["names_from"] == \
+        {"epoch": 1, "of_these_weights": False}
+    assert any("cluster names come from the evaluation after epoch 1" in m for m in iddc_log)
 
 
 def test_predict_folder_input_and_bad_files(coco_checkpoint, images, tmp_path, capsys):
