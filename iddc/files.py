@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
+
+
+#: write_atomic's temporary files are named TEMP_PREFIX + the file's name + "-" + 12 hex digits
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_file_of(name: str) -> Optional[str]:
+    """The file a `write_atomic` temporary file named `name` was being written for (left behind
+    only when the process was killed mid-write), or None if `name` is not one."""
+    m = re.fullmatch(re.escape(TEMP_PREFIX) + r"(.+)-[0-9a-f]{12}", name)
+    return m.group(1) if m else None
 
 
 def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True) -> None:
@@ -20,7 +32,7 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     "unexpected pos" with the OSError as its context)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
             write(fh)

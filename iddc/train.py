@@ -38,7 +38,7 @@ from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
-from .files import write_atomic, write_json
+from .files import temp_file_of, write_atomic, write_json
 from .loss import IDDCLoss, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
@@ -95,12 +95,18 @@ START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
 _CLAIMS: dict = {}
 
 
+def _start_leftovers(entries) -> set:
+    """The temporary files of a start's writes that a kill mid-write left behind."""
+    return {e for e in entries if temp_file_of(e) in START_FILES}
+
+
 def _reusable(folder: str) -> bool:
     """A folder that does not exist, is empty, or holds only a failed start's files."""
     if not os.path.exists(folder):
         return True
     entries = set(os.listdir(folder))
-    return not entries or (STARTING_MARKER in entries and entries <= START_FILES)
+    return not entries or (STARTING_MARKER in entries
+                           and entries - _start_leftovers(entries) <= START_FILES)
 
 
 def _lock(fd: int) -> bool:
@@ -147,6 +153,11 @@ def _claim_once(out: str) -> Optional[str]:
     if not same or not _reusable(out):
         os.close(fd)
         return "retry"
+    for name in _start_leftovers(os.listdir(out)):  # their writer is gone: we hold the lock
+        try:
+            os.unlink(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has not started training "
                  "yet; if it stopped, the folder may be reused\n".encode())

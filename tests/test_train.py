@@ -247,6 +247,29 @@ def test_a_stopped_start_is_reused_whatever_its_marker_says(tmp_path, tiny_yaml)
         train.main(["--config", tiny_yaml, "--out", str(out)])
 
 
+def test_a_start_killed_mid_write_is_reused_and_its_temp_files_go(tmp_path):
+    """A SIGKILL during a start's atomic write of config.yaml or metrics.json leaves write_atomic's
+    temporary file: the folder is still a failed start's, reused, and the leftovers removed;
+    any other file (one named like a temp file of last.pt, or of a user's file) is kept and
+    keeps the folder from being reused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / train.STARTING_MARKER).write_text("")
+    (out / "train.log").write_text("an earlier start, killed\n")
+    leftovers = [".tmp-config.yaml-0123456789ab", ".tmp-metrics.json-ba9876543210"]
+    for name in leftovers:
+        (out / name).write_text("half")
+    assert train._claim(str(out)) is None
+    train.release_claim(str(out), started=False)
+    assert sorted(os.listdir(out)) == [train.STARTING_MARKER, "train.log"]
+    for other in (".tmp-last.pt-0123456789ab", ".tmp-notes.txt-0123456789ab",
+                  ".tmp-config.yaml-mine"):
+        (out / other).write_text("kept")
+        assert train._claim(str(out)) == "holds other files"
+        assert (out / other).read_text() == "kept"
+        (out / other).unlink()
+
+
 def test_failed_start_folder_is_reused_but_user_files_are_not_touched(tmp_path, tiny_yaml):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"data.crop_size \(20\) must be a multiple of the "
