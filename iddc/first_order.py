@@ -1,4 +1,4 @@
-"""A guard for backends whose gradients are computed in the forward pass and saved.
+"""Guards for backends whose gradients are computed in the forward pass and saved.
 
 Their backward only scales the saved gradients, so a second derivative through them would be
 silently missing the pair terms' curvature (and ``once_differentiable`` does not catch it when
@@ -34,3 +34,12 @@ def first_order_only(grad, anchor: torch.Tensor, backend: str):
     if grad is None or not torch.is_grad_enabled() or not anchor.requires_grad:
         return grad
     return _SecondOrderError.apply(grad, anchor, backend)
+
+
+def forward_mode_unsupported(backend: str):
+    """The jvp of a saved-gradient backend: forward-mode AD would need the tangents' products
+    with gradients the forward pass only makes for reverse mode, so it raises, naming the way."""
+    raise RuntimeError(
+        f"the {backend} backend supports reverse-mode gradients only (backward, torch.func.grad "
+        "or vjp); for forward-mode AD (torch.func.jvp, jacfwd, forward-over-reverse Hessians) "
+        "use IDDCLoss(backend='reference')")

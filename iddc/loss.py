@@ -215,6 +215,8 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
     NaN or Inf, or if the squares overflow) and the probabilities (NaN for NaN or +Inf logits,
     or a pixel whose logits are all -Inf; a -Inf logit alone, a masked class, is fine).
     """
+    if views.norm_a.device.type == "meta":  # shapes only (tracing, FLOP counts): no values
+        return
     flags = torch.stack([torch.isfinite(t).all()
                          for t in (views.norm_a, views.norm_b, views.p_a, views.p_b)])
     if bool(flags.all()):

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .first_order import first_order_only
+from .first_order import first_order_only, forward_mode_unsupported
 from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
@@ -227,6 +227,10 @@ class StreamingPairSums(torch.autograd.Function):
         d_a = first_order_only(d_a, p_a, "streaming")
         d_b = first_order_only(d_b, p_b, "streaming")
         return None, None, d_a, d_b, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *_):
+        forward_mode_unsupported("streaming")
 
 
 def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,

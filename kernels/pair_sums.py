@@ -38,7 +38,7 @@ import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
-from iddc.first_order import first_order_only
+from iddc.first_order import first_order_only, forward_mode_unsupported
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_pair_sums_inputs,
                               comparison_threshold)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
@@ -563,6 +563,10 @@ class TritonPairSums(torch.autograd.Function):
         gp_a, gp_b = first_order_only(gp_a, p_a, "triton"), first_order_only(gp_b, p_b, "triton")
         return (gp_a, gp_b) + (None,) * 12
 
+    @staticmethod
+    def jvp(ctx, *_):
+        forward_mode_unsupported("triton")
+
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -609,9 +613,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
             runs three tensor-core products (Triton's 3xTF32): about float32 accuracy (errors
             near 1e-7 relative, as float32 accumulation has) for three times "tf32"'s
             tensor-core work (not yet timed on a GPU); pairs within about that of a threshold
-            may still flip, as with any float32 summation order. float16 / bfloat16 features always use their tensor-core path with
-            float32 accumulation, whatever ``precision`` says; it then applies to the label
-            side only.
+            may still flip, as with any float32 summation order. float16 / bfloat16 features
+            always use their tensor-core path with float32 accumulation, whatever
+            ``precision`` says; it then applies to the label side only.
         deterministic: bit-identical results run to run. The partner rows' gradient then comes
             from a second, transposed pass (recomputing the same tiles) instead of atomics; the
             partial sums are always reduced in a fixed order. The transposed pass
@@ -635,6 +639,10 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         >>> (sums / counts.clamp_min(1)).sum().backward()
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
+    if u_a.device.type == "meta":
+        raise ValueError("the triton backend needs tensors with data (CUDA, or CPU under "
+                         "TRITON_INTERPRET=1), got meta tensors; for shapes alone use "
+                         "backend='reference' or 'streaming'")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not known; expected one of {PRECISIONS}")
     for name, t in (("u_a", u_a), ("u_b", u_b), ("p_a", p_a), ("p_b", p_b)):
