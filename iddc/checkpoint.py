@@ -6,6 +6,8 @@ A checkpoint is a dict::
      "class_names": [...], "model": IDDCModel.state_dict() (backbone, head, classifier, probe),
      "data_config": {"mean", "std"}, "weights_report": {...},
      "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
+     "step_in_epoch": steps of the next epoch done (a mid-epoch stop; else 0), "epoch_stats":
+     that partial epoch's training statistics so far (else None),
      "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
      "metrics": [per-epoch entries so far], "baselines": {...},
      "run_folder": absolute path of the run folder it was written into (--resume continues there

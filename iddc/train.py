@@ -436,6 +436,22 @@ def main(argv=None) -> dict:
             fh.close()
 
 
+#: the training statistics a metrics entry averages over an epoch's steps
+STAT_KEYS = ("loss", "pos", "neg", "reg", "probe_ce")
+
+
+def saved_epoch_stats(ckpt: dict) -> Optional[dict]:
+    """The statistics of the steps a mid-epoch checkpoint made in its epoch, or None when it
+    holds none (written before they were saved) or they are not well formed."""
+    stats = ckpt.get("epoch_stats")
+    try:
+        sums = {key: float(stats["sums"][key]) for key in STAT_KEYS}
+        return {"sums": sums, "steps": int(stats["steps"]), "images": int(stats["images"]),
+                "seconds": float(stats["seconds"])}
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def check_resumable(resume: dict, cfg: Config) -> None:
     """Refuse a resume that has nothing left to train (it would rewrite the run's config and
     checkpoint for nothing) or whose schedule now ends before the epochs already done."""
@@ -595,11 +611,13 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
     shift_gen = torch.Generator().manual_seed(tc.seed + 1)
     start_epoch, global_step, history = 0, 0, []
     start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
+    epoch_stats = None  # and their training statistics
     if resume is not None:
         checkpoint.load_training_state(resume, path, model, opt, probe_opt, sched)
         checkpoint.set_rng_state(resume["rng"], shift_gen, path)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         start_skip = int(resume.get("step_in_epoch", 0))
+        epoch_stats = saved_epoch_stats(resume) if start_skip else None
         # this command's learning rates (the saved state holds the old ones), at the poly factor
         # of the (possibly extended, --epochs) schedule at the resumed epoch
         bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
@@ -615,7 +633,8 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
                  f", step {start_skip} of epoch {start_epoch + 1}" if start_skip else "",
                  global_step)
     return dict(opt=opt, probe_opt=probe_opt, sched=sched, shift_gen=shift_gen,
-                start_epoch=start_epoch, start_skip=start_skip, global_step=global_step,
+                start_epoch=start_epoch, start_skip=start_skip, epoch_stats=epoch_stats,
+                global_step=global_step,
                 history=history, end_to_end=end_to_end)
 
 
@@ -704,8 +723,13 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                                                  drop_last=True, num_workers=dc.num_workers,
                                                  pin_memory=device.type == "cuda",
                                                  generator=loader_gen)
-            sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0, "probe_ce": 0.0}
-            n_steps, n_images, t0 = 0, 0, time.time()
+            # the epoch's statistics so far: a resumed epoch's include the steps made before
+            # its stop (saved in last.pt), so its metrics entry covers the whole epoch
+            carried = run.epoch_stats if epoch == start_epoch and skip else None
+            sums = dict(carried["sums"]) if carried else dict.fromkeys(STAT_KEYS, 0.0)
+            n_steps, n_images, before = (carried["steps"], carried["images"],
+                                         carried["seconds"]) if carried else (0, 0, 0.0)
+            ran, t0 = 0, time.time()  # steps made by this process, and when it began them
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        # None: no bar when stderr is not a terminal (CI logs, nohup)
                        disable=None if tc.progress else True, dynamic_ncols=True, file=sys.stderr) \
@@ -732,10 +756,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 for key in ("loss", "pos", "neg", "reg"):
                     sums[key] += float(getattr(out_loss, key).detach())
                 n_steps += 1
+                ran += 1
                 n_images += b
                 global_step += 1
                 if bar is not None:
-                    ips = n_images / max(time.time() - t0, 1e-9)
+                    ips = n_images / max(before + time.time() - t0, 1e-9)
                     avg = {k_: v / n_steps for k_, v in sums.items()}
                     bar.set_postfix(loss=f"{avg['loss']:.4f}", pos=f"{avg['pos']:.3f}",
                                     neg=f"{avg['neg']:.3f}", reg=f"{avg['reg']:.3f}",
@@ -746,14 +771,16 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                     break
             if bar is not None:
                 bar.close()
-            mid_epoch = skip + n_steps < steps_per_epoch
+            mid_epoch = skip + ran < steps_per_epoch
             epoch_lr = opt.param_groups[0]["lr"]  # the epoch's own, before the decay step
             if not mid_epoch:
                 sched.step()
-            seconds = time.time() - t0
+            seconds = before + time.time() - t0
             train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
             train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
                                seconds=round(seconds, 2), lr=epoch_lr)
+            if skip and not carried:  # resumed from a checkpoint that did not save them
+                train_stats["from_step"] = skip
             log.info("epoch %d: %s", epoch + 1, train_stats)
             if train_src.skipped or val_src.skipped:
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
@@ -767,7 +794,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 last_eval = res
                 extra = {"train": train_stats}
                 if mid_epoch:
-                    extra["partial_epoch"] = {"steps_done": skip + n_steps, "of": steps_per_epoch}
+                    extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
                 history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
                 log.info(ev.summary_line(f"epoch {epoch + 1}", res))
             write_json(os.path.join(out, "metrics.json"), history)
@@ -779,7 +806,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 "scheduler": sched.state_dict(), "global_step": global_step,
                 # a stop mid-epoch records the steps done, so --resume finishes that epoch
                 "epoch": epoch if mid_epoch else epoch + 1,
-                "step_in_epoch": skip + n_steps if mid_epoch else 0,
+                "step_in_epoch": skip + ran if mid_epoch else 0,
+                "epoch_stats": {"sums": sums, "steps": n_steps, "images": n_images,
+                                "seconds": seconds} if mid_epoch else None,
                 "rng": checkpoint.rng_state(shift_gen), "metrics": history,
                 # proves on --resume that this folder is the run's own (train.not_own_last_pt)
                 "run_folder": os.path.abspath(out),

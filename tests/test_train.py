@@ -97,6 +97,31 @@ def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at, extr
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     assert read_metrics(full["out"])[-1]["unsupervised"] == \
         read_metrics(part["out"])[-1]["unsupervised"]
+    # each epoch's training statistics cover all its steps, those before the stop included
+    for epoch in (1, 2):
+        want = [e for e in read_metrics(full["out"]) if e["epoch"] == epoch][-1]["train"]
+        got = [e for e in read_metrics(part["out"]) if e["epoch"] == epoch][-1]["train"]
+        for key in train.STAT_KEYS + ("steps", "lr"):
+            assert got[key] == want[key], (epoch, key)
+        assert "from_step" not in got
+
+
+def test_resume_mid_epoch_from_a_checkpoint_without_its_statistics(tmp_path, tiny_yaml):
+    """A mid-epoch checkpoint written before the epoch's statistics were saved: the resumed
+    epoch's entry covers the steps made after the resume, and says from which step."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0",
+              "--eval-initial", "false"]
+    part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", "1"])
+    path = os.path.join(part["out"], "last.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["epoch_stats"]["steps"] == 1
+    del ckpt["epoch_stats"]
+    torch.save(ckpt, path)
+    train.main(["--resume", path, "--max-steps", "0"])
+    first = [e for e in read_metrics(part["out"]) if e["epoch"] == 1]
+    assert first[0]["partial_epoch"] == {"steps_done": 1, "of": 2}
+    assert first[-1]["train"]["steps"] == 1 and first[-1]["train"]["from_step"] == 1
+    assert "from_step" not in read_metrics(part["out"])[-1]["train"]  # epoch 2: whole
 
 
 def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path, tiny_yaml):
