@@ -315,7 +315,10 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
             on_disk = json.load(fh)
     except (OSError, ValueError):
         on_disk = None
-    if history and isinstance(on_disk, list) and on_disk[:len(history)] == history:
+    if history and isinstance(on_disk, list) and (
+            on_disk[:len(history)] == history
+            # a stop between writing last.pt and metrics.json: one epoch behind
+            or (on_disk and on_disk == history[:-1])):
         return None
     return "the folder's metrics.json is not this run's"
 
@@ -651,8 +654,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     import yaml
     header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n" \
         if weights_tag == "random-init" else ""
-    write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
-        header + yaml.safe_dump(cfg_dict, sort_keys=False)), binary=False)
+
+    def write_config():
+        write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
+            header + yaml.safe_dump(cfg_dict, sort_keys=False)), binary=False)
+    # a resume's settings reach config.yaml with its first checkpoint: one that fails or is
+    # killed before it leaves config.yaml describing last.pt, as before
+    config_pending = resume is not None
+    if not config_pending:
+        write_config()
     log.info("loss: preset %s, %s", tc.preset, loss_fn.extra_repr())
     log.info("run folder: %s; train %d images, val %d images, K = %d", out, len(train_src),
              len(val_src), k)
@@ -797,7 +807,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                     extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
                 history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
                 log.info(ev.summary_line(f"epoch {epoch + 1}", res))
-            write_json(os.path.join(out, "metrics.json"), history)
             checkpoint.save_atomic({
                 "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
                 "class_names": list(train_src.class_names) if train_src.class_names else None,
@@ -813,6 +822,12 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 # proves on --resume that this folder is the run's own (train.not_own_last_pt)
                 "run_folder": os.path.abspath(out),
                 "loss_backend": backend}, os.path.join(out, "last.pt"))
+            # after the checkpoint: metrics.json never records an epoch whose weights were not
+            # saved (a resume rewrites it from the checkpoint's history)
+            write_json(os.path.join(out, "metrics.json"), history)
+            if config_pending:
+                write_config()
+                config_pending = False
             finished = not mid_epoch and epoch + 1 == tc.epochs
             if stop or interrupt.requested:  # also a Ctrl-C during the evaluation or the save
                 break

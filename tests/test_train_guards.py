@@ -685,3 +685,40 @@ def test_yaml_pairs_of_fused_and_backend_are_the_files_own(tmp_path):
     assert resolve_config(train.parse_args(["--set", "train.name=1e3"])).train.name == "1e3"
     with pytest.raises(ValueError, match="--fused False and loss.backend 'streaming' contradict"):
         resolve_config(train.parse_args(["--config", str(path), "--fused", "false"]))
+
+
+def test_a_failed_checkpoint_write_leaves_metrics_and_config_with_the_saved_run(run_copy,
+                                                                                monkeypatch):
+    """A resume whose checkpoint write fails (a full disk; a kill there is the same) leaves
+    metrics.json and config.yaml describing last.pt: no epoch whose weights were not saved,
+    no settings it did not train with. A later resume (also of the folder moved) continues."""
+    before = snapshot(run_copy)
+    real_save = checkpoint.save_atomic
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(checkpoint, "save_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        resume(run_copy / "last.pt", "--lr", "0.1")
+    after = snapshot(run_copy)
+    for name in ("last.pt", "metrics.json", "config.yaml"):
+        assert after[name] == before[name], name
+    # the write of last.pt went through, metrics.json's did not (the kill between them)
+    monkeypatch.setattr(checkpoint, "save_atomic", real_save)
+    real_json = train.write_json
+
+    def fail_metrics(path, obj, **kw):
+        if os.path.basename(path) == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_json(path, obj, **kw)
+    monkeypatch.setattr(train, "write_json", fail_metrics)
+    with pytest.raises(OSError, match="No space left"):
+        resume(run_copy / "last.pt", "--epochs", "3")
+    monkeypatch.setattr(train, "write_json", real_json)
+    assert saved_checkpoint(run_copy)["epoch"] == 2
+    assert [e["epoch"] for e in json.loads((run_copy / "metrics.json").read_text())] == [0, 1]
+    moved = run_copy.parent / "moved"
+    os.rename(run_copy, moved)
+    assert resume(moved / "last.pt", "--epochs", "3")["out"] == str(moved)
+    assert [e["epoch"] for e in json.loads((moved / "metrics.json").read_text())] == [0, 1, 2, 3]
+    assert yaml.safe_load((moved / "config.yaml").read_text())["train"]["epochs"] == 3
