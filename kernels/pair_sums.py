@@ -388,8 +388,9 @@ def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
     changing the float32 summation order); the GPU tests use them too, to compile once per
     case instead of once per candidate."""
     block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
-    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a: at 8 warps none, but
-        # 6.8 KB with ieee and 0.6 KB with tf32x3; up to 18 KB at 4 warps
+    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a (Triton 3.8): at 8 warps
+        # none, but 6.8 KB with ieee and 0.6 KB with tf32x3; up to 18 KB at 4 warps (Triton
+        # 3.6 spills 1.7 KB with float32 features, up to 6.1 KB with 16-bit ones and h=log)
         return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=8, num_stages=2)
     if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
         return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)

@@ -90,11 +90,11 @@ def assert_close_rel(actual, expected, rtol, what):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
 
 
-def sweep_config(k, dtype):
+def sweep_config(k, dtype, precision="ieee"):
     """Tiles of the reference sweeps. On a GPU the fixed tiles, so a case compiles once rather
     than once per autotune candidate (each candidate is checked on its own below); under the
     interpreter None: its single configuration."""
-    return fixed_config(k, dtype, "ieee") if DEVICE == "cuda" else None
+    return fixed_config(k, dtype, precision) if DEVICE == "cuda" else None
 
 
 def check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic=False, seed=0,
@@ -261,7 +261,8 @@ def test_tensor_core_precisions(precision, deterministic):
     t_neg = _threshold_in_gap(f_neg.cpu(), 0.05, 0.2)
     sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 7, t_pos=t_pos,
                                               t_neg=t_neg, precision=precision,
-                                              deterministic=deterministic)
+                                              deterministic=deterministic,
+                                              _config=sweep_config(27, torch.float32, precision))
     r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, (1,), "exp", grad_out,
                                                 t_pos=t_pos, t_neg=t_neg)
     assert torch.equal(counts.cpu(), r_counts.cpu())
