@@ -2,6 +2,7 @@
 unless asked, over an existing file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -115,10 +116,14 @@ def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: boo
 def check_writable(path: str) -> None:
     """An OSError naming ``path``'s folder if no file can be made there (a read-only or full
     disk, no permission): for a command to find out before the work whose result it writes.
-    A folder that does not exist yet is made by the write itself, and not checked."""
+    A folder that does not exist yet (the write makes it) is checked at its nearest existing
+    one; a file in the way is a NotADirectoryError naming it."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way of "
+                                     f"{path})", folder)
+        folder = os.path.dirname(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=".tmp-writable-", dir=folder)
     except OSError as err:

@@ -129,9 +129,14 @@ def _claim_once(out: str) -> Optional[str]:
     try:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         os.mkdir(out)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         if not os.path.isdir(out):
-            raise FileExistsError(f"output path {out} is a file, not a folder; choose another "
+            blocker = out
+            while blocker and not os.path.lexists(blocker):  # the file in the way
+                blocker = os.path.dirname(blocker)
+            where = f"output path {out}" if blocker == out else \
+                f"{blocker}, in output path {out},"
+            raise FileExistsError(f"{where} is a file, not a folder; choose another "
                                   "--out") from None
     if not _reusable(out):
         return "holds other files"

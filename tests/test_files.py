@@ -139,3 +139,26 @@ def test_evaluate_json_on_a_read_only_folder_fails_before_evaluating(tmp_path, m
     monkeypatch.setattr(files, "tempfile", tempfile)
     files.check_writable(str(tmp_path / "scores.json"))
     assert os.listdir(tmp_path) == []  # the probe leaves nothing
+
+
+def test_check_writable_of_folders_not_made_yet(tmp_path, monkeypatch):
+    """A path whose folders the write will make is checked at the nearest folder that exists,
+    and a file in the way is named, before any work."""
+    import tempfile
+    import types
+
+    from iddc import files
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="a file is in the way") as err:
+        files.check_writable(str(tmp_path / "afile" / "sub" / "scores.json"))
+    assert err.value.filename == str(tmp_path / "afile")
+    files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing made, nothing left
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+    monkeypatch.setattr(files, "tempfile", types.SimpleNamespace(mkstemp=read_only))
+    with pytest.raises(OSError, match="Read-only file system") as err:
+        files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))
+    assert err.value.filename == str(tmp_path)
+    monkeypatch.setattr(files, "tempfile", tempfile)

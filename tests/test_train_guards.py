@@ -722,3 +722,16 @@ def test_a_failed_checkpoint_write_leaves_metrics_and_config_with_the_saved_run(
     assert resume(moved / "last.pt", "--epochs", "3")["out"] == str(moved)
     assert [e["epoch"] for e in json.loads((moved / "metrics.json").read_text())] == [0, 1, 2, 3]
     assert yaml.safe_load((moved / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("under", ["", "sub", "sub/deeper"], ids=["is-a-file", "under-a-file",
+                                                                  "two-under-a-file"])
+def test_out_that_is_or_lies_under_a_file_names_the_file(tmp_path, tiny_yaml, under):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    out = os.path.join(str(mine), under) if under else str(mine)
+    where = "output path" if not under else re.escape(f"{mine}, in output path")
+    with pytest.raises(FileExistsError, match=f"{where} .*is a file, not a folder"):
+        train.main(["--config", tiny_yaml, "--out", out] + QUICK)
+    assert mine.read_text() == "mine" and os.listdir(tmp_path) == ["tiny.yaml", "notes.txt"] \
+        or sorted(os.listdir(tmp_path)) == ["notes.txt", "tiny.yaml"]
