@@ -22,7 +22,9 @@ iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
-the inputs (always refused). Each file is written atomically (temp file + os.replace).
+the inputs (always refused). Each file is written atomically: a temp file, then moved in
+place (a hard link without ``--overwrite``, so a file another program wrote under that name
+meanwhile is kept and the call fails naming it).
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ Layout policy (checked when a source is constructed, before any training starts)
 Corrupt-sample policy (at load time):
   `FileSource.load` raises `CorruptSampleError` (naming the file and the reason) when an image
   or label cannot be decoded, or when their sizes differ. Wrap a source with `skip_corrupt`
-  (training and evaluation both do) to turn that into: a warning naming the file, the counter
+  (training does, for its training split; evaluation leaves a corrupt sample out instead)
+  to turn that into: a warning naming the file, the counter
   `skipped` incremented, and the next valid sample (index + 1, + 2, ... wrapping around)
   returned in its place. Substituting rather than dropping keeps every batch full, which the
   IDDC negative term (a roll over the batch) relies on. The counter is shared between the
