@@ -115,6 +115,18 @@ def test_16bit_image_through_a_data_set(tmp_path):
     assert np.asarray(img).max() == 20
 
 
+def test_negative_label_ids_are_warned_about_as_other_stray_ids(tmp_path):
+    """A 32-bit label map (a TIFF under a label's name) holding a negative id: unlabelled, and
+    warned about like an id above num_classes."""
+    imgs, labels = _labelled_folder(tmp_path / "d", [np.zeros((2, 4), np.uint8)], w=4, h=2)
+    Image.fromarray(np.array([[-5, 1, 2, 0], [255, 1, 2, 0]], np.int32)).save(
+        labels / "img0.png", format="TIFF")
+    src = build_source("folder", root=imgs, label_root=labels, num_classes=3)
+    with pytest.warns(UserWarning, match=r"1 pixel\(s\) with class ids -5, outside 0..2"):
+        _, out = src.load(0)
+    assert out.tolist() == [[255, 1, 2, 0], [255, 1, 2, 0]]
+
+
 def test_16bit_labels_keep_their_ids(tmp_path):
     lab = np.array([[0, 1, 2, 300], [255, 1, 2, 0]], np.uint16)
     path = _grey(tmp_path / "l.png", lab)
@@ -300,6 +312,16 @@ def test_all_corrupt_is_a_user_error(tmp_path):
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
     assert isinstance(info.value, user_errors())
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith(f"(last: {labels / 'img2.png'})")  # 2x2, not 8x6
+    # in a DataLoader worker the samples may have been counted by another worker already
+    # (their shared flags set): the message still names the last file tried
+    elsewhere = skip_corrupt(build_source("folder", root=imgs, label_root=labels, num_classes=2))
+    for i in range(3):
+        elsewhere._corrupt[i] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BrokenDataSetError, match=r"looks broken \(last: .*img0.png\)"):
+            elsewhere.load(1)
 
 
 # ----------------------------------------------------------------------------- 20d: synthetic

@@ -132,6 +132,9 @@ def test_coco_layout_and_registry(tmp_path):
     ("no_annotations", r"missing folder .*annotations/train2017: expected the COCO-Stuff"),
     ("no_curated", r"missing file .*curated/train2017/Coco164kFull_Stuff_Coarse_7.txt"),
     ("empty_curated", r"curated list .* is empty"),
+    ("binary_curated", r"curated list .*Coco164kFull_Stuff_Coarse_7.txt is not UTF-8 text "
+                       r"\(invalid start byte at byte 0\)"),
+    ("repeated_id", r"curated list .* names image t00000000001 twice \(lines 2 and 4\)"),
     ("listed_image_missing", r"listed image\(s\) missing, e.g. \[.*t00000000001.jpg"),
     ("label_missing", r"without their label file, e.g. .*t00000000002.png \(for image"),
 ])
@@ -149,6 +152,11 @@ def test_coco_layout_mistakes(tmp_path, mistake, match):
         (root / "curated" / "train2017" / cocostuff.CURATED_LIST).unlink()
     elif mistake == "empty_curated":
         (root / "curated" / "train2017" / cocostuff.CURATED_LIST).write_text("\n")
+    elif mistake == "binary_curated":
+        (root / "curated" / "train2017" / cocostuff.CURATED_LIST).write_bytes(b"\xff\xfe1\n")
+    elif mistake == "repeated_id":
+        (root / "curated" / "train2017" / cocostuff.CURATED_LIST).write_text(
+            "t00000000000\nt00000000001\nt00000000002\nt00000000001.jpg\n")
     elif mistake == "listed_image_missing":
         (root / "images" / "train2017" / "t00000000001.jpg").unlink()
     elif mistake == "label_missing":

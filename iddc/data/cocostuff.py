@@ -124,11 +124,22 @@ assert len(FINE171_NAMES) == 171 and LUT27[255] == IGNORE_INDEX
 
 
 def read_curated_list(path: Path) -> list[str]:
-    ids = []
-    for line in path.read_text().splitlines():
+    """The image ids of a curated list (one per line; "#" comments), each once."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LayoutError(f"curated list {path} is not UTF-8 text ({err.reason} at byte "
+                          f"{err.start}): expected one image id per line") from None
+    ids, line_of = [], {}
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            ids.append(Path(line.split()[0]).stem)  # tolerate "<id>.jpg" entries
+            image_id = Path(line.split()[0]).stem  # tolerate "<id>.jpg" entries
+            if image_id in line_of:  # it would be trained on and scored twice
+                raise LayoutError(f"curated list {path} names image {image_id} twice (lines "
+                                  f"{line_of[image_id]} and {number})")
+            line_of[image_id] = number
+            ids.append(image_id)
     if not ids:
         raise LayoutError(f"curated list {path} is empty: expected one image id per line")
     return ids

@@ -326,7 +326,7 @@ class FileSource(SegmentationSource):
         if first is None or self._warned_ids:
             return
         # ~0.1 ms for 640 x 480, beside milliseconds of decoding
-        stray = (stored >= first) & (stored != IGNORE_INDEX)
+        stray = ((stored < 0) | (stored >= first)) & (stored != IGNORE_INDEX)
         if not stray.any():
             return
         self._warned_ids = True
@@ -395,17 +395,19 @@ class SkipCorrupt(SegmentationSource):
 
     def load(self, index: int):
         n = len(self.source)
+        last = None
         for attempt in range(min(self.max_consecutive, n)):
             i = (index + attempt) % n
             try:
                 return self.source.load(i)
             except CorruptSampleError as err:
                 self.record(err, i)
+                last = err  # skipped_paths may not list it (another worker counted it first)
                 warnings.warn(f"skipping {err} (substituting the next sample)", stacklevel=2)
         raise BrokenDataSetError(
             f"{min(self.max_consecutive, n)} consecutive samples from index {index} of "
             f"{self.source!r} are corrupt; the data set looks broken (last: "
-            f"{self.skipped_paths[-1] if self.skipped_paths else '?'})")
+            f"{last.path if last is not None else '?'})")
 
 
 def skip_corrupt(source: SegmentationSource, max_consecutive: int = 64) -> SegmentationSource:
