@@ -208,8 +208,18 @@ def check_inputs(feats_a, feats_b, logits_a, logits_b) -> None:
                              f"logits_{view} is {tuple(z.shape[2:])}; they must match")
 
 
+class NonFiniteInputError(ValueError):
+    """An input of the loss holds values it cannot use (NaN, Inf, an overflowing norm);
+    `what` says which, without the hint on skipping the check."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what} (pass check_finite=False to skip this check)")
+
+
 def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b) -> None:
-    """Raise ValueError naming the input whose values break the loss, with one device sync.
+    """Raise NonFiniteInputError (a ValueError) naming the input whose values break the loss,
+    with one device sync.
 
     Checks what the loss consumes: each feature pixel's norm (NaN or Inf if the features hold
     NaN or Inf, or if the squares overflow) and the probabilities (NaN for NaN or +Inf logits,
@@ -222,19 +232,19 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
     if bool(flags.all()):
         return
     ok = flags.tolist()  # error path only: a second sync to say which
-    skip = " (pass check_finite=False to skip this check)"
     for name, feats, good in (("feats_a", feats_a, ok[0]), ("feats_b", feats_b, ok[1])):
         if not good:
             if not bool(torch.isfinite(feats).all()):
-                raise ValueError(f"{name} contains NaN or Inf{skip}")
+                raise NonFiniteInputError(f"{name} contains NaN or Inf")
             wider = "" if views.u_a.dtype == torch.float64 else " or pass float64"
-            raise ValueError(f"{name}: a pixel's feature norm overflows {views.u_a.dtype} (values "
-                             f"up to {float(feats.abs().max()):.3g}); scale the features "
-                             f"down{wider}{skip}")
+            raise NonFiniteInputError(f"{name}: a pixel's feature norm overflows "
+                                      f"{views.u_a.dtype} (values up to "
+                                      f"{float(feats.abs().max()):.3g}); scale the features "
+                                      f"down{wider}")
     for name, good in (("logits_a", ok[2]), ("logits_b", ok[3])):
         if not good:
-            raise ValueError(f"{name} contains NaN or +Inf, or a pixel whose logits are all -Inf "
-                             f"(its softmax is NaN){skip}")
+            raise NonFiniteInputError(f"{name} contains NaN or +Inf, or a pixel whose logits "
+                                      "are all -Inf (its softmax is NaN)")
 
 
 def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator] = None) -> tuple:

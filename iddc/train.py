@@ -39,7 +39,7 @@ from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
 from .files import temp_file_of, write_atomic, write_json
-from .loss import IDDCLoss, get_pair_sums, resolve_backend
+from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
 log = logging.getLogger("iddc")
@@ -444,6 +444,28 @@ def main(argv=None) -> dict:
             fh.close()
 
 
+def _finite_checkpoint(path: str) -> bool:
+    """Whether `path` is a checkpoint whose weights are all finite (an error path's check)."""
+    try:
+        state = checkpoint.load(path)["model"]
+        return all(bool(torch.isfinite(t).all()) for t in state.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+    except Exception:  # no checkpoint, or not one that could be resumed
+        return False
+
+
+def diverged(err, epoch: int, global_step: int, end_to_end: bool, out: str) -> ValueError:
+    """The error of a training step whose loss inputs are no longer finite: the run diverged
+    (its weights are NaN or Inf from the step before), not a bad input to fix by skipping the
+    check."""
+    rates = "--lr and --backbone-lr-ratio" if end_to_end else "--lr"
+    last = os.path.join(out, "last.pt")
+    resume = f", or --resume {last} (its weights are finite) with them lowered" \
+        if _finite_checkpoint(last) else ""
+    return ValueError(f"training diverged at epoch {epoch + 1}, step {global_step + 1}: "
+                      f"{err.what}; lower {rates} and start again{resume}")
+
+
 #: the training statistics a metrics entry averages over an epoch's steps
 STAT_KEYS = ("loss", "pos", "neg", "reg", "probe_ce")
 
@@ -754,8 +776,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 b = xa.shape[0]
                 feats = model.features(torch.cat([xa, xb]))
                 inter, logits, probe = model.heads(feats)
-                out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
-                                   generator=shift_gen)
+                try:
+                    out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
+                                       generator=shift_gen)
+                except NonFiniteInputError as err:
+                    raise diverged(err, epoch, global_step, end_to_end, out) from None
                 opt.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
                 opt.step()

@@ -735,3 +735,20 @@ def test_out_that_is_or_lies_under_a_file_names_the_file(tmp_path, tiny_yaml, un
         train.main(["--config", tiny_yaml, "--out", out] + QUICK)
     assert mine.read_text() == "mine" and os.listdir(tmp_path) == ["tiny.yaml", "notes.txt"] \
         or sorted(os.listdir(tmp_path)) == ["notes.txt", "tiny.yaml"]
+
+
+def test_a_diverging_run_says_so_and_what_to_lower(tmp_path, tiny_yaml, run_copy):
+    """A learning rate so large that the head's logits overflow: the loss's finite check names
+    the step and the flags to lower (not "pass check_finite=False"); the resume hint only for
+    a checkpoint whose weights are finite."""
+    with pytest.raises(ValueError, match=r"^training diverged at epoch 1, step 2: logits_a "
+                                         r"contains NaN or \+Inf.*; lower --lr and start "
+                                         r"again$") as err:
+        train.main(["--config", tiny_yaml, "--out", str(tmp_path / "new"), "--lr", "1e30"]
+                   + QUICK)
+    assert "check_finite" not in str(err.value)
+    last = run_copy / "last.pt"
+    with pytest.raises(ValueError, match=r"^training diverged at epoch 2, step 4: .*; lower "
+                                         rf"--lr and start again, or --resume {re.escape(str(last))} "
+                                         r"\(its weights are finite\) with them lowered$"):
+        resume(last, "--lr", "1e30")
