@@ -95,9 +95,13 @@ START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
 _CLAIMS: dict = {}
 
 
-def _start_leftovers(entries) -> set:
-    """The temporary files of a start's writes that a kill mid-write left behind."""
-    return {e for e in entries if temp_file_of(e) in START_FILES}
+#: what a run writes into its folder (write_atomic's temp files of them are its leftovers)
+RUN_FILES = START_FILES | {"last.pt", "val_panel.png"}
+
+
+def _start_leftovers(entries, of=START_FILES) -> set:
+    """The temporary files of writes of `of` that a kill mid-write left behind."""
+    return {e for e in entries if temp_file_of(e) in of}
 
 
 def _reusable(folder: str) -> bool:
@@ -217,6 +221,13 @@ def hold_run(out: str) -> None:
                               "(its train.log is locked); wait for it to stop, or continue in a "
                               "new folder with --out")
     _RUNS[os.path.abspath(out)] = fd
+    # a run killed while writing here left write_atomic's temp files (a last.pt's is as large
+    # as the checkpoint, one per kill): no one else writes here while we hold the lock
+    for name in _start_leftovers(os.listdir(out), RUN_FILES):
+        try:
+            os.unlink(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
 
 
 def release_run(out: str) -> None:
@@ -242,7 +253,9 @@ def make_out_dir(cfg: Config) -> str:
         if _training_now(out):
             raise FileExistsError(f"output folder {out} is being trained in by another process "
                                   "now; choose another --out")
-        if set(os.listdir(out)) == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
+        entries = set(os.listdir(out))
+        entries -= _start_leftovers(entries, RUN_FILES)
+        if entries == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
             raise FileExistsError(f"output folder {out} holds a run that stopped before it saved "
                                   "a checkpoint (its train.log says why); choose another --out")
         hint = (f", or continue it with --resume {os.path.join(out, 'last.pt')}"

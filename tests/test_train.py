@@ -124,6 +124,22 @@ def test_resume_mid_epoch_from_a_checkpoint_without_its_statistics(tmp_path, tin
     assert "from_step" not in read_metrics(part["out"])[-1]["train"]  # epoch 2: whole
 
 
+def test_a_resume_removes_the_temp_files_of_writes_killed_midway(tmp_path, tiny_yaml):
+    """Each kill during a checkpoint write leaves a temp file as large as last.pt: the next
+    process to train in the folder (holding its lock) removes them; other files stay."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"]
+    part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", "2"])
+    out = part["out"]
+    leftovers = [".tmp-last.pt-0123456789ab", ".tmp-last.pt-ba9876543210",
+                 ".tmp-metrics.json-00000000000f"]
+    for name in leftovers + [".tmp-notes.txt-0123456789ab", "scores.json"]:
+        open(os.path.join(out, name), "w").write("x")
+    train.main(["--resume", os.path.join(out, "last.pt"), "--max-steps", "0"])
+    names = set(os.listdir(out))
+    assert not names & set(leftovers)
+    assert {".tmp-notes.txt-0123456789ab", "scores.json", "last.pt"} <= names
+
+
 def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path, tiny_yaml):
     """Earlier versions pickled numpy's RNG state as an array: such a run still resumes (numpy
     arrays are plain data to the weights-only loader) to the same result."""
@@ -160,6 +176,12 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere
                                               r"checkpoint \(its train.log says why\)"):
         train.main(["--config", tiny_yaml, "--out", str(out)])
     assert (out / "train.log").read_text() == "kept\n"
+    # killed during its first checkpoint write: the same (the temp file is that write's)
+    (out / ".tmp-last.pt-0123456789ab").write_bytes(b"half a checkpoint")
+    with pytest.raises(FileExistsError, match=r"holds a run that stopped before it saved a "
+                                              r"checkpoint"):
+        train.main(["--config", tiny_yaml, "--out", str(out)])
+    (out / ".tmp-last.pt-0123456789ab").unlink()
     # the same folder while a process trains there (holds its run lock): said so
     with training_elsewhere(out):
         with pytest.raises(FileExistsError, match=r"output folder .*run is being trained in by "
