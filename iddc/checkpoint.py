@@ -18,8 +18,10 @@ backbone's tensors are in ``model``).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import reprlib
 import random
 import zipfile
 from collections.abc import Mapping
@@ -80,7 +82,52 @@ def load(path: str) -> dict:
                               f"not an IDDC checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an IDDC checkpoint (expected format {FORMAT!r})")
+    check_entries(ckpt, path)
     return ckpt
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(key: str, value) -> "str | None":
+    """Why a checkpoint entry is not what iddc.train writes there, or None."""
+    if key == "config":
+        return None if isinstance(value, Mapping) else "is not a mapping of settings"
+    if key == "metrics":
+        return None if isinstance(value, list) and all(isinstance(e, Mapping) for e in value) \
+            else "is not a list of per-epoch records"
+    if key == "class_names":
+        return None if value is None or (isinstance(value, list) and all(
+            isinstance(n, str) for n in value)) else "is not a list of names"
+    if key == "data_config":
+        if value is None:
+            return None
+        try:
+            ok = isinstance(value, Mapping) and all(
+                len(value[k]) == 3 and all(math.isfinite(float(v)) for v in value[k])
+                for k in ("mean", "std")) and all(float(v) > 0 for v in value["std"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        return None if ok else "is not a normalisation {mean: 3 numbers, std: 3 positive ones}"
+    return None if _is_count(value) else "is not a whole number >= 0"  # epoch, steps
+
+
+#: entries whose form every reader relies on (others are checked where they are used)
+CHECKED_ENTRIES = ("config", "metrics", "class_names", "data_config", "num_classes", "epoch",
+                   "global_step", "step_in_epoch")
+
+
+def check_entries(ckpt: dict, path: str) -> None:
+    """CheckpointError naming ``path`` and the entry, for a present entry whose form is not the
+    one iddc.train writes (an edited or foreign file with the right format tag)."""
+    for key in CHECKED_ENTRIES:
+        if key in ckpt:
+            why = _entry_problem(key, ckpt[key])
+            if why is not None:
+                raise CheckpointError(f"checkpoint {path}: its {key!r} entry {why} (got "
+                                      f"{reprlib.repr(ckpt[key])}); it was edited or not "
+                                      "written by iddc.train")
 
 
 def rng_state(shift_generator: torch.Generator) -> dict:
@@ -145,6 +192,12 @@ def load_weights(model, ckpt: dict, path: str) -> None:
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path}: its \"model\" entry is a "
                               f"{type(state).__name__}, not a model's tensors")
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {path}: its weights hold NaN or Inf (tensor "
+                                  f"{name!r}): the run diverged before it was saved; use an "
+                                  "earlier checkpoint, or train again with a lower --lr")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:

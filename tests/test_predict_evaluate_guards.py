@@ -381,8 +381,19 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
                  r"backbone.blocks.1"),
     (lambda c: _set_depth(c, 1, 32), r"do not match its model config \(\d+ of another shape, "
                                      r"e.g. backbone.\S+: \[1, 1, 16\] in the file, \[1, 1, 32\]"),
+    (lambda c: c["data_config"].pop("std"), r"its 'data_config' entry is not a normalisation"),
+    (lambda c: c.update(data_config={"mean": [0.5] * 3, "std": [0.2, 0, 0.2]}),
+     r"its 'data_config' entry is not a normalisation \{mean: 3 numbers, std: 3 positive"),
+    (lambda c: c.update(metrics="epoch 1"), r"its 'metrics' entry is not a list of per-epoch "
+                                            r"records \(got 'epoch 1'\)"),
+    (lambda c: c.update(config="hello"), r"its 'config' entry is not a mapping of settings"),
+    (lambda c: c.update(epoch=-1), r"its 'epoch' entry is not a whole number >= 0 \(got -1\)"),
+    (lambda c: c.update(class_names=[1, 2]), r"its 'class_names' entry is not a list of names"),
+    (lambda c: c["model"][next(k for k in c["model"] if k.startswith("head"))].fill_(
+        float("nan")), r"its weights hold NaN or Inf \(tensor 'head\..*'\): the run diverged"),
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
-        "depth-changed", "width-changed"])
+        "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text", "config-text",
+        "negative-epoch", "class-ids", "nan-weights"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re

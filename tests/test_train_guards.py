@@ -629,7 +629,12 @@ def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tin
     (lambda c: c.update(rng={"torch": 1}), "its \"rng\" entry is not the random state"),
     (lambda c: c.update(scheduler={"base_lrs": 3}), "its 'scheduler' entry does not fit"),
     (lambda c: c["model"].pop(next(iter(c["model"]))), "its weights do not match its model"),
-], ids=["no-optimizer", "no-rng", "bad-rng", "bad-scheduler", "missing-tensor"])
+    (lambda c: c.update(global_step="two"), "its 'global_step' entry is not a whole number"),
+    (lambda c: c.update(metrics={"epoch": 1}), "its 'metrics' entry is not a list"),
+    (lambda c: next(t for t in c["model"].values() if t.is_floating_point()).view(-1)[0].fill_(
+        float("inf")), "its weights hold NaN or Inf"),
+], ids=["no-optimizer", "no-rng", "bad-rng", "bad-scheduler", "missing-tensor", "step-text",
+        "metrics-dict", "inf-weight"])
 def test_an_edited_checkpoint_is_refused_on_resume(run_copy, edit, message):
     """A checkpoint with the right format tag but cut down or edited: a CheckpointError (the
     CLI's one line) naming the file, not a KeyError or a load_state_dict traceback."""
