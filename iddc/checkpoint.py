@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import reprlib
 import random
+import reprlib
 import zipfile
 from collections.abc import Mapping
+from typing import Optional
 
 import numpy as np
 import torch
@@ -90,13 +91,13 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _entry_problem(key: str, value) -> "str | None":
+def _entry_problem(key: str, value) -> Optional[str]:
     """Why a checkpoint entry is not what iddc.train writes there, or None."""
     if key == "config":
         return None if isinstance(value, Mapping) else "is not a mapping of settings"
     if key == "metrics":
-        return None if isinstance(value, list) and all(isinstance(e, Mapping) for e in value) \
-            else "is not a list of per-epoch records"
+        return None if value is None or (isinstance(value, list) and all(
+            isinstance(e, Mapping) for e in value)) else "is not a list of per-epoch records"
     if key == "class_names":
         return None if value is None or (isinstance(value, list) and all(
             isinstance(n, str) for n in value)) else "is not a list of names"

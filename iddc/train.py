@@ -99,9 +99,19 @@ _CLAIMS: dict = {}
 RUN_FILES = START_FILES | {"last.pt", "val_panel.png"}
 
 
-def _start_leftovers(entries, of=START_FILES) -> set:
+def _leftover_temp_files(entries, of=START_FILES) -> set:
     """The temporary files of writes of `of` that a kill mid-write left behind."""
     return {e for e in entries if temp_file_of(e) in of}
+
+
+def _remove_leftover_temp_files(out: str, of) -> None:
+    """Remove them from `out`: only while this process holds the folder's lock (their writer
+    is gone, and no other process writes there)."""
+    for name in _leftover_temp_files(os.listdir(out), of):
+        try:
+            os.unlink(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
 
 
 def _reusable(folder: str) -> bool:
@@ -110,7 +120,7 @@ def _reusable(folder: str) -> bool:
         return True
     entries = set(os.listdir(folder))
     return not entries or (STARTING_MARKER in entries
-                           and entries - _start_leftovers(entries) <= START_FILES)
+                           and entries - _leftover_temp_files(entries) <= START_FILES)
 
 
 def _lock(fd: int) -> bool:
@@ -162,11 +172,7 @@ def _claim_once(out: str) -> Optional[str]:
     if not same or not _reusable(out):
         os.close(fd)
         return "retry"
-    for name in _start_leftovers(os.listdir(out)):  # their writer is gone: we hold the lock
-        try:
-            os.unlink(os.path.join(out, name))
-        except FileNotFoundError:
-            pass
+    _remove_leftover_temp_files(out, START_FILES)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has not started training "
                  "yet; if it stopped, the folder may be reused\n".encode())
@@ -222,12 +228,8 @@ def hold_run(out: str) -> None:
                               "new folder with --out")
     _RUNS[os.path.abspath(out)] = fd
     # a run killed while writing here left write_atomic's temp files (a last.pt's is as large
-    # as the checkpoint, one per kill): no one else writes here while we hold the lock
-    for name in _start_leftovers(os.listdir(out), RUN_FILES):
-        try:
-            os.unlink(os.path.join(out, name))
-        except FileNotFoundError:
-            pass
+    # as the checkpoint, one per kill)
+    _remove_leftover_temp_files(out, RUN_FILES)
 
 
 def release_run(out: str) -> None:
@@ -254,7 +256,7 @@ def make_out_dir(cfg: Config) -> str:
             raise FileExistsError(f"output folder {out} is being trained in by another process "
                                   "now; choose another --out")
         entries = set(os.listdir(out))
-        entries -= _start_leftovers(entries, RUN_FILES)
+        entries -= _leftover_temp_files(entries, RUN_FILES)
         if entries == START_FILES - {STARTING_MARKER}:  # a run's, but no last.pt
             raise FileExistsError(f"output folder {out} holds a run that stopped before it saved "
                                   "a checkpoint (its train.log says why); choose another --out")
