@@ -97,13 +97,30 @@ def sweep_config(k, dtype, precision="ieee"):
     return fixed_config(k, dtype, precision) if DEVICE == "cuda" else None
 
 
+def thresholds_in_gaps(u_a, u_b, shifts) -> tuple:
+    """t_pos near T_POS and t_neg near T_NEG, each in the widest gap between the inputs'
+    affinities there: a float32 dot product on any hardware (FMA chains, tiles over D) then
+    selects the float64 reference's pairs. Random features put some of a million pairs
+    within float32 rounding (~1e-7) of a fixed threshold."""
+    u_a, u_b = u_a.double().cpu(), u_b.double().cpu()
+    t_pos = _threshold_in_gap(torch.einsum("bnd,bmd->bnm", u_a, u_b), T_POS - 0.05, T_POS + 0.05)
+    if not shifts:
+        return t_pos, T_NEG
+    f_neg = torch.cat([torch.einsum("bnd,bmd->bnm", u_a, u_a.roll(-r, 0)).flatten()
+                       for r in set(shifts)])
+    return t_pos, _threshold_in_gap(f_neg, T_NEG - 0.05, T_NEG + 0.05)
+
+
 def check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic=False, seed=0,
                             config=None):
     u_a, u_b, p_a, p_b = make_inputs(b, n, m, d, k, seed, dtype)
     config = sweep_config(k, dtype) if config is None else config
-    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed,
-                                              deterministic=deterministic, _config=config)
-    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out)
+    t_pos, t_neg = thresholds_in_gaps(u_a, u_b, shifts)
+    sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed, t_pos=t_pos,
+                                              t_neg=t_neg, deterministic=deterministic,
+                                              _config=config)
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out,
+                                                t_pos=t_pos, t_neg=t_neg)
     # the inputs must actually cross both thresholds
     pairs = b * n * m
     assert 0 < r_counts[0] < pairs, f"positive selection is trivial: {r_counts[0]} of {pairs}"
