@@ -27,10 +27,12 @@ import torch.nn.functional as F
 
 from . import metrics
 from .cli import path_arg
+from .data import IGNORE_INDEX
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
 from .inference import (MAX_TOKENS, check_at_least, check_window, sliding_predict_fn,
                         token_count)
+from .inference import upsample_argmax as inference_upsample_argmax
 
 log = logging.getLogger("iddc")
 
@@ -117,9 +119,10 @@ def get_eval_mode(name: str) -> EvalMode:
 
 
 def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
-    """Logits upsampled bilinearly (align_corners=True) to ``size``, then argmax."""
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear",
-                         align_corners=True).argmax(1)
+    """B x K x h x w logits upsampled bilinearly (align_corners=True) to ``size``, then argmax:
+    B x H x W, an image at a time and over groups of classes (iddc.inference.upsample_argmax),
+    so memory stays bounded at K = 171 and large sizes."""
+    return torch.stack([inference_upsample_argmax(one.float(), size) for one in logits])
 
 
 def load_or_skip(source, index: int, skipped: Optional[list] = None):
@@ -221,7 +224,8 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     model.eval()
     k = num_classes or source.num_classes
     acc_u = metrics.Accumulator(model.num_classes, k)
-    acc_p = metrics.Accumulator(model.num_classes, k)
+    # the probe predicts the model's K classes: scored only where they are the labels' classes
+    acc_p = metrics.Accumulator(model.num_classes, k) if model.num_classes == k else None
     samples, skipped = [], []
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
@@ -238,22 +242,35 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
             pred = upsample_argmax(out["logits"], y.shape[-2:]).cpu()
             probe = upsample_argmax(out["probe"], y.shape[-2:]).cpu()
             acc_u.update(pred, y)
-            acc_p.update(probe, y)
+            if acc_p is not None:
+                acc_p.update(probe, y)
             for j in range(x.shape[0]):
                 if len(samples) < keep:
                     samples.append((x[j], y[j], pred[j], probe[j]))
     finally:
         model.train(was_training)
     if int(acc_u.hist.sum()) == 0:
-        corrupt = f", {len(skipped)} of them corrupt and skipped" if skipped else ""
-        raise NoLabelsError(
-            f"the evaluation set ({len(source)} images{corrupt}) has no labelled pixels, so "
-            "accuracy and mIoU are undefined; give it labels (e.g. --data-option "
-            "label_root=DIR for a folder)")
+        raise no_labels_error(source, max_images, skipped)
     names = class_names if class_names is not None else getattr(source, "class_names", None)
     return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
-            "linear_probe": metrics.supervised_scores(acc_p.hist, names),
+            "linear_probe": metrics.supervised_scores(acc_p.hist, names)
+            if acc_p is not None else None,
             "samples": samples, "skipped": skipped}
+
+
+def no_labels_error(source, max_images: int, skipped: list) -> NoLabelsError:
+    """Nothing to score: every image left out (corrupt, or too large for one forward pass), or
+    the scored ones hold no labelled pixel."""
+    n = len(source) if not max_images else min(max_images, len(source))
+    if skipped and len(skipped) >= n:
+        return NoLabelsError(
+            f"none of the evaluation set's {n} images could be scored: each was left out "
+            "(corrupt, or too large for one forward pass of the whole image: --eval-mode "
+            "sliding or a smaller --eval-size scores those; see the warnings)")
+    left_out = f", {len(skipped)} of them left out (see the warnings)" if skipped else ""
+    return NoLabelsError(
+        f"the evaluation set ({n} images{left_out}) has no labelled pixels, so accuracy and "
+        "mIoU are undefined; give it labels (e.g. --data-option label_root=DIR for a folder)")
 
 
 def _kmeans_once(x: torch.Tensor, k: int, iters: int, g: torch.Generator):
@@ -292,10 +309,12 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0,
     if restarts < 1:
         raise ValueError(f"k-means restarts must be >= 1, got {restarts}")
     g = torch.Generator().manual_seed(seed)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("k-means: the features hold NaN or Inf")
     best, best_inertia = None, float("inf")
     for _ in range(restarts):
         c, inertia = _kmeans_once(x, k, iters, g)
-        if inertia < best_inertia:
+        if best is None or inertia < best_inertia:
             best, best_inertia = c, inertia
     return best
 
@@ -307,18 +326,28 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
                     cache: Optional[FeatureCache] = None) -> dict:
     """K-means (K clusters, best of ``restarts`` initialisations) on the backbone's
     unit-normalised features of ``source``; cluster "logits" (cosine to each centroid) upsampled
-    and matched like the IDDC head's."""
+    and matched like the IDDC head's.
+
+    Returns {"unsupervised": scores, "skipped": [...]}: the images left out (corrupt, or too
+    large for the backbone's one pass over a whole image, also in the sliding eval mode, so the
+    baseline then scores fewer images than the head)."""
+    was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats, labels, skipped = [], [], []
     # labels kept (as bytes, beside the larger features) rather than read again: a second walk
     # would warn about every corrupt sample twice
-    for idx, x, y in iterate_batches(source, transform, batch_size, max_images,
-                                     patch_size=getattr(model, "patch_size", None)):
-        x = x.to(device)
-        raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
-            else model.features(x)
-        feats.append(F.normalize(raw.float(), dim=1).cpu())
-        labels.append(y.to(torch.uint8))
+    try:
+        for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
+                                         patch_size=getattr(model, "patch_size", None)):
+            x = x.to(device)
+            raw = cache.get(tuple(idx), lambda: model.features(x)) if cache is not None \
+                else model.features(x)
+            feats.append(F.normalize(raw.float(), dim=1).cpu())
+            labels.append(y.to(torch.uint8))
+    finally:
+        model.train(was_training)
+    if not feats or not any(bool((y != IGNORE_INDEX).any()) for y in labels):
+        raise no_labels_error(source, max_images, skipped)
     flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in feats])
     if max_points and flat.shape[0] > max_points:
         g = torch.Generator().manual_seed(seed)
@@ -329,7 +358,7 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
         logits = torch.einsum("bdhw,kd->bkhw", f, centres)
         acc.update(upsample_argmax(logits, y.shape[-2:]), y)
     names = class_names if class_names is not None else getattr(source, "class_names", None)
-    return {"unsupervised": metrics.unsupervised_scores(acc.hist, names)}
+    return {"unsupervised": metrics.unsupervised_scores(acc.hist, names), "skipped": skipped}
 
 
 def summary_line(name: str, entry: dict) -> str:
@@ -463,7 +492,15 @@ def main(argv=None) -> dict:
         raise NoLabelsError(f"{args.split} split: {err}") from err
     res.pop("samples")
     res["epoch"] = ckpt.get("epoch")
-    res["checkpoint"] = args.checkpoint
+    res["checkpoint"] = os.path.abspath(args.checkpoint)
+    # what was scored, so that two result files can be told apart
+    res["evaluation"] = {"split": args.split, "dataset": cfg.data.dataset,
+                         "data_root": cfg.data.data_root, "eval_mode": cfg.data.eval_mode,
+                         "eval_size": cfg.data.eval_size,
+                         "max_images": cfg.data.max_val_images or None}
+    if cfg.data.eval_mode == "sliding":
+        res["evaluation"].update(window=cfg.data.sliding_window,
+                                 stride=cfg.data.sliding_stride or None)
     if res["skipped"]:
         log.warning("%d sample(s) left out of the scores (corrupt or too large, see the "
                     "warnings): %s", len(res["skipped"]),

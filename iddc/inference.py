@@ -136,9 +136,13 @@ def _resize_image(x: torch.Tensor, size) -> torch.Tensor:
 
 
 def upsample(maps: torch.Tensor, size) -> torch.Tensor:
-    """B x K x h x w -> B x K x size, bilinear with align_corners=True (SPEC section 5)."""
+    """B x K x h x w -> B x K x size, bilinear with align_corners=True (SPEC section 5). A -inf
+    logit (a masked class) becomes the dtype's lowest finite value first: interpolating it
+    would make NaN (0 x -inf), which argmax takes for the maximum."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
+    if maps.is_floating_point():
+        maps = maps.clamp_min(torch.finfo(maps.dtype).min)
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
 
 

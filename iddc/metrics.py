@@ -18,10 +18,15 @@ IGNORE_INDEX = 255
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_pred: int, num_true: int,
               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """num_pred x num_true int64 histogram of (prediction, label) pairs, by bincount."""
-    pred = torch.as_tensor(pred).reshape(-1).long()
-    target = torch.as_tensor(target).reshape(-1).long().to(pred.device)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction has {pred.numel()} pixels, labels have {target.numel()}")
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.shape != target.shape:  # a transposed map has the same pixel count
+        raise ValueError(f"prediction is {tuple(pred.shape)} but labels are "
+                         f"{tuple(target.shape)}; they must match")
+    for name, t in (("prediction", pred), ("labels", target)):
+        if t.is_floating_point() or t.is_complex():  # 0.9 would silently count as class 0
+            raise ValueError(f"{name} must hold integer ids, got {t.dtype}")
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long().to(pred.device)
     keep = target != ignore_index
     pred, target = pred[keep], target[keep]
     if target.numel() and (int(target.max()) >= num_true or int(target.min()) < 0):
@@ -63,6 +68,9 @@ def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> 
     per-class counts of pixels predicted as an unmatched cluster (wrong predictions, FN only).
     """
     hist = torch.as_tensor(hist).double()
+    if hist.dim() != 2 or hist.shape[0] != hist.shape[1]:
+        raise ValueError(f"scores need a square K x K histogram (predictions already in label "
+                         f"space), got {tuple(hist.shape)}")
     tp = hist.diag()
     pred_count = hist.sum(1)
     true_count = hist.sum(0)
@@ -73,6 +81,8 @@ def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> 
     total = true_count.sum()
     iou = tp / (tp + fp + fn).clamp_min(1)
     present = (tp + fp + fn) > 0
+    if class_names is not None and len(class_names) < hist.shape[0]:
+        raise ValueError(f"{len(class_names)} class name(s) for {hist.shape[0]} classes")
     names = [str(class_names[c]) if class_names is not None else str(c)
              for c in range(hist.shape[0])]
     if len(set(names)) != len(names):  # keyed by name: a repeated one would drop classes

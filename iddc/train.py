@@ -314,6 +314,8 @@ def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict]
     for key in ("unsupervised", "linear_probe"):
         if key in result:
             e[key] = result[key]
+    if result.get("skipped"):  # images the scores leave out (the warnings name them)
+        e["left_out"] = len(result["skipped"])
     if extra:
         e.update(extra)
     return e
@@ -725,24 +727,38 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
 
     # an unlabelled val split (e.g. a plain image folder) trains, but has nothing to score
     labelled_val = bool(getattr(val_src, "has_labels", True))
+    unscored = "training without evaluation (metrics.json records the training statistics only)"
     if not labelled_val:
-        log.warning("WARNING: the val split has no labels: training without evaluation "
-                    "(metrics.json records the training statistics only)")
+        log.warning("WARNING: the val split has no labels: %s", unscored)
+
+    def scored(evaluation):
+        """`evaluation()`, or None when the val split turns out to have nothing to score (label
+        files holding only 255, or every image left out): then training goes on without
+        evaluation, as for a split without labels, rather than failing an epoch later."""
+        nonlocal labelled_val
+        try:
+            return evaluation()
+        except ev.NoLabelsError as err:
+            labelled_val = False
+            log.warning("WARNING: val split: %s; %s", err, unscored)
+            return None
+
     if resume is None and labelled_val:
         use_kmeans = tc.kmeans_baseline if tc.kmeans_baseline is not None \
             else dc.dataset == "synthetic"
         if use_kmeans:
             t0 = time.time()
-            km = ev.kmeans_baseline(model, val_src, transform=eval_tf, num_classes=k,
-                                    device=device, batch_size=dc.eval_batch_size,
-                                    max_images=dc.max_val_images, iters=tc.kmeans_iters,
-                                    restarts=tc.kmeans_restarts, seed=tc.seed,
-                                    max_points=tc.kmeans_max_points, cache=cache)
-            history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
-                                    {"seconds": round(time.time() - t0, 2)}))
-            log.info(ev.summary_line("k-means baseline", km))
-        if tc.eval_initial:
-            res = run_eval()
+            km = scored(lambda: ev.kmeans_baseline(
+                model, val_src, transform=eval_tf, num_classes=k, device=device,
+                batch_size=dc.eval_batch_size, max_images=dc.max_val_images,
+                iters=tc.kmeans_iters, restarts=tc.kmeans_restarts, seed=tc.seed,
+                max_points=tc.kmeans_max_points, cache=cache))
+            if km is not None:
+                history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
+                                        {"seconds": round(time.time() - t0, 2)}))
+                log.info(ev.summary_line("k-means baseline", km))
+        res = scored(run_eval) if tc.eval_initial and labelled_val else None
+        if res is not None:
             history.append(entry_of(res, 0, "untrained_head", weights_tag))
             log.info(ev.summary_line("epoch 0 (untrained)", res))
         write_json(os.path.join(out, "metrics.json"), history)
@@ -841,17 +857,19 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
                             train_src.skipped, val_src.skipped)
             # after a Ctrl-C no evaluation and no record: the checkpoint below keeps the step
-            if not labelled_val and not interrupt.requested:
-                history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
-            elif labelled_val and not interrupt.requested and (
+            res = None
+            if labelled_val and not interrupt.requested and (
                     (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop):
-                res = run_eval(keep=tc.vis_images)
+                res = scored(lambda: run_eval(keep=tc.vis_images))
+            if res is not None:
                 last_eval = res
                 extra = {"train": train_stats}
                 if mid_epoch:
                     extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
                 history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
                 log.info(ev.summary_line(f"epoch {epoch + 1}", res))
+            elif not labelled_val and not interrupt.requested:
+                history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
             checkpoint.save_atomic({
                 "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
                 "class_names": list(train_src.class_names) if train_src.class_names else None,
@@ -889,7 +907,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         raise KeyboardInterrupt
 
     final = last_eval if last_eval is not None or not labelled_val \
-        else run_eval(keep=tc.vis_images)
+        else scored(lambda: run_eval(keep=tc.vis_images))
     if tc.vis_images and final is not None:
         from .visualize import save_panel
         save_panel(os.path.join(out, "val_panel.png"), final["samples"], k,

@@ -423,6 +423,27 @@ def test_train_on_unlabelled_folder(tmp_path):
         evaluate.main(["--checkpoint", res["out"] + "/last.pt"])
 
 
+@pytest.mark.parametrize("found_at", ["baseline", "first-epoch"])
+def test_train_on_labels_holding_only_ignore(tmp_path, found_at):
+    """Label files whose every pixel is 255: nothing to score. Found by the k-means baseline
+    (or, with it and the epoch-0 evaluation off, by the first epoch's evaluation), training goes
+    on without evaluation, warned, and saves its checkpoint: no 0 % scores, no failure after
+    an epoch's work."""
+    make_folder(tmp_path / "imgs", tmp_path / "labels", n=4, size=(40, 34), num_classes=3)
+    for k, path in enumerate(sorted((tmp_path / "labels").iterdir())):
+        _label(path, np.full((34, 40 + k), 255, np.uint8))
+    on = "true" if found_at == "baseline" else "false"
+    res, last = _train(tmp_path, "folder", tmp_path / "imgs", "--data-option",
+                       f"label_root={tmp_path / 'labels'}", "--data-option", "num_classes=3",
+                       "--kmeans-baseline", on, "--eval-initial", on)
+    assert [e["kind"] for e in res["metrics"]] == ["iddc"]
+    assert "unsupervised" not in last and last["train"]["steps"] == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "val split: the evaluation set (4 images) has no labelled pixels" in log
+    assert "training without evaluation" in log
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
 def test_train_survives_corrupt_images(tmp_path):
     root = make_coco(tmp_path / "coco", n=(3, 2), size=(40, 36))
     (root / "images" / "train2017" / "t00000000001.jpg").write_bytes(b"corrupt")

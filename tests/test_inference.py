@@ -37,6 +37,30 @@ class Recorder(torch.nn.Module):
         return self.conv(x) * 3
 
 
+class Masked(torch.nn.Module):
+    """Two real classes and a third masked with -inf logits, at half the input's resolution
+    (so that maps are upsampled)."""
+
+    patch_size = 2
+
+    def forward(self, x):
+        real = torch.nn.functional.avg_pool2d(x[:, :2], 2) * 5
+        return torch.cat([real, torch.full_like(real[:, :1], float("-inf"))], 1)
+
+
+@pytest.mark.parametrize("mode", ["resize", "sliding"])
+def test_a_masked_class_is_never_predicted(mode):
+    """A -inf logit is a masked class (the loss accepts it): upsampling must not turn it into
+    NaN, which argmax would take for the maximum."""
+    gen = torch.Generator().manual_seed(4)
+    images = [torch.randn(3, 14, 22, generator=gen), torch.randn(3, 9, 7, generator=gen)]
+    pred = Predictor(Masked(), mode=mode, short_side=None, window=4, batch_size=2)
+    for ids, probs in zip(pred.segment(images), pred.probabilities(images)):
+        assert int(ids.max()) <= 1
+        assert bool(torch.isfinite(probs).all()) and float(probs[2].max()) == 0.0
+        torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
+
+
 def test_window_starts_cover():
     # the default stride gives the SPEC's 75 px overlap at 224 px, a third on small windows
     assert default_stride(224) == 149 and default_stride(448) == 373

@@ -73,6 +73,24 @@ def test_more_clusters_than_classes_counts_unmatched_as_wrong():
 def test_bad_labels_raise():
     with pytest.raises(ValueError, match="labels must lie"):
         metrics.confusion(torch.tensor([0]), torch.tensor([7]), 3, 3)
+    # a transposed map has the same pixel count: refused by shape
+    with pytest.raises(ValueError, match=r"prediction is \(2, 3\) but labels are \(3, 2\)"):
+        metrics.confusion(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                          3, 3)
+    with pytest.raises(ValueError, match="prediction must hold integer ids, got torch.float32"):
+        metrics.confusion(torch.full((2,), 0.9), torch.zeros(2, dtype=torch.long), 3, 3)
+    with pytest.raises(ValueError, match="labels must hold integer ids, got torch.float64"):
+        metrics.confusion(torch.zeros(2, dtype=torch.long), np.zeros(2), 3, 3)
+
+
+def test_scores_refuse_what_they_cannot_score():
+    with pytest.raises(ValueError, match=r"square K x K histogram .* got \(4, 3\)"):
+        metrics.supervised_scores(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"2 class name\(s\) for 3 classes"):
+        metrics.supervised_scores(torch.eye(3), ["a", "b"])
+    with pytest.raises(ValueError, match="k-means: the features hold NaN or Inf"):
+        from iddc.evaluate import kmeans
+        kmeans(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 0.0]]), 2)
 
 
 def test_accumulator_matches_single_histogram():

@@ -497,9 +497,54 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     source = build_source("folder", root=img, split="val", label_root=lab, num_classes=3)
     transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
     with pytest.warns(UserWarning, match="leaving out"):
-        evaluate.kmeans_baseline(model, source, transform=transform, num_classes=3, restarts=1)
-    res = evaluate.main(flags + ["--eval-mode", "sliding", "--window", "32"])
+        km = evaluate.kmeans_baseline(model, source, transform=transform, num_classes=3,
+                                      restarts=1)
+    assert km["skipped"] == [str(strip)]  # recorded: the baseline scores fewer images
+    res = evaluate.main(flags + ["--eval-mode", "sliding", "--window", "32", "--json",
+                                 str(tmp_path / "scores.json")])
     assert res["unsupervised"]["pixels"] == 2 * SIZE * SIZE + 32 * 33600
+    # the file says what was scored
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["evaluation"] == {"split": "val", "dataset": "folder", "data_root": str(img),
+                                   "eval_mode": "sliding", "eval_size": 32, "max_images": None,
+                                   "window": 32, "stride": None}
+    assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
+
+
+def test_an_evaluation_set_of_images_all_too_large_says_so(runs, tmp_path):
+    """Every image left out (too large for resize mode): not "corrupt ... give it labels" nor
+    an empty torch.cat, but what would score them."""
+    img, lab = tmp_path / "d" / "img", tmp_path / "d" / "lab"
+    lab.mkdir(parents=True)
+    image(img / "strip.png", size=STRIP)
+    Image.fromarray(np.ones(STRIP[::-1], np.uint8)).save(lab / "strip.png")
+    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+             f"label_root={lab}"]
+    message = (r"none of the evaluation set's 1 images could be scored: each was left out "
+               r"\(corrupt, or too large .*--eval-mode sliding or a smaller --eval-size")
+    with pytest.warns(UserWarning, match="leaving out"), \
+            pytest.raises(evaluate.NoLabelsError, match=message):
+        evaluate.main(flags)
+    model, cfg, ckpt = load_model(runs["labelled"])
+    model.train()
+    source = build_source("folder", root=img, split="val", label_root=lab, num_classes=3)
+    transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
+    with pytest.warns(UserWarning, match="leaving out"), \
+            pytest.raises(evaluate.NoLabelsError, match=message):
+        evaluate.kmeans_baseline(model, source, transform=transform, num_classes=3, restarts=1)
+    assert model.training  # its mode is given back, as evaluate gives it back
+
+
+def test_evaluate_scores_other_cluster_counts_without_the_probe(runs, tmp_path):
+    """A model of K clusters scored against labels of other classes (the API allows it): the
+    Hungarian-matched scores, and no probe scores (the probe predicts the model's K)."""
+    img, lab = make_folder(tmp_path / "d", n=2)
+    model, cfg, ckpt = load_model(runs["labelled"])
+    source = build_source("folder", root=img, split="val", label_root=lab, num_classes=3)
+    transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
+    res = evaluate.evaluate(model, source, transform=transform, num_classes=5)
+    assert res["linear_probe"] is None and res["unsupervised"]["pixels"] == 2 * SIZE * SIZE
+    assert len(res["unsupervised"]["per_class_iou"]) == 5  # per label class
 
 
 # ----------------------------------------------------------------------------- unused flags
