@@ -499,20 +499,40 @@ def saved_epoch_stats(ckpt: dict) -> Optional[dict]:
         return None
 
 
-def check_resumable(resume: dict, cfg: Config) -> None:
-    """Refuse a resume that has nothing left to train (it would rewrite the run's config and
-    checkpoint for nothing) or whose schedule now ends before the epochs already done."""
+def saved_pending_record(ckpt: dict) -> Optional[dict]:
+    """The epoch a Ctrl-C at its very end left to evaluate and record ({"epoch", "train",
+    "at_stop"}), or None."""
+    owed = ckpt.get("pending_record")
+    try:
+        return {"epoch": int(owed["epoch"]), "train": dict(owed["train"]),
+                "at_stop": bool(owed.get("at_stop", False))}
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def nothing_to_train(resume: dict, cfg: Config) -> Optional[str]:
+    """Why a resume would train nothing (the epochs or the step limit reached), or None."""
     tc = cfg.train
     done, global_step = int(resume["epoch"]), int(resume["global_step"])
     partial = int(resume.get("step_in_epoch", 0))
     if tc.epochs <= done:  # a partial epoch is epoch done + 1
         state = f"{done} epochs" + (f" and {partial} steps of epoch {done + 1}" if partial else "")
-        raise ValueError(f"--resume: the run has already trained {state}; train.epochs = "
-                         f"{tc.epochs} leaves nothing to train (raise --epochs to continue it)")
+        return (f"--resume: the run has already trained {state}; train.epochs = {tc.epochs} "
+                "leaves nothing to train (raise --epochs to continue it)")
     if tc.max_steps and global_step >= tc.max_steps:
-        raise ValueError(f"--resume: the run has already made {global_step} steps and "
-                         f"train.max_steps = {tc.max_steps} (a total); raise --max-steps, or "
-                         "pass --max-steps 0 for no limit, to continue it")
+        return (f"--resume: the run has already made {global_step} steps and train.max_steps = "
+                f"{tc.max_steps} (a total); raise --max-steps, or pass --max-steps 0 for no "
+                "limit, to continue it")
+    return None
+
+
+def check_resumable(resume: dict, cfg: Config) -> None:
+    """Refuse a resume that has nothing left to train (it would rewrite the run's config and
+    checkpoint for nothing) or whose schedule now ends before the epochs already done; unless
+    an epoch's record is owed (a Ctrl-C at the end of the last epoch): the resume records it."""
+    why = nothing_to_train(resume, cfg)
+    if why is not None and saved_pending_record(resume) is None:
+        raise ValueError(why)
 
 
 class GracefulInterrupt:
@@ -659,12 +679,16 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
     start_epoch, global_step, history = 0, 0, []
     start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
     epoch_stats = None  # and their training statistics
+    pending_record, record_only = None, False
     if resume is not None:
         checkpoint.load_training_state(resume, path, model, opt, probe_opt, sched)
         checkpoint.set_rng_state(resume["rng"], shift_gen, path)
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         start_skip = int(resume.get("step_in_epoch", 0))
         epoch_stats = saved_epoch_stats(resume) if start_skip else None
+        pending_record = saved_pending_record(resume)
+        # a run stopped (Ctrl-C) right after its last epoch: the resume only records it
+        record_only = pending_record is not None and nothing_to_train(resume, cfg) is not None
         # this command's learning rates (the saved state holds the old ones), at the poly factor
         # of the (possibly extended, --epochs) schedule at the resumed epoch
         bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
@@ -681,6 +705,7 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
                  global_step)
     return dict(opt=opt, probe_opt=probe_opt, sched=sched, shift_gen=shift_gen,
                 start_epoch=start_epoch, start_skip=start_skip, epoch_stats=epoch_stats,
+                pending_record=pending_record, record_only=record_only,
                 global_step=global_step,
                 history=history, end_to_end=end_to_end)
 
@@ -773,10 +798,53 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     # training starts: from here on the folder holds a run, never to be reused
     release_claim(out, started=True)
 
-    stop, last_eval, finished = False, None, False
+    def save(done: int, step: int, epoch_stats: Optional[dict], pending: Optional[dict],
+             rng: Optional[dict] = None) -> None:
+        """last.pt (`done` epochs and `step` steps of the next), then metrics.json and, on a
+        resume's first save, config.yaml: a failed or killed write leaves them describing the
+        saved run."""
+        nonlocal config_pending
+        checkpoint.save_atomic({
+            "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
+            "class_names": list(train_src.class_names) if train_src.class_names else None,
+            "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
+            "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
+            "scheduler": sched.state_dict(), "global_step": global_step,
+            # a stop mid-epoch records the steps done, so --resume finishes that epoch
+            "epoch": done, "step_in_epoch": step, "epoch_stats": epoch_stats,
+            # an epoch whose evaluation a Ctrl-C put off: --resume evaluates and records it
+            "pending_record": pending,
+            "rng": rng if rng is not None else checkpoint.rng_state(shift_gen),
+            "metrics": history,
+            # proves on --resume that this folder is the run's own (train.not_own_last_pt)
+            "run_folder": os.path.abspath(out),
+            "loss_backend": backend}, os.path.join(out, "last.pt"))
+        # after the checkpoint: metrics.json never records an epoch whose weights were not
+        # saved (a resume rewrites it from the checkpoint's history)
+        write_json(os.path.join(out, "metrics.json"), history)
+        if config_pending:
+            write_config()
+            config_pending = False
+
+    last_eval = None
+    if run.pending_record is not None and labelled_val:
+        # the epoch a Ctrl-C stopped at its very end: these are its weights
+        owed = run.pending_record
+        res = scored(lambda: run_eval(keep=tc.vis_images))
+        if res is not None:
+            last_eval = res
+            extra = {"train": owed["train"], **({"at_stop": True} if owed["at_stop"] else {})}
+            history.append(entry_of(res, owed["epoch"], "iddc", weights_tag, extra))
+            log.info(ev.summary_line(f"epoch {owed['epoch']}", res))
+        if run.record_only:  # nothing left to train: the record is all this resume adds
+            save(start_epoch, 0, None, None, rng=resume["rng"])
+        else:
+            write_json(os.path.join(out, "metrics.json"), history)
+
+    stop, finished, pending = False, False, None
     interrupt = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, then stop
     try:
-        for epoch in range(start_epoch, tc.epochs):
+        for epoch in range(start_epoch, start_epoch if run.record_only else tc.epochs):
             if end_to_end:
                 model.set_backbone_frozen(epoch < 0.4 * tc.epochs or epoch >= 0.8 * tc.epochs)
             model.train()
@@ -856,41 +924,30 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if train_src.skipped or val_src.skipped:
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
                             train_src.skipped, val_src.skipped)
-            # after a Ctrl-C no evaluation and no record: the checkpoint below keeps the step
-            res = None
-            if labelled_val and not interrupt.requested and (
-                    (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs or stop):
-                res = scored(lambda: run_eval(keep=tc.vis_images))
+            scheduled = (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs
+            # a --max-steps stop also evaluates the weights it stops with, marked so
+            at_stop = {"at_stop": True} if stop and not scheduled else {}
+            res = pending = None
+            if labelled_val and (scheduled or stop):
+                if not interrupt.requested:
+                    res = scored(lambda: run_eval(keep=tc.vis_images))
+                elif not mid_epoch:
+                    # a Ctrl-C in the epoch's last step: the checkpoint first (a scheduler's
+                    # SIGTERM leaves little time); --resume evaluates and records the epoch
+                    pending = {"epoch": epoch + 1, "train": train_stats, **at_stop}
+                # (after a Ctrl-C mid-epoch: no evaluation, the checkpoint keeps the step)
             if res is not None:
                 last_eval = res
-                extra = {"train": train_stats}
+                extra = {"train": train_stats, **at_stop}
                 if mid_epoch:
                     extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
                 history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
                 log.info(ev.summary_line(f"epoch {epoch + 1}", res))
-            elif not labelled_val and not interrupt.requested:
+            elif not labelled_val and (not interrupt.requested or not mid_epoch):
                 history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
-            checkpoint.save_atomic({
-                "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
-                "class_names": list(train_src.class_names) if train_src.class_names else None,
-                "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
-                "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
-                "scheduler": sched.state_dict(), "global_step": global_step,
-                # a stop mid-epoch records the steps done, so --resume finishes that epoch
-                "epoch": epoch if mid_epoch else epoch + 1,
-                "step_in_epoch": skip + ran if mid_epoch else 0,
-                "epoch_stats": {"sums": sums, "steps": n_steps, "images": n_images,
-                                "seconds": seconds} if mid_epoch else None,
-                "rng": checkpoint.rng_state(shift_gen), "metrics": history,
-                # proves on --resume that this folder is the run's own (train.not_own_last_pt)
-                "run_folder": os.path.abspath(out),
-                "loss_backend": backend}, os.path.join(out, "last.pt"))
-            # after the checkpoint: metrics.json never records an epoch whose weights were not
-            # saved (a resume rewrites it from the checkpoint's history)
-            write_json(os.path.join(out, "metrics.json"), history)
-            if config_pending:
-                write_config()
-                config_pending = False
+            save(epoch if mid_epoch else epoch + 1, skip + ran if mid_epoch else 0,
+                 {"sums": sums, "steps": n_steps, "images": n_images, "seconds": seconds}
+                 if mid_epoch else None, pending)
             finished = not mid_epoch and epoch + 1 == tc.epochs
             if stop or interrupt.requested:  # also a Ctrl-C during the evaluation or the save
                 break
@@ -898,9 +955,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         interrupt.uninstall()
     if interrupt.requested:
         last = os.path.join(out, "last.pt")
-        if finished:
+        if finished and pending is not None:
+            log.warning("interrupted after the last epoch, before its evaluation: %s holds the "
+                        "whole run; --resume %s evaluates it and records it in metrics.json",
+                        last, last)
+        elif finished:
             log.warning("interrupted after the last epoch: %s holds the whole run (score it "
                         "with python -m iddc.evaluate --checkpoint %s)", last, last)
+        elif pending is not None:
+            log.warning("interrupted at the end of epoch %d, before its evaluation: --resume "
+                        "%s evaluates it, records it in metrics.json and continues",
+                        pending["epoch"], last)
         else:
             log.warning("interrupted: %s holds the run at step %d; continue it with --resume "
                         "%s", last, global_step, last)

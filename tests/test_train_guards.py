@@ -16,7 +16,7 @@ from iddc import checkpoint, cli, train
 from iddc.config import Config, resolve_config
 from iddc.models import ModelConfig, WeightsError, build_model, load_backbone_weights
 
-from test_train import TINY
+from test_train import TINY, read_metrics
 
 QUICK = ["--kmeans-baseline", "false", "--vis-images", "0"]
 
@@ -599,6 +599,62 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.parametrize("at_call", [2, 4], ids=["end-of-epoch-1", "end-of-the-run"])
+def test_ctrl_c_in_an_epochs_last_step_records_the_epoch_on_resume(tmp_path, tiny_yaml,
+                                                                    monkeypatch, at_call):
+    """SIGINT during the last step of an epoch: the epoch is complete, so last.pt saves it
+    (first: a scheduler's SIGTERM leaves little time) with its evaluation owed; --resume
+    evaluates those weights and records the epoch, so metrics.json and last.pt end as an
+    uninterrupted run's. After the run's last epoch the resume only records it."""
+    import signal
+
+    from iddc.loss import IDDCLoss
+    full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
+    real_forward, calls = IDDCLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:  # 2 steps an epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
+    monkeypatch.undo()
+    cut = saved_checkpoint(out)
+    assert (cut["epoch"], cut["step_in_epoch"]) == (at_call // 2, 0)
+    assert cut["pending_record"]["epoch"] == at_call // 2
+    assert re.search(r"before its evaluation: .*--resume \S+ evaluates it",
+                     (out / "train.log").read_text())
+    res = resume(out / "last.pt")
+    a, b = saved_checkpoint(full["out"]), saved_checkpoint(out)
+    assert b["pending_record"] is None and a["global_step"] == b["global_step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    want, got = read_metrics(full["out"]), read_metrics(out)
+    assert [e["epoch"] for e in got] == [e["epoch"] for e in want] == [0, 1, 2]
+    for w, g in zip(want, got):
+        assert g.get("unsupervised") == w.get("unsupervised"), g["epoch"]
+        for key in train.STAT_KEYS + ("steps",):
+            assert g.get("train", {}).get(key) == w.get("train", {}).get(key), (g["epoch"], key)
+    assert b["metrics"] == got and res["metrics"] == got
+    # owed nothing now: a further resume of the finished run is refused as before
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt")])
+
+
+def test_an_unscheduled_evaluation_at_a_max_steps_stop_is_marked(tmp_path, tiny_yaml):
+    """--eval-every 2 with a --max-steps stop at the end of epoch 1: the stop evaluates the
+    weights it stops with, and the entry says so (at_stop); the scheduled ones do not."""
+    out = tmp_path / "run"
+    train.main(["--config", tiny_yaml, "--out", str(out), "--eval-every", "2", "--epochs", "2",
+                "--max-steps", "2"] + QUICK)
+    resume(out / "last.pt")
+    entries = {e["epoch"]: e for e in read_metrics(out) if e["kind"] == "iddc"}
+    assert entries[1].get("at_stop") is True and "at_stop" not in entries[2]
 
 
 def test_a_mid_epoch_resume_keeps_the_epochs_image_order(tmp_path, tiny_yaml):
