@@ -7,7 +7,9 @@ A checkpoint is a dict::
      "data_config": {"mean", "std"}, "weights_report": {...},
      "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
      "step_in_epoch": steps of the next epoch done (a mid-epoch stop; else 0), "epoch_stats":
-     that partial epoch's training statistics so far (else None),
+     that partial epoch's training statistics so far (else None), "pending_record": the epoch
+     a Ctrl-C in its last step left to evaluate and record ({"epoch", "train", "at_stop"}; else
+     None),
      "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
      "metrics": [per-epoch entries so far], "baselines": {...},
      "run_folder": absolute path of the run folder it was written into (--resume continues there

@@ -271,11 +271,19 @@ class Predictor:
         if isinstance(images, torch.Tensor) and images.dim() == 3:
             images = [images]
         images = list(images)
+        for i, im in enumerate(images):
+            if not isinstance(im, torch.Tensor) or im.dim() != 3 or 0 in im.shape:
+                raise ValueError(f"image {i} must be a non-empty 3 x H x W tensor, got "
+                                 f"{tuple(im.shape) if isinstance(im, torch.Tensor) else im!r}")
         if out_sizes is None:
             out_sizes = [tuple(im.shape[-2:]) for im in images]
         if len(out_sizes) != len(images):
             raise ValueError("one output size per image")
-        return images, [tuple(int(v) for v in s) for s in out_sizes]
+        out_sizes = [tuple(int(v) for v in s) for s in out_sizes]
+        for i, size in enumerate(out_sizes):
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"output size {i} must be (H, W) of at least 1 px, got {size}")
+        return images, out_sizes
 
     def _maps(self, images) -> dict:
         """{head: [K x h x w per image]}: logits (resize) or averaged softmax (sliding)."""

@@ -144,6 +144,13 @@ def test_predictor_errors():
         Predictor(Recorder(), "sliding", window=64, stride=100)
     with pytest.raises(KeyError, match="no \\['nope'\\]"):
         Predictor(tiny_model(), heads="nope").segment([torch.randn(3, 32, 32)])
+    for mode in ("resize", "sliding"):
+        with pytest.raises(ValueError, match=r"image 1 must be a non-empty 3 x H x W tensor, "
+                                             r"got \(3, 0, 5\)"):
+            Predictor(Recorder(), mode, window=8).segment([torch.randn(3, 4, 4),
+                                                            torch.randn(3, 0, 5)])
+    with pytest.raises(ValueError, match=r"output size 0 must be \(H, W\) of at least 1 px"):
+        Predictor(Recorder()).segment([torch.randn(3, 4, 4)], out_sizes=[(0, 4)])
 
 
 def test_sliding_predict_fn_for_evaluate():
