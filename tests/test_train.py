@@ -495,3 +495,19 @@ def test_fused_backend_choice_and_fallback(monkeypatch):
     monkeypatch.setattr(train, "get_pair_sums", missing)
     name, warning = train.choose_backend("auto", torch.device("cpu"))
     assert name == "reference" and "FALLING BACK" in warning
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path, tiny_yaml):
+    """Each sample's augmentation draws from its own generator: a run with DataLoader workers
+    trains the very weights of one without (the README's reproducibility promise)."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0",
+              "--eval-initial", "false", "--epochs", "1"]
+    runs = [train.main(common + ["--out", str(tmp_path / f"w{w}"), "--num-workers", str(w)])
+            for w in (0, 2)]
+    a, b = (torch.load(os.path.join(r["out"], "last.pt"), weights_only=True) for r in runs)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for x, y in zip(*(read_metrics(r["out"]) for r in runs)):  # seconds and rates aside
+        assert x["unsupervised"] == y["unsupervised"]
+        assert [x["train"][key] for key in train.STAT_KEYS] == \
+            [y["train"][key] for key in train.STAT_KEYS]
