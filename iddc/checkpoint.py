@@ -100,9 +100,10 @@ def _entry_problem(key: str, value) -> Optional[str]:
     if key == "metrics":
         return None if value is None or (isinstance(value, list) and all(
             isinstance(e, Mapping) for e in value)) else "is not a list of per-epoch records"
-    if key == "class_names":
+    if key == "class_names":  # earlier versions could save ids from a YAML option as numbers
         return None if value is None or (isinstance(value, list) and all(
-            isinstance(n, str) for n in value)) else "is not a list of names"
+            isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in value)) \
+            else "is not a list of names"
     if key == "data_config":
         if value is None:
             return None

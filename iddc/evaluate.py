@@ -212,7 +212,8 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
              cache: Optional[FeatureCache] = None) -> dict:
     """Unsupervised (Hungarian-matched) and linear-probe scores of ``model`` on ``source``.
 
-    Returns {"unsupervised": scores, "linear_probe": scores, "samples": [...], "skipped": [...]}
+    Returns {"unsupervised": scores, "linear_probe": scores (None when ``num_classes`` is not
+    the model's K: the probe predicts the model's classes), "samples": [...], "skipped": [...]}
     where scores hold pixel_accuracy and miou (percent), per_class_iou, and (unsupervised) the
     cluster -> class mapping; "samples" keeps the first ``keep`` (image, label, prediction,
     probe) for plots; "skipped" names the samples left out of the scores (corrupt, or too large

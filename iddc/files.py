@@ -121,8 +121,8 @@ def check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(folder):
         if os.path.lexists(folder):
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way of "
-                                     f"{path})", folder)
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file or dangling link is "
+                                     f"in the way of {path})", folder)
         folder = os.path.dirname(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=".tmp-writable-", dir=folder)

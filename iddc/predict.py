@@ -340,7 +340,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                              "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
             log.info("%s -> %s", path, files[1])
     record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-              "short_side": short_side, "num_ids": k, "names": names, "names_from": source, "images": summary,
+              "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
+              "images": summary,
               "failed": failed}
     write_json(json_path, record, replace=overwrite)
     return {"written": written, "failed": failed, "too_large": too_large,

@@ -123,18 +123,19 @@ def _reusable(folder: str) -> bool:
                            and entries - _leftover_temp_files(entries) <= START_FILES)
 
 
-def _lock(fd: int) -> bool:
-    """Take the marker's lock without waiting: False if another start holds it. A file system
-    without locks (some network mounts) gives no protection against a concurrent start, as
-    before locks were used: True."""
+def _lock(fd: int) -> Optional[bool]:
+    """Take the file's lock without waiting: True, or False if another process holds it. A
+    file system without locks (some network mounts) gives no protection against a concurrent
+    start, as before locks were used: None, which callers take as "not held by another" (but
+    never as licence to remove another process's files)."""
     if fcntl is None:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
-        pass
+        return None
     return True
 
 
@@ -160,7 +161,8 @@ def _claim_once(out: str) -> Optional[str]:
             os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except (FileNotFoundError, FileExistsError):  # another start came and went in between
         return "retry"
-    if not _lock(fd):
+    locked = _lock(fd)
+    if locked is False:
         with os.fdopen(fd) as fh:
             who = fh.readline().strip().split(" ")
         where = f" (pid {who[0]} on host {who[1]})" if len(who) == 2 else ""
@@ -172,7 +174,8 @@ def _claim_once(out: str) -> Optional[str]:
     if not same or not _reusable(out):
         os.close(fd)
         return "retry"
-    _remove_leftover_temp_files(out, START_FILES)
+    if locked:  # without a real lock a leftover could be a live start's write
+        _remove_leftover_temp_files(out, START_FILES)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has not started training "
                  "yet; if it stopped, the folder may be reused\n".encode())
@@ -213,7 +216,7 @@ def _training_now(out: str) -> bool:
     except OSError:
         return False
     try:
-        return not _lock(fd)
+        return _lock(fd) is False
     finally:
         os.close(fd)  # closing drops a lock taken just now
 
@@ -221,15 +224,17 @@ def _training_now(out: str) -> bool:
 def hold_run(out: str) -> None:
     """Take `out`'s run lock for this process, or refuse: another process trains there."""
     fd = os.open(os.path.join(out, "train.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    if not _lock(fd):
+    locked = _lock(fd)
+    if locked is False:
         os.close(fd)
         raise FileExistsError(f"output folder {out} is being trained in by another process now "
                               "(its train.log is locked); wait for it to stop, or continue in a "
                               "new folder with --out")
     _RUNS[os.path.abspath(out)] = fd
     # a run killed while writing here left write_atomic's temp files (a last.pt's is as large
-    # as the checkpoint, one per kill)
-    _remove_leftover_temp_files(out, RUN_FILES)
+    # as the checkpoint, one per kill); without a real lock, one could be a live write's
+    if locked:
+        _remove_leftover_temp_files(out, RUN_FILES)
 
 
 def release_run(out: str) -> None:
@@ -340,7 +345,7 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
     if history and isinstance(on_disk, list) and (
             on_disk[:len(history)] == history
             # a stop between writing last.pt and metrics.json: one epoch behind
-            or (on_disk and on_disk == history[:-1])):
+            or on_disk == history[:-1]):
         return None
     return "the folder's metrics.json is not this run's"
 
@@ -471,16 +476,24 @@ def _finite_checkpoint(path: str) -> bool:
         return False
 
 
-def diverged(err, epoch: int, global_step: int, end_to_end: bool, out: str) -> ValueError:
+def diverged(err, epoch: int, global_step: int, end_to_end: bool, out: str,
+             resumed_from: Optional[str] = None) -> ValueError:
     """The error of a training step whose loss inputs are no longer finite: the run diverged
     (its weights are NaN or Inf from the step before), not a bad input to fix by skipping the
-    check."""
+    check; or, with the backbone frozen, its features are not finite, which no learning rate
+    causes."""
+    where = f"epoch {epoch + 1}, step {global_step + 1}"
+    if not end_to_end and err.what.startswith("feats"):
+        return ValueError(f"at {where} the frozen backbone's features are not usable: "
+                          f"{err.what}; its weights or an input image hold extreme values "
+                          "(the learning rates do not reach a frozen backbone)")
     rates = "--lr and --backbone-lr-ratio" if end_to_end else "--lr"
-    last = os.path.join(out, "last.pt")
-    resume = f", or --resume {last} (its weights are finite) with them lowered" \
-        if _finite_checkpoint(last) else ""
-    return ValueError(f"training diverged at epoch {epoch + 1}, step {global_step + 1}: "
-                      f"{err.what}; lower {rates} and start again{resume}")
+    candidates = [os.path.join(out, "last.pt")] + ([resumed_from] if resumed_from else [])
+    finite = next((c for c in candidates if _finite_checkpoint(c)), None)
+    resume = f", or --resume {finite} (its weights are finite) with them lowered" \
+        if finite else ""
+    return ValueError(f"training diverged at {where}: {err.what}; lower {rates} and start "
+                      f"again{resume}")
 
 
 #: the training statistics a metrics entry averages over an epoch's steps
@@ -531,7 +544,9 @@ def check_resumable(resume: dict, cfg: Config) -> None:
     checkpoint for nothing) or whose schedule now ends before the epochs already done; unless
     an epoch's record is owed (a Ctrl-C at the end of the last epoch): the resume records it."""
     why = nothing_to_train(resume, cfg)
-    if why is not None and saved_pending_record(resume) is None:
+    # a record-only resume keeps the schedule: not one now ending before the epochs done
+    if why is not None and (saved_pending_record(resume) is None
+                            or cfg.train.epochs < int(resume["epoch"])):
         raise ValueError(why)
 
 
@@ -705,7 +720,7 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
                  global_step)
     return dict(opt=opt, probe_opt=probe_opt, sched=sched, shift_gen=shift_gen,
                 start_epoch=start_epoch, start_skip=start_skip, epoch_stats=epoch_stats,
-                pending_record=pending_record, record_only=record_only,
+                pending_record=pending_record, record_only=record_only, resumed_from=path,
                 global_step=global_step,
                 history=history, end_to_end=end_to_end)
 
@@ -773,11 +788,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             else dc.dataset == "synthetic"
         if use_kmeans:
             t0 = time.time()
-            km = scored(lambda: ev.kmeans_baseline(
-                model, val_src, transform=eval_tf, num_classes=k, device=device,
-                batch_size=dc.eval_batch_size, max_images=dc.max_val_images,
-                iters=tc.kmeans_iters, restarts=tc.kmeans_restarts, seed=tc.seed,
-                max_points=tc.kmeans_max_points, cache=cache))
+            try:
+                km = ev.kmeans_baseline(
+                    model, val_src, transform=eval_tf, num_classes=k, device=device,
+                    batch_size=dc.eval_batch_size, max_images=dc.max_val_images,
+                    iters=tc.kmeans_iters, restarts=tc.kmeans_restarts, seed=tc.seed,
+                    max_points=tc.kmeans_max_points, cache=cache)
+            except ev.NoLabelsError as err:
+                # whole images only, also in sliding mode: the head's evaluation decides
+                # whether the split can be scored
+                km = None
+                log.warning("WARNING: k-means baseline skipped: %s", err)
             if km is not None:
                 history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
                                         {"seconds": round(time.time() - t0, 2)}))
@@ -827,14 +848,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             config_pending = False
 
     last_eval = None
-    if run.pending_record is not None and labelled_val:
+    if run.pending_record is not None:
         # the epoch a Ctrl-C stopped at its very end: these are its weights
         owed = run.pending_record
-        res = scored(lambda: run_eval(keep=tc.vis_images))
+        res = scored(lambda: run_eval(keep=tc.vis_images)) if labelled_val else None
+        extra = {"train": owed["train"], **({"at_stop": True} if owed["at_stop"] else {})}
+        history.append(entry_of(res or {}, owed["epoch"], "iddc", weights_tag, extra))
         if res is not None:
             last_eval = res
-            extra = {"train": owed["train"], **({"at_stop": True} if owed["at_stop"] else {})}
-            history.append(entry_of(res, owed["epoch"], "iddc", weights_tag, extra))
             log.info(ev.summary_line(f"epoch {owed['epoch']}", res))
         if run.record_only:  # nothing left to train: the record is all this resume adds
             save(start_epoch, 0, None, None, rng=resume["rng"])
@@ -879,7 +900,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                     out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
                                        generator=shift_gen)
                 except NonFiniteInputError as err:
-                    raise diverged(err, epoch, global_step, end_to_end, out) from None
+                    raise diverged(err, epoch, global_step, end_to_end, out,
+                                   run.resumed_from) from None
                 opt.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
                 opt.step()
@@ -944,7 +966,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 history.append(entry_of(res, epoch + 1, "iddc", weights_tag, extra))
                 log.info(ev.summary_line(f"epoch {epoch + 1}", res))
             elif not labelled_val and (not interrupt.requested or not mid_epoch):
-                history.append(entry_of({}, epoch + 1, "iddc", weights_tag, {"train": train_stats}))
+                extra = {"train": train_stats}
+                if mid_epoch:  # a --max-steps stop: the resumed epoch's entry follows
+                    extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
+                history.append(entry_of({}, epoch + 1, "iddc", weights_tag, extra))
             save(epoch if mid_epoch else epoch + 1, skip + ran if mid_epoch else 0,
                  {"sums": sums, "steps": n_steps, "images": n_images, "seconds": seconds}
                  if mid_epoch else None, pending)

@@ -149,7 +149,7 @@ def test_check_writable_of_folders_not_made_yet(tmp_path, monkeypatch):
 
     from iddc import files
     (tmp_path / "afile").write_text("mine")
-    with pytest.raises(NotADirectoryError, match="a file is in the way") as err:
+    with pytest.raises(NotADirectoryError, match="a file or dangling link is in the way") as err:
         files.check_writable(str(tmp_path / "afile" / "sub" / "scores.json"))
     assert err.value.filename == str(tmp_path / "afile")
     files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))

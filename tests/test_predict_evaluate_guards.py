@@ -388,12 +388,13 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
                                             r"records \(got 'epoch 1'\)"),
     (lambda c: c.update(config="hello"), r"its 'config' entry is not a mapping of settings"),
     (lambda c: c.update(epoch=-1), r"its 'epoch' entry is not a whole number >= 0 \(got -1\)"),
-    (lambda c: c.update(class_names=[1, 2]), r"its 'class_names' entry is not a list of names"),
+    (lambda c: c.update(class_names=[["a"], {"b": 1}]),
+     r"its 'class_names' entry is not a list of names"),
     (lambda c: c["model"][next(k for k in c["model"] if k.startswith("head"))].fill_(
         float("nan")), r"its weights hold NaN or Inf \(tensor 'head\..*'\): the run diverged"),
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
         "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text", "config-text",
-        "negative-epoch", "class-ids", "nan-weights"])
+        "negative-epoch", "class-containers", "nan-weights"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re

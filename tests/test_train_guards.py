@@ -794,8 +794,8 @@ def test_out_that_is_or_lies_under_a_file_names_the_file(tmp_path, tiny_yaml, un
     where = "output path" if not under else re.escape(f"{mine}, in output path")
     with pytest.raises(FileExistsError, match=f"{where} .*is a file, not a folder"):
         train.main(["--config", tiny_yaml, "--out", out] + QUICK)
-    assert mine.read_text() == "mine" and os.listdir(tmp_path) == ["tiny.yaml", "notes.txt"] \
-        or sorted(os.listdir(tmp_path)) == ["notes.txt", "tiny.yaml"]
+    assert mine.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt",
+                                                                           "tiny.yaml"]
 
 
 def test_a_diverging_run_says_so_and_what_to_lower(tmp_path, tiny_yaml, run_copy):
@@ -813,3 +813,115 @@ def test_a_diverging_run_says_so_and_what_to_lower(tmp_path, tiny_yaml, run_copy
                                          rf"--lr and start again, or --resume {re.escape(str(last))} "
                                          r"\(its weights are finite\) with them lowered$"):
         resume(last, "--lr", "1e30")
+
+
+def _no_labels(*args, **kwargs):
+    from iddc.evaluate import NoLabelsError
+    raise NoLabelsError("the evaluation set (4 images) has no labelled pixels")
+
+
+@pytest.mark.parametrize("at_call", [2, 4], ids=["end-of-epoch-1", "end-of-the-run"])
+def test_an_owed_record_whose_resume_cannot_score_is_kept_unscored(tmp_path, tiny_yaml,
+                                                                   monkeypatch, at_call):
+    """A Ctrl-C in an epoch's last step, resumed when the val split has nothing to score: the
+    epoch is still recorded (its training statistics, no scores), and nothing stays owed."""
+    import signal
+
+    from iddc import evaluate as ev
+    from iddc.loss import IDDCLoss
+    real_forward, calls = IDDCLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--eval-initial", "false"]
+                   + QUICK)
+    monkeypatch.setattr(IDDCLoss, "forward", real_forward)
+    monkeypatch.setattr(ev, "evaluate", _no_labels)
+    resume(out / "last.pt")
+    entries = read_metrics(out)
+    assert [e["epoch"] for e in entries] == [1, 2]
+    owed = entries[at_call // 2 - 1]  # scored before the stop: the other one
+    assert "unsupervised" not in owed and owed["train"]["steps"] == 2
+    assert all(e["train"]["steps"] == 2 for e in entries)
+    assert saved_checkpoint(out)["pending_record"] is None
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt")])
+
+
+def test_a_kmeans_baseline_with_nothing_to_score_leaves_the_heads_evaluation(tmp_path,
+                                                                            tiny_yaml,
+                                                                            monkeypatch):
+    """k-means runs whole images also in sliding mode, so it can leave out images the head's
+    sliding evaluation scores: its NoLabelsError skips the baseline only."""
+    from iddc import evaluate as ev
+    monkeypatch.setattr(ev, "kmeans_baseline", _no_labels)
+    res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"),
+                      "--kmeans-baseline", "true", "--vis-images", "0"])
+    assert [e["kind"] for e in res["metrics"]] == ["untrained_head", "iddc", "iddc"]
+    assert all("unsupervised" in e for e in res["metrics"])
+    assert "k-means baseline skipped" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_an_unscored_mid_epoch_stop_marks_its_partial_entry(tmp_path, tiny_yaml, monkeypatch):
+    from iddc import evaluate as ev
+    monkeypatch.setattr(ev, "evaluate", _no_labels)
+    out = tmp_path / "run"
+    train.main(["--config", tiny_yaml, "--out", str(out), "--max-steps", "1"] + QUICK)
+    resume(out / "last.pt")
+    entries = read_metrics(out)
+    assert [(e["epoch"], e["train"]["steps"]) for e in entries] == [(1, 1), (1, 2), (2, 2)]
+    assert entries[0]["partial_epoch"] == {"steps_done": 1, "of": 2}
+    assert "partial_epoch" not in entries[1] and "partial_epoch" not in entries[2]
+
+
+def test_a_moved_folder_whose_first_metrics_write_failed_still_resumes(tmp_path, tiny_yaml,
+                                                                       monkeypatch):
+    """last.pt holds epoch 1's record but metrics.json, written after it, still [] (a kill
+    between the two writes): the folder, moved, is recognised as the run's own."""
+    real_json = train.write_json
+
+    def fail_records(path, obj, **kw):
+        if os.path.basename(path) == "metrics.json" and obj:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_json(path, obj, **kw)
+    monkeypatch.setattr(train, "write_json", fail_records)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--max-steps", "2",
+                    "--eval-initial", "false"] + QUICK)
+    monkeypatch.setattr(train, "write_json", real_json)
+    assert json.loads((out / "metrics.json").read_text()) == []
+    assert len(saved_checkpoint(out)["metrics"]) == 1
+    moved = tmp_path / "moved"
+    os.rename(out, moved)
+    assert resume(moved / "last.pt")["out"] == str(moved)
+    assert [e["epoch"] for e in read_metrics(moved)] == [1, 2]
+
+
+def test_older_checkpoints_numeric_class_names_are_accepted():
+    """Earlier versions read class_names options as YAML, so ids could be saved as numbers."""
+    checkpoint.check_entries({"class_names": [0, 1, 2.5, "sky"]}, "run/last.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="is not a list of names"):
+        checkpoint.check_entries({"class_names": [True, "sky"]}, "run/last.pt")
+
+
+def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
+    from iddc.loss import NonFiniteInputError
+    logits = NonFiniteInputError("logits_a contains NaN or +Inf")
+    # resumed into a new --out: the checkpoint it came from is the finite one to name
+    err = train.diverged(logits, 2, 9, False, str(tmp_path / "new"), str(run_copy / "last.pt"))
+    assert str(err).endswith(f"--resume {run_copy / 'last.pt'} (its weights are finite) with "
+                             "them lowered")
+    err = train.diverged(logits, 2, 9, True, str(tmp_path / "new"))
+    assert "lower --lr and --backbone-lr-ratio and start again" in str(err)
+    # a frozen backbone's features: not a learning-rate problem
+    feats = NonFiniteInputError("feats_a contains NaN or Inf")
+    err = train.diverged(feats, 0, 0, False, str(tmp_path / "new"))
+    assert str(err).startswith("at epoch 1, step 1 the frozen backbone's features are not "
+                               "usable: feats_a contains NaN or Inf") and "--lr" not in str(err)
