@@ -566,6 +566,27 @@ def test_a_runs_config_yaml_is_a_valid_config(run_copy, tmp_path):
                                                    "name": "run-1e3"}}
 
 
+def interrupted_run(monkeypatch, argv, at_call: int, signame: str = "SIGINT") -> None:
+    """train.main(argv) with `signame` sent to this process during loss call `at_call` (a
+    step; the tiny config makes 2 an epoch): it must end with KeyboardInterrupt."""
+    import signal
+
+    from iddc.loss import IDDCLoss
+    real_forward, calls = IDDCLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+    finally:
+        monkeypatch.setattr(IDDCLoss, "forward", real_forward)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_yaml,
                                                                monkeypatch, signame):
@@ -574,20 +595,10 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
     130), and --resume then ends with the very weights of an uninterrupted run."""
     import signal
 
-    from iddc.loss import IDDCLoss
     full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
-    real_forward, calls = IDDCLoss.forward, []
-
-    def forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # 2 steps an epoch: the first of epoch 2
-            os.kill(os.getpid(), getattr(signal, signame))
-        return real_forward(self, *args, **kwargs)
-    monkeypatch.setattr(IDDCLoss, "forward", forward)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
-    monkeypatch.undo()
+    # the first step of epoch 2
+    interrupted_run(monkeypatch, ["--config", tiny_yaml, "--out", str(out)] + QUICK, 3, signame)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     cut = saved_checkpoint(out)
@@ -608,22 +619,9 @@ def test_ctrl_c_in_an_epochs_last_step_records_the_epoch_on_resume(tmp_path, tin
     (first: a scheduler's SIGTERM leaves little time) with its evaluation owed; --resume
     evaluates those weights and records the epoch, so metrics.json and last.pt end as an
     uninterrupted run's. After the run's last epoch the resume only records it."""
-    import signal
-
-    from iddc.loss import IDDCLoss
     full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
-    real_forward, calls = IDDCLoss.forward, []
-
-    def forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_call:  # 2 steps an epoch
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(self, *args, **kwargs)
-    monkeypatch.setattr(IDDCLoss, "forward", forward)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--config", tiny_yaml, "--out", str(out)] + QUICK)
-    monkeypatch.undo()
+    interrupted_run(monkeypatch, ["--config", tiny_yaml, "--out", str(out)] + QUICK, at_call)
     cut = saved_checkpoint(out)
     assert (cut["epoch"], cut["step_in_epoch"]) == (at_call // 2, 0)
     assert cut["pending_record"]["epoch"] == at_call // 2
@@ -825,23 +823,10 @@ def test_an_owed_record_whose_resume_cannot_score_is_kept_unscored(tmp_path, tin
                                                                    monkeypatch, at_call):
     """A Ctrl-C in an epoch's last step, resumed when the val split has nothing to score: the
     epoch is still recorded (its training statistics, no scores), and nothing stays owed."""
-    import signal
-
     from iddc import evaluate as ev
-    from iddc.loss import IDDCLoss
-    real_forward, calls = IDDCLoss.forward, []
-
-    def forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(self, *args, **kwargs)
-    monkeypatch.setattr(IDDCLoss, "forward", forward)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--config", tiny_yaml, "--out", str(out), "--eval-initial", "false"]
-                   + QUICK)
-    monkeypatch.setattr(IDDCLoss, "forward", real_forward)
+    interrupted_run(monkeypatch, ["--config", tiny_yaml, "--out", str(out), "--eval-initial",
+                                  "false"] + QUICK, at_call)
     monkeypatch.setattr(ev, "evaluate", _no_labels)
     resume(out / "last.pt")
     entries = read_metrics(out)
