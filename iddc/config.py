@@ -29,9 +29,13 @@ from typing import Any, Optional
 
 import yaml
 
+from .cli import path_arg
 from .loss import PRESETS as LOSS_PRESETS
 from .loss import IDDCConfig
 from .models import ModelConfig, patch_size_of
+
+#: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
+FLOAT32_MAX = 3.4028234663852886e38
 
 #: Presets of this package's own settings, next to SPEC section 3's (iddc.loss.PRESETS).
 #: "synthetic-random-vits8": the embedded default (synthetic scenes, RANDOMLY initialised
@@ -199,15 +203,23 @@ class Config:
                             ("train.backbone_lr_ratio", t.backbone_lr_ratio),
                             ("train.poly_power", t.poly_power),
                             ("data.eval_feature_cache_mb", d.eval_feature_cache_mb)]:
+            # beyond float32's range an optimiser's float32 state overflows (a traceback)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not value >= 0 or value == float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                    or not value >= 0 or value > FLOAT32_MAX:
+                raise ValueError(f"{name} must be a finite number >= 0 (at most float32's "
+                                 f"{FLOAT32_MAX:.3g}), got {value!r}")
         if not 0 <= t.seed < 2 ** 32:  # numpy's seed range: named here, not by numpy
             raise ValueError(f"train.seed must be an integer in 0..2**32-1, got {t.seed!r}")
         for name, value in (("train.out", t.out), ("train.name", t.name),
-                            ("data.data_root", d.data_root)):
+                            ("data.data_root", d.data_root), ("model.weights", self.model.weights)):
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{name} must not be empty (leave it out for the default)")
+        name = t.name
+        if isinstance(name, str) and (os.sep in name or (os.altsep and os.altsep in name)
+                                      or name in (".", "..") or not name.isprintable()):
+            # runs/NAME: a name is one folder, never a path out of runs/ (use --out for that)
+            raise ValueError(f"train.name must be one folder name (no '/', not '.' or '..', "
+                             f"printable), got {name!r}; use --out for a path")
         if d.sliding_stride > d.sliding_window:
             raise ValueError(f"data.sliding_stride ({d.sliding_stride}) must not exceed "
                              f"data.sliding_window ({d.sliding_window}): pixels between "
@@ -372,6 +384,8 @@ def load_yaml_file(path: str) -> dict:
                          f"{err.reason})") from err
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
+    except RecursionError:  # thousands of nested brackets
+        raise ValueError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {path} must hold a mapping of sections")
     for section, vals in loaded.items():
@@ -386,7 +400,8 @@ def load_yaml_file(path: str) -> dict:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, --preset and one flag per config field (all default to 'not given')."""
-    parser.add_argument("--config", help="YAML file with model/data/train/loss sections")
+    parser.add_argument("--config", type=path_arg,
+                        help="YAML file with model/data/train/loss sections")
     g = parser.add_argument_group("configuration (every field; CLI > YAML > preset > default)")
     for dest, (section, name, kind) in FLAGS.items():
         flag = _flag(dest)

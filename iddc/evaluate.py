@@ -447,9 +447,13 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
     if args.json:
-        check_outputs([args.json], [args.checkpoint], "--json", args.overwrite)
+        # the run's own records are kept like its checkpoint, even with --overwrite
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        records = [os.path.join(folder, n) for n in ("config.yaml", "metrics.json", "train.log")]
+        check_outputs([args.json], [args.checkpoint] + [r for r in records if os.path.exists(r)],
+                      "--json", args.overwrite)
         check_writable(args.json)  # a read-only disk found now, not after the evaluation
-    if args.eval_mode:
+    if args.eval_mode is not None:  # "" is refused by validate(), not read as the run's
         cfg.data.eval_mode = args.eval_mode
     unused = [flag for flag, value in (("--window", args.window), ("--stride", args.stride))
               if value is not None]

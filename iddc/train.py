@@ -605,9 +605,13 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     tc, dc = cfg.train, cfg.data
     if resume is not None:
         check_resumable(resume, cfg)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    if dc.num_workers > 4 * cpus:  # each worker a process: a typo would fork until memory runs out
+        log.warning("WARNING: data.num_workers %d is over 4x the %d CPUs this process may use; "
+                    "using %d", dc.num_workers, cpus, cpus)
+        dc.num_workers = cpus
     if tc.threads:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
         threads = tc.threads
         if threads > 4 * cpus:  # a typo (or another machine's run): thread stacks run out later
             threads = cpus

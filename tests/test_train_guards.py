@@ -910,3 +910,47 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     err = train.diverged(feats, 0, 0, False, str(tmp_path / "new"))
     assert str(err).startswith("at epoch 1, step 1 the frozen backbone's features are not "
                                "usable: feats_a contains NaN or Inf") and "--lr" not in str(err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--name", "../escape"], r"train.name must be one folder name \(no '/'"),
+    (["--name", ".."], "train.name must be one folder name"),
+    (["--set", 'train.name="a\\nb"'], "train.name must be one folder name"),
+    (["--lr", "1e39"], r"train.lr must be a finite number >= 0 \(at most float32's 3.4e\+38\)"),
+    (["--weights", ""], "model.weights must not be empty"),
+], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights"])
+def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, monkeypatch,
+                                                           flags, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train.main(["--config", tiny_yaml, *flags] + QUICK)
+    assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]
+
+
+def test_an_empty_or_too_deep_config_file_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--config", ""])
+    assert stop.value.code == 2 and "expected a path, got an empty string" in \
+        capsys.readouterr().err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20000 + "]" * 20000)
+    from iddc.config import load_yaml_file
+    with pytest.raises(ValueError, match="deep.yaml is nested too deeply to be a config"):
+        load_yaml_file(str(deep))
+
+
+def test_num_workers_far_beyond_the_cpus_is_capped(tmp_path, tiny_yaml, iddc_log):
+    res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), "--epochs", "1",
+                      "--num-workers", "100000"] + QUICK)
+    assert os.path.exists(os.path.join(res["out"], "last.pt"))
+    assert any("data.num_workers 100000 is over 4x" in m for m in iddc_log)
+
+
+@pytest.mark.parametrize("record", ["metrics.json", "config.yaml", "train.log"])
+def test_evaluate_json_never_replaces_the_runs_own_records(run_copy, record):
+    from iddc import evaluate
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match="would replace input file"):
+        evaluate.main(["--checkpoint", str(run_copy / "last.pt"), "--json",
+                       str(run_copy / record), "--overwrite"])
+    assert snapshot(run_copy) == before
