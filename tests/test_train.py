@@ -194,7 +194,8 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere
     (["--epochs", "0"], "train.epochs must be an integer >= 1, got 0"),
     (["--batch-size", "1"], "train.batch_size 1: the negative pairs pair each image"),
     (["--eval-every", "0"], "train.eval_every must be an integer >= 1"),
-    (["--lr", "-1"], "train.lr must be a finite number >= 0, got -1.0"),
+    (["--lr", "-1"], r"train.lr must be a finite number >= 0 \(at most float32.s "
+                     r"3.4e\+38\), got -1.0"),
     (["--eval-batch-size", "0"], "data.eval_batch_size must be an integer >= 1"),
     (["--kmeans-restarts", "0"], "train.kmeans_restarts must be an integer >= 1"),
     (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
