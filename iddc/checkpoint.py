@@ -189,6 +189,15 @@ def load_model(path: str, device="cpu"):
     return model.to(device).eval(), cfg, ckpt
 
 
+def nonfinite_tensor(state: Mapping) -> Optional[str]:
+    """The name of the first floating-point tensor of `state` holding NaN or Inf, or None."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def load_weights(model, ckpt: dict, path: str) -> None:
     """The checkpoint's "model" tensors into ``model``; CheckpointError naming ``path`` if they
     are not a model's tensors or do not fit its config."""
@@ -196,12 +205,11 @@ def load_weights(model, ckpt: dict, path: str) -> None:
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path}: its \"model\" entry is a "
                               f"{type(state).__name__}, not a model's tensors")
-    for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
-                torch.isfinite(t).all()):
-            raise CheckpointError(f"checkpoint {path}: its weights hold NaN or Inf (tensor "
-                                  f"{name!r}): the run diverged before it was saved; use an "
-                                  "earlier checkpoint, or train again with a lower --lr")
+    name = nonfinite_tensor(state)
+    if name is not None:
+        raise CheckpointError(f"checkpoint {path}: its weights hold NaN or Inf (tensor "
+                              f"{name!r}): the run diverged before it was saved; use an "
+                              "earlier checkpoint, or train again with a lower --lr")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:

@@ -469,9 +469,7 @@ def main(argv=None) -> dict:
 def _finite_checkpoint(path: str) -> bool:
     """Whether `path` is a checkpoint whose weights are all finite (an error path's check)."""
     try:
-        state = checkpoint.load(path)["model"]
-        return all(bool(torch.isfinite(t).all()) for t in state.values()
-                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return checkpoint.nonfinite_tensor(checkpoint.load(path)["model"]) is None
     except Exception:  # no checkpoint, or not one that could be resumed
         return False
 
