@@ -3,11 +3,25 @@
 Their backward only scales the saved gradients, so a second derivative through them would be
 silently missing the pair terms' curvature (and ``once_differentiable`` does not catch it when
 grad_output is a constant, as the loss's 1/count is). `first_order_only` ties the returned
-gradient to the differentiable input, so that differentiating it again raises instead.
+gradient to the differentiable input, so that differentiating it again raises instead, and
+`autocast_off` keeps that scaling in float32 when backward runs inside an autocast region.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def autocast_off(device: torch.device):
+    """A context that turns autocast off on `device` where it is on: the loss and the saved
+    gradients' scaling run in float32 (a bf16 GEMM would select other pairs, and round every
+    gradient to bf16)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 class _SecondOrderError(torch.autograd.Function):

@@ -7,7 +7,6 @@ the imbalance regulariser; all of that is O(B N (D + K)) and never touches a pai
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .first_order import autocast_off
 from .pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
                           is_integer)
 from .reference import H_VARIANTS, REGULARISERS
@@ -55,6 +55,12 @@ class IDDCConfig:
     deterministic: bool = False
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> "IDDCConfig":
+        """Raise ValueError naming the first field that cannot work; numbers are stored as
+        plain floats and ints. Run on construction and again by every IDDCLoss call (the fields
+        may be changed in place, e.g. by a threshold schedule)."""
         if self.h not in H_VARIANTS:
             raise ValueError(f"h={self.h!r} is not a known variant; expected one of {H_VARIANTS}")
         if self.regulariser not in REGULARISERS:
@@ -91,6 +97,7 @@ class IDDCConfig:
         if self.weibull_scale <= 0 or self.weibull_shape <= 0:
             raise ValueError("weibull_shape and weibull_scale must be positive, got "
                              f"{self.weibull_shape} and {self.weibull_scale}")
+        return self
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "IDDCConfig":
@@ -359,7 +366,7 @@ class IDDCLoss(nn.Module):
 
     def forward(self, feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
                 generator: Optional[torch.Generator] = None) -> IDDCOutput:
-        cfg = self.config
+        cfg = self.config.check()  # a field set in place since is checked as at construction
         check_inputs(feats_a, feats_b, logits_a, logits_b)
         batch = feats_a.shape[0]
         if shifts is None:
@@ -368,7 +375,7 @@ class IDDCLoss(nn.Module):
             shifts = check_shifts(shifts, batch)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one
-        with _autocast_off(feats_a.device):
+        with autocast_off(feats_a.device):
             views = flatten_views(feats_a, feats_b, logits_a, logits_b)
             if cfg.check_finite:
                 check_finite_views(views, feats_a, feats_b, logits_a, logits_b)
@@ -388,14 +395,6 @@ class IDDCLoss(nn.Module):
             loss = pos + cfg.lambda1 * neg + cfg.lambda2 * cfg.reg_scale * reg
         return IDDCOutput(loss=loss, pos=pos, neg=neg, reg=reg, pos_count=counts[0],
                           neg_counts=counts[1:], shifts=shifts)
-
-
-def _autocast_off(device: torch.device):
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except (RuntimeError, ValueError):  # a device type autocast does not know
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def check_pair_sums_result(result, num_shifts: int, backend) -> tuple:

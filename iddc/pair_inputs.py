@@ -43,6 +43,8 @@ def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
     or a string is never silently truncated or split into digits)."""
     if isinstance(shifts, (str, bytes)) or not _iterable(shifts):
         raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")
+    if isinstance(shifts, torch.Tensor) and shifts.device.type == "meta":
+        raise ValueError("shifts must hold values: got a meta tensor (pass a tuple of ints)")
     items = tuple(shifts)  # once: an iterator or generator is consumed by reading it
     if not all(is_integer(r) for r in items):
         raise ValueError(f"shifts must be a sequence of integers, got {shifts!r}")

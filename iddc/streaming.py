@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .first_order import first_order_only, forward_mode_unsupported
+from .first_order import autocast_off, first_order_only, forward_mode_unsupported
 from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
@@ -220,10 +220,11 @@ class StreamingPairSums(torch.autograd.Function):
         grad_a, grad_b, p_a, p_b = ctx.saved_tensors
         go = grad_sums.to(grad_a.dtype if grad_a is not None else grad_sums.dtype)
         d_a = d_b = None
-        if ctx.needs_input_grad[2]:
-            d_a = torch.tensordot(go, grad_a, dims=1)
-        if ctx.needs_input_grad[3]:
-            d_b = grad_b * go[0]
+        with autocast_off(p_a.device):  # backward called inside an autocast region
+            if ctx.needs_input_grad[2]:
+                d_a = torch.tensordot(go, grad_a, dims=1)
+            if ctx.needs_input_grad[3]:
+                d_b = grad_b * go[0]
         d_a = first_order_only(d_a, p_a, "streaming")
         d_b = first_order_only(d_b, p_b, "streaming")
         return None, None, d_a, d_b, None, None, None, None, None, None, None

@@ -38,7 +38,7 @@ import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
-from iddc.first_order import first_order_only, forward_mode_unsupported
+from iddc.first_order import autocast_off, first_order_only, forward_mode_unsupported
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_pair_sums_inputs,
                               comparison_threshold)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
@@ -54,7 +54,24 @@ _SHIFTS_PER_LAUNCH = 8
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1). Triton
+    reads the variable as each function is decorated: set after triton was imported (e.g. by
+    torch.compile), this module's kernels and triton.language's own functions disagree, and
+    triton fails with an error that does not say why, so that is refused here by name."""
+    wanted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    ours, triton_own = (_built_for_interpreter(fn) for fn in (_select_shift, tl.cdiv))
+    if not wanted == ours == triton_own:
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {'1' if wanted else 'not 1'} now, but triton was imported "
+            f"{'with' if triton_own else 'without'} it and iddc_kernels "
+            f"{'with' if ours else 'without'} it: set TRITON_INTERPRET=1 (CPU testing) before "
+            "anything imports triton (torch.compile does), in a fresh process")
+    return wanted
+
+
+def _built_for_interpreter(fn) -> bool:
+    """Whether a @triton.jit function was decorated for the interpreter."""
+    return type(fn).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,10 +573,11 @@ class TritonPairSums(torch.autograd.Function):
         if grad_sums is None:
             return (None,) * 14
         g = grad_sums.to(torch.float32)
-        if grad_a is not None:
-            gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
-        if grad_b is not None:
-            gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
+        with autocast_off(p_a.device):  # backward called inside an autocast region
+            if grad_a is not None:
+                gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
+            if grad_b is not None:
+                gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
         # a second derivative would lack the pair terms: make it raise, not silently drop them
         gp_a, gp_b = first_order_only(gp_a, p_a, "triton"), first_order_only(gp_b, p_b, "triton")
         return (gp_a, gp_b) + (None,) * 12

@@ -430,3 +430,34 @@ def test_non_contiguous_inputs():
     assert_close_rel(sums, r_sums, 2e-5, "sums")
     assert_close_rel(ga, r_ga, 2e-5, "grad p_a")
     assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
+
+
+_LATE_INTERPRETER = """
+import os, sys, torch
+import triton  # imported without the variable, as torch.compile's inductor does
+if sys.argv[1] == "kernels-too":
+    import iddc_kernels  # noqa: F401
+os.environ["TRITON_INTERPRET"] = "1"
+from iddc import iddc_loss
+f = [torch.randn(2, 8, 3, 3) for _ in range(2)]
+z = [torch.randn(2, 3, 3, 3) for _ in range(2)]
+try:
+    iddc_loss(*f, *z, shifts=(1,), backend="triton")
+except RuntimeError as err:
+    print("REFUSED", err)
+"""
+
+
+@pytest.mark.parametrize("imported", ["triton", "kernels-too"])
+def test_interpreter_set_after_triton_was_imported_is_named(imported):
+    """TRITON_INTERPRET=1 set after triton was imported: Triton reads it per decorated function,
+    so the kernels and triton.language disagree and triton's own error says nothing of why."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER, imported], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "REFUSED TRITON_INTERPRET is 1 now, but triton was imported without it" in out.stdout, \
+        out.stdout + out.stderr
+    assert "before anything imports triton" in out.stdout
