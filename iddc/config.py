@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import re
 import types
@@ -30,6 +31,7 @@ from typing import Any, Optional
 import yaml
 
 from .cli import path_arg
+from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
 from .loss import IDDCConfig
 from .models import ModelConfig, patch_size_of
@@ -230,7 +232,7 @@ class Config:
                              "set loss.num_shifts 0 for a positive-only loss)")
         patch = patch_size_of(self.model)
         if patch:  # else training checks it once the backbone exists
-            check_sliding_window(d, patch)
+            check_sizes(d, patch)
         return self
 
     def dump_yaml(self, path: str) -> None:
@@ -292,12 +294,42 @@ def config_changes(old: Config, new: Config) -> list:
             if getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)]
 
 
-def check_sliding_window(data: DataConfig, patch: int) -> None:
-    """The sliding windows go through the backbone whole: each side must be a whole number of
-    patches (only checked in that eval mode, where the window is used)."""
-    if data.eval_mode == "sliding" and data.sliding_window % patch:
-        raise ValueError(f"data.sliding_window ({data.sliding_window}) must be a multiple of the "
-                         f"backbone's patch size {patch} (eval mode 'sliding')")
+def check_sizes(data: DataConfig, patch: int) -> None:
+    """ValueError naming the first size the backbone (of ``patch`` px patches) cannot take: the
+    training crop and the sliding windows go through it whole, so each side must be a whole
+    number of patches, and none of the crop, the window (eval mode "sliding") or the
+    evaluation's shorter side may hold more than MAX_TOKENS tokens (one forward pass would run
+    out of memory or hang, after the run folder was made)."""
+    def most(what: str) -> str:
+        side = math.isqrt(MAX_TOKENS) * patch
+        return (f"more than the limit of {MAX_TOKENS} backbone tokens of {patch} px patches in "
+                f"one forward pass ({side} x {side} px); {what}")
+    if data.crop_size % patch:
+        raise ValueError(f"data.crop_size ({data.crop_size}) must be a multiple of the "
+                         f"backbone's patch size {patch}")
+    if token_count(data.crop_size, data.crop_size, patch) > MAX_TOKENS:
+        raise ValueError(f"data.crop_size {data.crop_size}: a crop would be "
+                         + most("use a smaller crop"))
+    if data.eval_size < patch:
+        raise ValueError(f"data.eval_size ({data.eval_size}) must be at least the backbone's "
+                         f"patch size {patch}")
+    if data.eval_mode == "sliding":
+        if data.sliding_window % patch:
+            raise ValueError(f"data.sliding_window ({data.sliding_window}) must be a multiple of "
+                             f"the backbone's patch size {patch} (eval mode 'sliding')")
+        if token_count(data.sliding_window, data.sliding_window, patch) > MAX_TOKENS:
+            raise ValueError(f"data.sliding_window {data.sliding_window}: a window would be "
+                             + most("use a smaller window"))
+        h, w = resized_shape(1, 1, data.eval_size, patch)
+        if h * w > MAX_SLIDING_PIXELS:
+            raise ValueError(f"data.eval_size {data.eval_size}: every resized val image would "
+                             f"be more than sliding mode's limit of {MAX_SLIDING_PIXELS} px (its "
+                             "window sums hold K values per pixel); use a smaller --eval-size")
+    elif data.eval_mode == "resize" and \
+            token_count(*resized_shape(1, 1, data.eval_size, patch), patch) > MAX_TOKENS:
+        # every image's shorter side is resized to eval_size: even a square one is too large
+        raise ValueError(f"data.eval_size {data.eval_size}: every resized val image would be "
+                         + most("use a smaller --eval-size, or --eval-mode sliding"))
 
 
 def _flag(name: str) -> str:

@@ -28,6 +28,7 @@ one forward pass, upsampled logits, softmax (tested).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -46,6 +47,10 @@ DEFAULT_OVERLAP = 75
 #: tokens, which hangs or runs out of memory. Sliding mode runs bounded windows instead (its
 #: sums still hold K values per resized pixel: memory grows with the area).
 MAX_TOKENS = 16384
+#: the most pixels a sliding-mode image may hold once resized (8192 x 8192): its window sums
+#: hold K float32 values per pixel (K = 27: 7 GiB at this bound), and the resize has no bound
+#: on the long side
+MAX_SLIDING_PIXELS = 1 << 26
 
 Heads = Optional[Union[str, Sequence[str]]]
 
@@ -76,10 +81,12 @@ def check_at_least(flag: str, value, low: int) -> None:
         raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
 
 
-def check_window(window: int, stride: Optional[int], multiple: int = 1) -> int:
+def check_window(window: int, stride: Optional[int], multiple: int = 1,
+                 max_tokens: Optional[int] = MAX_TOKENS) -> int:
     """The sliding stride to use (None or 0: default_stride(window)); ValueError naming --window
-    or --stride unless the windows cover an image and hold whole `multiple` px patches (a ViT
-    refuses a partial patch deep inside timm)."""
+    or --stride unless the windows cover an image, hold whole `multiple` px patches (a ViT
+    refuses a partial patch deep inside timm) and at most `max_tokens` of them (None: any; a
+    model without patches, `multiple` 1, runs a window at any size)."""
     check_at_least("--window", window, 1)
     if stride:
         check_at_least("--stride", stride, 1)
@@ -91,6 +98,13 @@ def check_window(window: int, stride: Optional[int], multiple: int = 1) -> int:
         lower = max(multiple, window // multiple * multiple)
         raise ValueError(f"--window {window} is not a multiple of the backbone's patch size "
                          f"{multiple} px; try {lower} or {lower + multiple}")
+    if max_tokens is not None and multiple > 1 and \
+            token_count(window, window, multiple) > max_tokens:
+        side = math.isqrt(max_tokens) * multiple
+        tokens = token_count(window, window, multiple)
+        raise ValueError(f"--window {window}: a window would be {tokens} backbone tokens"
+                         f" of {multiple} px patches in one forward pass, more "
+                         f"than the limit of {max_tokens}; use --window {side} or less")
     return stride
 
 
@@ -202,7 +216,9 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.multiple = int(multiple) if multiple else int(getattr(model, "patch_size", 1) or 1)
         # only sliding windows reach the model as they are; resize rounds to whole patches
-        self.stride = check_window(window, stride, self.multiple if mode == "sliding" else 1)
+        sliding = mode == "sliding"
+        self.stride = check_window(window, stride, self.multiple if sliding else 1,
+                                   max_tokens if sliding else None)
         self.window = int(window)
         if isinstance(heads, str):
             heads = (heads,)
@@ -213,17 +229,23 @@ class Predictor:
         self.max_tokens = int(max_tokens)
 
     def check_size(self, height: int, width: int) -> None:
-        """ImageTooLargeError unless an H x W image fits in one forward pass of at most
-        `max_tokens` tokens (resize mode; sliding windows always fit)."""
-        if self.mode != "resize":
-            return
+        """ImageTooLargeError unless an H x W image fits: in one forward pass of at most
+        `max_tokens` tokens (resize mode), or resized to at most MAX_SLIDING_PIXELS pixels
+        (sliding mode: bounded windows, but K sums per resized pixel)."""
         h, w = resized_shape(height, width, self.short_side, self.multiple)
+        resized = f"resized to {h} x {w} px (shorter side {self.short_side})" \
+            if self.short_side is not None else "at its own size"
+        if self.mode == "sliding":
+            if h * w > MAX_SLIDING_PIXELS:
+                raise ImageTooLargeError(
+                    f"image of {height} x {width} px (H x W) {resized} would be {h * w} px, "
+                    f"more than sliding mode's limit of {MAX_SLIDING_PIXELS} (its window sums "
+                    "hold K values per pixel); use a smaller --short-side")
+            return
         tokens = token_count(h, w, self.multiple)
         if tokens <= self.max_tokens:
             return
         side = largest_short_side(height, width, self.multiple, self.max_tokens)
-        resized = f"resized to {h} x {w} px (shorter side {self.short_side})" \
-            if self.short_side is not None else "at its own size"
         fix = (f"use --short-side {side} or less, or --mode sliding" if side else
                "use --mode sliding")
         raise ImageTooLargeError(
@@ -360,6 +382,8 @@ class Predictor:
 
     def _sliding_mode(self, images, dev) -> dict:
         win = self.window
+        for im in images:  # before any work: K sums per resized pixel
+            self.check_size(im.shape[-2], im.shape[-1])
         prepared, jobs = [], []
         for i, im in enumerate(images):
             shape = resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)

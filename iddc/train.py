@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import checkpoint, evaluate as ev
 from .cli import path_arg
 from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
-                     check_sliding_window, config_changes, explicit_settings,
+                     check_sizes, config_changes, explicit_settings,
                      preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
@@ -648,13 +648,7 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     mismatch = preset_backbone_warning(cfg) if resume is None else None
     if mismatch:
         log.warning("WARNING: %s", mismatch)
-    if dc.crop_size % model.patch_size:
-        raise ValueError(f"data.crop_size ({dc.crop_size}) must be a multiple of the backbone's "
-                         f"patch size {model.patch_size}")
-    if dc.eval_size < model.patch_size:
-        raise ValueError(f"data.eval_size ({dc.eval_size}) must be at least the backbone's patch "
-                         f"size {model.patch_size}")
-    check_sliding_window(dc, model.patch_size)
+    check_sizes(dc, model.patch_size)
     model.to(device)
     # a resumed run keeps the normalisation it trained with (a checkpoint from before the
     # backbones resolved to their .dino configs may hold another one)

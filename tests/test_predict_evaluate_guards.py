@@ -481,6 +481,37 @@ def test_predictor_refuses_an_image_too_large_before_any_work(runs):
         Predictor(model, short_side=None, max_tokens=4).segment([torch.randn(3, 2, 40)])
 
 
+def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, monkeypatch):
+    """A window beyond MAX_TOKENS (one forward pass each) and an image resized beyond
+    MAX_SLIDING_PIXELS (K sums per pixel) were an 8e16-byte allocation error or an OOM kill."""
+    from iddc import inference
+    from iddc.inference import ImageTooLargeError
+    model = load_model(runs["labelled"])[0]
+    with pytest.raises(ValueError, match=r"--window 1032: a window would be 16641 backbone "
+                                         r"tokens of 8 px patches.*use --window 1024 or less"):
+        Predictor(model, mode="sliding", window=1032)
+    Predictor(model, mode="sliding", window=1024)  # the bound itself
+    Predictor(model, mode="resize", window=80000000)  # resize mode runs no window
+    monkeypatch.setattr(inference, "MAX_SLIDING_PIXELS", 2000)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ImageTooLargeError, match=r"image of 2 x 50 px \(H x W\) resized to 32 x "
+                                                 r"800 px \(shorter side 32\) would be 25600 px, "
+                                                 r"more than sliding mode's limit of 2000"):
+        Predictor(model, mode="sliding", short_side=32, window=32).segment(
+            [torch.randn(3, 20, 28), torch.randn(3, 2, 50)])
+    assert not calls  # refused before any work
+    Predictor(model, mode="sliding", short_side=32, window=32).segment([torch.randn(3, 32, 40)])
+    # predict skips it, naming it, as in resize mode
+    strip = image(tmp_path / "in" / "strip.png", size=(50, 2))
+    normal = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], strip, normal, "--out", out, "--mode", "sliding",
+                       "--window", "32") == 1
+    record = json.loads((out / "predictions.json").read_text())
+    assert list(record["images"]) == ["a"] and "sliding mode's limit" in record["failed"][str(strip)]
+
+
 def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     """Left out of the scores, warned and named (as a corrupt sample is), never run: one forward
     pass of it would hang; training's per-epoch evaluation and k-means do the same. Sliding

@@ -434,6 +434,42 @@ def test_sliding_window_must_be_a_multiple_of_the_patch_size(tmp_path, tiny_yaml
     cfg.validate()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--crop-size", "1032"], r"data.crop_size 1032: a crop would be more than the limit of "
+                              r"16384 backbone tokens of 8 px patches in one forward pass "
+                              r"\(1024 x 1024 px\); use a smaller crop"),
+    (["--eval-size", "1036"], r"data.eval_size 1036: every resized val image would be more "
+                              r"than the limit of 16384 .*or --eval-mode sliding"),
+    (["--eval-mode", "sliding", "--sliding-window", "80000000"],
+     r"data.sliding_window 80000000: a window would be more than the limit of 16384"),
+    (["--eval-mode", "sliding", "--eval-size", "8200"],
+     r"data.eval_size 8200: every resized val image would be more than sliding mode's limit "
+     r"of 67108864 px"),
+], ids=["crop", "eval-size", "window", "sliding-eval-size"])
+def test_sizes_beyond_one_forward_pass_fail_before_the_run_folder_is_made(tmp_path, tiny_yaml,
+                                                                           flags, message):
+    """Each was an out-of-memory kill (or an hour of swapping) after the run folder was made."""
+    with pytest.raises(ValueError, match=message):
+        train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_sizes_one_forward_pass_takes_are_accepted():
+    """The bounds are exact: 1024 px crops and windows at patch 8, an eval size rounding to 1024
+    (1028 rounds down to 128 patches), 8192 in sliding mode; patch 16 doubles them."""
+    cfg = Config()
+    cfg.data.crop_size, cfg.data.eval_size = 1024, 1028
+    cfg.validate()
+    cfg.data.eval_mode, cfg.data.sliding_window, cfg.data.eval_size = "sliding", 1024, 8192
+    cfg.validate()
+    cfg.model.backbone = "vit_small_patch16_224"
+    cfg.data.crop_size, cfg.data.sliding_window = 2048, 2048
+    cfg.validate()
+    cfg.data.crop_size = 2064
+    with pytest.raises(ValueError, match="16384 backbone tokens of 16 px patches.*2048 x 2048"):
+        cfg.validate()
+
+
 # ------------------------------------- 21: batch size checked before any work, marker kept
 def test_batch_size_beyond_the_data_fails_before_the_run_folder_is_made(tmp_path, tiny_yaml):
     out = tmp_path / "bs100"
