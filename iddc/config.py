@@ -36,6 +36,9 @@ from .loss import PRESETS as LOSS_PRESETS
 from .loss import IDDCConfig
 from .models import ModelConfig, patch_size_of
 
+#: the most k-means iterations and initialisations a run may ask for (30 and 10 by default)
+KMEANS_MAX_ITERS = 10_000
+KMEANS_MAX_RESTARTS = 1_000
 #: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -201,6 +204,12 @@ class Config:
         for name, value, low in at_least:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        # k-means runs before the first epoch with no progress shown: beyond these it seems hung
+        for name, value, high in [("train.kmeans_iters", t.kmeans_iters, KMEANS_MAX_ITERS),
+                                  ("train.kmeans_restarts", t.kmeans_restarts,
+                                   KMEANS_MAX_RESTARTS)]:
+            if value > high:
+                raise ValueError(f"{name} must be at most {high}, got {value}")
         for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
                             ("train.backbone_lr_ratio", t.backbone_lr_ratio),
                             ("train.poly_power", t.poly_power),
@@ -371,6 +380,29 @@ RESOLVED_SECTION = "resolved"
 _EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    one silently: a setting typed twice would quietly lose the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping names it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(stream) -> Any:
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML error in one line: what is wrong, and where."""
     mark = getattr(err, "problem_mark", None)
@@ -382,7 +414,7 @@ def _parse_value(s: str, option: str, wants: Any = None) -> Any:
     """A command-line value as YAML (true, 3, [1, 2], {a: 1}); numbers YAML 1.1 leaves as text
     (1e-3, 5E-4: no dot) become floats. ValueError naming ``option`` if it is not YAML."""
     try:
-        value = yaml.safe_load(s)
+        value = _safe_load(s)
     except yaml.YAMLError as err:
         raise ValueError(f"{option}: {s!r} is not a valid YAML value ({_yaml_problem(err)})") \
             from err
@@ -408,7 +440,7 @@ def load_yaml_file(path: str) -> dict:
     leaves as text (1e-3) become floats, as on the command line."""
     try:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+            loaded = _safe_load(fh) or {}
     except OSError as err:
         raise ValueError(f"cannot read config file {path}: {err}") from err
     except UnicodeDecodeError as err:
@@ -472,6 +504,9 @@ def parse_data_options(items) -> dict:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--data-option expects KEY=VALUE, got {item!r}")
+        if key in options:  # the last would win silently
+            raise ValueError(f"--data-option {key} given twice ({key}={options[key]!r} and "
+                             f"{item!r}); give it once")
         options[key] = data_option_value(key, value, f"--data-option {item!r}")
     return options
 
@@ -604,10 +639,15 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
     # the --fused flag typed with a backend that contradicts it (a YAML file's pair, e.g. a
     # run's own config.yaml with fused: false and the backend it chose, keeps its backend)
     given_backend = explicit.get("loss", {}).get("backend")
-    fused_flag = getattr(args, "fused", None)
-    if given_backend is not None and fused_flag is not None and \
-            bool(fused_flag) != (given_backend != "reference"):
-        raise ValueError(f"--fused {fused_flag} and loss.backend {given_backend!r} contradict "
+    fused_flag, fused_name = getattr(args, "fused", None), "--fused"
+    if fused_flag is None:  # --set train.fused=... is the flag typed another way
+        fused_name = "train.fused"
+        typed = [item.partition("=")[2] for item in getattr(args, "set", []) or []
+                 if item.partition("=")[0].strip() == "train.fused"]
+        fused_flag = explicit.get("train", {}).get("fused") if typed else None
+    if given_backend is not None and isinstance(fused_flag, bool) and \
+            fused_flag != (given_backend != "reference"):
+        raise ValueError(f"{fused_name} {fused_flag} and loss.backend {given_backend!r} contradict "
                          "each other (--fused means a fused backend, 'auto'); give one of them")
     if "backend" not in explicit.get("loss", {}) and \
             (saved is None or "fused" in explicit.get("train", {})):

@@ -63,11 +63,18 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     (the input normalisation) is DINO's. Raises WeightsError if pretrained weights cannot be
     fetched."""
     kwargs = dict(num_classes=0, img_size=cfg.backbone_img_size, dynamic_img_size=True)
+    reserved = sorted(set(kwargs) & set(cfg.backbone_kwargs or {}))
+    if reserved:  # each would silently override what iddc relies on
+        raise ValueError(f"model.backbone_kwargs must not set {reserved}: iddc sets them "
+                         "(img_size: use --backbone-img-size; num_classes 0: no classifier; "
+                         "dynamic_img_size: any crop size)")
     kwargs.update(cfg.backbone_kwargs or {})
     name = timm_name(cfg.backbone)
     if cfg.pretrained:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return check_vit(timm.create_model(name, pretrained=True, **kwargs), cfg)
+        except TypeError as err:  # an argument the architecture does not take: not a download
+            raise ValueError(not_accepted(cfg, err)) from err
         except Exception as err:  # no network, no cache, unknown tag, ...
             raise WeightsError(
                 f"no pretrained weights could be fetched for backbone {name!r} "
@@ -75,9 +82,33 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                 "checkpoint elsewhere and pass it with --weights PATH (DINO's .pth files and "
                 "timm state dicts are accepted)") from err
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return check_vit(timm.create_model(name, pretrained=False, **kwargs), cfg)
     except RuntimeError as err:
         raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
+    except TypeError as err:
+        raise ValueError(not_accepted(cfg, err)) from err
+
+
+def not_accepted(cfg: ModelConfig, err: TypeError) -> str:
+    """Why timm refused the keyword arguments: the architecture is no ViT (it takes no
+    img_size), or a backbone_kwargs entry is not one of its arguments."""
+    if "img_size" in str(err):
+        return (f"backbone {cfg.backbone!r} is not a Vision Transformer ({err}): iddc needs a "
+                "timm ViT's patch tokens (e.g. vit_small_patch8_224)")
+    return (f"model.backbone_kwargs {cfg.backbone_kwargs} do not fit backbone "
+            f"{cfg.backbone!r}: {err}")
+
+
+def check_vit(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """`backbone`, if it has what IDDCModel reads of a timm ViT (else a ValueError): patch
+    embedding, embedding width, prefix tokens and forward_features."""
+    missing = [a for a in ("patch_embed", "embed_dim", "num_prefix_tokens", "forward_features")
+               if not hasattr(backbone, a)]
+    if missing:
+        raise ValueError(f"backbone {cfg.backbone!r} ({type(backbone).__name__}) is not a Vision "
+                         f"Transformer: it has no {', '.join(missing)}; iddc needs a timm ViT's "
+                         "patch tokens (e.g. vit_small_patch8_224)")
+    return backbone
 
 
 def patch_size_of(cfg: ModelConfig) -> Optional[int]:

@@ -127,6 +127,31 @@ def test_pretrained_failure_is_explained(monkeypatch):
         models.create_backbone(tiny_cfg(pretrained=True))
 
 
+@pytest.mark.parametrize("cfg, message", [
+    (ModelConfig(backbone="resnet50"), r"backbone 'resnet50' is not a Vision Transformer \(ResNet"
+                                       r".*got an unexpected keyword argument 'img_size'\)"),
+    (ModelConfig(backbone="swin_tiny_patch4_window7_224"),
+     r"backbone 'swin_tiny_patch4_window7_224' \(SwinTransformer\) is not a Vision Transformer: "
+     "it has no num_prefix_tokens"),
+    (ModelConfig(backbone_img_size=32, backbone_kwargs={**TINY, "foo": 1}),
+     r"model.backbone_kwargs \{.*'foo': 1\} do not fit backbone 'vit_small_patch8_224': .*"
+     r"unexpected keyword argument 'foo'"),
+    (ModelConfig(backbone_kwargs={**TINY, "img_size": 96}),
+     r"model.backbone_kwargs must not set \['img_size'\]: .*use --backbone-img-size"),
+    (ModelConfig(backbone_kwargs={**TINY, "num_classes": 5, "dynamic_img_size": False}),
+     r"must not set \['dynamic_img_size', 'num_classes'\]"),
+], ids=["resnet", "swin", "unknown-kwarg", "img-size-kwarg", "reserved-kwargs"])
+def test_backbones_and_kwargs_iddc_cannot_use_are_named(cfg, message):
+    """A non-ViT backbone or a keyword timm refuses was a timm TypeError traceback; img_size in
+    the kwargs silently beat --backbone-img-size."""
+    with pytest.raises(ValueError, match=message):
+        models.create_backbone(cfg)
+    if "img_size" not in str(cfg.backbone_kwargs):
+        return
+    with pytest.raises(ValueError, match="must not set"):  # the pretrained path as well
+        models.create_backbone(ModelConfig(pretrained=True, backbone_kwargs={"img_size": 96}))
+
+
 SPEC_BACKBONES = ["vit_small_patch8_224", "vit_small_patch16_224", "vit_base_patch8_224",
                   "vit_base_patch16_224"]
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -704,11 +704,14 @@ def test_a_mid_epoch_resume_keeps_the_epochs_image_order(tmp_path, tiny_yaml):
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("flags", [["--fused", "--set", "loss.backend=reference"],
-                                   ["--fused", "false", "--set", "loss.backend=streaming"]],
-                         ids=["fused-reference", "unfused-streaming"])
-def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tiny_yaml, flags):
-    with pytest.raises(ValueError, match="contradict each other"):
+@pytest.mark.parametrize("flags, given", [
+    (["--fused", "--set", "loss.backend=reference"], "--fused True"),
+    (["--fused", "false", "--set", "loss.backend=streaming"], "--fused False"),
+    (["--set", "train.fused=true", "--backend", "reference"], "train.fused True"),
+], ids=["fused-reference", "unfused-streaming", "set-fused-reference"])
+def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tiny_yaml, flags,
+                                                                    given):
+    with pytest.raises(ValueError, match=f"{given} and loss.backend .* contradict each other"):
         train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), *flags])
     assert not (tmp_path / "run").exists()
 
@@ -954,7 +957,14 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--set", 'train.name="a\\nb"'], "train.name must be one folder name"),
     (["--lr", "1e39"], r"train.lr must be a finite number >= 0 \(at most float32's 3.4e\+38\)"),
     (["--weights", ""], "model.weights must not be empty"),
-], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights"])
+    (["--kmeans-restarts", "1001"], "train.kmeans_restarts must be at most 1000, got 1001"),
+    (["--kmeans-iters", "100000"], "train.kmeans_iters must be at most 10000, got 100000"),
+    (["--data-option", "num_images=6", "--data-option", "num_images=4"],
+     r"--data-option num_images given twice \(num_images=6 and 'num_images=4'\); give it once"),
+    (["--set", "data.options={num_images: 6, num_images: 4}"],
+     "key 'num_images' given twice in one mapping"),
+], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights",
+        "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice", "set-key-twice"])
 def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, monkeypatch,
                                                            flags, message):
     monkeypatch.chdir(tmp_path)
@@ -973,6 +983,14 @@ def test_an_empty_or_too_deep_config_file_is_refused(tmp_path, capsys):
     from iddc.config import load_yaml_file
     with pytest.raises(ValueError, match="deep.yaml is nested too deeply to be a config"):
         load_yaml_file(str(deep))
+    # a key typed twice: PyYAML would keep the last one silently
+    for text, key in [("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", "epochs"),
+                      ("train: {epochs: 2}\nloss: {}\ntrain: {lr: 3}\n", "train")]:
+        twice = tmp_path / "twice.yaml"
+        twice.write_text(text)
+        with pytest.raises(ValueError, match=f"twice.yaml is not valid YAML: key '{key}' given "
+                                             "twice in one mapping at line"):
+            load_yaml_file(str(twice))
 
 
 def test_num_workers_far_beyond_the_cpus_is_capped(tmp_path, tiny_yaml, iddc_log):
