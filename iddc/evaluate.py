@@ -404,6 +404,30 @@ def relative_run_paths(cfg, options: dict, given: dict, data_root: Optional[str]
     return found
 
 
+def checkpoint_epoch(ckpt: dict):
+    """(epoch, partial) of a checkpoint's weights, as metrics.json and train.log number them:
+    a save mid-epoch (``step_in_epoch`` steps into epoch ``epoch`` + 1) is that next epoch,
+    partial = {"steps_done", "of"} ("of" from its metrics entry, None when it has none: a
+    Ctrl-C mid-epoch is not evaluated); a whole epoch's partial is None."""
+    epoch, step = ckpt.get("epoch"), int(ckpt.get("step_in_epoch", 0) or 0)
+    if epoch is None or step <= 0:
+        return epoch, None
+    epoch = int(epoch) + 1
+    of = next((e["partial_epoch"].get("of") for e in reversed(ckpt.get("metrics") or [])
+               if isinstance(e, dict) and e.get("epoch") == epoch
+               and isinstance(e.get("partial_epoch"), dict)
+               and e["partial_epoch"].get("steps_done") == step), None)
+    return epoch, {"steps_done": step, "of": of}
+
+
+def epoch_label(epoch, partial) -> str:
+    """"epoch 3", or for a mid-epoch save "epoch 1 (step 2 of 16)"."""
+    if partial is None:
+        return f"epoch {epoch}"
+    of = f" of {partial['of']}" if partial["of"] is not None else ""
+    return f"epoch {epoch} (step {partial['steps_done']}{of})"
+
+
 def check_flags(args) -> None:
     """Each numeric flag in its range, named in the error (before any work)."""
     for flag, value, low in [("--eval-size", args.eval_size, 1), ("--window", args.window, 1),
@@ -485,8 +509,9 @@ def main(argv=None) -> dict:
     cfg.validate()
     mode = get_eval_mode(cfg.data.eval_mode)
     # not wrapped in skip_corrupt: evaluate() leaves a corrupt sample out (load_or_skip)
+    # the checkpoint fixes K: a folder's val split is not probed for its own
     source = build_source_for(cfg.data.dataset, int(ckpt["num_classes"]),
-                              root=cfg.data.data_root, split=args.split, **options)
+                              root=cfg.data.data_root, split=args.split, fixed=True, **options)
     data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:
@@ -496,7 +521,10 @@ def main(argv=None) -> dict:
     except NoLabelsError as err:
         raise NoLabelsError(f"{args.split} split: {err}") from err
     res.pop("samples")
-    res["epoch"] = ckpt.get("epoch")
+    epoch, partial = checkpoint_epoch(ckpt)
+    res["epoch"] = epoch
+    if partial is not None:
+        res["partial_epoch"] = partial
     res["checkpoint"] = os.path.abspath(args.checkpoint)
     # what was scored, so that two result files can be told apart
     res["evaluation"] = {"split": args.split, "dataset": cfg.data.dataset,
@@ -510,7 +538,7 @@ def main(argv=None) -> dict:
         log.warning("%d sample(s) left out of the scores (corrupt or too large, see the "
                     "warnings): %s", len(res["skipped"]),
                     res["skipped"])
-    print(summary_line(f"epoch {ckpt.get('epoch')}", res))
+    print(summary_line(epoch_label(epoch, partial), res))
     if args.json:
         write_json(args.json, res, replace=args.overwrite)
     return res

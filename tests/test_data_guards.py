@@ -264,6 +264,41 @@ def test_folder_unreadable_label_while_inferring_k(tmp_path):
         build_source("folder", root=imgs, label_root=labels)
 
 
+def test_folder_stray_id_setting_k_is_warned_about(tmp_path):
+    """One pixel of id 200 among ids 0..5 would silently make K = 201 (1 + the largest id):
+    warned, naming the file, the id, its pixel count and the num_classes to pass."""
+    lab = np.arange(12, dtype=np.uint8).reshape(2, 6) % 6
+    stray = lab.copy()
+    stray[1, 5] = 200
+    imgs, labels = _labelled_folder(tmp_path, [lab, stray], w=6, h=2)
+    with pytest.warns(UserWarning, match=r"K = 201 inferred from class id 200 \(1 pixel\(s\) in "
+                                         r"label .*img1.png\), yet ids 6..199 appear in none of "
+                                         r"the first 16 label maps; if 200 is a stray value pass "
+                                         r"--data-option num_classes=6"):
+        src = build_source("folder", root=imgs, label_root=labels)
+    assert src.num_classes == 201  # the documented rule still holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_source("folder", root=imgs, label_root=labels,
+                            num_classes=6).num_classes == 6
+
+
+@pytest.mark.parametrize("ids, k", [([0, 2, 5, 9], 10), ([0, 1, 2, 9], 10), ([0, 40, 100, 181],
+                                                                              182)])
+def test_folder_sparse_ids_are_not_warned_about(tmp_path, ids, k):
+    imgs, labels = _labelled_folder(tmp_path, [np.array([ids], np.uint8)], w=len(ids), h=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_source("folder", root=imgs, label_root=labels).num_classes == k
+
+
+def test_folder_stray_id_above_a_lone_class_suggests_a_valid_k(tmp_path):
+    imgs, labels = _labelled_folder(tmp_path, [np.array([[0, 0, 0, 90]], np.uint8)], w=4, h=1)
+    with pytest.warns(UserWarning, match=r"ids 1..89 appear in none .* pass --data-option "
+                                         r"num_classes=2 "):
+        build_source("folder", root=imgs, label_root=labels)
+
+
 def test_folder_inferred_single_class_refused(tmp_path):
     imgs, labels = _labelled_folder(tmp_path, [np.zeros((1, 2), np.uint8)], w=2, h=1)
     with pytest.raises(ValueError, match=r"only hold class id 0 \(K = 1\): pass num_classes"):
@@ -367,6 +402,22 @@ def test_layout_decode_counts(capsys):
     assert "val: decoded 3 samples" in capsys.readouterr().out
     assert layout.main(["synthetic", "--split", "val", *opts]) == 0
     assert "decoded" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["-1", "x"])
+def test_layout_workers_must_be_a_count(bad, capsys):
+    """--workers -1 was silently one thread; 0, as 1, decodes one file at a time."""
+    from iddc.data import layout
+    with pytest.raises(SystemExit) as info:
+        layout.main(["synthetic", "--decode", "2", "--workers", bad])
+    assert info.value.code == 2
+    assert "argument --workers: expected a whole number >= 0" in capsys.readouterr().err
+    opts = ["--data-option", "num_images=3", "--data-option", "image_size=8"]
+    assert layout.main(["synthetic", "--decode", "2", "--split", "val", "--workers", "0",
+                        *opts]) == 0
+    assert "val: decoded 2 samples, 0 corrupt" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"workers=-2: expected a whole number >= 0"):
+        layout.scan(build_source("synthetic", split="val", num_images=1), workers=-2)
 
 
 def test_synthetic_refuses_a_data_root():

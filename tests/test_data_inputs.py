@@ -379,6 +379,20 @@ def test_fifo_named_like_an_image_is_skipped(tmp_path):
         assert expand_inputs([str(tmp_path)]) == [tmp_path / "a.png"]
 
 
+def test_symlink_loop_named_like_an_image_is_called_a_loop(tmp_path):
+    """A link leading back to itself (ELOOP) is not "a broken link" (a missing target)."""
+    _rgb(tmp_path / "a.png")
+    (tmp_path / "self.png").symlink_to("self.png")
+    (tmp_path / "b.png").symlink_to("c.png")
+    (tmp_path / "c.png").symlink_to("b.png")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+    shown = sorted(str(w.message) for w in record)
+    assert shown == [f"skipping {tmp_path / name}: a symlink loop, not an image file"
+                     for name in ("b.png", "c.png", "self.png")]
+
+
 # ----------------------------------------------------------------------------- 6: class names
 def test_repeated_class_names_are_refused(tmp_path):
     _labelled(tmp_path / "imgs", tmp_path / "labs")

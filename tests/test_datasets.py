@@ -535,3 +535,25 @@ def test_folder_val_with_more_classes_than_the_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'cocostuff27': the val split has 27 classes, the "
                                          "model 5$"):
         build_source_for("cocostuff27", 5, root=make_coco(tmp_path / "coco"), split="val")
+
+
+def test_folder_val_built_with_a_fixed_k_is_not_probed(tmp_path):
+    """A checkpoint's K is fixed (iddc.evaluate): the split is built with it, whatever its first
+    maps hold (more classes, a corrupt map); ids >= K are unlabelled, warned about on load. An
+    explicit num_classes that differs is refused, naming the one that works."""
+    from iddc.data import build_source_for
+    root = _split_folder(tmp_path / "f", val_n=2, top_in_val_from=0, val_top=3)
+    (root / "lab" / "val" / "val01.png").write_bytes(b"not a png")
+    opts = dict(root=root / "img", split="val", label_root=str(root / "lab"))
+    val = build_source_for("folder", 3, fixed=True, **opts)
+    assert val.num_classes == 3
+    with pytest.warns(UserWarning, match=r"128 pixel\(s\) with class ids 3, outside 0..2"):
+        assert sorted(np.unique(val.load(0)[1])) == [0, 1, 255]
+    with pytest.raises(CorruptSampleError, match="val01.png"):
+        val.load(1)
+    with pytest.raises(ValueError, match=r"the val split has 4 classes, the model 3 \(set by its "
+                                         r"options\); score it with the model's classes: "
+                                         r"--data-option num_classes=3"):
+        build_source_for("folder", 3, fixed=True, num_classes=4, **opts)
+    with pytest.raises(ValueError, match=r"has 2 classes, the model 3 \(set by its options\)"):
+        build_source_for("folder", 3, fixed=True, class_names=["a", "b"], **opts)

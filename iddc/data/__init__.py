@@ -51,25 +51,41 @@ INFERS_NUM_CLASSES = {"folder"}
 
 
 def build_source_for(name: str, model_classes: int, /, root=None, split: str = "val",
-                     **options) -> SegmentationSource:
+                     *, fixed: bool = False, **options) -> SegmentationSource:
     """The split of data set `name` scored by a model of `model_classes` classes (``options``
     are the data set's own, ``num_classes`` among them). A data set that infers K per split
     (folder: 1 + the largest id in the split's first label maps) gets the model's K when its
     maps happen to show fewer classes (else ids of the missing classes would become unlabelled
     and silently leave the scores); a split showing more classes than the model has, or a fixed
-    K that differs, is a ValueError naming both."""
+    K that differs, is a ValueError naming both.
+
+    ``fixed``: the model's K cannot change (a trained checkpoint, iddc.evaluate): a data set
+    that infers K is built with the model's K instead, its maps not probed (a stray id or a
+    corrupt map among them would otherwise stop the evaluation); ids >= K are unlabelled, warned
+    about when loaded."""
+    infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
+        and options.get("class_names") is None
+    if fixed and infers:
+        return build_source(name, root=root, split=split,
+                            **{**options, "num_classes": model_classes})
     source = build_source(name, root=root, split=split, **options)
     k = int(source.num_classes)
     if k == model_classes:
         return source
-    inferred = name in INFERS_NUM_CLASSES and options.get("num_classes") is None
-    if inferred and k < model_classes:
+    if infers and k < model_classes:
         return build_source(name, root=root, split=split, **{**options,
                                                               "num_classes": model_classes})
-    hint = (f"; set the classes with --data-option num_classes={max(k, model_classes)}"
-            if inferred else "")
+    if infers:  # training: K is still the run's to choose
+        hint = (f"; set the classes with --data-option num_classes={k} (or num_classes="
+                f"{model_classes}: ids from {model_classes} on are then unlabelled)")
+    elif name in INFERS_NUM_CLASSES:  # set by num_classes or class_names
+        hint = (f" (set by its options); score it with the model's classes: --data-option "
+                f"num_classes={model_classes}, or leave num_classes and class_names out (ids "
+                f"from {model_classes} on are then unlabelled, warned about)")
+    else:
+        hint = ""
     raise ValueError(f"data set {name!r}: the {split} split has {k} classes, the model "
-                     f"{model_classes}{' (inferred from its label maps)' if inferred else ''}"
+                     f"{model_classes}{' (inferred from its label maps)' if infers else ''}"
                      f"{hint}")
 
 

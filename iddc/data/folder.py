@@ -11,19 +11,24 @@ is used. Only one of the two is refused (LayoutError naming the missing one): th
 would be the whole folder, so held-out scores would be computed on training images.
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
-label maps and is at most 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K
-are unlabelled too, with a warning (once per data set) naming them; iddc.train and
-iddc.evaluate score a val split with the run's K (iddc.data.build_source_for). Without labels
-K is required (the number of clusters), any K >= 2. `class_names` may be given as a list or a
-text file (one name per line); the names must be distinct. `subset=N` keeps the first N images.
+label maps, warned about when that id lies far above all others (a stray value), and is at most
+255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K are unlabelled too, with a
+warning (once per data set) naming them; iddc.train and iddc.evaluate score a val split with the
+run's K (iddc.data.build_source_for; iddc.evaluate builds it with the checkpoint's K, its maps
+not probed). Without labels K is required (the number of clusters), any K >= 2. `class_names`
+may be given as a list or a text file (one name per line); the names must be distinct.
+`subset=N` keeps the first N images.
 `label_root` must be a path (a number or false from YAML is a ValueError naming it); label PNGs
 under the image root are left out of the images by real path, however the two are spelled.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
+
+import numpy as np
 
 from .base import IGNORE_INDEX, int_option, take_subset
 from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
@@ -119,17 +124,19 @@ def _outside(images: list, label_dir: Path) -> list:
 
 
 def _infer_num_classes(labels: list, label_dir: Path) -> int:
-    """1 + the largest class id in the first PROBE_LABELS label maps."""
-    top, where = -1, None
+    """1 + the largest class id in the first PROBE_LABELS label maps; warned about when that id
+    lies far above every other (a stray value would otherwise silently set K)."""
+    top, where, count, present = -1, None, 0, set()
     for path in labels[:PROBE_LABELS]:
         try:
             arr = open_label(path)
         except CorruptSampleError as err:  # a user's file, not a bug: no traceback
             raise ValueError(f"folder: cannot infer num_classes from the labels: {err}; fix "
                              f"the file or pass num_classes") from err
-        valid = arr[arr != IGNORE_INDEX]
-        if valid.size and int(valid.max()) > top:
-            top, where = int(valid.max()), path
+        ids, counts = np.unique(arr[arr != IGNORE_INDEX], return_counts=True)
+        present.update(int(i) for i in ids)
+        if ids.size and int(ids[-1]) > top:
+            top, where, count = int(ids[-1]), path, int(counts[-1])
     if top < 0:
         raise LayoutError(f"labels in {label_dir} hold no class ids: pass num_classes")
     if top == 0:
@@ -137,7 +144,19 @@ def _infer_num_classes(labels: list, label_dir: Path) -> int:
                          f"class id 0 (K = 1): pass num_classes (>= 2)")
     if top > IGNORE_INDEX:
         raise ValueError(f"folder: label {where} holds class id {top}; label maps hold ids "
-                         f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} = unlabelled)")
+                         f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} = unlabelled); pass "
+                         f"num_classes=N to treat the ids from N on as unlabelled")
+    # K the other ids give; sparse ids are valid, but a run of unused ids just below the top at
+    # least as long as that K (and 8) looks like a stray value
+    rest = max((i for i in present if 0 <= i < top), default=-1) + 1
+    if top - rest >= max(8, rest):
+        fewer = max(rest, 2)
+        warnings.warn(
+            f"folder: K = {top + 1} inferred from class id {top} ({count} pixel(s) in label "
+            f"{where}), yet ids {rest}..{top - 1} appear in none of the first {PROBE_LABELS} "
+            f"label maps; if {top} is a stray value pass --data-option num_classes={fewer} (ids "
+            f"from {fewer} on are then unlabelled, warned about), else num_classes={top + 1}",
+            stacklevel=2)
     return top + 1
 
 

@@ -6,8 +6,9 @@ Layout policy (checked when a source is constructed, before any training starts)
   has its label file. A mistake raises `LayoutError`, whose message names the path and what
   was expected there; so does a folder this user cannot read (never left out silently). A
   name with an image extension that is not a regular file (a FIFO, which would hang a reader;
-  a socket, device or broken link) is skipped with a warning. Decoding every image up front
-  would take minutes on COCO, so readability is checked lazily, when a sample is loaded.
+  a socket, device, broken link or symlink loop) is skipped with a warning. Decoding every
+  image up front would take minutes on COCO, so readability is checked lazily, when a sample
+  is loaded.
 
 Corrupt-sample policy (at load time):
   `FileSource.load` raises `CorruptSampleError` (naming the file and the reason) when an image
@@ -30,6 +31,7 @@ a float label map is refused.
 from __future__ import annotations
 
 import argparse
+import errno
 import multiprocessing
 import os
 import stat
@@ -119,8 +121,10 @@ def _not_regular(path: str) -> str:
     """What the non-regular file `path` is, for the warning that skips it."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken link"
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # links that lead back to themselves, not a missing target
+            return "a symlink loop"
+        return "a broken link" if err.errno == errno.ENOENT else f"unreadable ({err.strerror})"
     kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
     return next((what for test, what in kinds if test(mode)), "not a regular file")
@@ -132,8 +136,9 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
 
     Hidden folders and lost+found are not entered. A folder that cannot be read is a
     LayoutError naming it; a name with an image extension
-    that is not a regular file (after following links: a named pipe, socket, device or broken
-    link, whose reading could hang or fail) is skipped with a warning naming it."""
+    that is not a regular file (after following links: a named pipe, socket, device, broken
+    link or symlink loop, whose reading could hang or fail) is skipped with a warning naming
+    it."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
     found, seen, odd = [], set(), []
@@ -420,9 +425,13 @@ def skip_corrupt(source: SegmentationSource, max_consecutive: int = 64) -> Segme
 # ----------------------------------------------------------------------------- checking a tree
 def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int = 8) -> list:
     """Decode the first `limit` samples (all when None) in threads; [(index, error)] of the
-    corrupt ones. The opt-in full readability check that construction does not do."""
+    corrupt ones. The opt-in full readability check that construction does not do. `workers`:
+    decoding threads, >= 0 (0 and 1: one at a time)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if workers < 0:  # not silently one thread
+        raise ValueError(f"workers={workers!r}: expected a whole number >= 0 (decoding "
+                         f"threads; 0 or 1: one at a time)")
     n = len(source) if limit is None else min(int(limit), len(source))
 
     def one(i):
@@ -449,6 +458,18 @@ def _decode_count(text: str) -> Optional[int]:
     return count
 
 
+def _worker_count(text: str) -> int:
+    """--workers: a count >= 0 (0 and 1 decode one file at a time)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (decoding threads; 0 "
+                                         f"or 1: one at a time), got {text!r}")
+    return count
+
+
 def main(argv=None) -> int:
     """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]
     [--data-option KEY=VALUE ...] (options read as iddc.train reads them)"""
@@ -466,7 +487,8 @@ def main(argv=None) -> int:
                     help="default: both")
     ap.add_argument("--decode", default="0", type=_decode_count,
                     help="decode the first N samples of each split, or 'all' (default 0)")
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=_worker_count, default=8,
+                    help="threads decoding files for --decode (default 8; 0 or 1: one at a time)")
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     if args.root is None and args.dataset != "synthetic":
