@@ -8,6 +8,7 @@ Real data: ``--dataset cocostuff27 --data-root PATH --weights dino_deitsmall8_pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from types import SimpleNamespace
 from typing import Optional
 
@@ -311,6 +313,27 @@ def log_to_file(path: str, early: _EarlyRecords) -> logging.Handler:
     return fh
 
 
+@contextlib.contextmanager
+def warnings_logged():
+    """Python warnings of this process (a label file's stray ids, ...) also go to the run's
+    log records (train.log, or the records kept for it), and still to wherever they went
+    (stderr, or a test's record)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        record = log.makeRecord(log.name, logging.WARNING, filename, lineno, "%s: %s",
+                                (category.__name__, message), None)
+        for handler in log.handlers:
+            if type(handler) is not logging.StreamHandler:  # stderr shows it already
+                handler.handle(record)
+        previous(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict] = None) -> dict:
     e = {"epoch": epoch, "kind": kind, "backbone_weights": weights}
     if weights == "random-init":
@@ -443,19 +466,20 @@ def main(argv=None) -> dict:
     early = setup_logging()
     fh, out = None, None
     try:
-        if resume is not None:
-            log.info("resuming %s; settings changed: %s", args.resume,
-                     ", ".join(changes) or "none")
-        run = prepare(cfg, resume, args.resume)
-        if resume is not None:
-            out = resume_out_dir(args.resume, resume, cfg,
-                                 explicit_settings(args).get("train", {}))
-        else:
-            out = make_out_dir(cfg)
-        cfg.train.out = out
-        hold_run(out)
-        fh = log_to_file(os.path.join(out, "train.log"), early)
-        return _run(cfg, out, resume, run, t_start)
+        with warnings_logged():  # a data set's warnings belong in train.log too
+            if resume is not None:
+                log.info("resuming %s; settings changed: %s", args.resume,
+                         ", ".join(changes) or "none")
+            run = prepare(cfg, resume, args.resume)
+            if resume is not None:
+                out = resume_out_dir(args.resume, resume, cfg,
+                                     explicit_settings(args).get("train", {}))
+            else:
+                out = make_out_dir(cfg)
+            cfg.train.out = out
+            hold_run(out)
+            fh = log_to_file(os.path.join(out, "train.log"), early)
+            return _run(cfg, out, resume, run, t_start)
     finally:
         if out is not None:  # a start that failed: its folder stays reusable, unlocked
             release_claim(out, started=False)

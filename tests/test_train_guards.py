@@ -1008,3 +1008,38 @@ def test_evaluate_json_never_replaces_the_runs_own_records(run_copy, record):
         evaluate.main(["--checkpoint", str(run_copy / "last.pt"), "--json",
                        str(run_copy / record), "--overwrite"])
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("num_classes", [None, 3], ids=["k-inferred", "k-given"])
+def test_warnings_of_the_data_set_reach_train_log(tmp_path, num_classes):
+    """A folder set's warnings are in train.log as well as on stderr (the log is the run's
+    record): one stray label pixel of id 200 setting K = 201, warned before the run folder
+    exists, or, with num_classes given, the stray id warned when its label is loaded."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for i in range(n):
+            name = f"{split}/im{i}.png"
+            for root, data in (("img", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                               ("lab", (np.arange(32 * 32) % 3).reshape(32, 32).astype(np.uint8))):
+                (tmp_path / root / split).mkdir(parents=True, exist_ok=True)
+                if root == "lab" and split == "train" and i == 0:
+                    data[0, 0] = 200
+                Image.fromarray(data).save(tmp_path / root / name)
+    tiny = {**TINY, "data": {**TINY["data"], "options": {}, "train_options": {},
+                             "val_options": {}}}
+    if num_classes:
+        tiny["data"]["options"]["num_classes"] = num_classes
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    message = ("K = 201 inferred from class id 200 (1 pixel(s) in label" if num_classes is None
+               else "holds 1 pixel(s) with class ids 200, outside 0..2 (num_classes=3)")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        res = train.main(["--config", str(tmp_path / "tiny.yaml"), "--dataset", "folder",
+                          "--data-root", str(tmp_path / "img"), "--data-option",
+                          f"label_root={tmp_path / 'lab'}", "--out", str(tmp_path / "run"),
+                          "--epochs", "1", "--max-steps", "2"] + QUICK)
+    line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines()
+                if message in x)
+    assert " UserWarning: folder" in line
+    assert res["metrics"]
