@@ -13,14 +13,44 @@ from typing import Callable, Iterable, Optional
 
 
 #: write_atomic's temporary files are named TEMP_PREFIX + the file's name + "-" + 12 hex digits
+#: (the name cut short where the whole would exceed the file system's limit on a name)
 TEMP_PREFIX = ".tmp-"
+#: a name's most bytes where the file system does not say (most file systems' limit)
+DEFAULT_NAME_MAX = 255
 
 
 def temp_file_of(name: str) -> Optional[str]:
     """The file a `write_atomic` temporary file named `name` was being written for (left behind
-    only when the process was killed mid-write), or None if `name` is not one."""
+    only when the process was killed mid-write), or None if `name` is not one. For a name
+    within NAME_MAX - 18 bytes (the temp name's additions) this is the name; for a longer one,
+    its beginning."""
     m = re.fullmatch(re.escape(TEMP_PREFIX) + r"(.+)-[0-9a-f]{12}", name)
     return m.group(1) if m else None
+
+
+def name_max(path) -> int:
+    """The most bytes of a file name in folder ``path`` (its nearest existing folder if it does
+    not exist yet, where the write will make it)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not known here
+        return DEFAULT_NAME_MAX
+    return limit if limit > 0 else DEFAULT_NAME_MAX  # -1: indeterminate
+
+
+def _temp_name(folder: str, name: str) -> str:
+    """A new temporary file name for ``name`` in ``folder``: within the name limit even when
+    ``name`` itself is close to it (the part of ``name`` is cut short, a character at a time
+    so that the bytes stay whole characters)."""
+    suffix = f"-{uuid.uuid4().hex[:12]}"
+    room = name_max(folder) - len(TEMP_PREFIX) - len(suffix)
+    part = name
+    while len(os.fsencode(part)) > room and len(part) > 1:
+        part = part[:-1]
+    return TEMP_PREFIX + part + suffix
 
 
 def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True) -> None:
@@ -33,7 +63,7 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     "unexpected pos" with the OSError as its context)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
+    tmp = os.path.join(folder, _temp_name(folder, os.path.basename(path)))
     try:
         with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
             write(fh)

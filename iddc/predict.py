@@ -18,18 +18,27 @@ sliding`` (``--window``/``--stride`` windows, averaged softmax; both flags are r
 resize mode, where they would do nothing). Images are read lazily and predicted
 ``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
 iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported and skipped
-(exit code 1 at the end), it never stops the others.
+(exit code 1 at the end), it never stops the others; so is one whose output names would be
+too long for the file system, or whose files fail to be written (a full or read-only disk
+stops the call; predictions.json then still records the images done, with "stopped": why).
+--short-side must be at least the backbone's patch size (or 0). A file given more than once
+(by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
+inside a folder given, the images under --out (earlier calls' outputs) are left out of that
+folder; a file there named on its own is an input like any other.
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
-the inputs (always refused). Each file is written atomically: a temp file, then moved in
-place (a hard link without ``--overwrite``, so a file another program wrote under that name
-meanwhile is kept and the call fails naming it).
+the inputs (always refused); --out is checked first (a file, a dangling link or a read-only
+folder is refused before the model loads). Each file is written atomically: a temp file,
+then moved in place (a hard link without ``--overwrite``, so a file another program wrote
+under that name meanwhile is kept and the call fails naming it).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
@@ -38,10 +47,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .cli import path_arg
+from .cli import message, path_arg
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
-from .files import check_outputs, write_atomic, write_json
+from .files import check_outputs, check_writable, name_max, write_atomic, write_json
 from .inference import (DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, ImageTooLargeError, Predictor,
                         check_at_least)
 from .visualize import palette
@@ -52,6 +61,9 @@ ROW = 14          # legend row height, px
 SWATCH = 11
 #: the files written per image: <stem><suffix>
 IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
+#: write errors that every later write would meet too (full or read-only disk): they stop the
+#: call; any other error writing an image's files fails that image alone
+STOPPING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def _names_entry(ckpt: dict) -> Optional[dict]:
@@ -169,22 +181,56 @@ def eval_resized(img, short_side: Optional[int], multiple: int):
     return img if (w, h) == img.size else img.resize((w, h), Image.BICUBIC)
 
 
-def expand_inputs(paths: Sequence[str]) -> list[Path]:
-    """Image files, folders expanded (recursively, sorted); a missing path is an error."""
-    out = []
+def _inside(path, folder_real: str) -> bool:
+    """Whether file `path` lies in the folder whose real path is `folder_real` (at any depth;
+    a link there to a file elsewhere too)."""
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return os.path.commonpath([where, folder_real]) == folder_real
+
+
+def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[Path]:
+    """Image files, folders expanded (recursively, sorted); a missing path is an error. A file
+    given more than once (the same real path: named and inside a folder given, or through a
+    link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
+    real path): where it lies inside a folder given, its images (earlier calls' outputs) are
+    left out of that folder's; a file in it named on its own, or the images of --out given as
+    a folder itself, are inputs."""
+    out_real = None if out_dir is None else os.path.realpath(out_dir)
+    out, seen, repeated, left_out = [], set(), [], 0
     for p in paths:
         path = Path(p)
         if path.is_dir():
             found = list_images(path)
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-            out.extend(found)
+            real = os.path.realpath(path)
+            if out_real is not None and out_real != real and \
+                    os.path.commonpath([out_real, real]) == real:  # --out is inside it
+                kept = [f for f in found if not _inside(f, out_real)]
+                left_out += len(found) - len(kept)
+                if not kept:
+                    raise FileNotFoundError(f"no images under {path} but those in the --out "
+                                            f"folder {out_dir} (left out: outputs go there)")
+                found = kept
         elif path.is_file():
-            out.append(path)
+            found = [path]
         elif path.exists():  # a pipe, socket or device: reading it could block forever
             raise ValueError(f"input {path} is not a regular file (a pipe, socket or device)")
         else:
             raise FileNotFoundError(f"input image not found: {path}")
+        for f in found:
+            real = os.path.realpath(f)
+            if real in seen:
+                repeated.append(f)
+            else:
+                seen.add(real)
+                out.append(f)
+    if left_out:
+        log.warning("leaving out %d image(s) under the --out folder %s of the folder(s) given "
+                    "(outputs go there; name one on its own to segment it)", left_out, out_dir)
+    if repeated:
+        log.warning("%d input(s) given more than once (e.g. %s): each is segmented once",
+                    len(repeated), repeated[0])
     return out
 
 
@@ -209,6 +255,21 @@ def png_writer(image: Image.Image) -> Callable[[BinaryIO], None]:
     return lambda fh: image.save(fh, format="PNG")
 
 
+def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
+                  overwrite: bool) -> Optional[str]:
+    """Write one image's output files: None, or why they could not be, an error of this image
+    alone (e.g. no permission). A full or read-only disk is raised (every later write would
+    fail too), and so is a file that appeared meanwhile (an error without errno)."""
+    try:
+        for file, image in zip(files, images):
+            write_atomic(file, png_writer(image), replace=overwrite)
+    except OSError as err:
+        if err.errno is None or err.errno in STOPPING_ERRNOS:
+            raise
+        return message(err)
+    return None
+
+
 def id_image(ids: np.ndarray, k: int) -> Image.Image:
     """The raw ids: 8-bit for k <= 255, else 16-bit."""
     if k <= 255:
@@ -223,6 +284,29 @@ def probe_never_trained(ckpt: dict) -> bool:
     stats = [e["train"] for e in ckpt.get("metrics") or []
              if "probe_ce" in (e.get("train") or {})]
     return bool(stats) and all(s["probe_ce"] == 0 for s in stats)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an --out that cannot take the outputs, before the model loads: a file, a link to
+    nothing, or a folder where no file can be made (a read-only disk, no permission)."""
+    if out.is_symlink() and not out.exists():
+        raise FileNotFoundError(f"--out {out} is a link to {os.readlink(out)}, which does not "
+                                "exist; make that folder, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    check_writable(str(out / "predictions.json"))
+
+
+def names_too_long(stems: Sequence[str], out: Path) -> dict:
+    """{index: reason} of the stems whose output names are too long for --out's file system."""
+    limit, longest = name_max(out), max(IMAGE_OUTPUTS, key=len)
+    reasons = {}
+    for i, stem in enumerate(stems):
+        size = len(os.fsencode(stem + longest))
+        if size > limit:
+            reasons[i] = (f"its output name {stem}{longest} is too long for the file system "
+                          f"({size} bytes, at most {limit}); rename the image")
+    return reasons
 
 
 def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = None,
@@ -256,17 +340,30 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
     `window` / `stride`: sliding mode only (None: DEFAULT_WINDOW and its default stride).
 
+    An image whose output names are too long for the file system, or whose files fail to be
+    written (but for a full or read-only disk, which stops the call), is a failed image.
+    predictions.json is written also when the call stops, with "stopped": why.
+
     Returns {"written": {stem: [paths]}, "failed": {path: reason}, "too_large": [paths of
-    `failed` that were readable but too large for resize mode], "legend": path}.
+    `failed` that were readable but too large for resize mode], "unwritten": [paths of
+    `failed` whose files could not be written or named], "legend": path}.
     """
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
     check_options(alpha, stride, mode, window)
-    paths = expand_inputs(inputs)
-    stems = _unique_stems(paths)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    check_out_folder(out)
+    paths = expand_inputs(inputs, out_dir)
+    stems = _unique_stems(paths)
+    failed: dict = {}
+    unwritten: list = []
+    too_long = names_too_long(stems, out)
+    for i, reason in too_long.items():  # failed now: nothing is ever written for them
+        failed[str(paths[i])] = reason
+        unwritten.append(str(paths[i]))
+        log.warning("skipping %s: %s", paths[i], reason)
+    paths = [p for i, p in enumerate(paths) if i not in too_long]
+    stems = [s for i, s in enumerate(stems) if i not in too_long]
     legend_path, json_path = out / "legend.png", out / "predictions.json"
     check_outputs([legend_path, json_path] + [out / f"{stem}{suffix}" for stem in stems
                                               for suffix in IMAGE_OUTPUTS],
@@ -280,11 +377,18 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     data_config = ckpt.get("data_config") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     k = int(model.num_classes)
     key = {"clusters": "logits", "probe": "probe"}[head]
+    given = short_side is not None
     if short_side is None:
         short_side = int(cfg.data.eval_size)
     predictor = Predictor(model, mode=mode, short_side=short_side,
                           window=DEFAULT_WINDOW if window is None else window,
                           stride=stride, batch_size=batch_size, heads=(key,), device=dev)
+    if predictor.short_side is not None and predictor.short_side < predictor.multiple:
+        # it would be rounded up to one patch: a single-colour map, silently
+        what = f"--short-side {short_side}" if given else \
+            f"the run's eval size {short_side} (the default --short-side)"
+        raise ValueError(f"{what} is below the backbone's patch size {predictor.multiple}; use "
+                         f"{predictor.multiple} or more, or 0 to keep each image's own size")
     # the images are resized here as evaluation resizes them (PIL bicubic on the 8-bit image,
     # iddc.data.transforms.EvalTransform), so predict shows what evaluate scored; this
     # predictor neither resizes nor rounds again (the sides are patch multiples already) and
@@ -306,46 +410,66 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     write_atomic(legend_path, png_writer(legend), replace=overwrite)
 
     written: dict = {}
-    failed: dict = {}
     too_large: list = []
     summary: dict = {}
-    for start in range(0, len(paths), batch_size):
-        batch = []
-        for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
-            try:
-                img = open_image(path, exif_transpose=True)
-                predictor.check_size(img.height, img.width)
-                batch.append((path, stem, img))
-            except CorruptSampleError as err:
-                failed[str(path)] = err.reason
-                log.warning("skipping %s", err)
-            except ImageTooLargeError as err:  # would hang or run out of memory: skipped too
-                failed[str(path)] = str(err)
-                too_large.append(str(path))
-                log.warning("skipping %s: %s", path, err)
-        if not batch:
-            continue
-        tensors = [to_tensor(eval_resized(img, predictor.short_side, predictor.multiple),
-                             data_config["mean"], data_config["std"]) for _, _, img in batch]
-        preds = sized.segment(tensors, out_sizes=[(img.height, img.width) for _, _, img in batch])
-        for (path, stem, img), pred in zip(batch, preds):
-            ids = pred.cpu().numpy()
-            seg, overlay, shares = render(img, ids, names, pal, alpha, title)
-            files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
-            for file, image in zip(files, (seg, overlay, id_image(ids, k))):
-                write_atomic(file, png_writer(image), replace=overwrite)
-            written[stem] = [str(f) for f in files]
-            summary[stem] = {"input": str(path), "size": [img.width, img.height],
-                             "files": [f.name for f in files],
-                             "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
-            log.info("%s -> %s", path, files[1])
-    record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-              "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
-              "images": summary,
-              "failed": failed}
-    write_json(json_path, record, replace=overwrite)
+
+    def save_record(stopped: Optional[str] = None) -> None:
+        record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
+                  "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
+                  "images": summary,
+                  "failed": failed}
+        if stopped is not None:
+            record["stopped"] = stopped
+        write_json(json_path, record, replace=overwrite)
+
+    try:
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for path, stem in zip(paths[start:start + batch_size],
+                                  stems[start:start + batch_size]):
+                try:
+                    img = open_image(path, exif_transpose=True)
+                    predictor.check_size(img.height, img.width)
+                    batch.append((path, stem, img))
+                except CorruptSampleError as err:
+                    failed[str(path)] = err.reason
+                    log.warning("skipping %s", err)
+                except ImageTooLargeError as err:  # would hang or run out of memory: skipped
+                    failed[str(path)] = str(err)
+                    too_large.append(str(path))
+                    log.warning("skipping %s: %s", path, err)
+            if not batch:
+                continue
+            tensors = [to_tensor(eval_resized(img, predictor.short_side, predictor.multiple),
+                                 data_config["mean"], data_config["std"]) for _, _, img in batch]
+            preds = sized.segment(tensors,
+                                  out_sizes=[(img.height, img.width) for _, _, img in batch])
+            for (path, stem, img), pred in zip(batch, preds):
+                ids = pred.cpu().numpy()
+                seg, overlay, shares = render(img, ids, names, pal, alpha, title)
+                files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
+                why = write_outputs(files, (seg, overlay, id_image(ids, k)), overwrite)
+                if why is not None:
+                    failed[str(path)] = why
+                    unwritten.append(str(path))
+                    log.warning("could not write the outputs of %s: %s", path, why)
+                    continue
+                written[stem] = [str(f) for f in files]
+                summary[stem] = {"input": str(path), "size": [img.width, img.height],
+                                 "files": [f.name for f in files],
+                                 "shares": {str(c): round(float(s), 6)
+                                            for c, s in shares.items()}}
+                log.info("%s -> %s", path, files[1])
+    except BaseException as err:  # the images done so far are recorded all the same
+        try:
+            save_record(message(err) if isinstance(err, Exception) else "interrupted")
+        except Exception as again:  # e.g. the same full disk: the first error is the one
+            log.warning("could not record the images done in %s: %s", json_path,
+                        message(again))
+        raise
+    save_record()
     return {"written": written, "failed": failed, "too_large": too_large,
-            "legend": str(legend_path)}
+            "unwritten": unwritten, "legend": str(legend_path)}
 
 
 def main(argv=None) -> int:
@@ -384,9 +508,10 @@ def main(argv=None) -> int:
             raise
         print(f"{prog}: error: {message(err)}", file=sys.stderr)  # as iddc.cli.run prints
         return 2
-    large = len(res["too_large"])
-    why = [f"{n} {what}" for n, what in ((len(res["failed"]) - large, "unreadable"),
-                                         (large, "too large for --mode resize")) if n]
+    large, unwritten = len(res["too_large"]), len(res["unwritten"])
+    why = [f"{n} {what}" for n, what in ((len(res["failed"]) - large - unwritten, "unreadable"),
+                                         (large, f"too large for --mode {args.mode}"),
+                                         (unwritten, "could not be written")) if n]
     print(f"wrote {len(res['written'])} image(s) to {args.out}"
           + (f"; {', '.join(why)}, skipped: {sorted(res['failed'])}" if res["failed"] else ""))
     return 1 if res["failed"] else 0

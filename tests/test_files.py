@@ -162,3 +162,29 @@ def test_check_writable_of_folders_not_made_yet(tmp_path, monkeypatch):
         files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))
     assert err.value.filename == str(tmp_path)
     monkeypatch.setattr(files, "tempfile", tempfile)
+
+
+def test_write_atomic_of_a_long_name_keeps_its_temp_name_within_the_limit(tmp_path):
+    """A legal 250-byte name made a temp name of 268 bytes (ENAMETOOLONG); the temp name's
+    copy of the name is cut short instead, and temp_file_of still reads it."""
+    from iddc import files
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    names = ["é" * 125 + ".png", "x" * limit]  # 254 bytes (2 a character); the limit
+    temps = []
+
+    def write(fh):
+        temps.append(os.path.basename(fh.name))
+        fh.write(b"data")
+    for name in names:
+        files.write_atomic(str(tmp_path / name), write, replace=False)  # a new file
+        files.write_atomic(str(tmp_path / name), write)  # replacing it
+        assert (tmp_path / name).read_bytes() == b"data"
+    assert len(temps) == 4 and all(len(os.fsencode(t)) <= limit for t in temps)
+    of = [files.temp_file_of(t) for t in temps]  # a name's beginning: the two writes of each
+    assert all(names[i // 2].startswith(o) and len(os.fsencode(o)) > 200
+               for i, o in enumerate(of))
+    assert files.temp_file_of(files.TEMP_PREFIX + "last.pt-0123456789ab") == "last.pt"
+    with pytest.raises(OSError, match="File name too long") as err:
+        files.write_atomic(str(tmp_path / ("x" * (limit + 1))), write)
+    assert err.value.filename == str(tmp_path / ("x" * (limit + 1)))
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temp file left

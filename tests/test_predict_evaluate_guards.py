@@ -2,6 +2,7 @@
 checked with errors naming the flag, and evaluation scores every good image exactly once."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -268,8 +269,12 @@ def test_predict_probe_of_a_run_without_labels_is_refused(runs, tmp_path, capsys
      "--stride 20 must not exceed --window 16"),
     (["--mode", "sliding", "--window", "5"],
      "--window 5 is not a multiple of the backbone's patch size 8 px; try 8 or 16"),
+    (["--short-side", "3"], "--short-side 3 is below the backbone's patch size 8"),
+    (["--mode", "sliding", "--short-side", "7"],
+     "--short-side 7 is below the backbone's patch size 8"),
 ], ids=["batch-negative", "batch-0", "short-side", "alpha-5", "alpha-nan", "window-0",
-        "stride-0", "stride-beyond-window", "window-not-patches"])
+        "stride-0", "stride-beyond-window", "window-not-patches", "short-side-3",
+        "short-side-sliding"])
 def test_predict_bad_options_name_the_flag(runs, tmp_path, capsys, flags, message):
     import re
     out = tmp_path / "out"
@@ -481,7 +486,8 @@ def test_predictor_refuses_an_image_too_large_before_any_work(runs):
         Predictor(model, short_side=None, max_tokens=4).segment([torch.randn(3, 2, 40)])
 
 
-def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, monkeypatch):
+def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, monkeypatch,
+                                                             capsys):
     """A window beyond MAX_TOKENS (one forward pass each) and an image resized beyond
     MAX_SLIDING_PIXELS (K sums per pixel) were an 8e16-byte allocation error or an OOM kill."""
     from iddc import inference
@@ -508,6 +514,7 @@ def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, mon
     out = tmp_path / "out"
     assert run_predict(runs["labelled"], strip, normal, "--out", out, "--mode", "sliding",
                        "--window", "32") == 1
+    assert "1 too large for --mode sliding" in capsys.readouterr().out
     record = json.loads((out / "predictions.json").read_text())
     assert list(record["images"]) == ["a"] and "sliding mode's limit" in record["failed"][str(strip)]
 
@@ -655,3 +662,129 @@ def test_predict_refuses_a_pipe_given_as_a_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=f"input {fifo} is not a regular file"):
         predict.expand_inputs([str(fifo)])
+
+
+# ----------------------------------------------------------------------------- fuzz pass
+def test_predict_leaves_its_out_folder_out_of_a_folder_input(runs, tmp_path, caplog):
+    """--out inside an input folder: a second call segmented the first call's outputs (and
+    was then refused for writing onto them). The --out folder (by its real path, here via a
+    link) is left out of folder inputs; a file in it named on its own is still an input."""
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    image(photos / "a" / "y.png", 2)
+    (tmp_path / "link").symlink_to(photos / "preds", target_is_directory=True)
+    out = photos / "preds"
+    assert run_predict(runs["labelled"], photos, "--out", out) == 0
+    for where in (out, tmp_path / "link"):
+        assert run_predict(runs["labelled"], photos, "--out", where, "--overwrite") == 0
+        record = json.loads((out / "predictions.json").read_text())
+        assert sorted(record["images"]) == ["x", "y"] and record["failed"] == {}
+        assert sorted(os.listdir(out)) == ["legend.png", "predictions.json", "x_ids.png",
+                                           "x_overlay.png", "x_seg.png", "y_ids.png",
+                                           "y_overlay.png", "y_seg.png"]
+        assert "leaving out 7 image(s) under the --out folder" in caplog.text  # 7 PNGs
+    before = snapshot(out)
+    assert run_predict(runs["labelled"], photos, out / "legend.png", "--out", out,
+                       "--overwrite") == 2  # named on its own: an input, never replaced
+    assert snapshot(out) == before
+    # --out given as the folder, or one inside it: its images are the inputs asked for
+    assert len(predict.expand_inputs([str(out)], str(out))) == 7
+    assert len(predict.expand_inputs([str(photos)], str(photos))) == 9
+    image(tmp_path / "only" / "preds" / "p_seg.png")
+    with pytest.raises(FileNotFoundError, match="no images under .*only but those in the --out"):
+        predict.expand_inputs([str(tmp_path / "only")], str(tmp_path / "only" / "preds"))
+
+
+def test_predict_segments_a_file_given_twice_once(runs, tmp_path, caplog):
+    photos = tmp_path / "photos"
+    x = image(photos / "a" / "x.png", 1)
+    image(photos / "b.png", 2)
+    (tmp_path / "alias.png").symlink_to(x)
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], photos, x, tmp_path / "alias.png", "--out", out) == 0
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["b", "x"]
+    assert record["images"]["x"]["input"] == str(x)
+    assert "2 input(s) given more than once" in caplog.text
+
+
+def test_predict_checks_its_out_folder_before_loading_the_model(runs, tmp_path, capsys,
+                                                                monkeypatch):
+    """A dangling link or a read-only disk as --out was found only after the model loaded."""
+    import tempfile
+    import types
+
+    from iddc import checkpoint, files
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    src = image(tmp_path / "a.png")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    assert run_predict(runs["labelled"], src, "--out", tmp_path / "broken") == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'broken'} is a link to {tmp_path / 'nowhere'}, which does not " \
+           "exist" in err
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+    monkeypatch.setattr(files, "tempfile", types.SimpleNamespace(mkstemp=read_only))
+    assert run_predict(runs["labelled"], src, "--out", tmp_path / "out") == 2
+    assert f"error: Read-only file system: {tmp_path}" in capsys.readouterr().err
+    monkeypatch.setattr(files, "tempfile", tempfile)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "broken"]
+
+
+def test_predict_long_names_are_per_image_failures(runs, tmp_path, capsys):
+    """A legal 234-character name made write_atomic's temp name too long: the call stopped,
+    the later images were skipped and predictions.json was never written. An output name
+    too long itself fails that image alone, before anything is written for it."""
+    folder = tmp_path / "in"
+    fits = image(folder / ("z" * 230 + ".png"), 1)   # its outputs: up to 242 characters
+    too_long = image(folder / ("y" * 245 + ".png"), 2)  # y..._overlay.png: 257
+    image(folder / "a.png", 3)
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], folder, "--out", out) == 1
+    assert "wrote 2 image(s)" in capsys.readouterr().out
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a", fits.stem]
+    assert list(record["failed"]) == [str(too_long)]
+    assert "too long for the file system" in record["failed"][str(too_long)]
+    assert not [p for p in os.listdir(out) if p.startswith("y") or p.startswith(".tmp")]
+
+
+def test_predict_records_a_failed_write_and_goes_on(runs, tmp_path, monkeypatch, capsys):
+    """A write of one image's file that fails (here: no permission) fails that image; the
+    others are written, and so is predictions.json."""
+    from iddc import files
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
+
+    def refuse_b(path, *args, **kwargs):
+        if Path(path).name == "b_overlay.png":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return files.write_atomic(path, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_atomic", refuse_b)
+    out = tmp_path / "out"
+    assert run_predict(runs["labelled"], *srcs, "--out", out) == 1
+    assert "wrote 2 image(s)" in capsys.readouterr().out
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a", "c"]
+    assert record["failed"] == {str(srcs[1]): f"Permission denied: {out / 'b_overlay.png'}"}
+
+
+def test_predict_records_what_it_did_when_a_full_disk_stops_it(runs, tmp_path, monkeypatch):
+    """A full disk stops the call (every later write would fail too), but the images written
+    so far are recorded in predictions.json."""
+    from iddc import files
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("ab")]
+
+    def full_at_b(path, *args, **kwargs):
+        if Path(path).name == "b_ids.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return files.write_atomic(path, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_atomic", full_at_b)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a"]
+    assert "No space left on device" in record["stopped"]
