@@ -204,12 +204,6 @@ class Config:
         for name, value, low in at_least:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        # k-means runs before the first epoch with no progress shown: beyond these it seems hung
-        for name, value, high in [("train.kmeans_iters", t.kmeans_iters, KMEANS_MAX_ITERS),
-                                  ("train.kmeans_restarts", t.kmeans_restarts,
-                                   KMEANS_MAX_RESTARTS)]:
-            if value > high:
-                raise ValueError(f"{name} must be at most {high}, got {value}")
         for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
                             ("train.backbone_lr_ratio", t.backbone_lr_ratio),
                             ("train.poly_power", t.poly_power),
@@ -242,6 +236,18 @@ class Config:
         patch = patch_size_of(self.model)
         if patch:  # else training checks it once the backbone exists
             check_sizes(d, patch)
+        return self
+
+    def check_new_run(self) -> "Config":
+        """What only a new run uses, checked (a saved run stays resumable and scorable): its
+        k-means baseline runs before the first epoch with no progress shown, and beyond these
+        bounds would seem hung."""
+        t = self.train
+        for name, value, high in [("train.kmeans_iters", t.kmeans_iters, KMEANS_MAX_ITERS),
+                                  ("train.kmeans_restarts", t.kmeans_restarts,
+                                   KMEANS_MAX_RESTARTS)]:
+            if value > high:
+                raise ValueError(f"{name} must be at most {high}, got {value}")
         return self
 
     def dump_yaml(self, path: str) -> None:
@@ -387,6 +393,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor", expanded by PyYAML
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -642,8 +650,8 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
     fused_flag, fused_name = getattr(args, "fused", None), "--fused"
     if fused_flag is None:  # --set train.fused=... is the flag typed another way
         fused_name = "train.fused"
-        typed = [item.partition("=")[2] for item in getattr(args, "set", []) or []
-                 if item.partition("=")[0].strip() == "train.fused"]
+        typed = any(item.partition("=")[0].strip() == "train.fused"
+                    for item in getattr(args, "set", []) or [])
         fused_flag = explicit.get("train", {}).get("fused") if typed else None
     if given_backend is not None and isinstance(fused_flag, bool) and \
             fused_flag != (given_backend != "reference"):

@@ -30,8 +30,8 @@ from .cli import path_arg
 from .data import IGNORE_INDEX
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
-from .inference import (MAX_TOKENS, check_at_least, check_window, sliding_predict_fn,
-                        token_count)
+from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
+                        sliding_predict_fn, token_count)
 from .inference import upsample_argmax as inference_upsample_argmax
 
 log = logging.getLogger("iddc")
@@ -96,12 +96,16 @@ class EvalMode:
         opts = self.options(cfg) if self.options is not None else {}
         if not opts:
             return self.predict_fn
-        return functools.partial(self.predict_fn, **opts)
+        bound = functools.partial(self.predict_fn, **opts)
+        bound.__dict__.update(self.predict_fn.__dict__)  # its flags (whole_image, ...)
+        return bound
 
 
 EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
 #: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
 #: (iddc.inference; window/stride from data.sliding_window / data.sliding_stride)
+#: predict_fns whose sums hold K values per resized pixel (bounded by MAX_SLIDING_PIXELS)
+sliding_predict_fn.pixel_bounded = True
 EVAL_MODES["sliding"] = EvalMode(
     make_resize_transform, sliding_predict_fn,
     lambda cfg: {"window": cfg.data.sliding_window, "stride": cfg.data.sliding_stride or None})
@@ -168,12 +172,25 @@ def too_large(source, index: int, size, patch_size: int) -> Optional[str]:
             "--eval-size scores it")
 
 
+def too_many_pixels(source, index: int, size, max_pixels: int) -> Optional[str]:
+    """Why sample ``index``, resized to ``size`` (H, W), is too large for the sliding mode's
+    sums (K float32 values per pixel), or None."""
+    h, w = int(size[0]), int(size[1])
+    if h * w <= max_pixels:
+        return None
+    return (f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
+            f"eval size) it would be {h * w} px, more than sliding mode's limit of {max_pixels} "
+            "(its window sums hold K values per pixel); a smaller --eval-size scores it")
+
+
 def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
-                    skipped: Optional[list] = None, patch_size: Optional[int] = None):
+                    skipped: Optional[list] = None, patch_size: Optional[int] = None,
+                    max_pixels: Optional[int] = None):
     """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images
     among the first ``max_images``. Corrupt samples are left out (see :func:`load_or_skip`),
     and, with ``patch_size`` (the backbone runs on whole images), those too large for one
-    forward pass (:func:`too_large`): warned and appended to ``skipped``."""
+    forward pass (:func:`too_large`), with ``max_pixels`` (sliding windows: K sums per pixel)
+    those resized to more pixels: warned and appended to ``skipped``."""
     n = len(source) if not max_images else min(max_images, len(source))
     idx, xs, ys = [], [], []
     for i in range(n):
@@ -181,13 +198,14 @@ def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
         if sample is None:
             continue
         x = y = None
-        if patch_size:
+        if patch_size or max_pixels:
             if hasattr(transform, "output_size"):  # known before the (costly) resize
                 size = transform.output_size(*sample[0].size)
             else:
                 x, y = transform(*sample)
                 size = x.shape[-2:]
-            why = too_large(source, i, size, patch_size)
+            why = too_large(source, i, size, patch_size) if patch_size else \
+                too_many_pixels(source, i, size, max_pixels)
             if why:
                 warnings.warn(f"leaving out {why}", stacklevel=2)
                 if skipped is not None:
@@ -232,8 +250,9 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
         whole = getattr(predict_fn, "whole_image", False)
         patch = getattr(model, "patch_size", None) if whole else None
+        pixels = MAX_SLIDING_PIXELS if getattr(predict_fn, "pixel_bounded", False) else None
         for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
-                                         patch):
+                                         patch, pixels):
             x = x.to(device)
             if use_cache:
                 feats = cache.get(tuple(idx), lambda: model.features(x))

@@ -240,7 +240,8 @@ class Predictor:
                 raise ImageTooLargeError(
                     f"image of {height} x {width} px (H x W) {resized} would be {h * w} px, "
                     f"more than sliding mode's limit of {MAX_SLIDING_PIXELS} (its window sums "
-                    "hold K values per pixel); use a smaller --short-side")
+                    "hold K values per pixel); a smaller shorter side (predict's --short-side, "
+                    "evaluate's --eval-size) takes it")
             return
         tokens = token_count(h, w, self.multiple)
         if tokens <= self.max_tokens:

@@ -18,7 +18,7 @@ from torch import nn
 from . import reference
 from .first_order import autocast_off
 from .pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
-                          is_integer)
+                          is_integer, triton_interpret_requested)
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
@@ -171,8 +171,7 @@ def resolve_backend(name, device: torch.device, dtype: Optional[torch.dtype] = N
             return "streaming"
         return "triton" if _triton_usable(device) else "streaming"
     if name == "triton" and device.type != "cuda":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_interpret_requested():
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
                              f"before triton is imported, for testing); got {device}")
     return name

@@ -70,23 +70,26 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                          "dynamic_img_size: any crop size)")
     kwargs.update(cfg.backbone_kwargs or {})
     name = timm_name(cfg.backbone)
-    if cfg.pretrained:
-        try:
-            return check_vit(timm.create_model(name, pretrained=True, **kwargs), cfg)
-        except TypeError as err:  # an argument the architecture does not take: not a download
-            raise ValueError(not_accepted(cfg, err)) from err
-        except Exception as err:  # no network, no cache, unknown tag, ...
-            raise WeightsError(
-                f"no pretrained weights could be fetched for backbone {name!r} "
-                f"({type(err).__name__}: {err}); this machine may be offline. Download the "
-                "checkpoint elsewhere and pass it with --weights PATH (DINO's .pth files and "
-                "timm state dicts are accepted)") from err
     try:
-        return check_vit(timm.create_model(name, pretrained=False, **kwargs), cfg)
-    except RuntimeError as err:
-        raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
-    except TypeError as err:
+        backbone = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
+    except TypeError as err:  # an argument the architecture does not take: not a download
         raise ValueError(not_accepted(cfg, err)) from err
+    except Exception as err:
+        if cfg.pretrained:  # no network, no cache, unknown tag, ...
+            raise _no_weights(name, err) from err
+        if isinstance(err, RuntimeError):  # timm's "Unknown model"
+            raise ValueError(f"could not create backbone {cfg.backbone!r}: {err}") from err
+        raise
+    check_vit(backbone, cfg)  # outside the try: not a download failure
+    return backbone
+
+
+def _no_weights(name: str, err: Exception) -> WeightsError:
+    return WeightsError(
+        f"no pretrained weights could be fetched for backbone {name!r} "
+        f"({type(err).__name__}: {err}); this machine may be offline. Download the "
+        "checkpoint elsewhere and pass it with --weights PATH (DINO's .pth files and "
+        "timm state dicts are accepted)")
 
 
 def not_accepted(cfg: ModelConfig, err: TypeError) -> str:
@@ -99,16 +102,15 @@ def not_accepted(cfg: ModelConfig, err: TypeError) -> str:
             f"{cfg.backbone!r}: {err}")
 
 
-def check_vit(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """`backbone`, if it has what IDDCModel reads of a timm ViT (else a ValueError): patch
-    embedding, embedding width, prefix tokens and forward_features."""
+def check_vit(backbone: nn.Module, cfg: ModelConfig) -> None:
+    """ValueError unless `backbone` has what IDDCModel reads of a timm ViT: patch embedding,
+    embedding width, prefix tokens and forward_features."""
     missing = [a for a in ("patch_embed", "embed_dim", "num_prefix_tokens", "forward_features")
                if not hasattr(backbone, a)]
     if missing:
         raise ValueError(f"backbone {cfg.backbone!r} ({type(backbone).__name__}) is not a Vision "
                          f"Transformer: it has no {', '.join(missing)}; iddc needs a timm ViT's "
                          "patch tokens (e.g. vit_small_patch8_224)")
-    return backbone
 
 
 def patch_size_of(cfg: ModelConfig) -> Optional[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 from typing import Sequence
 
 import torch
@@ -20,6 +21,13 @@ H_VARIANTS = ("exp", "linear", "log")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 #: the most classes the Triton kernels hold on chip (``auto`` takes streaming beyond it)
 TRITON_MAX_CLASSES = 256
+#: the values of TRITON_INTERPRET that turn Triton's CPU interpreter on, as triton reads them
+_INTERPRET_ON = ("1", "true", "yes", "on", "y")
+
+
+def triton_interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _INTERPRET_ON
 
 
 def is_integer(x) -> bool:

@@ -36,6 +36,7 @@ under that name meanwhile is kept and the call fails naming it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -258,14 +259,19 @@ def png_writer(image: Image.Image) -> Callable[[BinaryIO], None]:
 def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
                   overwrite: bool) -> Optional[str]:
     """Write one image's output files: None, or why they could not be, an error of this image
-    alone (e.g. no permission). A full or read-only disk is raised (every later write would
+    alone (e.g. no permission; its files written so far are removed again). A full or read-only disk is raised (every later write would
     fail too), and so is a file that appeared meanwhile (an error without errno)."""
+    done = []
     try:
         for file, image in zip(files, images):
             write_atomic(file, png_writer(image), replace=overwrite)
+            done.append(file)
     except OSError as err:
         if err.errno is None or err.errno in STOPPING_ERRNOS:
             raise
+        for file in done:  # this call's own files: a failed image leaves none (a rerun
+            with contextlib.suppress(OSError):  # without --overwrite would meet them)
+                os.remove(file)
         return message(err)
     return None
 

@@ -323,8 +323,8 @@ def warnings_logged():
     def show(message, category, filename, lineno, file=None, line=None):
         record = log.makeRecord(log.name, logging.WARNING, filename, lineno, "%s: %s",
                                 (category.__name__, message), None)
-        for handler in log.handlers:
-            if type(handler) is not logging.StreamHandler:  # stderr shows it already
+        for handler in log.handlers:  # the run's records; stderr shows the warning already
+            if isinstance(handler, (_EarlyRecords, logging.FileHandler)):
                 handler.handle(record)
         previous(message, category, filename, lineno, file, line)
     warnings.showwarning = show
@@ -462,7 +462,7 @@ def main(argv=None) -> dict:
     if resume is not None:
         cfg, changes = resolve_resumed(args, resume)
     else:
-        cfg = resolve_config(args).validate()
+        cfg = resolve_config(args).validate().check_new_run()
     early = setup_logging()
     fh, out = None, None
     try:

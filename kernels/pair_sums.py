@@ -29,7 +29,6 @@ per-term gradients (1+S, B, N, K) and (B, M, K).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -40,7 +39,7 @@ __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import autocast_off, first_order_only, forward_mode_unsupported
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_pair_sums_inputs,
-                              comparison_threshold)
+                              comparison_threshold, triton_interpret_requested)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -58,11 +57,11 @@ def _interpreting() -> bool:
     reads the variable as each function is decorated: set after triton was imported (e.g. by
     torch.compile), this module's kernels and triton.language's own functions disagree, and
     triton fails with an error that does not say why, so that is refused here by name."""
-    wanted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    wanted = triton_interpret_requested()
     ours, triton_own = (_built_for_interpreter(fn) for fn in (_select_shift, tl.cdiv))
     if not wanted == ours == triton_own:
         raise RuntimeError(
-            f"TRITON_INTERPRET is {'1' if wanted else 'not 1'} now, but triton was imported "
+            f"TRITON_INTERPRET is {'on' if wanted else 'off'} now, but triton was imported "
             f"{'with' if triton_own else 'without'} it and iddc_kernels "
             f"{'with' if ours else 'without'} it: set TRITON_INTERPRET=1 (CPU testing) before "
             "anything imports triton (torch.compile does), in a fresh process")

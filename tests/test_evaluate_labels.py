@@ -73,6 +73,10 @@ def test_stray_label_ids_are_unlabelled_not_a_k(run, tmp_path):
     assert len(res["unsupervised"]["per_class_iou"]) == 3 and res["linear_probe"] is not None
     assert any("3.png holds 2 pixel(s) with class ids 9, 200, outside 0..2 (num_classes=3)" in m
                for m in shown)
+    # and said once up front: ids this far above the model's K may be another data set's
+    assert sum("the val split's first label maps hold class ids up to 200, the model has 3 "
+               "classes: ids from 3 on are scored as unlabelled; is this the data set" in m
+               for m in shown) == 1
 
 
 def test_16bit_label_holding_65535_is_scored(run, tmp_path):
@@ -122,3 +126,14 @@ def test_checkpoint_epoch_of_whole_and_unrecorded_partial_epochs():
     assert (epoch, partial) == (1, {"steps_done": 5, "of": None})
     assert evaluate.epoch_label(epoch, partial) == "epoch 1 (step 5)"
     assert evaluate.epoch_label(3, None) == "epoch 3"
+
+
+def test_training_val_options_setting_another_k_name_the_training_k(run):
+    """In training a val split set to other classes by its own options: the hint names the
+    training split's K (evaluate's advice, to leave num_classes out, would not help there)."""
+    from iddc.data import build_source_for
+    with pytest.raises(ValueError, match=r"the val split has 5 classes, the model 3 \(set by its "
+                                         r"options\); the val split takes the training split's "
+                                         r"classes: give it num_classes=3, or none"):
+        build_source_for("folder", 3, root=run["img"], split="val", label_root=run["lab"],
+                         num_classes=5)

@@ -152,6 +152,18 @@ def test_backbones_and_kwargs_iddc_cannot_use_are_named(cfg, message):
         models.create_backbone(ModelConfig(pretrained=True, backbone_kwargs={"img_size": 96}))
 
 
+def test_a_non_vit_with_pretrained_weights_is_no_download_failure(monkeypatch):
+    """The weights arrived (faked here): the architecture is what iddc cannot use."""
+    real = models.timm.create_model
+    monkeypatch.setattr(models.timm, "create_model",
+                        lambda name, pretrained=False, **kw: real(name, pretrained=False, **kw))
+    with pytest.raises(ValueError, match="is not a Vision Transformer: it has no "
+                                         "num_prefix_tokens") as err:
+        models.create_backbone(ModelConfig(backbone="swin_tiny_patch4_window7_224",
+                                           pretrained=True))
+    assert not isinstance(err.value, WeightsError)
+
+
 SPEC_BACKBONES = ["vit_small_patch8_224", "vit_small_patch16_224", "vit_base_patch8_224",
                   "vit_base_patch16_224"]
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -503,7 +503,8 @@ def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, mon
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ImageTooLargeError, match=r"image of 2 x 50 px \(H x W\) resized to 32 x "
                                                  r"800 px \(shorter side 32\) would be 25600 px, "
-                                                 r"more than sliding mode's limit of 2000"):
+                                                 r"more than sliding mode's limit of 2000 .*"
+                                                 r"predict's --short-side, evaluate's --eval-size"):
         Predictor(model, mode="sliding", short_side=32, window=32).segment(
             [torch.randn(3, 20, 28), torch.randn(3, 2, 50)])
     assert not calls  # refused before any work
@@ -548,6 +549,26 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
                                    "eval_mode": "sliding", "eval_size": 32, "max_images": None,
                                    "window": 32, "stride": None}
     assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
+
+
+def test_sliding_evaluation_leaves_out_an_image_too_large_for_its_sums(runs, tmp_path,
+                                                                       monkeypatch):
+    """Beyond MAX_SLIDING_PIXELS (lowered here) an image is left out of a sliding evaluation,
+    warned and named, as resize mode leaves out one beyond MAX_TOKENS: it was an
+    ImageTooLargeError that ended the evaluation, and a training run with it."""
+    img, lab = make_folder(tmp_path / "d", n=2)
+    strip = image(img / "strip.png", size=(300, 2))  # resized to 32 x 4800 px
+    Image.fromarray(np.ones((2, 300), np.uint8)).save(lab / "strip.png")
+    monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 100_000)
+    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+             f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
+    with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 32 x 4800 px .* "
+                                         r"153600 px, more than sliding mode's limit of 100000 "
+                                         r".*a smaller --eval-size scores it"):
+        res = evaluate.main(flags)
+    assert res["skipped"] == [str(strip)] and res["unsupervised"]["pixels"] == 2 * SIZE * SIZE
+    monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 200_000)  # within it: scored
+    assert evaluate.main(flags)["unsupervised"]["pixels"] == 2 * SIZE * SIZE + 32 * 4800
 
 
 def test_an_evaluation_set_of_images_all_too_large_says_so(runs, tmp_path):
@@ -769,6 +790,7 @@ def test_predict_records_a_failed_write_and_goes_on(runs, tmp_path, monkeypatch,
     record = json.loads((out / "predictions.json").read_text())
     assert sorted(record["images"]) == ["a", "c"]
     assert record["failed"] == {str(srcs[1]): f"Permission denied: {out / 'b_overlay.png'}"}
+    assert not list(out.glob("b_*"))  # its first file, written, is removed again
 
 
 def test_predict_records_what_it_did_when_a_full_disk_stops_it(runs, tmp_path, monkeypatch):

@@ -983,6 +983,12 @@ def test_an_empty_or_too_deep_config_file_is_refused(tmp_path, capsys):
     from iddc.config import load_yaml_file
     with pytest.raises(ValueError, match="deep.yaml is nested too deeply to be a config"):
         load_yaml_file(str(deep))
+    # merge keys (<<: *anchor) are YAML's own way to share settings: an explicit key beside
+    # one merged in overrides it, no duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data:\n  options: &o {num_images: 6, seed: 1}\n  val_options:\n"
+                      "    <<: *o\n    num_images: 4\n")
+    assert load_yaml_file(str(merged))["data"]["val_options"] == {"num_images": 4, "seed": 1}
     # a key typed twice: PyYAML would keep the last one silently
     for text, key in [("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", "epochs"),
                       ("train: {epochs: 2}\nloss: {}\ntrain: {lr: 3}\n", "train")]:
@@ -1034,6 +1040,8 @@ def test_warnings_of_the_data_set_reach_train_log(tmp_path, num_classes):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     message = ("K = 201 inferred from class id 200 (1 pixel(s) in label" if num_classes is None
                else "holds 1 pixel(s) with class ids 200, outside 0..2 (num_classes=3)")
+    import warnings
+    before = warnings.showwarning
     with pytest.warns(UserWarning, match=re.escape(message)):
         res = train.main(["--config", str(tmp_path / "tiny.yaml"), "--dataset", "folder",
                           "--data-root", str(tmp_path / "img"), "--data-option",
@@ -1042,4 +1050,15 @@ def test_warnings_of_the_data_set_reach_train_log(tmp_path, num_classes):
     line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines()
                 if message in x)
     assert " UserWarning: folder" in line
-    assert res["metrics"]
+    assert res["metrics"] and warnings.showwarning is before  # restored after the run
+
+
+def test_k_means_bounds_bind_new_runs_only(run_copy):
+    """k-means runs before a new run's first epoch: its bounds are a new run's check, so a run
+    saved with more iterations (before the bound) is still resumed and scored."""
+    from iddc import evaluate
+    ckpt = torch.load(run_copy / "last.pt", weights_only=True)
+    ckpt["config"]["train"]["kmeans_iters"] = 20000
+    torch.save(ckpt, run_copy / "last.pt")
+    assert evaluate.main(["--checkpoint", str(run_copy / "last.pt")])["unsupervised"]
+    assert resume(run_copy / "last.pt", "--max-steps", "3")["metrics"]

@@ -458,6 +458,6 @@ def test_interpreter_set_after_triton_was_imported_is_named(imported):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER, imported], env=env,
                          capture_output=True, text=True, timeout=300)
-    assert "REFUSED TRITON_INTERPRET is 1 now, but triton was imported without it" in out.stdout, \
+    assert "REFUSED TRITON_INTERPRET is on now, but triton was imported without it" in out.stdout, \
         out.stdout + out.stderr
     assert "before anything imports triton" in out.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from .base import IGNORE_INDEX, SegmentationSource
 
@@ -50,6 +51,17 @@ LIST_OR_PATH_OPTIONS = ("class_names",)
 INFERS_NUM_CLASSES = {"folder"}
 
 
+def _probed_classes(name: str, root, split: str, options: dict):
+    """The K a data set that infers it finds in the split's first label maps, or None where it
+    cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or warns)."""
+    try:
+        with warnings.catch_warnings():  # its warnings are the scoring's to give
+            warnings.simplefilter("ignore")
+            return int(build_source(name, root=root, split=split, **options).num_classes)
+    except Exception:
+        return None
+
+
 def build_source_for(name: str, model_classes: int, /, root=None, split: str = "val",
                      *, fixed: bool = False, **options) -> SegmentationSource:
     """The split of data set `name` scored by a model of `model_classes` classes (``options``
@@ -66,6 +78,12 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
         and options.get("class_names") is None
     if fixed and infers:
+        probed = _probed_classes(name, root, split, options)
+        if probed is not None and probed > model_classes:  # scored all the same, but said
+            warnings.warn(f"data set {name!r}: the {split} split's first label maps hold class "
+                          f"ids up to {probed - 1}, the model has {model_classes} classes: ids "
+                          f"from {model_classes} on are scored as unlabelled; is this the data "
+                          "set the model was trained on?", stacklevel=2)
         return build_source(name, root=root, split=split,
                             **{**options, "num_classes": model_classes})
     source = build_source(name, root=root, split=split, **options)
@@ -78,6 +96,9 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     if infers:  # training: K is still the run's to choose
         hint = (f"; set the classes with --data-option num_classes={k} (or num_classes="
                 f"{model_classes}: ids from {model_classes} on are then unlabelled)")
+    elif name in INFERS_NUM_CLASSES and not fixed:  # training: its val options set one
+        hint = (f" (set by its options); the val split takes the training split's classes: "
+                f"give it num_classes={model_classes}, or none")
     elif name in INFERS_NUM_CLASSES:  # set by num_classes or class_names
         hint = (f" (set by its options); score it with the model's classes: --data-option "
                 f"num_classes={model_classes}, or leave num_classes and class_names out (ids "
