@@ -319,22 +319,20 @@ def check_sizes(data: DataConfig, patch: int) -> None:
         side = math.isqrt(MAX_TOKENS) * patch
         return (f"more than the limit of {MAX_TOKENS} backbone tokens of {patch} px patches in "
                 f"one forward pass ({side} x {side} px); {what}")
-    if data.crop_size % patch:
-        raise ValueError(f"data.crop_size ({data.crop_size}) must be a multiple of the "
-                         f"backbone's patch size {patch}")
-    if token_count(data.crop_size, data.crop_size, patch) > MAX_TOKENS:
-        raise ValueError(f"data.crop_size {data.crop_size}: a crop would be "
-                         + most("use a smaller crop"))
+
+    def whole_patches(name: str, side: int, what: str, mode: str = "") -> None:
+        if side % patch:
+            raise ValueError(f"{name} ({side}) must be a multiple of the backbone's patch size "
+                             f"{patch}{mode}")
+        if token_count(side, side, patch) > MAX_TOKENS:
+            raise ValueError(f"{name} {side}: a {what} would be " + most(f"use a smaller {what}"))
+    whole_patches("data.crop_size", data.crop_size, "crop")
     if data.eval_size < patch:
         raise ValueError(f"data.eval_size ({data.eval_size}) must be at least the backbone's "
                          f"patch size {patch}")
     if data.eval_mode == "sliding":
-        if data.sliding_window % patch:
-            raise ValueError(f"data.sliding_window ({data.sliding_window}) must be a multiple of "
-                             f"the backbone's patch size {patch} (eval mode 'sliding')")
-        if token_count(data.sliding_window, data.sliding_window, patch) > MAX_TOKENS:
-            raise ValueError(f"data.sliding_window {data.sliding_window}: a window would be "
-                             + most("use a smaller window"))
+        whole_patches("data.sliding_window", data.sliding_window, "window",
+                      " (eval mode 'sliding')")
         h, w = resized_shape(1, 1, data.eval_size, patch)
         if h * w > MAX_SLIDING_PIXELS:
             raise ValueError(f"data.eval_size {data.eval_size}: every resized val image would "

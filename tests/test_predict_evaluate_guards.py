@@ -773,17 +773,23 @@ def test_predict_long_names_are_per_image_failures(runs, tmp_path, capsys):
     assert not [p for p in os.listdir(out) if p.startswith("y") or p.startswith(".tmp")]
 
 
+def failing_write_of(name: str, error: type, code: int, text: str):
+    """predict's write_atomic, raising `error` for the file called `name`."""
+    from iddc import files
+
+    def write(path, *args, **kwargs):
+        if Path(path).name == name:
+            raise error(code, text, str(path))
+        return files.write_atomic(path, *args, **kwargs)
+    return write
+
+
 def test_predict_records_a_failed_write_and_goes_on(runs, tmp_path, monkeypatch, capsys):
     """A write of one image's file that fails (here: no permission) fails that image; the
     others are written, and so is predictions.json."""
-    from iddc import files
     srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
-
-    def refuse_b(path, *args, **kwargs):
-        if Path(path).name == "b_overlay.png":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return files.write_atomic(path, *args, **kwargs)
-    monkeypatch.setattr(predict, "write_atomic", refuse_b)
+    monkeypatch.setattr(predict, "write_atomic", failing_write_of(
+        "b_overlay.png", PermissionError, errno.EACCES, "Permission denied"))
     out = tmp_path / "out"
     assert run_predict(runs["labelled"], *srcs, "--out", out) == 1
     assert "wrote 2 image(s)" in capsys.readouterr().out
@@ -796,14 +802,9 @@ def test_predict_records_a_failed_write_and_goes_on(runs, tmp_path, monkeypatch,
 def test_predict_records_what_it_did_when_a_full_disk_stops_it(runs, tmp_path, monkeypatch):
     """A full disk stops the call (every later write would fail too), but the images written
     so far are recorded in predictions.json."""
-    from iddc import files
     srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("ab")]
-
-    def full_at_b(path, *args, **kwargs):
-        if Path(path).name == "b_ids.png":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return files.write_atomic(path, *args, **kwargs)
-    monkeypatch.setattr(predict, "write_atomic", full_at_b)
+    monkeypatch.setattr(predict, "write_atomic", failing_write_of(
+        "b_ids.png", OSError, errno.ENOSPC, "No space left on device"))
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
