@@ -259,8 +259,9 @@ def png_writer(image: Image.Image) -> Callable[[BinaryIO], None]:
 def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
                   overwrite: bool) -> Optional[str]:
     """Write one image's output files: None, or why they could not be, an error of this image
-    alone (e.g. no permission; its files written so far are removed again). A full or read-only disk is raised (every later write would
-    fail too), and so is a file that appeared meanwhile (an error without errno)."""
+    alone (e.g. no permission; its files written so far are removed again). A full or
+    read-only disk is raised (every later write would fail too), and so is a file that
+    appeared meanwhile (an error without errno)."""
     done = []
     try:
         for file, image in zip(files, images):

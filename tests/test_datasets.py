@@ -2,6 +2,7 @@
 the corrupt-sample policy. Trees are tiny and generated in tmp_path."""
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def make_cityscapes(root: Path, n=(2, 2), size=(64, 32), cities=("aachen", "brem
             city = cities[k % len(cities)]
             stem = f"{city}_{k:06d}_000019"
             _rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", w, h, seed=k)
-            lab = (np.arange(h * w).reshape(h, w) + k) % 36
+            lab = (np.arange(h * w).reshape(h, w) + k) % 34  # labelIds 0..33
             _label(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab)
     return root
 
@@ -93,12 +94,20 @@ def test_coco_label_with_every_id(tmp_path):
     make_coco(tmp_path, n=(1, 1), size=(256, 4))
     _label(tmp_path / "annotations" / "val2017" / "v00000000000.png", lab)
     src27 = cocostuff.build_cocostuff27(tmp_path, "val")
-    img, got = src27.load(0)
+    # ids from 182 on are no stuffthingmap's (a stuff-only pixelmap holds 183): warned, once
+    with pytest.warns(UserWarning, match=r"holds 292 pixel\(s\) with class ids 182, 183, .*, "
+                                         r"outside the fine ids 0..181 and 255 of the "
+                                         r"stuffthingmaps \(a stuff-only pixelmap"):
+        img, got = src27.load(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src27.load(0)
     assert got.dtype == np.uint8 and got.shape == (4, 256) and img.size == (256, 4)
     assert got[0, :182].tolist() == REFERENCE_27
     assert (got[:, 182:] == 255).all()
     src171 = cocostuff.build_cocostuff171(tmp_path, "val")
-    _, got = src171.load(0)
+    with pytest.warns(UserWarning, match="outside the fine ids 0..181"):
+        _, got = src171.load(0)
     used = [i for i in range(182) if i not in UNUSED_FINE]
     assert got[0, used].tolist() == list(range(171))
     assert (got[0, UNUSED_FINE] == 255).all() and (got[:, 182:] == 255).all()
@@ -178,13 +187,56 @@ def test_cityscapes_mapping_every_id(tmp_path):
     lab = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
     _label(next((tmp_path / "gtFine" / "val").rglob("*_gtFine_labelIds.png")), lab)
     src = build_source("cityscapes", root=tmp_path, split="val")
-    _, got = src.load(0)
+    with pytest.warns(UserWarning, match=r"holds 444 pixel\(s\) with class ids 34, 35, .*, outside "
+                                         r"the labelIds 0..33 "
+                                         r"of \*_gtFine_labelIds.png \(a trainIds map"):
+        _, got = src.load(0)
     expect = np.full(256, 255, np.uint8)
     expect[7:34] = np.arange(27)
     assert (got == expect[None]).all()
     assert src.num_classes == 27 and src.class_names[0] == "road"
     assert src.class_names[26] == "bicycle" and len(src.class_names) == 27
     assert src.name(0) == "aachen_000000_000019_leftImg8bit"
+
+
+def test_cityscapes_trainids_saved_as_labelids_are_warned_about(tmp_path):
+    """trainIds (0..18, 255) under the labelIds name mapped silently to wrong classes: a 255,
+    never in a labelIds map, is warned about, naming the file."""
+    make_cityscapes(tmp_path, n=(1, 1))
+    path = next((tmp_path / "gtFine" / "val").rglob("*_gtFine_labelIds.png"))
+    lab = np.array(Image.open(path))
+    _label(path, np.where(lab < 10, lab, 255).astype(np.uint8))
+    src = build_source("cityscapes", root=tmp_path, split="val")
+    with pytest.warns(UserWarning, match=rf"label {re.escape(str(path))} holds \d+ pixel\(s\) "
+                                         r"with class ids 255, outside the labelIds 0..33"):
+        src.load(0)
+
+
+def test_cityscapes_images_of_another_format_are_named(tmp_path):
+    """A converted .jpg among the PNGs vanished from the data set without a word."""
+    make_cityscapes(tmp_path, n=(3, 1))
+    png = next((tmp_path / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    png.unlink()
+    with pytest.warns(UserWarning, match=r"cityscapes: skipping 1 image\(s\) not saved as "
+                                         r"\*_leftImg8bit.png \(e.g. .*_leftImg8bit.jpg\)"):
+        assert len(cityscapes.build(tmp_path, "train")) == 2
+
+
+def test_coco_curated_list_with_a_bom_and_uncurated_extension_case(tmp_path):
+    """A list saved with a UTF-8 BOM named a missing '\ufeff<id>' image; with curated=false a
+    .JPG image was left out and a macOS '._<id>.jpg' file taken for an image."""
+    root = make_coco(tmp_path, n=(2, 1))
+    lst = root / "curated" / "train2017" / cocostuff.CURATED_LIST
+    lst.write_bytes(b"\xef\xbb\xbf" + lst.read_bytes())
+    assert len(cocostuff.build_cocostuff27(root, "train")) == 2
+    images = root / "images" / "train2017"
+    first = sorted(images.iterdir())[0]
+    first.rename(first.with_suffix(".JPG"))
+    (images / "._t00000000001.jpg").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble
+    src = cocostuff.build_cocostuff27(root, "train", curated=False)
+    assert [p.name for p in src.images] == [first.with_suffix(".JPG").name, "t00000000001.jpg"]
+    assert src.load(0)[1].shape == (40, 48)
 
 
 def test_cityscapes_layout_mistakes(tmp_path):

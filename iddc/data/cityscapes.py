@@ -7,11 +7,14 @@ gtFine_trainvaltest.zip:
 """
 from __future__ import annotations
 
+import warnings
+
 from .base import take_subset
 from .layout import (FileSource, LayoutError, check_split, list_images, make_lut,
                      missing_pairs, require_dir, require_root)
 
 FIRST_LABEL_ID = 7
+MAX_LABEL_ID = 33
 CLASS_NAMES = (  # labelIds 7..33
     "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
     "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
@@ -35,7 +38,13 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
                             "<city>/*_leftImg8bit.png (from leftImg8bit_trainvaltest.zip)")
     label_dir = require_dir(root / "gtFine" / split,
                             "<city>/*_gtFine_labelIds.png (from gtFine_trainvaltest.zip)")
-    images = [p for p in list_images(image_dir, suffix=IMAGE_SUFFIX) if p.suffix == ".png"]
+    found = list_images(image_dir, suffix=IMAGE_SUFFIX)
+    images = [p for p in found if p.suffix == ".png"]
+    others = [p for p in found if p.suffix != ".png"]
+    if others:  # a converted copy would silently be a smaller data set
+        warnings.warn(f"cityscapes: skipping {len(others)} image(s) not saved as *{IMAGE_SUFFIX}"
+                      f".png (e.g. {others[0]}): the layout's images are PNG files",
+                      stacklevel=2)
     if not images:
         raise LayoutError(f"no *{IMAGE_SUFFIX}.png images under {image_dir}: expected "
                           f"<city>/<name>{IMAGE_SUFFIX}.png")
@@ -47,5 +56,10 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
         labels.append(label_dir / rel.parent / f"{stem}{LABEL_SUFFIX}.png")
     missing_pairs(list(zip(images, labels)),
                   f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image")
+    # labelIds maps hold 0..33 (the -1 licence plate is never drawn): 255 or an id beyond 33
+    # is another kind of map, e.g. trainIds (0..18, 255) saved under the labelIds name
     return FileSource(images, labels, lut=LUT, num_classes=len(CLASS_NAMES),
-                      class_names=CLASS_NAMES, description=f"cityscapes {split} ({root})")
+                      class_names=CLASS_NAMES, description=f"cityscapes {split} ({root})",
+                      unexpected_ids_from=MAX_LABEL_ID + 1, ignore_stored=False,
+                      stored_ids=f"the labelIds 0..{MAX_LABEL_ID} of *{LABEL_SUFFIX}.png (a "
+                                 "trainIds map, 0..18 and 255, is not one)")

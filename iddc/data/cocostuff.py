@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .base import IGNORE_INDEX, take_subset
-from .layout import (FileSource, LayoutError, check_split, make_lut, missing_pairs,
+from .layout import (FileSource, LayoutError, check_split, list_images, make_lut, missing_pairs,
                      require_dir, require_file, require_root)
 
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
@@ -126,7 +126,7 @@ assert len(FINE171_NAMES) == 171 and LUT27[255] == IGNORE_INDEX
 def read_curated_list(path: Path) -> list[str]:
     """The image ids of a curated list (one per line; "#" comments), each once."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no id
     except UnicodeDecodeError as err:
         raise LayoutError(f"curated list {path} is not UTF-8 text ({err.reason} at byte "
                           f"{err.start}): expected one image id per line") from None
@@ -170,18 +170,22 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
             root / "curated" / year / (curated_list or CURATED_LIST),
             "the curated image-id list of PiCIE/STEGO (one COCO image id per line); or "
             "pass curated=false to use every image of the split")
-        ids = read_curated_list(list_path)
-    else:  # every image of the folder; each must have its label map
-        ids = sorted(p.stem for p in image_dir.glob(f"*{image_ext}"))
-        if not ids:
+        ids = take_subset(read_curated_list(list_path), subset, dataset)
+        images = [image_dir / f"{i}{image_ext}" for i in ids]
+    else:  # every image of the folder (any case of the extension, no hidden files)
+        images = list_images(image_dir, recursive=False, extensions=(image_ext,))
+        if not images:
             raise LayoutError(f"no *{image_ext} images in {image_dir}: expected <id>{image_ext}")
-    ids = take_subset(ids, subset, dataset)
-    images = [image_dir / f"{i}{image_ext}" for i in ids]
-    labels = [label_dir / f"{i}.png" for i in ids]
+        images = take_subset(images, subset, dataset)
+    labels = [label_dir / f"{p.stem}.png" for p in images]  # each must have its label map
     missing_pairs(list(zip(images, labels)),
                   f"a label map <id>.png in {label_dir} for every image")
+    # stuffthingmaps hold the fine ids 0..181 and 255: an id from 182 on is another kind of
+    # map (the stuff-only pixelmaps: 0 = unlabelled, one-based 92..182, 183 = "other")
     return FileSource(images, labels, lut=lut, num_classes=num_classes, class_names=names,
-                      description=f"{dataset} {split} ({root})")
+                      description=f"{dataset} {split} ({root})", unexpected_ids_from=182,
+                      stored_ids="the fine ids 0..181 and 255 of the stuffthingmaps (a "
+                                 "stuff-only pixelmap, 0 and 92..183, is not one)")
 
 
 def build_cocostuff27(root=None, split: str = "train", **options) -> FileSource:

@@ -283,10 +283,14 @@ class FileSource(SegmentationSource):
     def __init__(self, images: Sequence[Path], labels: Optional[Sequence[Path]] = None,
                  lut: Optional[np.ndarray] = None, num_classes: int = 0,
                  class_names: Optional[Sequence[str]] = None, description: str = "data set",
-                 unexpected_ids_from: Optional[int] = None):
-        """`unexpected_ids_from`: stored label ids from this one up (but IGNORE_INDEX) are a
-        mistake in the data rather than a convention of it; they are unlabelled, as the LUT
-        says, and the first label file holding any is warned about."""
+                 unexpected_ids_from: Optional[int] = None, stored_ids: Optional[str] = None,
+                 ignore_stored: bool = True):
+        """`unexpected_ids_from`: stored label ids from this one up are a mistake in the data
+        rather than a convention of it (often labels of another kind); they are unlabelled, as
+        the LUT says, and the first label file holding any is warned about. IGNORE_INDEX is
+        not among them unless `ignore_stored` is False (a data set whose maps never hold it).
+        `stored_ids`: what the valid stored ids are, for the warning (default: 0..first-1, as
+        num_classes)."""
         if labels is not None and len(labels) != len(images):
             raise ValueError("images and labels must have the same length")
         self.images = [Path(p) for p in images]
@@ -297,6 +301,8 @@ class FileSource(SegmentationSource):
         self.has_labels = labels is not None
         self.description = description
         self.unexpected_ids_from = unexpected_ids_from
+        self.stored_ids = stored_ids
+        self.ignore_stored = ignore_stored
         self._warned_ids = False  # once per data set (per loader worker)
 
     def __len__(self) -> int:
@@ -331,16 +337,19 @@ class FileSource(SegmentationSource):
         if first is None or self._warned_ids:
             return
         # ~0.1 ms for 640 x 480, beside milliseconds of decoding
-        stray = ((stored < 0) | (stored >= first)) & (stored != IGNORE_INDEX)
+        stray = (stored < 0) | (stored >= first)
+        if self.ignore_stored:
+            stray &= stored != IGNORE_INDEX
         if not stray.any():
             return
         self._warned_ids = True
         ids = np.unique(stored[stray])
         shown = ", ".join(str(int(i)) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+        valid = self.stored_ids or f"0..{first - 1} (num_classes={first}) and not {IGNORE_INDEX}"
         warnings.warn(
             f"{self.description}: label {path} holds {int(stray.sum())} pixel(s) with class ids "
-            f"{shown}, outside 0..{first - 1} (num_classes={first}) and not {IGNORE_INDEX}; "
-            f"they are treated as unlabelled (warned once per data set)", stacklevel=3)
+            f"{shown}, outside {valid}; they are treated as unlabelled (warned once per data "
+            "set)", stacklevel=3)
 
 
 class SkipCorrupt(SegmentationSource):
