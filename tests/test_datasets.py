@@ -239,6 +239,29 @@ def test_coco_curated_list_with_a_bom_and_uncurated_extension_case(tmp_path):
     assert src.load(0)[1].shape == (40, 48)
 
 
+def test_coco_images_of_another_extension_or_one_folder_deeper_are_pointed_at(tmp_path):
+    import shutil
+    root = make_coco(tmp_path, n=(2, 1))
+    images = root / "images" / "train2017"
+    for p in images.iterdir():
+        p.rename(p.with_suffix(".png"))
+    with pytest.raises(LayoutError, match=r"2 listed image\(s\) missing.*\(found "
+                                          r"t00000000000.png: the images have another "
+                                          r"extension\)"):
+        cocostuff.build_cocostuff27(root, "train")
+    assert len(cocostuff.build_cocostuff27(root, "train", image_ext="png")) == 2
+    nested = images / "train2017"  # unzip -d images/train2017 of a zip holding train2017/
+    nested.mkdir()
+    for p in list(images.glob("*.png")):
+        shutil.move(p, nested / p.with_suffix(".jpg").name)
+    with pytest.raises(LayoutError, match=r"\(found it one folder deeper, .*train2017/train2017/"
+                                          r"t00000000000.jpg: unpacked into a folder"):
+        cocostuff.build_cocostuff27(root, "train")
+    with pytest.raises(LayoutError, match=r"no \*.jpg images in .*train2017: expected <id>.jpg "
+                                          r"\(there is a folder .*train2017/train2017"):
+        cocostuff.build_cocostuff27(root, "train", curated=False)
+
+
 def test_cityscapes_layout_mistakes(tmp_path):
     make_cityscapes(tmp_path, n=(3, 1))
     assert len(cityscapes.build(tmp_path, "train")) == 3

@@ -175,7 +175,11 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
     else:  # every image of the folder (any case of the extension, no hidden files)
         images = list_images(image_dir, recursive=False, extensions=(image_ext,))
         if not images:
-            raise LayoutError(f"no *{image_ext} images in {image_dir}: expected <id>{image_ext}")
+            nested = image_dir / image_dir.name
+            hint = f" (there is a folder {nested}: unpacked into a folder of its own?)" \
+                if nested.is_dir() else ""
+            raise LayoutError(f"no *{image_ext} images in {image_dir}: expected "
+                              f"<id>{image_ext}{hint}")
         images = take_subset(images, subset, dataset)
     labels = [label_dir / f"{p.stem}.png" for p in images]  # each must have its label map
     missing_pairs(list(zip(images, labels)),

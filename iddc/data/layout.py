@@ -178,6 +178,19 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     return sorted(found)
 
 
+def _found_nearby(path: Path) -> str:
+    """A hint where a missing image is found after all (a few stats): under another image
+    extension, or one folder deeper (an archive unpacked into a folder of its own name)."""
+    for ext in IMAGE_EXTENSIONS:
+        other = path.with_suffix(ext)
+        if other != path and other.is_file():
+            return f" (found {other.name}: the images have another extension)"
+    deeper = path.parent / path.parent.name / path.name
+    if deeper.is_file():
+        return f" (found it one folder deeper, {deeper}: unpacked into a folder of its own?)"
+    return ""
+
+
 def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
                   limit: int = 5) -> None:
     """Raise a LayoutError naming the first missing images/labels of `pairs`, if any."""
@@ -185,7 +198,7 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
     if missing_images:
         raise LayoutError(
             f"{len(missing_images)} listed image(s) missing, e.g. {missing_images[:limit]}: "
-            f"expected an image file at each path")
+            f"expected an image file at each path{_found_nearby(Path(missing_images[0]))}")
     missing_labels = [(str(i), str(l)) for i, l in pairs if l is not None and not l.is_file()]
     if missing_labels:
         shown = "; ".join(f"{l} (for image {i})" for i, l in missing_labels[:limit])
