@@ -7,9 +7,11 @@ A checkpoint is a dict::
      "data_config": {"mean", "std"}, "weights_report": {...},
      "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
      "step_in_epoch": steps of the next epoch done (a mid-epoch stop; else 0), "epoch_stats":
-     that partial epoch's training statistics so far (else None), "pending_record": the epoch
-     a Ctrl-C in its last step left to evaluate and record ({"epoch", "train", "at_stop"}; else
-     None),
+     that partial epoch's training statistics so far (else None), "train_set": the training
+     images that partial epoch's order was drawn over, {"size": their number, "fingerprint":
+     sha256 hex of their paths, or names, in index order} (train.training_set_record; else
+     None; absent from checkpoints of earlier versions), "pending_record": the epoch a Ctrl-C
+     in its last step left to evaluate and record ({"epoch", "train", "at_stop"}; else None),
      "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
      "metrics": [per-epoch entries so far], "baselines": {...},
      "run_folder": absolute path of the run folder it was written into (--resume continues there
@@ -114,12 +116,19 @@ def _entry_problem(key: str, value) -> Optional[str]:
         except (KeyError, TypeError, ValueError):
             ok = False
         return None if ok else "is not a normalisation {mean: 3 numbers, std: 3 positive ones}"
+    if key == "train_set":
+        fingerprint = value.get("fingerprint") if isinstance(value, Mapping) else None
+        return None if value is None or (
+            isinstance(value, Mapping) and _is_count(value.get("size"))
+            and isinstance(fingerprint, str) and len(fingerprint) == 64
+            and all(c in "0123456789abcdef" for c in fingerprint)) \
+            else "is not a record of training images {size: a count, fingerprint: a sha256 hex}"
     return None if _is_count(value) else "is not a whole number >= 0"  # epoch, steps
 
 
 #: entries whose form every reader relies on (others are checked where they are used)
 CHECKED_ENTRIES = ("config", "metrics", "class_names", "data_config", "num_classes", "epoch",
-                   "global_step", "step_in_epoch")
+                   "global_step", "step_in_epoch", "train_set")
 
 
 def check_entries(ckpt: dict, path: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -412,15 +413,16 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
                          "): the checkpoint's weights fit its own model; start a new run "
                          "(without --resume) for another model")
     skip, saved_batch = int(ckpt.get("step_in_epoch", 0)), ckpt["config"]["train"]["batch_size"]
+    steps = f"{skip} step{'s' if skip != 1 else ''}"
     if skip and cfg.train.batch_size != saved_batch:
-        raise ValueError(f"this checkpoint stopped {skip} steps into an epoch with batch size "
+        raise ValueError(f"this checkpoint stopped {steps} into an epoch with batch size "
                          f"{saved_batch}; resume it with that batch size (a new --batch-size "
                          "applies from an epoch boundary)")
     # the rest of a stopped epoch is its order's unseen part: a new seed or training set would
     # draw another order, repeating some images and never showing others
     of_order = [c for c in changes if c.split(" ", 1)[0] in ORDER_FIELDS]
     if skip and of_order:
-        raise ValueError(f"this checkpoint stopped {skip} steps into an epoch; resume it with "
+        raise ValueError(f"this checkpoint stopped {steps} into an epoch; resume it with "
                          f"the same order of training images ({'; '.join(of_order)} would "
                          "change it): these settings can change from an epoch boundary")
     return cfg, changes
@@ -429,6 +431,61 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
 #: the settings that fix an epoch's order of training images
 ORDER_FIELDS = ("train.seed", "data.dataset", "data.data_root", "data.options",
                 "data.train_options")
+
+
+def training_set_record(source) -> dict:
+    """{"size", "fingerprint"} of a training split, which a mid-epoch checkpoint saves: its
+    number of images and a sha256 of their paths (a file source's ``path``, else the sample
+    names) in index order, the order an epoch's permutation indexes. Cheap: no file is read or
+    stat'ed (0.2 s for COCO's 118k training images), so images replaced under the same paths
+    go unseen. Made once a process, at a mid-epoch save or resume, never per step."""
+    digest = hashlib.sha256()
+    path = getattr(source, "path", None)  # a SkipCorrupt passes on its source's
+    for i in range(len(source)):
+        item = os.fspath(path(i)) if path is not None else source.name(i)
+        digest.update(item.encode("utf-8", "surrogatepass") + b"\0")
+    return {"size": len(source), "fingerprint": digest.hexdigest()}
+
+
+def check_same_training_set(resume: dict, source, batch_size: int) -> Optional[dict]:
+    """Refuse (ValueError) a mid-epoch resume whose training split no longer holds the images
+    the stopped epoch's order was drawn over (the checkpoint's "train_set"): the rest of that
+    order would repeat some images and never show others. Returns the split's record, made
+    for the comparison (None when no mid-epoch resume needed one). A checkpoint from before
+    the record was saved is let through, said in the log, unless its saved step lies past the
+    end of an epoch over the split now."""
+    skip = int(resume.get("step_in_epoch", 0))
+    if not skip:  # from an epoch boundary: the next epoch draws its order over the images now
+        return None
+    epoch, global_step = int(resume["epoch"]) + 1, int(resume["global_step"])
+    stopped = f"this checkpoint stopped {skip} step{'s' if skip != 1 else ''} into epoch {epoch}"
+    ways_out = ("resume it with the same training images (put the split back as it was{}); "
+                "the training images can change from an epoch boundary")
+    saved = resume.get("train_set")
+    n = len(source)
+    if saved is None:
+        steps = n // batch_size
+        if skip >= steps:
+            raise ValueError(
+                f"{stopped}; the training split now has {n} images, {steps} "
+                f"step{'s' if steps != 1 else ''} of batch size {batch_size} an epoch, so it no "
+                f"longer holds the images that epoch was drawn over: " + ways_out.format(""))
+        log.warning("this checkpoint (from an earlier version) does not record the training "
+                    "images its stopped epoch was drawn over: that the rest of epoch %d "
+                    "continues over the same images (the split now has %d) is not checked",
+                    epoch, n)
+        return None
+    record = training_set_record(source)
+    size = int(saved["size"])
+    if (record["size"], record["fingerprint"]) == (size, saved["fingerprint"]):
+        return record
+    now = f"{n} images, but not the same ones (other files, or in another order)" \
+        if n == size else f"{n} images"
+    end = global_step + size // batch_size - skip
+    raise ValueError(
+        f"{stopped}, whose order was drawn over {size} training images; the training split now "
+        f"has {now}, so the rest of that epoch would repeat some images and never show others: "
+        + ways_out.format(f"; --max-steps {end} then stops at the end of epoch {epoch}"))
 
 
 RESUME_HELP = """continue the run of this checkpoint. Settings given now (flags, --set,
@@ -649,6 +706,9 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     # (warned, counted, replaced by the next sample): iddc.data.layout
     train_src = skip_corrupt(build_source(dc.dataset, root=dc.data_root, split="train",
                                           **{**dc.options, **dc.train_options}))
+    # before anything is written: a stopped epoch goes on over the images it was drawn over
+    train_set = check_same_training_set(resume, train_src, tc.batch_size) \
+        if resume is not None else None
     k = int(train_src.num_classes)
     # one K for the run, the train split's (the folder data set infers it per split)
     val_src = skip_corrupt(build_source_for(dc.dataset, k, root=dc.data_root, split="val",
@@ -690,7 +750,7 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     return Prepared(device=device, train_src=train_src, val_src=val_src, k=k, model=model,
                     weights=weights, weights_tag=weights_tag, data_config=data_config,
                     backend=backend, loss_fn=loss_fn, mode=mode, eval_tf=eval_tf,
-                    **build_optimisers(cfg, model, resume, path))
+                    train_set=train_set, **build_optimisers(cfg, model, resume, path))
 
 
 def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
@@ -838,13 +898,16 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
 
     # training starts: from here on the folder holds a run, never to be reused
     release_claim(out, started=True)
+    train_set = run.train_set  # the split's record, made at the first mid-epoch save if not yet
 
     def save(done: int, step: int, epoch_stats: Optional[dict], pending: Optional[dict],
              rng: Optional[dict] = None) -> None:
         """last.pt (`done` epochs and `step` steps of the next), then metrics.json and, on a
         resume's first save, config.yaml: a failed or killed write leaves them describing the
         saved run."""
-        nonlocal config_pending
+        nonlocal config_pending, train_set
+        if step and train_set is None:
+            train_set = training_set_record(train_src)
         checkpoint.save_atomic({
             "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
             "class_names": list(train_src.class_names) if train_src.class_names else None,
@@ -853,6 +916,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             "scheduler": sched.state_dict(), "global_step": global_step,
             # a stop mid-epoch records the steps done, so --resume finishes that epoch
             "epoch": done, "step_in_epoch": step, "epoch_stats": epoch_stats,
+            # and the training images its epoch's order was drawn over (check_same_training_set)
+            "train_set": train_set if step else None,
             # an epoch whose evaluation a Ctrl-C put off: --resume evaluates and records it
             "pending_record": pending,
             "rng": rng if rng is not None else checkpoint.rng_state(shift_gen),

@@ -231,7 +231,7 @@ def test_resume_mid_epoch_with_another_batch_size_touches_nothing(tmp_path, tiny
     part = tmp_path / "part"
     train.main(["--config", tiny_yaml, "--out", str(part), "--max-steps", "1"] + QUICK)
     before = snapshot(part)
-    with pytest.raises(ValueError, match="stopped 1 steps into an epoch with batch size 4"):
+    with pytest.raises(ValueError, match="stopped 1 step into an epoch with batch size 4"):
         resume(part / "last.pt", "--batch-size", "2")
     assert snapshot(part) == before  # config.yaml still records the run's batch size
 
@@ -698,7 +698,7 @@ def test_a_mid_epoch_resume_keeps_the_epochs_image_order(tmp_path, tiny_yaml):
     train.main(["--config", tiny_yaml, "--out", str(out), "--max-steps", "1"] + QUICK)
     before = snapshot(out)
     for flags in (["--seed", "7"], ["--data-option", "num_images=6"]):
-        with pytest.raises(ValueError, match="stopped 1 steps into an epoch; resume it with the "
+        with pytest.raises(ValueError, match="stopped 1 step into an epoch; resume it with the "
                                              "same order of training images"):
             train.main(["--resume", str(out / "last.pt"), "--max-steps", "0", *flags])
     assert snapshot(out) == before
@@ -724,10 +724,12 @@ def test_fused_and_an_explicit_backend_that_contradict_are_refused(tmp_path, tin
     (lambda c: c["model"].pop(next(iter(c["model"]))), "its weights do not match its model"),
     (lambda c: c.update(global_step="two"), "its 'global_step' entry is not a whole number"),
     (lambda c: c.update(metrics={"epoch": 1}), "its 'metrics' entry is not a list"),
+    (lambda c: c.update(train_set={"size": "8", "fingerprint": "0" * 64}),
+     "its 'train_set' entry is not a record of training images"),
     (lambda c: next(t for t in c["model"].values() if t.is_floating_point()).view(-1)[0].fill_(
         float("inf")), "its weights hold NaN or Inf"),
 ], ids=["no-optimizer", "no-rng", "bad-rng", "bad-scheduler", "missing-tensor", "step-text",
-        "metrics-dict", "inf-weight"])
+        "metrics-dict", "train-set-text", "inf-weight"])
 def test_an_edited_checkpoint_is_refused_on_resume(run_copy, edit, message):
     """A checkpoint with the right format tag but cut down or edited: a CheckpointError (the
     CLI's one line) naming the file, not a KeyError or a load_state_dict traceback."""
@@ -1062,3 +1064,165 @@ def test_k_means_bounds_bind_new_runs_only(run_copy):
     torch.save(ckpt, run_copy / "last.pt")
     assert evaluate.main(["--checkpoint", str(run_copy / "last.pt")])["unsupervised"]
     assert resume(run_copy / "last.pt", "--max-steps", "3")["metrics"]
+
+
+# ------------------------------------------- a mid-epoch resume over another set of training images
+#: a tiny run on a folder data set (as tests/test_predict_evaluate_guards.py's TINY_FLAGS): with
+#: batch size 4, 8 images make 2 steps an epoch
+FOLDER_TINY = ["--backbone-img-size", "32",
+               "--set", "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2}",
+               "--crop-size", "24", "--eval-size", "32", "--epochs", "2", "--batch-size", "4",
+               "--t-pos", "0.3", "--t-neg", "0.1", "--progress", "false", "--device", "cpu"] + QUICK
+
+
+def folder_images(root, ids):
+    """Images <id>.png (32 x 32, drawn from the id) with 3-class label maps under root/img and
+    root/lab; (image folder, label folder)."""
+    import numpy as np
+    from PIL import Image
+    img, lab = root / "img", root / "lab"
+    img.mkdir(parents=True, exist_ok=True)
+    lab.mkdir(exist_ok=True)
+    for i in ids:
+        rng = np.random.default_rng([17, i])
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(img / f"{i:02d}.png")
+        labels = rng.integers(0, 3, (32, 32), dtype=np.uint8)
+        labels[:2, :3] = [0, 1, 2]  # every class in every map
+        Image.fromarray(labels).save(lab / f"{i:02d}.png")
+    return img, lab
+
+
+def remove_images(root, ids) -> None:
+    """Remove images <id>.png and their label maps (made by folder_images)."""
+    for sub in ("img", "lab"):
+        for i in ids:
+            os.remove(root / sub / f"{i:02d}.png")
+
+
+def folder_run(root, out, *flags) -> dict:
+    """train.main on the folder data set under ``root`` (made by folder_images)."""
+    return train.main(["--dataset", "folder", "--data-root", str(root / "img"), "--data-option",
+                       f"label_root={root / 'lab'}", "--out", str(out), *FOLDER_TINY, *flags])
+
+
+@pytest.fixture
+def stopped_on_folder(tmp_path):
+    """(data root of 8 images, run folder) of a folder run stopped 1 step into epoch 1 of 2."""
+    data = tmp_path / "data"
+    folder_images(data, range(8))
+    out = tmp_path / "mid"
+    folder_run(data, out, "--max-steps", "1")
+    ckpt = saved_checkpoint(out)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (0, 1, 1)
+    return data, out
+
+
+def test_a_mid_epoch_checkpoint_records_its_training_images(stopped_on_folder):
+    """Cheap to make (the paths, no file read) and only where an epoch stopped part-way."""
+    data, out = stopped_on_folder
+    record = saved_checkpoint(out)["train_set"]
+    assert record["size"] == 8 and re.fullmatch(r"[0-9a-f]{64}", record["fingerprint"])
+    src = train.build_source("folder", root=str(data / "img"), split="train",
+                             label_root=str(data / "lab"))
+    assert train.training_set_record(src) == record
+    assert train.training_set_record(train.skip_corrupt(src)) == record
+    from iddc.data.layout import FileSource
+    # paths that do not exist: nothing is read
+    ghost = FileSource([f"/nowhere/{i}.png" for i in range(3)])
+    assert train.training_set_record(ghost)["size"] == 3
+    assert train.training_set_record(FileSource([f"/nowhere/{i}.png" for i in (1, 0, 2)])) \
+        != train.training_set_record(ghost)  # the order matters
+    resume(out / "last.pt")  # to the end of the run: an epoch boundary records none
+    assert saved_checkpoint(out)["train_set"] is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda data: folder_images(data, range(8, 12)),
+     r"stopped 1 step into epoch 1, whose order was drawn over 8 training images; the training "
+     r"split now has 12 images"),
+    # 4 removed and 8 added: 12, with 3 steps an epoch, 2 of them the stopped order's
+    (lambda data: (remove_images(data, range(4)), folder_images(data, range(8, 16))),
+     r"drawn over 8 training images; the training split now has 12 images"),
+    # shrunk so far that the saved step is past the end of the new epoch
+    (lambda data: remove_images(data, range(4)),
+     r"drawn over 8 training images; the training split now has 4 images"),
+    # as many images, but other ones
+    (lambda data: (remove_images(data, [0]), folder_images(data, [99])),
+     r"the training split now has 8 images, but not the same ones"),
+], ids=["grown", "shrunk-and-grown", "shrunk-past-the-step", "renamed"])
+def test_a_mid_epoch_resume_over_other_training_images_touches_nothing(stopped_on_folder, change,
+                                                                        message):
+    """The rest of a stopped epoch is its order's unseen part: over another set of images that
+    order would repeat some and never show others, so the resume is refused (saying what
+    works) before the run's files change."""
+    data, out = stopped_on_folder
+    change(data)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=message) as err:
+        resume(out / "last.pt")
+    text = str(err.value)
+    assert "resume it with the same training images" in text
+    assert "--max-steps 2 then stops at the end of epoch 1" in text
+    assert "can change from an epoch boundary" in text
+    assert snapshot(out) == before
+    assert not (out.parent / "elsewhere").exists()
+    with pytest.raises(ValueError, match=message):  # also into a new folder
+        resume(out / "last.pt", "--out", str(out.parent / "elsewhere"))
+    assert not (out.parent / "elsewhere").exists()
+
+
+def test_a_mid_epoch_resume_over_the_same_images_continues_exactly(tmp_path, stopped_on_folder):
+    data, out = stopped_on_folder
+    full = folder_run(data, tmp_path / "full")
+    assert saved_checkpoint(out)["train_set"]["size"] == 8  # what the resume compares
+    resume(out / "last.pt")
+    assert "not checked" not in (out / "train.log").read_text()
+    a, b = saved_checkpoint(full["out"]), saved_checkpoint(out)
+    assert a["global_step"] == b["global_step"] == 4 and b["step_in_epoch"] == 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_the_training_images_can_change_from_an_epoch_boundary(tmp_path):
+    """Stopped at the end of epoch 1: epoch 2 draws its own order over the images there are
+    now; a stop in it records that set."""
+    data = tmp_path / "data"
+    folder_images(data, range(8))
+    out = tmp_path / "run"
+    folder_run(data, out, "--max-steps", "2", "--epochs", "3")
+    assert (saved_checkpoint(out)["epoch"], saved_checkpoint(out)["step_in_epoch"]) == (1, 0)
+    folder_images(data, range(8, 12))  # 3 steps an epoch now
+    train.main(["--resume", str(out / "last.pt"), "--max-steps", "4"])
+    ckpt = saved_checkpoint(out)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 2)
+    assert ckpt["train_set"]["size"] == 12
+    resume(out / "last.pt")
+    assert (saved_checkpoint(out)["epoch"], saved_checkpoint(out)["global_step"]) == (3, 2 + 3 + 3)
+
+
+def test_an_older_mid_epoch_checkpoint_without_the_record_still_resumes(tmp_path,
+                                                                        stopped_on_folder):
+    """A checkpoint written before the training images were recorded: nothing to compare, so
+    the resume goes on and the log says so; only a set too small for the saved step (which an
+    epoch's order over the stopped set never is) is still refused."""
+    data, out = stopped_on_folder
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    ckpt = saved_checkpoint(older)
+    del ckpt["train_set"], ckpt["run_folder"]
+    torch.save(ckpt, older / "last.pt")
+    res = resume(older / "last.pt")
+    assert res["out"] == str(older) and saved_checkpoint(older)["global_step"] == 4
+    assert re.search(r"does not record the training images .* not checked",
+                     (older / "train.log").read_text())
+    # the saved step runs past an epoch over 4 images (1 step): refused, untouched
+    shutil.rmtree(older)
+    shutil.copytree(out, older)
+    torch.save(ckpt, older / "last.pt")
+    remove_images(data, range(4))
+    before = snapshot(older)
+    with pytest.raises(ValueError, match=r"stopped 1 step into epoch 1; the training split now "
+                                         r"has 4 images, 1 step of batch size 4 an epoch"):
+        resume(older / "last.pt")
+    assert snapshot(older) == before
