@@ -24,7 +24,8 @@ stops the call; predictions.json then still records the images done, with "stopp
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
-folder; a file there named on its own is an input like any other.
+folder, and so are those of any folder below it that an earlier call wrote (holding its
+predictions.json and legend.png); a file there named on its own is an input like any other.
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
@@ -195,9 +196,11 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
     real path): where it lies inside a folder given, its images (earlier calls' outputs) are
     left out of that folder's; a file in it named on its own, or the images of --out given as
-    a folder itself, are inputs."""
+    a folder itself, are inputs. The images of any folder below a folder given that an earlier
+    call wrote (it holds predictions.json and legend.png) are left out too."""
     out_real = None if out_dir is None else os.path.realpath(out_dir)
     out, seen, repeated, left_out = [], set(), [], 0
+    earlier_outputs, marks = [], {}
     for p in paths:
         path = Path(p)
         if path.is_dir():
@@ -213,6 +216,12 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
                     raise FileNotFoundError(f"no images under {path} but those in the --out "
                                             f"folder {out_dir} (left out: outputs go there)")
                 found = kept
+            kept = [f for f in found if not _in_earlier_output(f, path, marks)]
+            if not kept:
+                raise FileNotFoundError(f"no images under {path} but those earlier iddc.predict "
+                                        f"calls wrote (e.g. {found[0]}); name one to segment it")
+            earlier_outputs += [f for f in found if f not in set(kept)]
+            found = kept
         elif path.is_file():
             found = [path]
         elif path.exists():  # a pipe, socket or device: reading it could block forever
@@ -232,7 +241,25 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     if repeated:
         log.warning("%d input(s) given more than once (e.g. %s): each is segmented once",
                     len(repeated), repeated[0])
+    if earlier_outputs:
+        log.warning("leaving out %d image(s) in folders an earlier iddc.predict call wrote "
+                    "(they hold its predictions.json and legend.png), e.g. %s; name one on its "
+                    "own to segment it", len(earlier_outputs), earlier_outputs[0])
     return out
+
+
+def _in_earlier_output(image: Path, top: Path, marks: dict) -> bool:
+    """Whether `image` lies in a folder below `top` that a predict call wrote (it holds that
+    call's predictions.json and legend.png); `marks` caches each folder's answer."""
+    folder = image.parent
+    while folder != top and top in folder.parents:
+        if folder not in marks:
+            marks[folder] = (folder / "predictions.json").is_file() and \
+                (folder / "legend.png").is_file()
+        if marks[folder]:
+            return True
+        folder = folder.parent
+    return False
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:

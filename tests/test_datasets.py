@@ -386,6 +386,12 @@ def test_corrupt_label_and_size_mismatch(tmp_path):
     lab.write_bytes(b"\x89PNG broken")
     with pytest.raises(CorruptSampleError, match=r"cannot decode label"):
         src.load(0)
+    # a grey JPEG saved under the .png name: its ids blur at every edge, silently
+    ids = np.tile(np.array([0, 91, 181], np.uint8).repeat(16), (40, 1))
+    Image.fromarray(ids).save(lab, format="JPEG")
+    with pytest.raises(CorruptSampleError, match=r"label file holds JPEG data, whose lossy "
+                                                 r"compression changes class ids"):
+        src.load(0)
 
 
 def test_all_corrupt_stops(tmp_path):

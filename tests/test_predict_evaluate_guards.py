@@ -710,10 +710,32 @@ def test_predict_leaves_its_out_folder_out_of_a_folder_input(runs, tmp_path, cap
     assert snapshot(out) == before
     # --out given as the folder, or one inside it: its images are the inputs asked for
     assert len(predict.expand_inputs([str(out)], str(out))) == 7
-    assert len(predict.expand_inputs([str(photos)], str(photos))) == 9
+    # photos/preds holds an earlier call's outputs: left out whatever the --out
+    assert len(predict.expand_inputs([str(photos)], str(photos))) == 2
     image(tmp_path / "only" / "preds" / "p_seg.png")
     with pytest.raises(FileNotFoundError, match="no images under .*only but those in the --out"):
         predict.expand_inputs([str(tmp_path / "only")], str(tmp_path / "only" / "preds"))
+
+
+def test_predict_leaves_out_earlier_calls_outputs_below_a_folder_given(runs, tmp_path,
+                                                                        caplog):
+    """An earlier call's --out inside the photos folder, then a call into another --out: its
+    outputs (a folder holding predictions.json and legend.png) were segmented as photos."""
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    assert run_predict(runs["labelled"], photos, "--out", photos / "first") == 0
+    image(photos / "first" / "mine.png", 3)  # a user's file kept there is left out too
+    assert run_predict(runs["labelled"], photos, "--out", tmp_path / "second") == 0
+    record = json.loads((tmp_path / "second" / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["x"]
+    assert "leaving out 5 image(s) in folders an earlier iddc.predict call wrote" in caplog.text
+    # named on its own it is segmented; a folder holding nothing else is an error saying so
+    assert run_predict(runs["labelled"], photos / "first" / "mine.png", "--out",
+                       tmp_path / "third") == 0
+    (photos / "x.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no images under .*photos but those earlier "
+                                                r"iddc.predict calls wrote"):
+        predict.expand_inputs([str(photos)])
 
 
 def test_predict_segments_a_file_given_twice_once(runs, tmp_path, caplog):

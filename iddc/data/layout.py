@@ -244,10 +244,18 @@ def open_image(path, exif_transpose: bool = False) -> Image.Image:
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
 
 
+#: image formats whose compression is lossy: never a label map's
+LOSSY_FORMATS = ("JPEG", "MPO")
+
+
 def open_label(path) -> np.ndarray:
     """An H x W integer label array as stored (no mapping); CorruptSampleError on failure."""
     try:
         with Image.open(path) as img:
+            if img.format in LOSSY_FORMATS:  # its ids would be blurred into others
+                raise CorruptSampleError(
+                    path, f"label file holds {img.format} data, whose lossy compression "
+                          "changes class ids at every edge; expected a PNG")
             if img.mode in ("RGB", "RGBA"):
                 raise CorruptSampleError(
                     path, f"label PNG is {img.mode}; expected single-channel class ids "
