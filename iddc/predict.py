@@ -24,8 +24,9 @@ stops the call; predictions.json then still records the images done, with "stopp
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
-folder, and so are those of any folder below it that an earlier call wrote (holding its
-predictions.json and legend.png); a file there named on its own is an input like any other.
+folder, and so are the files an earlier call wrote into any folder below it (legend.png and
+<stem>_seg/_overlay/_ids.png beside its predictions.json); a file there named on its own is an
+input like any other.
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
@@ -196,8 +197,8 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
     real path): where it lies inside a folder given, its images (earlier calls' outputs) are
     left out of that folder's; a file in it named on its own, or the images of --out given as
-    a folder itself, are inputs. The images of any folder below a folder given that an earlier
-    call wrote (it holds predictions.json and legend.png) are left out too."""
+    a folder itself, are inputs. The files an earlier call wrote into a folder below a folder
+    given (legend.png, <stem>_seg.png, ..., beside its predictions.json) are left out too."""
     out_real = None if out_dir is None else os.path.realpath(out_dir)
     out, seen, repeated, left_out = [], set(), [], 0
     earlier_outputs, marks = [], {}
@@ -216,11 +217,13 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
                     raise FileNotFoundError(f"no images under {path} but those in the --out "
                                             f"folder {out_dir} (left out: outputs go there)")
                 found = kept
-            kept = [f for f in found if not _in_earlier_output(f, path, marks)]
+            kept, earlier = [], []
+            for f in found:
+                (earlier if _earlier_output(f, path, marks) else kept).append(f)
             if not kept:
                 raise FileNotFoundError(f"no images under {path} but those earlier iddc.predict "
                                         f"calls wrote (e.g. {found[0]}); name one to segment it")
-            earlier_outputs += [f for f in found if f not in set(kept)]
+            earlier_outputs += earlier
             found = kept
         elif path.is_file():
             found = [path]
@@ -242,15 +245,18 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
         log.warning("%d input(s) given more than once (e.g. %s): each is segmented once",
                     len(repeated), repeated[0])
     if earlier_outputs:
-        log.warning("leaving out %d image(s) in folders an earlier iddc.predict call wrote "
-                    "(they hold its predictions.json and legend.png), e.g. %s; name one on its "
-                    "own to segment it", len(earlier_outputs), earlier_outputs[0])
+        log.warning("leaving out %d image(s) an earlier iddc.predict call wrote (beside its "
+                    "predictions.json and legend.png), e.g. %s; name one on its own to segment "
+                    "it", len(earlier_outputs), earlier_outputs[0])
     return out
 
 
-def _in_earlier_output(image: Path, top: Path, marks: dict) -> bool:
-    """Whether `image` lies in a folder below `top` that a predict call wrote (it holds that
-    call's predictions.json and legend.png); `marks` caches each folder's answer."""
+def _earlier_output(image: Path, top: Path, marks: dict) -> bool:
+    """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into a
+    folder below `top` (one that holds that call's predictions.json and legend.png: photos
+    beside them are kept); `marks` caches each folder's answer."""
+    if image.name != "legend.png" and not image.name.endswith(IMAGE_OUTPUTS):
+        return False
     folder = image.parent
     while folder != top and top in folder.parents:
         if folder not in marks:

@@ -413,7 +413,7 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
                          "): the checkpoint's weights fit its own model; start a new run "
                          "(without --resume) for another model")
     skip, saved_batch = int(ckpt.get("step_in_epoch", 0)), ckpt["config"]["train"]["batch_size"]
-    steps = f"{skip} step{'s' if skip != 1 else ''}"
+    steps = _steps(skip)
     if skip and cfg.train.batch_size != saved_batch:
         raise ValueError(f"this checkpoint stopped {steps} into an epoch with batch size "
                          f"{saved_batch}; resume it with that batch size (a new --batch-size "
@@ -429,6 +429,10 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
 
 
 #: the settings that fix an epoch's order of training images
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
+
+
 ORDER_FIELDS = ("train.seed", "data.dataset", "data.data_root", "data.options",
                 "data.train_options")
 
@@ -458,7 +462,7 @@ def check_same_training_set(resume: dict, source, batch_size: int) -> Optional[d
     if not skip:  # from an epoch boundary: the next epoch draws its order over the images now
         return None
     epoch, global_step = int(resume["epoch"]) + 1, int(resume["global_step"])
-    stopped = f"this checkpoint stopped {skip} step{'s' if skip != 1 else ''} into epoch {epoch}"
+    stopped = f"this checkpoint stopped {_steps(skip)} into epoch {epoch}"
     ways_out = ("resume it with the same training images (put the split back as it was{}); "
                 "the training images can change from an epoch boundary")
     saved = resume.get("train_set")
@@ -467,9 +471,9 @@ def check_same_training_set(resume: dict, source, batch_size: int) -> Optional[d
         steps = n // batch_size
         if skip >= steps:
             raise ValueError(
-                f"{stopped}; the training split now has {n} images, {steps} "
-                f"step{'s' if steps != 1 else ''} of batch size {batch_size} an epoch, so it no "
-                f"longer holds the images that epoch was drawn over: " + ways_out.format(""))
+                f"{stopped}; the training split now has {n} images, {_steps(steps)} of batch "
+                f"size {batch_size} an epoch, so it no longer holds the images that epoch was "
+                "drawn over: " + ways_out.format(""))
         log.warning("this checkpoint (from an earlier version) does not record the training "
                     "images its stopped epoch was drawn over: that the rest of epoch %d "
                     "continues over the same images (the split now has %d) is not checked",

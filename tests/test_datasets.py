@@ -221,6 +221,11 @@ def test_cityscapes_images_of_another_format_are_named(tmp_path):
     with pytest.warns(UserWarning, match=r"cityscapes: skipping 1 image\(s\) not saved as "
                                          r"\*_leftImg8bit.png \(e.g. .*_leftImg8bit.jpg\)"):
         assert len(cityscapes.build(tmp_path, "train")) == 2
+    upper = next((tmp_path / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+    upper.rename(upper.with_suffix(".PNG"))  # a PNG still, whatever the case of its name
+    with pytest.warns(UserWarning, match="skipping 1 image"):
+        src = cityscapes.build(tmp_path, "train")
+    assert len(src) == 2 and src.load(0)[1].shape == (32, 64)
 
 
 def test_coco_curated_list_with_a_bom_and_uncurated_extension_case(tmp_path):

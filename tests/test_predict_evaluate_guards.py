@@ -720,19 +720,20 @@ def test_predict_leaves_its_out_folder_out_of_a_folder_input(runs, tmp_path, cap
 def test_predict_leaves_out_earlier_calls_outputs_below_a_folder_given(runs, tmp_path,
                                                                         caplog):
     """An earlier call's --out inside the photos folder, then a call into another --out: its
-    outputs (a folder holding predictions.json and legend.png) were segmented as photos."""
+    outputs (beside its predictions.json and legend.png) were segmented as photos."""
     photos = tmp_path / "photos"
     image(photos / "x.png", 1)
     assert run_predict(runs["labelled"], photos, "--out", photos / "first") == 0
-    image(photos / "first" / "mine.png", 3)  # a user's file kept there is left out too
+    image(photos / "first" / "mine.png", 3)  # a user's photo beside them is kept
     assert run_predict(runs["labelled"], photos, "--out", tmp_path / "second") == 0
     record = json.loads((tmp_path / "second" / "predictions.json").read_text())
-    assert sorted(record["images"]) == ["x"]
-    assert "leaving out 5 image(s) in folders an earlier iddc.predict call wrote" in caplog.text
-    # named on its own it is segmented; a folder holding nothing else is an error saying so
-    assert run_predict(runs["labelled"], photos / "first" / "mine.png", "--out",
+    assert sorted(record["images"]) == ["mine", "x"]
+    assert "leaving out 4 image(s) an earlier iddc.predict call wrote" in caplog.text
+    # named on its own an output is segmented; a folder of nothing else is an error saying so
+    assert run_predict(runs["labelled"], photos / "first" / "x_seg.png", "--out",
                        tmp_path / "third") == 0
     (photos / "x.png").unlink()
+    (photos / "first" / "mine.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"no images under .*photos but those earlier "
                                                 r"iddc.predict calls wrote"):
         predict.expand_inputs([str(photos)])

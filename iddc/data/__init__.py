@@ -72,9 +72,9 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     K that differs, is a ValueError naming both.
 
     ``fixed``: the model's K cannot change (a trained checkpoint, iddc.evaluate): a data set
-    that infers K is built with the model's K instead, its maps not probed (a stray id or a
-    corrupt map among them would otherwise stop the evaluation); ids >= K are unlabelled, warned
-    about when loaded."""
+    that infers K is built with the model's K instead (a stray id or a corrupt map among its
+    first maps would otherwise stop the evaluation); ids >= K are unlabelled, warned about when
+    loaded, and first maps that show more classes than K are warned about once."""
     infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
         and options.get("class_names") is None
     if fixed and infers:

@@ -39,8 +39,8 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
     label_dir = require_dir(root / "gtFine" / split,
                             "<city>/*_gtFine_labelIds.png (from gtFine_trainvaltest.zip)")
     found = list_images(image_dir, suffix=IMAGE_SUFFIX)
-    images = [p for p in found if p.suffix == ".png"]
-    others = [p for p in found if p.suffix != ".png"]
+    images = [p for p in found if p.suffix.lower() == ".png"]
+    others = [p for p in found if p.suffix.lower() != ".png"]
     if others:  # a converted copy would silently be a smaller data set
         warnings.warn(f"cityscapes: skipping {len(others)} image(s) not saved as *{IMAGE_SUFFIX}"
                       f".png (e.g. {others[0]}): the layout's images are PNG files",
@@ -52,7 +52,7 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
     labels = []
     for img in images:
         rel = img.relative_to(image_dir)
-        stem = img.name[:-len(IMAGE_SUFFIX + ".png")]
+        stem = img.name[:-len(IMAGE_SUFFIX + img.suffix)]
         labels.append(label_dir / rel.parent / f"{stem}{LABEL_SUFFIX}.png")
     missing_pairs(list(zip(images, labels)),
                   f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image")

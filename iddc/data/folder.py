@@ -14,8 +14,8 @@ would be the whole folder, so held-out scores would be computed on training imag
 label maps, warned about when that id lies far above all others (a stray value), and is at most
 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K are unlabelled too, with a
 warning (once per data set) naming them; iddc.train and iddc.evaluate score a val split with the
-run's K (iddc.data.build_source_for; iddc.evaluate builds it with the checkpoint's K, its maps
-not probed). Without labels K is required (the number of clusters), any K >= 2. `class_names`
+run's K (iddc.data.build_source_for; iddc.evaluate builds it with the checkpoint's K, warning
+once when its first maps show more classes). Without labels K is required (the number of clusters), any K >= 2. `class_names`
 may be given as a list or a text file (one name per line); the names must be distinct.
 `subset=N` keeps the first N images.
 `label_root` must be a path (a number or false from YAML is a ValueError naming it); label PNGs

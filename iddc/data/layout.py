@@ -181,7 +181,7 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
 def _found_nearby(path: Path) -> str:
     """A hint where a missing image is found after all (a few stats): under another image
     extension, or one folder deeper (an archive unpacked into a folder of its own name)."""
-    for ext in IMAGE_EXTENSIONS:
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
         other = path.with_suffix(ext)
         if other != path and other.is_file():
             return f" (found {other.name}: the images have another extension)"
@@ -366,7 +366,8 @@ class FileSource(SegmentationSource):
         self._warned_ids = True
         ids = np.unique(stored[stray])
         shown = ", ".join(str(int(i)) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
-        valid = self.stored_ids or f"0..{first - 1} (num_classes={first}) and not {IGNORE_INDEX}"
+        valid = self.stored_ids or f"0..{first - 1} (num_classes={first})" + (
+            f" and not {IGNORE_INDEX}" if self.ignore_stored else "")
         warnings.warn(
             f"{self.description}: label {path} holds {int(stray.sum())} pixel(s) with class ids "
             f"{shown}, outside {valid}; they are treated as unlabelled (warned once per data "
