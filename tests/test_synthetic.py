@@ -59,3 +59,12 @@ def test_eval_transform_shorter_side():
     x, y = EvalTransform(64, multiple=8)(*src.load(0))
     assert x.shape == (3, 64, 64) and y.shape == (64, 64)
     assert set(torch.unique(y).tolist()) <= set(range(src.num_classes))
+
+
+def test_scene_size_beyond_the_generator_is_refused_by_name():
+    """image_size=100000 was a numpy MemoryError traceback (149 GiB of coordinate grids)."""
+    with pytest.raises(ValueError, match=r"synthetic: option image_size=100000 must be a whole "
+                                         r"number in 1..4096"):
+        build_source("synthetic", split="train", num_images=2, image_size=100000)
+    assert build_source("synthetic", split="train", num_images=1, image_size=4096).image_size \
+        == 4096

@@ -115,6 +115,10 @@ def _class_probs(num_classes: int, imbalance) -> np.ndarray:
     return probs
 
 
+#: the largest scene side the generator draws (a test set of small scenes, not a benchmark)
+MAX_IMAGE_SIZE = 4096
+
+
 class SyntheticSource(SegmentationSource):
     """``num_images`` generated scenes of ``image_size`` px, K = ``num_classes`` classes."""
 
@@ -126,7 +130,9 @@ class SyntheticSource(SegmentationSource):
                              f"{sorted(SPLITS)}")
         self.split, self.seed = split, int_option(seed, "seed", 0, dataset="synthetic")
         self.num_images = int_option(num_images, "num_images", 1, dataset="synthetic")
-        self.image_size = int_option(image_size, "image_size", 1, dataset="synthetic")
+        # each scene is drawn whole, with int64 coordinate grids: 100000 px would need 149 GiB
+        self.image_size = int_option(image_size, "image_size", 1, MAX_IMAGE_SIZE,
+                                     dataset="synthetic")
         # 255 is the unlabelled id of label maps
         self.num_classes = int_option(num_classes, "num_classes", 2, 254, dataset="synthetic")
         min_regions = int_option(min_regions, "min_regions", 1, dataset="synthetic")
@@ -161,8 +167,8 @@ def build(root=None, split: str = "train", **options) -> SyntheticSource:
     """Registry factory ("synthetic"); nothing is read from disk, so a ``root`` is refused
     (a --data-root meant for another data set would otherwise be silently ignored).
 
-    Options: num_images (default 512 for train, 128 for val), image_size (96), num_classes (6),
-    seed (0), imbalance (1.0), min_regions (3), max_regions (8).
+    Options: num_images (default 512 for train, 128 for val), image_size (96, at most 4096),
+    num_classes (6), seed (0), imbalance (1.0), min_regions (3), max_regions (8).
     """
     if root is not None:
         raise ValueError(f"data root {str(root)!r} given for the synthetic data set, which is "
