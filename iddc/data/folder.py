@@ -15,9 +15,9 @@ label maps, warned about when that id lies far above all others (a stray value),
 255 (label maps hold ids 0..254, 255 = unlabelled); stored ids >= K are unlabelled too, with a
 warning (once per data set) naming them; iddc.train and iddc.evaluate score a val split with the
 run's K (iddc.data.build_source_for; iddc.evaluate builds it with the checkpoint's K, warning
-once when its first maps show more classes). Without labels K is required (the number of clusters), any K >= 2. `class_names`
-may be given as a list or a text file (one name per line); the names must be distinct.
-`subset=N` keeps the first N images.
+once when its first maps show more classes). Without labels K is required (the number of
+clusters), any K >= 2. `class_names` may be given as a list or a text file (one name per line);
+the names must be distinct. `subset=N` keeps the first N images.
 `label_root` must be a path (a number or false from YAML is a ValueError naming it); label PNGs
 under the image root are left out of the images by real path, however the two are spelled.
 """
