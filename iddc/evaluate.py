@@ -102,10 +102,10 @@ class EvalMode:
 
 
 EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
-#: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
-#: (iddc.inference; window/stride from data.sliding_window / data.sliding_stride)
 #: predict_fns whose sums hold K values per resized pixel (bounded by MAX_SLIDING_PIXELS)
 sliding_predict_fn.pixel_bounded = True
+#: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
+#: (iddc.inference; window/stride from data.sliding_window / data.sliding_stride)
 EVAL_MODES["sliding"] = EvalMode(
     make_resize_transform, sliding_predict_fn,
     lambda cfg: {"window": cfg.data.sliding_window, "stride": cfg.data.sliding_stride or None})

@@ -98,13 +98,11 @@ def check_window(window: int, stride: Optional[int], multiple: int = 1,
         lower = max(multiple, window // multiple * multiple)
         raise ValueError(f"--window {window} is not a multiple of the backbone's patch size "
                          f"{multiple} px; try {lower} or {lower + multiple}")
-    if max_tokens is not None and multiple > 1 and \
-            token_count(window, window, multiple) > max_tokens:
-        side = math.isqrt(max_tokens) * multiple
-        tokens = token_count(window, window, multiple)
-        raise ValueError(f"--window {window}: a window would be {tokens} backbone tokens"
-                         f" of {multiple} px patches in one forward pass, more "
-                         f"than the limit of {max_tokens}; use --window {side} or less")
+    tokens = token_count(window, window, multiple)
+    if max_tokens is not None and multiple > 1 and tokens > max_tokens:
+        raise ValueError(f"--window {window}: a window would be {tokens} backbone tokens of "
+                         f"{multiple} px patches in one forward pass, more than the limit of "
+                         f"{max_tokens}; use --window {math.isqrt(max_tokens) * multiple} or less")
     return stride
 
 

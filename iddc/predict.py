@@ -199,32 +199,14 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     left out of that folder's; a file in it named on its own, or the images of --out given as
     a folder itself, are inputs. The files an earlier call wrote into a folder below a folder
     given (legend.png, <stem>_seg.png, ..., beside its predictions.json) are left out too."""
-    out_real = None if out_dir is None else os.path.realpath(out_dir)
     out, seen, repeated, left_out = [], set(), [], 0
     earlier_outputs, marks = [], {}
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = list_images(path)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-            real = os.path.realpath(path)
-            if out_real is not None and out_real != real and \
-                    os.path.commonpath([out_real, real]) == real:  # --out is inside it
-                kept = [f for f in found if not _inside(f, out_real)]
-                left_out += len(found) - len(kept)
-                if not kept:
-                    raise FileNotFoundError(f"no images under {path} but those in the --out "
-                                            f"folder {out_dir} (left out: outputs go there)")
-                found = kept
-            kept, earlier = [], []
-            for f in found:
-                (earlier if _earlier_output(f, path, marks) else kept).append(f)
-            if not kept:
-                raise FileNotFoundError(f"no images under {path} but those earlier iddc.predict "
-                                        f"calls wrote (e.g. {found[0]}); name one to segment it")
+            found, under_out, earlier = _folder_images(path, out_dir, marks)
+            left_out += len(under_out)
             earlier_outputs += earlier
-            found = kept
         elif path.is_file():
             found = [path]
         elif path.exists():  # a pipe, socket or device: reading it could block forever
@@ -249,6 +231,34 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
                     "predictions.json and legend.png), e.g. %s; name one on its own to segment "
                     "it", len(earlier_outputs), earlier_outputs[0])
     return out
+
+
+def _folder_images(path: Path, out_dir: Optional[str], marks: dict) -> tuple:
+    """(kept, under --out, written by an earlier call): the images of folder input `path`,
+    less those under `out_dir` where it lies inside `path`, and less those an earlier call
+    wrote (:func:`_earlier_output`); a FileNotFoundError when none is kept."""
+    found = list_images(path)
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    real = os.path.realpath(path)
+    out_real = None if out_dir is None else os.path.realpath(out_dir)
+    out_inside = out_real is not None and out_real != real and \
+        os.path.commonpath([out_real, real]) == real
+    kept, under_out, earlier = [], [], []
+    for f in found:
+        if out_inside and _inside(f, out_real):
+            under_out.append(f)
+        elif _earlier_output(f, path, marks):
+            earlier.append(f)
+        else:
+            kept.append(f)
+    if not kept:
+        raise FileNotFoundError(
+            f"no images under {path} but those earlier iddc.predict calls wrote (e.g. "
+            f"{earlier[0]}); name one to segment it" if earlier else
+            f"no images under {path} but those in the --out folder {out_dir} (left out: "
+            "outputs go there)")
+    return kept, under_out, earlier
 
 
 def _earlier_output(image: Path, top: Path, marks: dict) -> bool:

@@ -428,11 +428,11 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
     return cfg, changes
 
 
-#: the settings that fix an epoch's order of training images
 def _steps(n: int) -> str:
     return f"{n} step{'s' if n != 1 else ''}"
 
 
+#: the settings that fix an epoch's order of training images
 ORDER_FIELDS = ("train.seed", "data.dataset", "data.data_root", "data.options",
                 "data.train_options")
 

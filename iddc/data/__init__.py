@@ -51,13 +51,14 @@ LIST_OR_PATH_OPTIONS = ("class_names",)
 INFERS_NUM_CLASSES = {"folder"}
 
 
-def _probed_classes(name: str, root, split: str, options: dict):
-    """The K a data set that infers it finds in the split's first label maps, or None where it
-    cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or warns)."""
+def _probed(name: str, root, split: str, options: dict):
+    """The split as a data set that infers K builds it from its first label maps, or None
+    where it cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or
+    warns)."""
     try:
         with warnings.catch_warnings():  # its warnings are the scoring's to give
             warnings.simplefilter("ignore")
-            return int(build_source(name, root=root, split=split, **options).num_classes)
+            return build_source(name, root=root, split=split, **options)
     except Exception:
         return None
 
@@ -78,10 +79,13 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
         and options.get("class_names") is None
     if fixed and infers:
-        probed = _probed_classes(name, root, split, options)
-        if probed is not None and probed > model_classes:  # scored all the same, but said
+        probed = _probed(name, root, split, options)
+        k = None if probed is None else int(probed.num_classes)
+        if k == model_classes:  # the usual case: built once
+            return probed
+        if k is not None and k > model_classes:  # scored all the same, but said
             warnings.warn(f"data set {name!r}: the {split} split's first label maps hold class "
-                          f"ids up to {probed - 1}, the model has {model_classes} classes: ids "
+                          f"ids up to {k - 1}, the model has {model_classes} classes: ids "
                           f"from {model_classes} on are scored as unlabelled; is this the data "
                           "set the model was trained on?", stacklevel=2)
         return build_source(name, root=root, split=split,
