@@ -204,15 +204,16 @@ class Config:
         for name, value, low in at_least:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
-                            ("train.backbone_lr_ratio", t.backbone_lr_ratio),
-                            ("train.poly_power", t.poly_power),
-                            ("data.eval_feature_cache_mb", d.eval_feature_cache_mb)]:
+        # a learning rate of 0 would train nothing and still report a "trained" model
+        for name, value, above in [("train.lr", t.lr, True), ("train.probe_lr", t.probe_lr, True),
+                                   ("train.backbone_lr_ratio", t.backbone_lr_ratio, False),
+                                   ("train.poly_power", t.poly_power, False),
+                                   ("data.eval_feature_cache_mb", d.eval_feature_cache_mb, False)]:
             # beyond float32's range an optimiser's float32 state overflows (a traceback)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not value >= 0 or value > FLOAT32_MAX:
-                raise ValueError(f"{name} must be a finite number >= 0 (at most float32's "
-                                 f"{FLOAT32_MAX:.3g}), got {value!r}")
+                    or not (value > 0 if above else value >= 0) or value > FLOAT32_MAX:
+                raise ValueError(f"{name} must be a finite number {'>' if above else '>='} 0 "
+                                 f"(at most float32's {FLOAT32_MAX:.3g}), got {value!r}")
         if not 0 <= t.seed < 2 ** 32:  # numpy's seed range: named here, not by numpy
             raise ValueError(f"train.seed must be an integer in 0..2**32-1, got {t.seed!r}")
         for name, value in (("train.out", t.out), ("train.name", t.name),

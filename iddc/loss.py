@@ -17,7 +17,7 @@ from torch import nn
 
 from . import reference
 from .first_order import autocast_off
-from .pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
+from .pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
                           is_integer, triton_interpret_requested)
 from .reference import H_VARIANTS, REGULARISERS
 
@@ -156,18 +156,19 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def resolve_backend(name, device: torch.device, dtype: Optional[torch.dtype] = None,
-                    classes: Optional[int] = None):
+                    classes: Optional[int] = None, batch: Optional[int] = None):
     """The concrete backend `name` means for tensors on `device` computed in `dtype` with
-    `classes` classes ("auto": the fastest exact path: triton on CUDA, except for float64,
-    which the kernels would compute in float32, and beyond the kernels' 256 classes, where it
-    is streaming).
+    `classes` classes and `batch` images ("auto": the fastest exact path: triton on CUDA,
+    except for float64, which the kernels would compute in float32, and beyond the kernels'
+    256 classes or 65535 images, where it is streaming).
 
     A callable (any function with the contract of `reference.pair_sums`) is its own backend.
     """
     if callable(name):
         return name
     if name == "auto":
-        if dtype == torch.float64 or (classes is not None and classes > TRITON_MAX_CLASSES):
+        if dtype == torch.float64 or (classes is not None and classes > TRITON_MAX_CLASSES) \
+                or (batch is not None and batch > TRITON_MAX_BATCH):
             return "streaming"
         return "triton" if _triton_usable(device) else "streaming"
     if name == "triton" and device.type != "cuda":
@@ -379,7 +380,8 @@ class IDDCLoss(nn.Module):
             if cfg.check_finite:
                 check_finite_views(views, feats_a, feats_b, logits_a, logits_b)
             u_a, u_b, p_a, p_b = views[:4]
-            backend = resolve_backend(cfg.backend, feats_a.device, u_a.dtype, p_a.shape[2])
+            backend = resolve_backend(cfg.backend, feats_a.device, u_a.dtype, p_a.shape[2],
+                                      p_a.shape[0])
             options = ({"precision": cfg.precision, "deterministic": cfg.deterministic}
                        if backend == "triton" else {})
             result = get_pair_sums(backend)(u_a, u_b, p_a, p_b, shifts, t_pos=cfg.t_pos,

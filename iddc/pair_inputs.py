@@ -21,6 +21,8 @@ H_VARIANTS = ("exp", "linear", "log")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 #: the most classes the Triton kernels hold on chip (``auto`` takes streaming beyond it)
 TRITON_MAX_CLASSES = 256
+#: the most images per call of the Triton kernels: the batch is a CUDA grid axis (65535 at most)
+TRITON_MAX_BATCH = 65535
 #: the values of TRITON_INTERPRET that turn Triton's CPU interpreter on, as triton reads them
 _INTERPRET_ON = ("1", "true", "yes", "on", "y")
 

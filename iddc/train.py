@@ -64,6 +64,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return self.transform(img, lab, rng)
 
 
+def shift_seed(seed: int) -> int:
+    """The seed of run `seed`'s negative-shift draws: a stream of its own, not seed + 1, which
+    is run seed + 1's global torch stream (two runs of a seed sweep would share draws)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -774,7 +780,7 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
     probe_opt = torch.optim.Adam(model.probe.parameters(), lr=tc.probe_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: poly_factor(min(e, tc.epochs), tc.epochs, tc.poly_power))
-    shift_gen = torch.Generator().manual_seed(tc.seed + 1)
+    shift_gen = torch.Generator().manual_seed(shift_seed(tc.seed))
     start_epoch, global_step, history = 0, 0, []
     start_skip = 0  # steps of start_epoch already done (a --max-steps stop mid-epoch)
     epoch_stats = None  # and their training statistics

@@ -38,7 +38,8 @@ import triton.language as tl
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import autocast_off, first_order_only, forward_mode_unsupported
-from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_CLASSES, check_pair_sums_inputs,
+from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES,
+                              check_pair_sums_inputs,
                               comparison_threshold, triton_interpret_requested)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
@@ -671,6 +672,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
     K = p_a.shape[2]
     if K > _MAX_K:
         raise ValueError(f"K={K} exceeds the kernel's maximum of {_MAX_K} classes")
+    if B > TRITON_MAX_BATCH:  # checked under the interpreter too: it fails as on a GPU
+        raise ValueError(f"B={B} images exceed the triton backend's maximum of {TRITON_MAX_BATCH} "
+                         "per call (a CUDA grid axis); use backend='streaming' for more")
     wide = torch.float64 in (u_a.dtype, u_b.dtype, p_a.dtype, p_b.dtype)
     out_dtype = torch.float64 if wide else torch.float32
 

@@ -388,6 +388,10 @@ def test_corrupt_label_and_size_mismatch(tmp_path):
     Image.new("RGB", (48, 40)).save(lab)
     with pytest.raises(CorruptSampleError, match=r"label PNG is RGB"):
         src.load(0)
+    # a WebP (even a lossless one) decodes as RGB: refused as such, named as what it is
+    Image.new("L", (48, 40)).save(lab, format="WEBP", lossless=True)
+    with pytest.raises(CorruptSampleError, match=r"label WEBP is RGB; expected single-channel"):
+        src.load(0)
     lab.write_bytes(b"\x89PNG broken")
     with pytest.raises(CorruptSampleError, match=r"cannot decode label"):
         src.load(0)

@@ -148,6 +148,9 @@ def test_auto_backend_keeps_float64_exact(monkeypatch):
     # beyond the kernels' 256 classes, auto takes streaming rather than raising
     assert resolve_backend("auto", dev, torch.float32, 256) == "triton"
     assert resolve_backend("auto", dev, torch.float32, 257) == "streaming"
+    # and beyond the 65535 images of a CUDA grid axis
+    assert resolve_backend("auto", dev, torch.float32, 27, 65535) == "triton"
+    assert resolve_backend("auto", dev, torch.float32, 27, 65536) == "streaming"
     picked = []
     def reference_without_kernel_options(*args, precision=None, deterministic=None, **kw):
         return loss_mod.reference.pair_sums(*args, **kw)

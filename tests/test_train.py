@@ -194,8 +194,10 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere
     (["--epochs", "0"], "train.epochs must be an integer >= 1, got 0"),
     (["--batch-size", "1"], "train.batch_size 1: the negative pairs pair each image"),
     (["--eval-every", "0"], "train.eval_every must be an integer >= 1"),
-    (["--lr", "-1"], r"train.lr must be a finite number >= 0 \(at most float32.s "
+    (["--lr", "-1"], r"train.lr must be a finite number > 0 \(at most float32.s "
                      r"3.4e\+38\), got -1.0"),
+    (["--lr", "0"], r"train.lr must be a finite number > 0 .*got 0.0"),
+    (["--probe-lr", "0"], r"train.probe_lr must be a finite number > 0 .*got 0.0"),
     (["--eval-batch-size", "0"], "data.eval_batch_size must be an integer >= 1"),
     (["--kmeans-restarts", "0"], "train.kmeans_restarts must be an integer >= 1"),
     (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
@@ -205,8 +207,8 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere
     (["--seed", str(2 ** 32)], r"train.seed must be an integer in 0..2\*\*32-1"),
     (["--name", ""], "train.name must not be empty"),
     (["--data-root", " "], "data.data_root must not be empty"),
-], ids=["epochs-0", "batch-1", "eval-every-0", "lr-negative", "eval-batch-0", "kmeans-restarts-0",
-        "t_pos-1.5", "unknown-data-option", "stride-beyond-window", "seed-negative",
+], ids=["epochs-0", "batch-1", "eval-every-0", "lr-negative", "lr-0", "probe-lr-0",
+        "eval-batch-0", "kmeans-restarts-0", "t_pos-1.5", "unknown-data-option", "stride-beyond-window", "seed-negative",
         "seed-2**32", "name-empty", "data-root-blank"])
 def test_bad_settings_stop_before_a_run_folder_exists(tmp_path, tiny_yaml, flags, message):
     with pytest.raises(ValueError, match=message):
@@ -512,3 +514,14 @@ def test_loader_workers_do_not_change_the_run(tmp_path, tiny_yaml):
         assert x["unsupervised"] == y["unsupervised"]
         assert [x["train"][key] for key in train.STAT_KEYS] == \
             [y["train"][key] for key in train.STAT_KEYS]
+
+
+def test_shift_draws_are_a_stream_of_their_own():
+    """Run s's negative shifts come from their own stream: not seed s + 1's global torch stream
+    (which initialises run s + 1's head), so the runs of a seed sweep share no draws."""
+    seeds = [train.shift_seed(s) for s in range(64)]
+    assert len(set(seeds)) == 64 and not set(seeds) & set(range(65))
+    assert train.shift_seed(7) == train.shift_seed(7)  # a run's draws are its seed's
+    def draws(seed):
+        return torch.randint(0, 2 ** 62, (4,), generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(draws(train.shift_seed(0)), draws(1))

@@ -957,7 +957,7 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--name", "../escape"], r"train.name must be one folder name \(no '/'"),
     (["--name", ".."], "train.name must be one folder name"),
     (["--set", 'train.name="a\\nb"'], "train.name must be one folder name"),
-    (["--lr", "1e39"], r"train.lr must be a finite number >= 0 \(at most float32's 3.4e\+38\)"),
+    (["--lr", "1e39"], r"train.lr must be a finite number > 0 \(at most float32's 3.4e\+38\)"),
     (["--weights", ""], "model.weights must not be empty"),
     (["--kmeans-restarts", "1001"], "train.kmeans_restarts must be at most 1000, got 1001"),
     (["--kmeans-iters", "100000"], "train.kmeans_iters must be at most 10000, got 100000"),

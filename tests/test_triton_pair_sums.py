@@ -332,6 +332,10 @@ def test_rejects_bad_arguments():
         triton_pair_sums(u_a, u_b, big, big[:, :5], (), t_pos=T_POS, t_neg=T_NEG)
     with pytest.raises(ValueError, match="floating point"):
         triton_pair_sums(u_a, u_b, p_a.to(torch.int32), p_b, (), t_pos=T_POS, t_neg=T_NEG)
+    # one image per program row of grid axis 1: CUDA's limit, named before any launch
+    many = torch.ones(65536, 1, 16, device=DEVICE), torch.full((65536, 1, 3), 1 / 3, device=DEVICE)
+    with pytest.raises(ValueError, match="B=65536 images exceed .* 65535"):
+        triton_pair_sums(many[0], many[0], many[1], many[1], (1,), t_pos=T_POS, t_neg=T_NEG)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])

@@ -258,8 +258,8 @@ def open_label(path) -> np.ndarray:
                           "changes class ids at every edge; expected a PNG")
             if img.mode in ("RGB", "RGBA"):
                 raise CorruptSampleError(
-                    path, f"label PNG is {img.mode}; expected single-channel class ids "
-                          f"(mode L, P or I)")
+                    path, f"label {img.format or 'image'} is {img.mode}; expected "
+                          "single-channel class ids (mode L, P or I)")
             if img.mode == "F":  # 2.7 would silently become class 2
                 raise CorruptSampleError(
                     path, "label map is floating point (mode F); expected integer class ids "
