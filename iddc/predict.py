@@ -380,6 +380,48 @@ def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = Non
                          f"drop {'them' if both else 'it'})")
 
 
+def predictors(model, key: str, dev, *, mode: str, short_side: int, given: bool,
+               window: Optional[int], stride: Optional[int], batch_size: int) -> tuple:
+    """The Predictor that checks and sizes images as evaluation does, and the one that segments
+    them once resized (`given`: `short_side` is the user's --short-side, not the run's)."""
+    window = DEFAULT_WINDOW if window is None else window
+    predictor = Predictor(model, mode=mode, short_side=short_side, window=window,
+                          stride=stride, batch_size=batch_size, heads=(key,), device=dev)
+    if predictor.short_side is not None and predictor.short_side < predictor.multiple:
+        # it would be rounded up to one patch: a single-colour map, silently
+        what = f"--short-side {short_side}" if given else \
+            f"the run's eval size {short_side} (the default --short-side)"
+        raise ValueError(f"{what} is below the backbone's patch size {predictor.multiple}; use "
+                         f"{predictor.multiple} or more, or 0 to keep each image's own size")
+    # the images are resized by predict_files as evaluation resizes them (PIL bicubic on the
+    # 8-bit image, iddc.data.transforms.EvalTransform), so predict shows what evaluate scored;
+    # this predictor neither resizes nor rounds again (the sides are patch multiples already)
+    # and upsamples to each image's own size
+    sized = Predictor(model, mode=mode, short_side=None, window=window, stride=stride,
+                      batch_size=batch_size, heads=(key,), device=dev)
+    return predictor, sized
+
+
+def read_images(paths: Sequence[Path], stems: Sequence[str], predictor: Predictor,
+                failed: dict, too_large: list) -> list:
+    """(path, stem, image) of the images that open and fit `predictor`; the others are put in
+    `failed` (and `too_large`) with their reason, and skipped."""
+    batch = []
+    for path, stem in zip(paths, stems):
+        try:
+            img = open_image(path, exif_transpose=True)
+            predictor.check_size(img.height, img.width)
+            batch.append((path, stem, img))
+        except CorruptSampleError as err:
+            failed[str(path)] = err.reason
+            log.warning("skipping %s", err)
+        except ImageTooLargeError as err:  # would hang or run out of memory: skipped
+            failed[str(path)] = str(err)
+            too_large.append(str(path))
+            log.warning("skipping %s: %s", path, err)
+    return batch
+
+
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: str = "resize", short_side: Optional[int] = None,
                   window: Optional[int] = None, stride: Optional[int] = None,
@@ -430,22 +472,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     given = short_side is not None
     if short_side is None:
         short_side = int(cfg.data.eval_size)
-    predictor = Predictor(model, mode=mode, short_side=short_side,
-                          window=DEFAULT_WINDOW if window is None else window,
-                          stride=stride, batch_size=batch_size, heads=(key,), device=dev)
-    if predictor.short_side is not None and predictor.short_side < predictor.multiple:
-        # it would be rounded up to one patch: a single-colour map, silently
-        what = f"--short-side {short_side}" if given else \
-            f"the run's eval size {short_side} (the default --short-side)"
-        raise ValueError(f"{what} is below the backbone's patch size {predictor.multiple}; use "
-                         f"{predictor.multiple} or more, or 0 to keep each image's own size")
-    # the images are resized here as evaluation resizes them (PIL bicubic on the 8-bit image,
-    # iddc.data.transforms.EvalTransform), so predict shows what evaluate scored; this
-    # predictor neither resizes nor rounds again (the sides are patch multiples already) and
-    # upsamples to each image's own size
-    sized = Predictor(model, mode=mode, short_side=None,
-                      window=DEFAULT_WINDOW if window is None else window,
-                      stride=stride, batch_size=batch_size, heads=(key,), device=dev)
+    predictor, sized = predictors(model, key, dev, mode=mode, short_side=short_side,
+                                  given=given, window=window, stride=stride,
+                                  batch_size=batch_size)
     names = cluster_names(ckpt, head, k)
     source = names_source(ckpt, head)
     if source is not None and not source["of_these_weights"]:
@@ -474,20 +503,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
     try:
         for start in range(0, len(paths), batch_size):
-            batch = []
-            for path, stem in zip(paths[start:start + batch_size],
-                                  stems[start:start + batch_size]):
-                try:
-                    img = open_image(path, exif_transpose=True)
-                    predictor.check_size(img.height, img.width)
-                    batch.append((path, stem, img))
-                except CorruptSampleError as err:
-                    failed[str(path)] = err.reason
-                    log.warning("skipping %s", err)
-                except ImageTooLargeError as err:  # would hang or run out of memory: skipped
-                    failed[str(path)] = str(err)
-                    too_large.append(str(path))
-                    log.warning("skipping %s: %s", path, err)
+            batch = read_images(paths[start:start + batch_size],
+                                stems[start:start + batch_size], predictor, failed, too_large)
             if not batch:
                 continue
             tensors = [to_tensor(eval_resized(img, predictor.short_side, predictor.multiple),

@@ -101,7 +101,7 @@ def _feature_affinity_tile(ur_ptr, uc_ptr, offs_i, offs_j, mask_i, mask_j, s_rn,
     bit-identical between the row pass and the transposed pass.
     """
     f = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)  # int32 lanes: the launcher keeps s_*d * (D - 1) < 2**31
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         md = dd < D
@@ -575,7 +575,12 @@ class TritonPairSums(torch.autograd.Function):
         g = grad_sums.to(torch.float32)
         with autocast_off(p_a.device):  # backward called inside an autocast region
             if grad_a is not None:
-                gp_a = torch.tensordot(g, grad_a, dims=([0], [0])).to(ctx.p_dtypes[0])
+                # elementwise, in a fixed order: a contraction would be a cuBLAS matmul, which
+                # PyTorch's TF32 setting can round (and whose order is cuBLAS's to choose)
+                gp_a = grad_a[0] * g[0]
+                for t in range(1, grad_a.shape[0]):
+                    gp_a.addcmul_(grad_a[t], g[t])
+                gp_a = gp_a.to(ctx.p_dtypes[0])
             if grad_b is not None:
                 gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
         # a second derivative would lack the pair terms: make it raise, not silently drop them
@@ -588,6 +593,13 @@ class TritonPairSums(torch.autograd.Function):
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def lanes_fit_int32(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy of it if the offsets along its last dimension reach 2**31:
+    the kernels index D and K with 32-bit lanes (a last-dim stride times at most D - 1 or
+    K - 1; the other offsets are int64), which a permuted view of a huge buffer would wrap."""
+    return t.contiguous() if t.stride(-1) * max(t.shape[-1] - 1, 0) >= 2 ** 31 else t
 
 
 def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_b: torch.Tensor,
@@ -690,6 +702,7 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
         pa = pa.float()
     if pb.dtype == torch.float64:
         pb = pb.float()
+    ua, ub, pa, pb = (lanes_fit_int32(t) for t in (ua, ub, pa, pb))
     # no pair at all (an empty view B still leaves the A-vs-A negative sets)
     if B == 0 or N == 0 or (M == 0 and not shifts):
         z = pa.sum() * 0 + pb.sum() * 0

@@ -436,6 +436,53 @@ def test_non_contiguous_inputs():
     assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
 
 
+def test_last_dim_offsets_beyond_int32_are_read_from_a_copy(monkeypatch):
+    """The kernels' D and K lanes are 32-bit: a last-dimension stride whose offsets reach 2**31
+    (a permuted view of a huge buffer) is copied to contiguous, every other view kept as is
+    (meta tensors: the strides alone, no storage)."""
+    from iddc_kernels.pair_sums import lanes_fit_int32
+    base = torch.empty(1, device="meta")
+    near = base.as_strided((2, 5, 384), (1, 2, (2 ** 31 - 1) // 383))  # last offset < 2**31
+    wraps = base.as_strided((2, 5, 384), (1, 2, 2 ** 31 // 383 + 1))
+    assert lanes_fit_int32(near) is near
+    copied = lanes_fit_int32(wraps)
+    assert copied.is_contiguous() and copied.shape == wraps.shape
+    single = base.as_strided((2, 5, 1), (5, 1, 2 ** 40))  # one lane: offset 0 whatever the stride
+    assert lanes_fit_int32(single) is single
+    # and the launcher passes every input through it
+    import iddc_kernels.pair_sums as ps
+    seen = []
+    monkeypatch.setattr(ps, "lanes_fit_int32", lambda t: seen.append(tuple(t.shape)) or t)
+    u_a, u_b, p_a, p_b = make_inputs(2, 6, 5, 16, 3, 1, torch.float32)
+    triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG)
+    assert seen == [(2, 6, 16), (2, 5, 16), (2, 6, 3), (2, 5, 3)]
+
+
+def test_backward_makes_no_matmul():
+    """The scalar loss's gradient is scaled elementwise in a fixed order: a contraction would be
+    a cuBLAS matmul, which a script's TF32 setting rounds (1e-3 off in "ieee" mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    u_a, u_b, p_a, p_b = make_inputs(3, 9, 7, 16, 4, 5, torch.float32)
+    p_a.requires_grad_()
+    p_b.requires_grad_()
+    sums, _ = triton_pair_sums(u_a, u_b, p_a, p_b, (1, 2), t_pos=T_POS, t_neg=T_NEG)
+    ops = Ops()
+    with ops:
+        sums.backward(torch.tensor([0.5, -1.0, 2.0], device=DEVICE))
+    assert ops.seen and not ops.seen & {"mm", "bmm", "addmm", "matmul", "mv", "dot", "tensordot"}
+    assert p_a.grad is not None and p_b.grad is not None
+
+
 _LATE_INTERPRETER = """
 import os, sys, torch
 import triton  # imported without the variable, as torch.compile's inductor does
