@@ -4,7 +4,8 @@ Their backward only scales the saved gradients, so a second derivative through t
 silently missing the pair terms' curvature (and ``once_differentiable`` does not catch it when
 grad_output is a constant, as the loss's 1/count is). `first_order_only` ties the returned
 gradient to the differentiable input, so that differentiating it again raises instead, and
-`autocast_off` keeps that scaling in float32 when backward runs inside an autocast region.
+`autocast_off` keeps that scaling in float32 when backward runs inside an autocast region, and
+`weighted_sum` keeps it out of cuBLAS.
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ def autocast_off(device: torch.device):
     except (RuntimeError, ValueError):  # a device type autocast does not know
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """sum_t weights[t] * stacked[t] (weights: T, stacked: T x ...), elementwise in a fixed
+    order: as a contraction it would be a cuBLAS matmul on CUDA, which a script's TF32 setting
+    rounds (about 1e-3) and whose summation order is cuBLAS's to choose. No device sync."""
+    out = stacked[0] * weights[0]
+    for t in range(1, stacked.shape[0]):
+        out.addcmul_(stacked[t], weights[t])
+    return out
 
 
 class _SecondOrderError(torch.autograd.Function):

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .first_order import autocast_off, first_order_only, forward_mode_unsupported
+from .first_order import autocast_off, first_order_only, forward_mode_unsupported, weighted_sum
 from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
@@ -222,7 +222,7 @@ class StreamingPairSums(torch.autograd.Function):
         d_a = d_b = None
         with autocast_off(p_a.device):  # backward called inside an autocast region
             if ctx.needs_input_grad[2]:
-                d_a = torch.tensordot(go, grad_a, dims=1)
+                d_a = weighted_sum(go, grad_a)
             if ctx.needs_input_grad[3]:
                 d_b = grad_b * go[0]
         d_a = first_order_only(d_a, p_a, "streaming")

@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: the aten ops a contraction becomes (a cuBLAS matmul on CUDA, rounded by TF32 settings)
+MATMUL_OPS = {"mm", "bmm", "addmm", "addmv", "matmul", "mv", "dot", "tensordot", "baddbmm"}
 
 #: relative tolerance of a backend against the reference, per compute dtype
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -79,3 +83,15 @@ def assert_rel_close(actual, expected, rtol: float, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = max_rel_error(actual, expected)
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.1g}"
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside the ``with`` block (``.seen``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

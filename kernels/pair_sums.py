@@ -37,7 +37,8 @@ import triton.language as tl
 
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
-from iddc.first_order import autocast_off, first_order_only, forward_mode_unsupported
+from iddc.first_order import (autocast_off, first_order_only, forward_mode_unsupported,
+                              weighted_sum)
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES,
                               check_pair_sums_inputs,
                               comparison_threshold, triton_interpret_requested)
@@ -575,12 +576,7 @@ class TritonPairSums(torch.autograd.Function):
         g = grad_sums.to(torch.float32)
         with autocast_off(p_a.device):  # backward called inside an autocast region
             if grad_a is not None:
-                # elementwise, in a fixed order: a contraction would be a cuBLAS matmul, which
-                # PyTorch's TF32 setting can round (and whose order is cuBLAS's to choose)
-                gp_a = grad_a[0] * g[0]
-                for t in range(1, grad_a.shape[0]):
-                    gp_a.addcmul_(grad_a[t], g[t])
-                gp_a = gp_a.to(ctx.p_dtypes[0])
+                gp_a = weighted_sum(g, grad_a).to(ctx.p_dtypes[0])
             if grad_b is not None:
                 gp_b = (g[0] * grad_b).to(ctx.p_dtypes[1])
         # a second derivative would lack the pair terms: make it raise, not silently drop them

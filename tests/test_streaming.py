@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from iddc import reference
 from iddc.streaming import streaming_pair_sums, tile_rows
-from iddc.testing import RTOL, assert_rel_close, rtol_for, random_logits, sign_feature_maps, unit_rows
+from iddc.testing import (MATMUL_OPS, RTOL, OpNames, assert_rel_close, rtol_for, random_logits,
+                          sign_feature_maps, unit_rows)
 
 # (batch, view A size, view B size, D, K, shifts): odd grids, N != M, D from 1 to 1024,
 # K from 2 to 256, B from 1 (positive only) to 16
@@ -120,6 +121,17 @@ def test_streaming_never_builds_a_pair_matrix(size_a, size_b):
     with LargestTensor() as probe:  # the probe does see a materialising implementation
         reference.pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos=0.2, t_neg=0.12)
     assert probe.numel >= 4 * n * m
+
+
+def test_backward_makes_no_matmul():
+    """The saved gradients are scaled elementwise in a fixed order: as a contraction they would
+    be a cuBLAS matmul on CUDA, which a script's TF32 setting rounds."""
+    u_a, u_b, p_a, p_b, shifts = make_inputs((3, (5, 4), (4, 4), 16, 6, (1, 2)), torch.float32, 3)
+    sums, _ = streaming_pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos=0.2, t_neg=0.12)
+    with OpNames() as ops:
+        sums.backward(torch.tensor([0.5, -1.0, 2.0]))
+    assert "addcmul_" in ops.seen and not ops.seen & MATMUL_OPS
+    assert p_a.grad is not None and p_b.grad is not None
 
 
 def test_tile_rows_stay_below_n():
