@@ -11,8 +11,9 @@ setup(
     # the kernels live in kernels/ but must never be importable as `kernels` (a PyPI name)
     package_dir={"iddc_kernels": "kernels"},
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # torch.is_autocast_enabled(device_type) is 2.4's, serialization.safe_globals 2.5's
+        "torch>=2.5",
+        "torchvision>=0.20",
         "timm>=0.9",
         "numpy",
         "scipy",
@@ -24,9 +25,11 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark"],
     },
+    # as `python -m iddc.<tool>` (iddc.cli.SCRIPTS): one-line errors, exit status 0 on success
     entry_points={"console_scripts": [
-        "iddc-train=iddc.train:main",
-        "iddc-evaluate=iddc.evaluate:main",
-        "iddc-predict=iddc.predict:main",
+        "iddc-train=iddc.cli:train_script",
+        "iddc-evaluate=iddc.cli:evaluate_script",
+        "iddc-predict=iddc.cli:predict_script",
+        "iddc-check-layout=iddc.cli:check_layout_script",
     ]},
 )

@@ -1,16 +1,29 @@
-"""The ``python -m iddc.<tool>`` entry point: a user's mistake is one line, not a traceback.
+"""The ``python -m iddc.<tool>`` and ``iddc-<tool>`` entry points: a user's mistake is one
+line, not a traceback.
 
 Errors the package raises to describe bad input (a setting, a path, a data layout, a weights or
 checkpoint file), and errors of the operating system (an OSError with an errno: a full or
 read-only disk, a missing file, no permission), print as ``<prog>: error: <message>`` with exit
 status 2, like argparse's own errors. Anything else is a bug and keeps its traceback.
-``IDDC_TRACEBACK=1`` shows the traceback of every error.
+``IDDC_TRACEBACK=1`` shows the traceback of every error. The console scripts setup.py installs
+(`SCRIPTS`) behave as ``python -m`` does, and exit with status 0 on success.
 """
 from __future__ import annotations
 
 import os
 import sys
 from typing import Callable, Optional, Sequence
+
+#: the console scripts setup.py installs: script -> the module whose main() it runs
+SCRIPTS = {"iddc-train": "iddc.train", "iddc-evaluate": "iddc.evaluate",
+           "iddc-predict": "iddc.predict", "iddc-check-layout": "iddc.data.layout"}
+
+
+def prog_name(module: str) -> str:
+    """The tool's name in usage and error lines: the console script the user called (its
+    `SCRIPTS` name), else ``python -m module``."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return called if SCRIPTS.get(called) == module else f"python -m {module}"
 
 
 def path_arg(text: str) -> str:
@@ -77,3 +90,18 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _console_script(name: str) -> Callable[[], int]:
+    def entry() -> int:
+        import importlib
+        result = run(importlib.import_module(SCRIPTS[name]).main, name)
+        return result if isinstance(result, int) else 0  # train/evaluate return their results
+    entry.__doc__ = f"The {name} console script: python -m {SCRIPTS[name]}, exit status 0 on success."
+    return entry
+
+
+train_script = _console_script("iddc-train")
+evaluate_script = _console_script("iddc-evaluate")
+predict_script = _console_script("iddc-predict")
+check_layout_script = _console_script("iddc-check-layout")

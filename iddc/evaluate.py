@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .cli import path_arg
+from .cli import path_arg, prog_name
 from .data import IGNORE_INDEX
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
@@ -464,7 +464,7 @@ def main(argv=None) -> dict:
     from .devices import resolve_device
     from .files import check_outputs, check_writable, write_json
 
-    ap = argparse.ArgumentParser(prog="python -m iddc.evaluate",
+    ap = argparse.ArgumentParser(prog=prog_name("iddc.evaluate"),
                                  description="Re-evaluate a saved IDDC run on its val split.")
     ap.add_argument("--checkpoint", required=True, type=path_arg)
     ap.add_argument("--device", default="auto")

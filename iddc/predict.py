@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .cli import message, path_arg
+from .cli import message, path_arg, prog_name
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
 from .files import check_outputs, check_writable, name_max, write_atomic, write_json
@@ -540,7 +540,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iddc.predict", description=__doc__,
+    ap = argparse.ArgumentParser(prog=prog_name("iddc.predict"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, type=path_arg, help="an IDDC checkpoint (last.pt)")
     ap.add_argument("images", nargs="+", type=path_arg, help="image files or folders")

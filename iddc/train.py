@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
-from .cli import path_arg
+from .cli import path_arg, prog_name
 from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
                      check_sizes, config_changes, explicit_settings,
                      preset_backbone_warning, resolve_config)
@@ -507,7 +507,7 @@ any other checkpoint file)"""
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m iddc.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog=prog_name("iddc.train"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resume", metavar="PATH", type=path_arg, help=RESUME_HELP)
     add_config_arguments(ap)

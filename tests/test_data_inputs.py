@@ -20,7 +20,6 @@ from iddc.config import parse_data_options
 from iddc.data import build_source, layout
 from iddc.data.layout import LayoutError, list_images
 
-REPO = Path(__file__).resolve().parent.parent
 PROG = "python -m iddc.data.layout"
 TINY_TRAIN = ["--crop-size", "32", "--eval-size", "32", "--epochs", "1", "--batch-size", "2",
               "--max-steps", "1", "--backbone-img-size", "32",
@@ -352,7 +351,7 @@ def test_layout_cli_runs_through_cli_run(tmp_path):
     _rgb(tmp_path / "x.png")
     env = {k: v for k, v in os.environ.items() if k != "IDDC_TRACEBACK"}
     proc = subprocess.run([sys.executable, "-m", "iddc.data.layout", "folder", str(tmp_path),
-                           "--data-option", "num_classes=["], cwd=REPO, env=env,
+                           "--data-option", "num_classes=["], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

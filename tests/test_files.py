@@ -63,7 +63,7 @@ except Exception as err:
 def test_a_real_zip_writer_past_a_size_limit_names_the_file_and_keeps_the_old_one(tmp_path):
     path = tmp_path / "last.pt"
     proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     kind, user, filename, text = proc.stdout.strip().split("|")
     assert (kind, user, filename) == ("OSError", "True", str(path)), proc.stdout

@@ -215,7 +215,8 @@ def test_evaluate_cli_refusal_is_one_line(runs, tmp_path):
     ckpt = tmp_path / "last.pt"  # a copy: the module's run must survive a regression
     ckpt.write_bytes(Path(runs["labelled"]).read_bytes())
     proc = subprocess.run([sys.executable, "-m", "iddc.evaluate", "--checkpoint", str(ckpt),
-                           "--json", str(ckpt)], capture_output=True, text=True, timeout=300)
+                           "--json", str(ckpt)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # the installed package, not a source tree in cwd
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("python -m iddc.evaluate: error: --json: the output")
     assert len(proc.stderr.strip().splitlines()) == 1

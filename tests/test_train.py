@@ -355,7 +355,8 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "iddc.train", "--epochs", "0", "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # the installed package, not a source tree in cwd
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("python -m iddc.train: error: train.epochs must be an "
                                    "integer >= 1, got 0")

@@ -489,7 +489,7 @@ except RuntimeError as err:
 
 
 @pytest.mark.parametrize("imported", ["triton", "kernels-too"])
-def test_interpreter_set_after_triton_was_imported_is_named(imported):
+def test_interpreter_set_after_triton_was_imported_is_named(imported, tmp_path):
     """TRITON_INTERPRET=1 set after triton was imported: Triton reads it per decorated function,
     so the kernels and triton.language disagree and triton's own error says nothing of why."""
     import os
@@ -497,7 +497,7 @@ def test_interpreter_set_after_triton_was_imported_is_named(imported):
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER, imported], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "REFUSED TRITON_INTERPRET is on now, but triton was imported without it" in out.stdout, \
         out.stdout + out.stderr
     assert "before anything imports triton" in out.stdout

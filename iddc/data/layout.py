@@ -504,11 +504,12 @@ def _worker_count(text: str) -> int:
 def main(argv=None) -> int:
     """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]
     [--data-option KEY=VALUE ...] (options read as iddc.train reads them)"""
+    from ..cli import prog_name
     from . import DATASETS, build_source
     # the module's own classes (under `python -m` this file also runs as __main__)
     from .layout import LayoutError as layout_error, scan as scan_source
 
-    ap = argparse.ArgumentParser(prog="python -m iddc.data.layout",
+    ap = argparse.ArgumentParser(prog=prog_name("iddc.data.layout"),
                                  description="Check a data set's layout (and optionally decode "
                                              "its files) before training.")
     ap.add_argument("dataset", choices=sorted(DATASETS))

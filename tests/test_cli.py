@@ -1,0 +1,90 @@
+"""The tools' entry points: the console scripts setup.py installs behave as `python -m` does
+(exit status 0 on success, a user's mistake in one line with status 2, their own name in usage
+and error lines), and `python -m iddc` lists the tools."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iddc import cli
+from iddc.__main__ import TOOLS, main as list_tools
+
+
+def _script(name: str) -> str:
+    """The installed console script beside this interpreter (the README's install puts it
+    there, editable or not)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.isfile(path), f"{name} is not installed beside {sys.executable}"
+    return path
+
+
+def test_installed_scripts_are_the_cli_wrappers():
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")
+           if ep.value.startswith("iddc.")}
+    assert set(eps) == set(cli.SCRIPTS) == {"iddc-train", "iddc-evaluate", "iddc-predict",
+                                            "iddc-check-layout"}
+    for name, ep in eps.items():
+        assert ep.value.startswith("iddc.cli:"), f"{name} runs {ep.value}, not a cli wrapper"
+        assert callable(ep.load())
+    assert set(TOOLS) == set(cli.SCRIPTS.values())
+
+
+@pytest.mark.parametrize("result, code", [({"out": "runs/x"}, 0), (0, 0), (1, 1)],
+                         ids=["results-dict", "status-0", "status-1"])
+def test_a_script_exits_with_its_status_not_its_results(monkeypatch, result, code):
+    """train and evaluate return their results (a dict): as an exit status that would be 1
+    with the dict printed on stderr."""
+    import iddc.evaluate
+    monkeypatch.setattr(iddc.evaluate, "main", lambda argv: result)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-evaluate", "--checkpoint", "x.pt"])
+    assert cli.evaluate_script() == code
+
+
+def test_a_script_names_itself_in_usage_and_errors(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-train", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        cli.train_script()
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: iddc-train ")
+    missing = tmp_path / "nope.pt"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-evaluate", "--checkpoint", str(missing)])
+    with pytest.raises(SystemExit) as stop:
+        cli.evaluate_script()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == f"iddc-evaluate: error: checkpoint not found: {missing}\n"
+    # called any other way, the tool is named as python -m runs it
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert cli.prog_name("iddc.train") == "python -m iddc.train"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-predict"])  # another tool's script
+    assert cli.prog_name("iddc.train") == "python -m iddc.train"
+
+
+def test_installed_scripts_run(tmp_path):
+    """The real console scripts, in processes of their own, outside the source tree."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((6, 8, 3), 40 * k, np.uint8)).save(folder / f"x{k}.png")
+    ok = subprocess.run([_script("iddc-check-layout"), "folder", str(folder), "--data-option",
+                         "num_classes=2"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run([_script("iddc-evaluate"), "--checkpoint", str(tmp_path / "nope.pt")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr == f"iddc-evaluate: error: checkpoint not found: {tmp_path / 'nope.pt'}\n"
+
+
+def test_python_m_iddc_lists_the_tools(capsys):
+    assert list_tools([]) == 0
+    out = capsys.readouterr().out
+    for module in cli.SCRIPTS.values():
+        assert f"python -m {module} " in out
+    assert "iddc-train, iddc-evaluate, iddc-predict, iddc-check-layout" in out
+    assert list_tools(["train"]) == 2
+    assert capsys.readouterr().err.startswith("python -m iddc: error: it takes no arguments")
