@@ -329,15 +329,16 @@ INTERPRETER_CONFIG = dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=128)
 def _hopper_configs():
     """Candidate configurations for Hopper-class GPUs (pruned by K and D below).
 
-    Chosen from ptxas register reports for sm_90a (tests/compile_for_hopper.py prints them),
-    not yet from timings. For the row kernel with gradients at K <= 32 (BLOCK_K 32): the 4-warp
-    64 x 64 tiles spill in every dtype (0.5-1.1 KB with bfloat16, 2.5-7 KB with float32
-    features); 8-warp 64 x 32 x 32 and 32 x 32 x {32, 64} tiles spill at most 24 bytes with
-    tf32 or bfloat16 features (32 x 64 x 32 and 64 x 32 x 64 nothing with bfloat16 only). The
-    exact-fp32 "ieee" path runs its dots on FMA units and spills at most 24 bytes only at the
-    small tiles (8 warps: 64 x 32 x 32, 32 x 64 x 32, 32 x 32 x {32, 64}, 16 x 32 x 64; 4
-    warps: 16 x 32 x 64, 32 x 16 x 64). K = 171 -> 256 needs 16-32 row/column tiles. The autotuner picks
-    among these by timing on the GPU.
+    Chosen from ptxas reports for sm_90a, not yet from timings: tests/compile_for_hopper.py
+    compiles each kernel as the JIT specialises it for a contiguous call and prints them
+    (Triton 3.8, 2026-12-01). The row kernel with gradients at K = 27 (BLOCK_K 32) spills
+    nothing, or at most 8 bytes, at 32 x 32 x {32, 64} and 64 x 32 x 32 (8 warps) in every
+    precision but tf32x3, where only 32 x 32 x 32 at 8 warps is spill-free; tf32 and 16-bit
+    features with tf32 label dots also spill nothing at 64 x 32 x 64. Exact "ieee" dots (FMA
+    units) spill 1.9-6 KB at 64 x 64 and larger tiles, tf32 at most 0.13 KB there but 0.5-0.7
+    KB at 64 x 128 and 128 x 128. K = 171 -> 256 needs 16-32 row/column tiles: spill-free with
+    tf32 dots, KBs with ieee or tf32x3 in every candidate. The autotuner picks among these by
+    timing on the GPU.
     """
     cfgs = []
     for bi, bj, bd, warps, stages in [
@@ -405,15 +406,16 @@ def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
     bit-identical across processes (an autotuner may pick other tiles in another process,
     changing the float32 summation order); the GPU tests use them too, to compile once per
     case instead of once per candidate."""
-    block_k, f_precision = block_k_of(K), feature_precision(feature_dtype, precision)
-    if block_k >= 128:  # fewest spills in ptxas reports for sm_90a (Triton 3.8): at 8 warps
-        # none, but 6.8 KB with ieee and 0.6 KB with tf32x3; up to 18 KB at 4 warps (Triton
-        # 3.6 spills 1.7 KB with float32 features, up to 6.1 KB with 16-bit ones and h=log)
+    # by `precision`, not the feature dot's: the label dots take it whatever the features' dtype
+    # (ptxas for sm_90a, Triton 3.8, compiled as the JIT specialises a contiguous call)
+    if block_k_of(K) >= 128:  # the fewest spills of the candidates: none with tf32 dots, 2.9
+        # KB (row pass) with ieee and 0.8 KB with tf32x3; the transposed passes none
         return dict(BLOCK_I=16, BLOCK_J=32, BLOCK_D=64, num_warps=8, num_stages=2)
-    if f_precision == "ieee":  # float32 FMA dots: smaller tiles avoid register spills
-        return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=64, num_warps=4, num_stages=3)
-    if f_precision == "tf32x3":  # three products and split operands: 64x64 tiles spill KBs
-        return dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=32, num_warps=8, num_stages=2)
+    if precision in ("ieee", "tf32x3"):  # FMA or three-product dots: at K <= 64 only this tile
+        # spills nothing in every kernel (row pass atomic and deterministic, both transposed
+        # passes) with float32 and 16-bit features; 64 x 64 tiles spill KBs
+        return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=32, num_warps=8, num_stages=2)
+    # tf32: none in the deterministic row pass and the transposed passes at K = 27
     return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=3)
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -451,6 +452,29 @@ def test_corrupt_checkpoint(tmp_path):
         evaluate.main(["--checkpoint", str(tmp_path / "none.pt")])
     with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         evaluate.main(["--checkpoint", str(tmp_path)])
+
+
+def test_checkpoint_bytes_changed_on_disk_are_caught(tmp_path):
+    """A flipped byte inside a tensor's data: torch.load would read other weights, silently;
+    the zip's own CRC-32 names the member."""
+    import zipfile
+    from iddc import checkpoint as ck
+    path = tmp_path / "last.pt"
+    torch.save({"format": ck.FORMAT, "model": {"w": torch.arange(4096.0)}}, path)
+    assert ck.load(str(path))["model"]["w"][5] == 5.0
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        name_len, extra_len = np.frombuffer(path.read_bytes()[info.header_offset + 26:
+                                                               info.header_offset + 30], "<u2")
+    data_start = info.header_offset + 30 + int(name_len) + int(extra_len)
+    raw = bytearray(path.read_bytes())
+    raw[data_start + 20] ^= 0xFF  # float 5's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"last.pt is corrupt: its '.*/data/0' fails its "
+                                              r"CRC check"):
+        ck.load(str(path))
+    with pytest.raises(CheckpointError, match="fails its CRC check"):
+        evaluate.main(["--checkpoint", str(path)])
 
 
 def test_checkpoint_with_code_is_refused_unread(tmp_path, code_payload):
