@@ -15,7 +15,9 @@ A checkpoint is a dict::
      "global_step": ..., "rng": {"torch", "numpy", "python", "shift_generator"},
      "metrics": [per-epoch entries so far], "baselines": {...},
      "run_folder": absolute path of the run folder it was written into (--resume continues there
-     only if it is that folder's last.pt)}
+     only if it is that folder's last.pt), "config_file": {"found", "written"}: sha256 hex of
+     the config.yaml texts that are the run's own (the one a resume found there, or None, and
+     the one it wrote; train.check_config_file_unedited; absent from earlier versions)}
 
 :func:`load_model` rebuilds the model from a checkpoint alone (no weights file needed: the
 backbone's tensors are in ``model``).
@@ -43,9 +45,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be found, read or understood."""
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file next to ``path``, then os.replace (never a half-written file)."""
-    write_atomic(path, lambda fh: torch.save(obj, fh))
+def save_atomic(obj, path: str, make_folder: bool = True) -> None:
+    """torch.save to a temp file next to ``path``, then os.replace (never a half-written file);
+    ``make_folder``: as in :func:`iddc.files.write_atomic`."""
+    write_atomic(path, lambda fh: torch.save(obj, fh), make_folder=make_folder)
 
 
 #: what pickling a numpy array refers to (allowed by torch.load(weights_only=True) below)

@@ -97,7 +97,7 @@ def _console_script(name: str) -> Callable[[], int]:
         import importlib
         result = run(importlib.import_module(SCRIPTS[name]).main, name)
         return result if isinstance(result, int) else 0  # train/evaluate return their results
-    entry.__doc__ = f"The {name} console script: python -m {SCRIPTS[name]}, exit status 0 on success."
+    entry.__doc__ = f"The {name} console script: python -m {SCRIPTS[name]}, status 0 on success."
     return entry
 
 

@@ -53,16 +53,19 @@ def _temp_name(folder: str, name: str) -> str:
     return TEMP_PREFIX + part + suffix
 
 
-def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True) -> None:
+def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True,
+                 make_folder: bool = True) -> None:
     """``write(fh)`` into a temp file next to ``path``, then moved into place: never a
     half-written file. ``replace=False``: never over a file that exists by then (one another
     process wrote after our checks), a FileExistsError naming it instead; the move is then a
     hard link, which fails on an existing name, where the file system has them. An OSError of
     the writing itself (a full disk) names no file; it is raised again naming ``path``, also
     when ``write`` turned it into another error (torch.save's zip writer raises a RuntimeError
-    "unexpected pos" with the OSError as its context)."""
+    "unexpected pos" with the OSError as its context). ``make_folder``: make the folder if it
+    is missing (else that is a FileNotFoundError naming ``path``)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if make_folder:
+        os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, _temp_name(folder, os.path.basename(path)))
     try:
         with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as fh:
@@ -112,12 +115,15 @@ def _move_exclusive(tmp: str, path: str) -> None:
     os.unlink(tmp)
 
 
-def write_json(path, obj, replace: bool = True) -> None:
-    """``obj`` as indented JSON, atomically (``replace``: as in :func:`write_atomic`)."""
-    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False, replace=replace)
+def write_json(path, obj, replace: bool = True, make_folder: bool = True) -> None:
+    """``obj`` as indented JSON, atomically (``replace``, ``make_folder``: as in
+    :func:`write_atomic`)."""
+    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False, replace=replace,
+                 make_folder=make_folder)
 
 
-def _file_id(path) -> tuple:
+def file_identity(path) -> tuple:
+    """(device, inode) of a file or folder: the same one whatever path names it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -128,8 +134,8 @@ def check_outputs(outputs: Iterable, inputs: Iterable, flag: str, overwrite: boo
     folder, or that exists already (unless ``overwrite``). ``flag``: the option that chose
     the outputs, named in the message."""
     existing = [Path(p) for p in outputs if os.path.lexists(p)]
-    inputs_ids = {_file_id(p) for p in inputs if os.path.exists(p)}
-    onto_input = [str(p) for p in existing if p.exists() and _file_id(p) in inputs_ids]
+    inputs_ids = {file_identity(p) for p in inputs if os.path.exists(p)}
+    onto_input = [str(p) for p in existing if p.exists() and file_identity(p) in inputs_ids]
     if onto_input:
         raise ValueError(f"{flag}: the output(s) {onto_input[:limit]} would replace input "
                          f"file(s); choose another {flag}")

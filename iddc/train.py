@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Optional
 
@@ -41,7 +42,7 @@ from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
-from .files import temp_file_of, write_atomic, write_json
+from .files import file_identity, temp_file_of, write_atomic, write_json
 from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
@@ -320,6 +321,19 @@ def log_to_file(path: str, early: _EarlyRecords) -> logging.Handler:
     return fh
 
 
+def log_failure(fh: logging.Handler, err: Exception) -> None:
+    """The error that ends a run, into its train.log only (stderr shows it already): the log
+    says why the run stopped. Quietly skipped if the log cannot be written (a full disk)."""
+    from .cli import is_user_error, message
+    why = message(err) if is_user_error(err) else f"{type(err).__name__}: {err}"
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        fh.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                 "stopped by an error: %s", (why,), None))
+    finally:
+        logging.raiseExceptions = raising
+
+
 @contextlib.contextmanager
 def warnings_logged():
     """Python warnings of this process (a label file's stray ids, ...) also go to the run's
@@ -434,6 +448,83 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
     return cfg, changes
 
 
+def _plain(value):
+    """Settings as YAML reads them back: tuples as lists, mappings as dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _setting_differences(saved, on_disk, prefix: str = "") -> list:
+    """'key: A in last.pt, B in config.yaml' for each setting that differs (nested keys dotted)."""
+    out = []
+    for key in sorted(set(saved) | set(on_disk), key=str):
+        a, b = saved.get(key, "(not set)"), on_disk.get(key, "(not set)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _setting_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in last.pt, {b!r} in config.yaml")
+    return out
+
+
+def check_config_file_unedited(out: str, ckpt: dict, given: Optional[str]) -> None:
+    """ValueError if the run folder's config.yaml (where the resume continues) was edited to
+    other settings than the checkpoint's: a resume trains on the checkpoint's settings and this
+    command's flags, never that file, and rewrites it, so the edit would be ignored and then
+    lost. A text the run wrote or found there (its "config_file" record) is its own; not
+    checked when that file is the --config given (its settings then apply)."""
+    import yaml
+    path = os.path.join(out, "config.yaml")
+    if not os.path.isfile(path) or (given and os.path.realpath(given) == os.path.realpath(path)):
+        return
+    record = ckpt.get("config_file")
+    if not isinstance(record, Mapping):  # an earlier version's checkpoint: no record to go by
+        return
+    if file_sha256(path) in (record.get("found"), record.get("written")):
+        return  # a text this run wrote, or found and left (a kill before it wrote its own)
+    advice = (f"a resume trains on last.pt's settings and this command's flags, not on that "
+              f"file, and rewrites it: to train with the file's settings pass it too (--config "
+              f"{path}); to go on with last.pt's, move the file out of the run folder")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            on_disk = yaml.safe_load(fh)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path} cannot be read as settings ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); {advice}") from err
+    if not isinstance(on_disk, Mapping):
+        raise ValueError(f"{path} holds no mapping of settings; {advice}")
+    on_disk = _plain({k: v for k, v in on_disk.items() if k != RESOLVED_SECTION})
+    differences = _setting_differences(_plain(ckpt["config"]), on_disk)
+    if differences:  # else comments or layout only: the resume keeps the comment lines
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"
+                                               if len(differences) > 5 else "")
+        raise ValueError(f"{path} was changed since last.pt was saved ({shown}); {advice}")
+
+
+def file_sha256(path: str) -> Optional[str]:
+    """The sha256 hex of the file's bytes, None if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def own_comment_lines(path: str, header: str) -> str:
+    """The whole-line comments of the config.yaml at `path` but this package's own `header`
+    (a user's notes), as text; "" if there is none or no readable file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    ours = set(header.splitlines())
+    return "".join(f"{line}\n" for line in lines
+                   if line.lstrip().startswith("#") and line not in ours)
+
+
 def _steps(n: int) -> str:
     return f"{n} step{'s' if n != 1 else ''}"
 
@@ -541,12 +632,17 @@ def main(argv=None) -> dict:
             if resume is not None:
                 out = resume_out_dir(args.resume, resume, cfg,
                                      explicit_settings(args).get("train", {}))
+                check_config_file_unedited(out, resume, args.config)
             else:
                 out = make_out_dir(cfg)
             cfg.train.out = out
             hold_run(out)
             fh = log_to_file(os.path.join(out, "train.log"), early)
-            return _run(cfg, out, resume, run, t_start)
+            try:
+                return _run(cfg, out, resume, run, t_start)
+            except Exception as err:
+                log_failure(fh, err)
+                raise
     finally:
         if out is not None:  # a start that failed: its folder stays reusable, unlocked
             release_claim(out, started=False)
@@ -639,17 +735,58 @@ def check_resumable(resume: dict, cfg: Config) -> None:
         raise ValueError(why)
 
 
+def check_same_folder(out: str, identity: tuple) -> None:
+    """FileNotFoundError if the run folder was removed or replaced since training began: a
+    save would make a new folder holding only the files written from then on (no config.yaml
+    nor log), which another process could then claim as a run of its own."""
+    try:
+        same = file_identity(out) == identity
+    except FileNotFoundError:
+        same = None
+    if not same:
+        raise FileNotFoundError(
+            f"the run folder {out} was {'removed' if same is None else 'replaced'} while this "
+            "run trained there, so nothing more is saved; the last checkpoint saved there "
+            "went with it")
+
+
+@contextlib.contextmanager
+def folder_kept(out: str, identity: tuple):
+    """A save's writes: a FileNotFoundError among them is told as `check_same_folder` tells
+    it when the run folder went meanwhile."""
+    try:
+        yield
+    except FileNotFoundError:
+        check_same_folder(out, identity)
+        raise
+
+
 class GracefulInterrupt:
     """Ctrl-C (SIGINT) or SIGTERM (a job scheduler's stop) during training: the step in
     progress finishes, last.pt is saved as a mid-epoch stop (so --resume continues exactly),
-    then the run stops; a second signal stops at once. Only in the main thread, where Python
-    delivers signals."""
+    then the run stops; a second signal stops at once, but for a file being written
+    (`deferred`), which it stops as soon as the write ends. Only in the main thread, where
+    Python delivers signals."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
         self._previous: dict = {}
+        self._deferring = False
+        self._forced = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block a second signal does not cut short (a checkpoint write: torch's zip writer
+        turns a KeyboardInterrupt into a RuntimeError of its own); it stops the run after."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._forced:
+            raise KeyboardInterrupt
 
     def install(self) -> "GracefulInterrupt":
         if threading.current_thread() is threading.main_thread():
@@ -663,6 +800,9 @@ class GracefulInterrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if self._deferring:
+                self._forced = True
+                return
             raise KeyboardInterrupt
         self.requested = True  # no logging here: a signal handler may interrupt the logger
 
@@ -821,6 +961,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                                             run.model)
     weights, weights_tag, data_config = run.weights, run.weights_tag, run.data_config
     backend, loss_fn, mode, eval_tf = run.backend, run.loss_fn, run.mode, run.eval_tf
+    folder_id = file_identity(out)  # the run folder: a save never writes into another one
     cfg_dict = cfg.to_dict()
     cfg_dict[RESOLVED_SECTION] = {"loss_backend": backend, "device": str(device),
                                   "num_classes": k, "backbone_weights": weights,
@@ -829,9 +970,18 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n" \
         if weights_tag == "random-init" else ""
 
+    config_path = os.path.join(out, "config.yaml")
+    # a resume rewrites config.yaml: the notes a user wrote there as comment lines stay
+    notes = own_comment_lines(config_path, header) if resume else ""
+    config_text = header + notes + yaml.safe_dump(cfg_dict, sort_keys=False)
+    # which config.yaml texts are this run's own, for the next resume (a kill between last.pt
+    # and config.yaml leaves the one found): any other is a user's edit
+    config_record = {"found": file_sha256(config_path) if resume else None,
+                     "written": hashlib.sha256(config_text.encode("utf-8")).hexdigest()}
+
     def write_config():
-        write_atomic(os.path.join(out, "config.yaml"), lambda fh: fh.write(
-            header + yaml.safe_dump(cfg_dict, sort_keys=False)), binary=False)
+        write_atomic(config_path, lambda fh: fh.write(config_text), binary=False,
+                     make_folder=False)
     # a resume's settings reach config.yaml with its first checkpoint: one that fails or is
     # killed before it leaves config.yaml describing last.pt, as before
     config_pending = resume is not None
@@ -897,7 +1047,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         if res is not None:
             history.append(entry_of(res, 0, "untrained_head", weights_tag))
             log.info(ev.summary_line("epoch 0 (untrained)", res))
-        write_json(os.path.join(out, "metrics.json"), history)
+        with folder_kept(out, folder_id):
+            write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
 
     dataset = TwoViewDataset(train_src, TwoViewTransform(dc.crop_size, **data_config), tc.seed)
     steps_per_epoch = len(dataset) // tc.batch_size
@@ -908,6 +1059,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
 
     # training starts: from here on the folder holds a run, never to be reused
     release_claim(out, started=True)
+    interrupt = GracefulInterrupt()  # installed as the epochs begin; `save` defers to it
     train_set = run.train_set  # the split's record, made at the first mid-epoch save if not yet
 
     def save(done: int, step: int, epoch_stats: Optional[dict], pending: Optional[dict],
@@ -916,31 +1068,36 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         resume's first save, config.yaml: a failed or killed write leaves them describing the
         saved run."""
         nonlocal config_pending, train_set
-        if step and train_set is None:
-            train_set = training_set_record(train_src)
-        checkpoint.save_atomic({
-            "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
-            "class_names": list(train_src.class_names) if train_src.class_names else None,
-            "model": model.state_dict(), "data_config": data_config, "weights_report": weights,
-            "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
-            "scheduler": sched.state_dict(), "global_step": global_step,
-            # a stop mid-epoch records the steps done, so --resume finishes that epoch
-            "epoch": done, "step_in_epoch": step, "epoch_stats": epoch_stats,
-            # and the training images its epoch's order was drawn over (check_same_training_set)
-            "train_set": train_set if step else None,
-            # an epoch whose evaluation a Ctrl-C put off: --resume evaluates and records it
-            "pending_record": pending,
-            "rng": rng if rng is not None else checkpoint.rng_state(shift_gen),
-            "metrics": history,
-            # proves on --resume that this folder is the run's own (train.not_own_last_pt)
-            "run_folder": os.path.abspath(out),
-            "loss_backend": backend}, os.path.join(out, "last.pt"))
-        # after the checkpoint: metrics.json never records an epoch whose weights were not
-        # saved (a resume rewrites it from the checkpoint's history)
-        write_json(os.path.join(out, "metrics.json"), history)
-        if config_pending:
-            write_config()
-            config_pending = False
+        check_same_folder(out, folder_id)  # removed mid-run: never made again by a save
+        # a second Ctrl-C stops the run once the files are written, never halfway through one
+        with interrupt.deferred(), folder_kept(out, folder_id):
+            if step and train_set is None:
+                train_set = training_set_record(train_src)
+            checkpoint.save_atomic({
+                "format": checkpoint.FORMAT, "config": cfg.to_dict(), "num_classes": k,
+                "class_names": list(train_src.class_names) if train_src.class_names
+                else None, "model": model.state_dict(), "data_config": data_config,
+                "weights_report": weights,
+                "optimizer": opt.state_dict(), "probe_optimizer": probe_opt.state_dict(),
+                "scheduler": sched.state_dict(), "global_step": global_step,
+                # a stop mid-epoch records the steps done, so --resume finishes that epoch
+                "epoch": done, "step_in_epoch": step, "epoch_stats": epoch_stats,
+                # and the training images its epoch's order was drawn over
+                # (check_same_training_set)
+                "train_set": train_set if step else None,
+                # an epoch whose evaluation a Ctrl-C put off: --resume evaluates and records it
+                "pending_record": pending,
+                "rng": rng if rng is not None else checkpoint.rng_state(shift_gen),
+                "metrics": history,
+                # proves on --resume that this folder is the run's own (train.not_own_last_pt)
+                "run_folder": os.path.abspath(out), "config_file": config_record,
+                "loss_backend": backend}, os.path.join(out, "last.pt"), make_folder=False)
+            # after the checkpoint: metrics.json never records an epoch whose weights were not
+            # saved (a resume rewrites it from the checkpoint's history)
+            write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
+            if config_pending:
+                write_config()
+                config_pending = False
 
     last_eval = None
     if run.pending_record is not None:
@@ -955,10 +1112,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         if run.record_only:  # nothing left to train: the record is all this resume adds
             save(start_epoch, 0, None, None, rng=resume["rng"])
         else:
-            write_json(os.path.join(out, "metrics.json"), history)
+            with folder_kept(out, folder_id):
+                write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
 
     stop, finished, pending = False, False, None
-    interrupt = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, then stop
+    interrupt.install()  # Ctrl-C: finish the step, save, then stop
     try:
         for epoch in range(start_epoch, start_epoch if run.record_only else tc.epochs):
             if end_to_end:
@@ -1095,6 +1253,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         else scored(lambda: run_eval(keep=tc.vis_images))
     if tc.vis_images and final is not None:
         from .visualize import save_panel
+        check_same_folder(out, folder_id)
         save_panel(os.path.join(out, "val_panel.png"), final["samples"], k,
                    final["unsupervised"]["mapping"], data_config["mean"], data_config["std"])
     total = time.time() - t_start

@@ -795,7 +795,7 @@ def test_a_failed_checkpoint_write_leaves_metrics_and_config_with_the_saved_run(
     before = snapshot(run_copy)
     real_save = checkpoint.save_atomic
 
-    def full_disk(obj, path):
+    def full_disk(obj, path, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", path)
     monkeypatch.setattr(checkpoint, "save_atomic", full_disk)
     with pytest.raises(OSError, match="No space left"):
@@ -1226,3 +1226,91 @@ def test_an_older_mid_epoch_checkpoint_without_the_record_still_resumes(tmp_path
                                          r"has 4 images, 1 step of batch size 4 an epoch"):
         resume(older / "last.pt")
     assert snapshot(older) == before
+
+
+# ------------------------------------------------------------------ crash-safety review
+def test_a_hand_edited_config_yaml_is_not_ignored_and_overwritten(run_copy):
+    """config.yaml edited in the run folder: a resume would train on last.pt's settings and
+    rewrite the file, losing the edit silently; it is refused, the folder untouched, and the
+    file applies when passed as --config."""
+    path = run_copy / "config.yaml"
+    text = path.read_text()
+    assert "  eval_every: 1\n" in text
+    path.write_text(text.replace("  eval_every: 1\n", "  eval_every: 2\n"))
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match=r"config.yaml was changed since last.pt was saved "
+                                         r"\(train.eval_every: 1 in last.pt, 2 in config.yaml\);"
+                                         r" .*pass it too \(--config .*config.yaml\)"):
+        resume(run_copy / "last.pt")
+    assert snapshot(run_copy) == before
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match=r"config.yaml cannot be read as settings \(Parser"):
+        resume(run_copy / "last.pt")
+    # passed as --config, its settings apply (its out names the copied run's own folder)
+    edited = yaml.safe_load(text)
+    edited["train"].update(eval_every=2, out=str(run_copy))
+    path.write_text(yaml.safe_dump(edited))
+    resume(run_copy / "last.pt", "--config", str(path))
+    assert saved_config(run_copy)["train"]["eval_every"] == 2
+
+
+def test_a_resume_keeps_the_notes_written_in_config_yaml(run_copy):
+    path = run_copy / "config.yaml"
+    path.write_text("# tried lr 1e-4: worse\n" + path.read_text() + "# next: more epochs\n")
+    resume(run_copy / "last.pt", "--epochs", "3")
+    text = path.read_text()
+    header = "# WARNING: backbone RANDOMLY INITIALISED (no --weights / --pretrained)\n"
+    assert text.startswith(header + "# tried lr 1e-4: worse\n# next: more epochs\n")
+    assert text.count("# tried lr") == 1 and text.count("WARNING") == 1
+    assert yaml.safe_load(text)["train"]["epochs"] == 3
+
+
+def test_a_run_folder_removed_mid_run_is_not_made_again(tmp_path, tiny_yaml, monkeypatch):
+    """The folder deleted while training: a save would recreate it with only the newest files
+    (and another process could claim it); the run stops, naming why."""
+    out = tmp_path / "run"
+    real = checkpoint.save_atomic
+
+    def save_then_remove(obj, path, **kw):
+        real(obj, path, **kw)
+        shutil.rmtree(out)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_remove)
+    with pytest.raises(FileNotFoundError, match=rf"the run folder {out} was removed while this "
+                                                r"run trained there, so nothing more is saved"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "2"] + QUICK)
+    assert not out.exists()
+
+
+def test_the_error_that_stops_a_run_is_in_its_train_log(tmp_path, tiny_yaml, monkeypatch):
+    """A full disk at a save: train.log says why the run stopped (a later start in the same
+    folder is refused pointing at it)."""
+    out = tmp_path / "run"
+
+    def disk_full(obj, path, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(checkpoint, "save_atomic", disk_full)
+    with pytest.raises(OSError):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
+    last = (out / "train.log").read_text().splitlines()[-1]
+    assert last.endswith(f"stopped by an error: {os.strerror(errno.ENOSPC)}: {out / 'last.pt'}")
+    with pytest.raises(FileExistsError, match="its train.log says why"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
+
+
+def test_a_second_signal_waits_for_the_file_being_written():
+    """Ctrl-C twice during a checkpoint write: torch's zip writer would turn the second one's
+    KeyboardInterrupt into a RuntimeError (a traceback, exit 1); it stops the run after."""
+    import signal
+    stop = train.GracefulInterrupt().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                written = True  # the block ran on to its end
+        assert written
+        with pytest.raises(KeyboardInterrupt):  # outside a write: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()
