@@ -19,11 +19,15 @@ SCRIPTS = {"iddc-train": "iddc.train", "iddc-evaluate": "iddc.evaluate",
            "iddc-predict": "iddc.predict", "iddc-check-layout": "iddc.data.layout"}
 
 
+#: the console script running in this process (set by its entry point), else None
+_script_running: Optional[str] = None
+
+
 def prog_name(module: str) -> str:
-    """The tool's name in usage and error lines: the console script the user called (its
-    `SCRIPTS` name), else ``python -m module``."""
-    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return called if SCRIPTS.get(called) == module else f"python -m {module}"
+    """The tool's name in usage and error lines: its console script when that is what runs
+    (under whatever name it was installed or linked), else ``python -m module``."""
+    running = _script_running
+    return running if running and SCRIPTS.get(running) == module else f"python -m {module}"
 
 
 def path_arg(text: str) -> str:
@@ -95,6 +99,8 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
 def _console_script(name: str) -> Callable[[], int]:
     def entry() -> int:
         import importlib
+        global _script_running
+        _script_running = name
         result = run(importlib.import_module(SCRIPTS[name]).main, name)
         return result if isinstance(result, int) else 0  # train/evaluate return their results
     entry.__doc__ = f"The {name} console script: python -m {SCRIPTS[name]}, status 0 on success."

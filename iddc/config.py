@@ -204,16 +204,15 @@ class Config:
         for name, value, low in at_least:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        # a learning rate of 0 would train nothing and still report a "trained" model
-        for name, value, above in [("train.lr", t.lr, True), ("train.probe_lr", t.probe_lr, True),
-                                   ("train.backbone_lr_ratio", t.backbone_lr_ratio, False),
-                                   ("train.poly_power", t.poly_power, False),
-                                   ("data.eval_feature_cache_mb", d.eval_feature_cache_mb, False)]:
+        for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
+                            ("train.backbone_lr_ratio", t.backbone_lr_ratio),
+                            ("train.poly_power", t.poly_power),
+                            ("data.eval_feature_cache_mb", d.eval_feature_cache_mb)]:
             # beyond float32's range an optimiser's float32 state overflows (a traceback)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not (value > 0 if above else value >= 0) or value > FLOAT32_MAX:
-                raise ValueError(f"{name} must be a finite number {'>' if above else '>='} 0 "
-                                 f"(at most float32's {FLOAT32_MAX:.3g}), got {value!r}")
+                    or not value >= 0 or value > FLOAT32_MAX:
+                raise ValueError(f"{name} must be a finite number >= 0 (at most float32's "
+                                 f"{FLOAT32_MAX:.3g}), got {value!r}")
         if not 0 <= t.seed < 2 ** 32:  # numpy's seed range: named here, not by numpy
             raise ValueError(f"train.seed must be an integer in 0..2**32-1, got {t.seed!r}")
         for name, value in (("train.out", t.out), ("train.name", t.name),
@@ -239,10 +238,22 @@ class Config:
             check_sizes(d, patch)
         return self
 
+    def check_learning_rates(self, resumed: bool = False) -> "Config":
+        """What training (a new run or a resume, not scoring a saved one) needs: learning rates
+        above 0, or nothing would train while the run still reports a "trained" model."""
+        t = self.train
+        for name, flag, value in (("train.lr", "--lr", t.lr),
+                                  ("train.probe_lr", "--probe-lr", t.probe_lr)):
+            if value == 0:
+                where = f" (the checkpoint's; give {flag} to resume it)" if resumed else ""
+                raise ValueError(f"{name} must be > 0 to train anything, got 0{where}")
+        return self
+
     def check_new_run(self) -> "Config":
         """What only a new run uses, checked (a saved run stays resumable and scorable): its
-        k-means baseline runs before the first epoch with no progress shown, and beyond these
-        bounds would seem hung."""
+        learning rates, and its k-means baseline, which runs before the first epoch with no
+        progress shown and beyond these bounds would seem hung."""
+        self.check_learning_rates()
         t = self.train
         for name, value, high in [("train.kmeans_iters", t.kmeans_iters, KMEANS_MAX_ITERS),
                                   ("train.kmeans_restarts", t.kmeans_restarts,

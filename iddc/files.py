@@ -3,6 +3,7 @@ unless asked, over an existing file."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -120,6 +121,15 @@ def write_json(path, obj, replace: bool = True, make_folder: bool = True) -> Non
     :func:`write_atomic`)."""
     write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False, replace=replace,
                  make_folder=make_folder)
+
+
+def file_sha256(path) -> Optional[str]:
+    """The sha256 hex of the file's bytes, None if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
 
 
 def file_identity(path) -> tuple:

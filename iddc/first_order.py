@@ -27,12 +27,15 @@ def autocast_off(device: torch.device):
 
 def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     """sum_t weights[t] * stacked[t] (weights: T, stacked: T x ...), elementwise in a fixed
-    order: as a contraction it would be a cuBLAS matmul on CUDA, which a script's TF32 setting
-    rounds (about 1e-3) and whose summation order is cuBLAS's to choose. No device sync."""
-    out = stacked[0] * weights[0]
+    order, accumulated in float32 at least and returned in stacked's dtype: as a contraction
+    it would be a cuBLAS matmul on CUDA, which a script's TF32 setting rounds (about 1e-3) and
+    whose summation order is cuBLAS's to choose. No device sync."""
+    acc = torch.promote_types(stacked.dtype, torch.float32)
+    w = weights.to(acc)
+    out = stacked[0].to(acc) * w[0]
     for t in range(1, stacked.shape[0]):
-        out.addcmul_(stacked[t], weights[t])
-    return out
+        out.addcmul_(stacked[t].to(acc), w[t])
+    return out.to(stacked.dtype)
 
 
 class _SecondOrderError(torch.autograd.Function):

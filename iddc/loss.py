@@ -17,8 +17,8 @@ from torch import nn
 
 from . import reference
 from .first_order import autocast_off
-from .pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES, check_float_tensors, check_shifts,
-                          is_integer, triton_interpret_requested)
+from .pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES, check_float_tensors,
+                          check_shifts, is_integer, triton_interpret_requested)
 from .reference import H_VARIANTS, REGULARISERS
 
 BACKENDS = ("auto", "reference", "streaming", "triton")

@@ -222,7 +222,7 @@ class StreamingPairSums(torch.autograd.Function):
         d_a = d_b = None
         with autocast_off(p_a.device):  # backward called inside an autocast region
             if ctx.needs_input_grad[2]:
-                d_a = weighted_sum(go, grad_a)
+                d_a = weighted_sum(grad_sums, grad_a)  # in float32, rounded once
             if ctx.needs_input_grad[3]:
                 d_b = grad_b * go[0]
         d_a = first_order_only(d_a, p_a, "streaming")

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from . import checkpoint, evaluate as ev
 from .cli import path_arg, prog_name
 from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
-                     check_sizes, config_changes, explicit_settings,
+                     check_sizes, config_changes, explicit_settings, load_yaml_file,
                      preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
-from .files import file_identity, temp_file_of, write_atomic, write_json
+from .files import file_identity, file_sha256, temp_file_of, write_atomic, write_json
 from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
 
@@ -425,7 +425,7 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
     settings changed). Its model settings cannot change: the checkpoint's tensors and
     optimiser state fit that model only."""
     saved = absolute_saved_paths(ckpt["config"])  # an older run's relative paths
-    cfg = resolve_config(args, saved=saved).validate()
+    cfg = resolve_config(args, saved=saved).validate().check_learning_rates(resumed=True)
     changes = config_changes(Config.from_dict(saved), cfg)
     of_model = [c for c in changes if c.startswith("model.")]
     if of_model:
@@ -457,27 +457,30 @@ def _plain(value):
     return value
 
 
-def _setting_differences(saved, on_disk, prefix: str = "") -> list:
-    """'key: A in last.pt, B in config.yaml' for each setting that differs (nested keys dotted)."""
+def _ignored_edits(saved, trains, on_disk, prefix: str = "") -> list:
+    """'key: A in config.yaml, B for this resume' per setting (keys dotted) whose value in
+    config.yaml is neither the checkpoint's nor the one this resume trains with."""
     out = []
-    for key in sorted(set(saved) | set(on_disk), key=str):
-        a, b = saved.get(key, "(not set)"), on_disk.get(key, "(not set)")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _setting_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in last.pt, {b!r} in config.yaml")
+    for key in sorted(set(saved) | set(trains) | set(on_disk), key=str):
+        a, t, b = (d.get(key, "(not set)") for d in (saved, trains, on_disk))
+        if all(isinstance(v, dict) for v in (a, t, b)):
+            out += _ignored_edits(a, t, b, f"{prefix}{key}.")
+        elif b != a and b != t:
+            out.append(f"{prefix}{key}: {b!r} in config.yaml, {t!r} for this resume")
     return out
 
 
-def check_config_file_unedited(out: str, ckpt: dict, given: Optional[str]) -> None:
-    """ValueError if the run folder's config.yaml (where the resume continues) was edited to
-    other settings than the checkpoint's: a resume trains on the checkpoint's settings and this
-    command's flags, never that file, and rewrites it, so the edit would be ignored and then
-    lost. A text the run wrote or found there (its "config_file" record) is its own; not
-    checked when that file is the --config given (its settings then apply)."""
-    import yaml
+def check_config_file_unedited(out: str, ckpt: dict, cfg: Config, path_resumed: str,
+                               given: Optional[str]) -> None:
+    """ValueError if the run folder's config.yaml (where this resume continues: the
+    checkpoint's own folder) was edited to settings that are neither the checkpoint's nor the
+    ones the resume trains with (the checkpoint's and this command's flags; never that file):
+    the resume rewrites it, so the edit would be ignored and then lost. A text the run wrote
+    or found there (its "config_file" record) is its own; not checked when that file is the
+    --config given."""
     path = os.path.join(out, "config.yaml")
-    if not os.path.isfile(path) or (given and os.path.realpath(given) == os.path.realpath(path)):
+    if not resumes_in_place(out, path_resumed) or not os.path.isfile(path) or \
+            (given and os.path.realpath(given) == os.path.realpath(path)):
         return
     record = ckpt.get("config_file")
     if not isinstance(record, Mapping):  # an earlier version's checkpoint: no record to go by
@@ -488,41 +491,35 @@ def check_config_file_unedited(out: str, ckpt: dict, given: Optional[str]) -> No
               f"file, and rewrites it: to train with the file's settings pass it too (--config "
               f"{path}); to go on with last.pt's, move the file out of the run folder")
     try:
-        with open(path, encoding="utf-8") as fh:
-            on_disk = yaml.safe_load(fh)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{path} cannot be read as settings ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); {advice}") from err
-    if not isinstance(on_disk, Mapping):
-        raise ValueError(f"{path} holds no mapping of settings; {advice}")
-    on_disk = _plain({k: v for k, v in on_disk.items() if k != RESOLVED_SECTION})
-    differences = _setting_differences(_plain(ckpt["config"]), on_disk)
+        on_disk = load_yaml_file(path)  # read as --config reads it (1e-3 a number, ...)
+    except ValueError as err:
+        raise ValueError(f"{err}; {advice}") from err
+    trains = cfg.to_dict()
+    trains["train"]["out"] = out
+    differences = _ignored_edits(_plain(ckpt["config"]), _plain(trains), _plain(on_disk))
     if differences:  # else comments or layout only: the resume keeps the comment lines
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"
                                                if len(differences) > 5 else "")
-        raise ValueError(f"{path} was changed since last.pt was saved ({shown}); {advice}")
+        raise ValueError(f"{path} was edited since last.pt was saved ({shown}); {advice}")
 
 
-def file_sha256(path: str) -> Optional[str]:
-    """The sha256 hex of the file's bytes, None if it cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-        return None
+def resumes_in_place(out: str, path_resumed: Optional[str]) -> bool:
+    """Whether a resume of the checkpoint at `path_resumed` continues in its own folder `out`
+    (not a new --out, which may hold a failed start's files)."""
+    return path_resumed is not None and \
+        os.path.realpath(out) == os.path.realpath(os.path.dirname(os.path.abspath(path_resumed)))
 
 
 def own_comment_lines(path: str, header: str) -> str:
-    """The whole-line comments of the config.yaml at `path` but this package's own `header`
-    (a user's notes), as text; "" if there is none or no readable file."""
+    """The comment lines (from column 0) of the config.yaml at `path` but this package's own
+    `header`: a user's notes, as text; "" if there is none or no readable file."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError):
         return ""
-    ours = set(header.splitlines())
-    return "".join(f"{line}\n" for line in lines
-                   if line.lstrip().startswith("#") and line not in ours)
+    ours = set(header.splitlines())  # whole lines only: an indented one is a value's part
+    return "".join(f"{line}\n" for line in lines if line.startswith("#") and line not in ours)
 
 
 def _steps(n: int) -> str:
@@ -632,14 +629,16 @@ def main(argv=None) -> dict:
             if resume is not None:
                 out = resume_out_dir(args.resume, resume, cfg,
                                      explicit_settings(args).get("train", {}))
-                check_config_file_unedited(out, resume, args.config)
             else:
                 out = make_out_dir(cfg)
             cfg.train.out = out
             hold_run(out)
+            if resume is not None:  # under the run's lock: no other process rewrites it now
+                check_config_file_unedited(out, resume, cfg, args.resume, args.config)
             fh = log_to_file(os.path.join(out, "train.log"), early)
             try:
-                return _run(cfg, out, resume, run, t_start)
+                return _run(cfg, out, resume, run, t_start,
+                            in_place=resume is not None and resumes_in_place(out, args.resume))
             except Exception as err:
                 log_failure(fh, err)
                 raise
@@ -744,10 +743,11 @@ def check_same_folder(out: str, identity: tuple) -> None:
     except FileNotFoundError:
         same = None
     if not same:
+        what = "removed or moved" if same is None else "replaced by another folder"
         raise FileNotFoundError(
-            f"the run folder {out} was {'removed' if same is None else 'replaced'} while this "
-            "run trained there, so nothing more is saved; the last checkpoint saved there "
-            "went with it")
+            f"the run folder {out} was {what} while this run trained there, so nothing more "
+            "is saved; if it was moved, --resume with the last.pt in its new place continues "
+            "the run from its last save")
 
 
 @contextlib.contextmanager
@@ -765,8 +765,8 @@ class GracefulInterrupt:
     """Ctrl-C (SIGINT) or SIGTERM (a job scheduler's stop) during training: the step in
     progress finishes, last.pt is saved as a mid-epoch stop (so --resume continues exactly),
     then the run stops; a second signal stops at once, but for a file being written
-    (`deferred`), which it stops as soon as the write ends. Only in the main thread, where
-    Python delivers signals."""
+    (`deferred`), which it lets finish (the run then stops as after one signal), and a third
+    stops even that. Only in the main thread, where Python delivers signals."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -779,17 +779,17 @@ class GracefulInterrupt:
     @contextlib.contextmanager
     def deferred(self):
         """A block a second signal does not cut short (a checkpoint write: torch's zip writer
-        turns a KeyboardInterrupt into a RuntimeError of its own); it stops the run after."""
-        self._deferring = True
+        turns a KeyboardInterrupt into a RuntimeError of its own, a traceback); a third does.
+        Every save is followed by the stop a signal asked for."""
+        outer = self._deferring
+        self._deferring, self._forced = True, False
         try:
             yield
         finally:
-            self._deferring = False
-        if self._forced:
-            raise KeyboardInterrupt
+            self._deferring = outer
 
     def install(self) -> "GracefulInterrupt":
-        if threading.current_thread() is threading.main_thread():
+        if not self._previous and threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -800,8 +800,8 @@ class GracefulInterrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
-            if self._deferring:
-                self._forced = True
+            if self._deferring and not self._forced:
+                self._forced = True  # the file being written is let finish
                 return
             raise KeyboardInterrupt
         self.requested = True  # no logging here: a signal handler may interrupt the logger
@@ -955,7 +955,9 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
                 history=history, end_to_end=end_to_end)
 
 
-def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: float) -> dict:
+def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: float,
+         in_place: bool = False) -> dict:
+    """Train in `out` (`in_place`: a resume in its checkpoint's own folder)."""
     tc, dc = cfg.train, cfg.data
     device, train_src, val_src, k, model = (run.device, run.train_src, run.val_src, run.k,
                                             run.model)
@@ -971,12 +973,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         if weights_tag == "random-init" else ""
 
     config_path = os.path.join(out, "config.yaml")
-    # a resume rewrites config.yaml: the notes a user wrote there as comment lines stay
-    notes = own_comment_lines(config_path, header) if resume else ""
-    config_text = header + notes + yaml.safe_dump(cfg_dict, sort_keys=False)
+    # a resume in place rewrites config.yaml: the notes a user wrote there as comment lines
+    # stay (another folder's, a failed start's, are not this run's)
+    notes = own_comment_lines(config_path, header) if in_place else ""
+    # no line wrapping: a long value's continuation line could read as a comment
+    config_text = header + notes + yaml.safe_dump(cfg_dict, sort_keys=False, width=float("inf"))
     # which config.yaml texts are this run's own, for the next resume (a kill between last.pt
     # and config.yaml leaves the one found): any other is a user's edit
-    config_record = {"found": file_sha256(config_path) if resume else None,
+    config_record = {"found": file_sha256(config_path) if in_place else None,
                      "written": hashlib.sha256(config_text.encode("utf-8")).hexdigest()}
 
     def write_config():
@@ -1110,6 +1114,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             last_eval = res
             log.info(ev.summary_line(f"epoch {owed['epoch']}", res))
         if run.record_only:  # nothing left to train: the record is all this resume adds
+            interrupt.install()  # its save, as every save, lets a file being written finish
             save(start_epoch, 0, None, None, rng=resume["rng"])
         else:
             with folder_kept(out, folder_id):

@@ -40,8 +40,8 @@ __all__ = ["triton_pair_sums", "TritonPairSums"]
 from iddc.first_order import (autocast_off, first_order_only, forward_mode_unsupported,
                               weighted_sum)
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES,
-                              check_pair_sums_inputs,
-                              comparison_threshold, triton_interpret_requested)
+                              check_pair_sums_inputs, comparison_threshold,
+                              triton_interpret_requested)
 from iddc.reference import LOG_EPS, POS_WEIGHT_FLOOR
 
 # the reference's constants, as compile-time values the kernels can read
@@ -401,7 +401,7 @@ def feature_precision(feature_dtype: torch.dtype, precision: str) -> str:
     return precision if feature_dtype == torch.float32 else "tf32"
 
 
-def fixed_config(K: int, feature_dtype: torch.dtype, precision: str) -> dict:
+def fixed_config(K: int, precision: str) -> dict:
     """Fixed (not autotuned) tiles: the deterministic mode's, so that its results are also
     bit-identical across processes (an autotuner may pick other tiles in another process,
     changing the float32 summation order); the GPU tests use them too, to compile once per
@@ -449,7 +449,7 @@ def _launch(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h_code, precision, determi
     if config is None and interp:
         config = INTERPRETER_CONFIG
     elif config is None and deterministic:
-        config = fixed_config(K, u_a.dtype, precision)
+        config = fixed_config(K, precision)
     # one NBLK for explicit tiles and autotuned ones (an int argument is specialised on its
     # divisibility by 16: the same value lets both find one compiled kernel)
     min_bi = _MIN_BLOCK_I if config is None else min(_MIN_BLOCK_I, config["BLOCK_I"])

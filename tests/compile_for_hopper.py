@@ -160,7 +160,7 @@ def variant(kernel: str, feat: str, prob: str, K: int, precision: str, *, h: int
     autotune candidate (for K at CALL's D) matching `prefer` (BLOCK_I, BLOCK_J, BLOCK_D,
     num_warps, num_stages), or the first one if none does."""
     if tiles == "fixed":
-        cfg = ps.fixed_config(K, TORCH_DTYPES[feat], precision)
+        cfg = ps.fixed_config(K, precision)
     else:
         cands = ps.autotune_candidates(K, CALL["D"])
         keys = ("BLOCK_I", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages")

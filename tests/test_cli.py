@@ -16,6 +16,12 @@ from iddc import cli
 from iddc.__main__ import TOOLS, main as list_tools
 
 
+@pytest.fixture(autouse=True)
+def no_script_running(monkeypatch):
+    """A script entry point called here records itself for the process: undone after."""
+    monkeypatch.setattr(cli, "_script_running", None)
+
+
 def _script(name: str) -> str:
     """The installed console script beside this interpreter (the README's install puts it
     there, editable or not)."""
@@ -56,12 +62,27 @@ def test_a_script_names_itself_in_usage_and_errors(monkeypatch, capsys, tmp_path
     with pytest.raises(SystemExit) as stop:
         cli.evaluate_script()
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err == f"iddc-evaluate: error: checkpoint not found: {missing}\n"
+    assert stop.value.code == 2
+    assert err == f"iddc-evaluate: error: checkpoint not found: {missing}\n"
     # called any other way, the tool is named as python -m runs it
-    monkeypatch.setattr(sys, "argv", ["pytest"])
+    cli._script_running = None
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-train"])
     assert cli.prog_name("iddc.train") == "python -m iddc.train"
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/iddc-predict"])  # another tool's script
+    cli._script_running = "iddc-predict"  # another tool's script
     assert cli.prog_name("iddc.train") == "python -m iddc.train"
+
+
+def test_a_linked_script_names_itself_one_way(tmp_path):
+    """A console script run under another name (a link, a wrapper): usage and error lines
+    both name the script, whatever argv[0] says."""
+    link = tmp_path / "my-train"
+    link.symlink_to(_script("iddc-train"))
+    for flags, line in [(["--bogus"], "iddc-train: error: unrecognized arguments: --bogus"),
+                        (["--epochs", "0"], "iddc-train: error: train.epochs must be an "
+                                            "integer >= 1, got 0")]:
+        proc = subprocess.run([str(link), *flags], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line
 
 
 def test_installed_scripts_run(tmp_path):

@@ -38,7 +38,7 @@ def test_warm_tasks_are_the_benchmarks_kernels():
     for impl, (backend, precision, deterministic) in bench.IMPLS.items():
         if backend != "triton":
             continue
-        cfgs = [fixed_config(bench.K, torch.float32, precision)] if deterministic else \
+        cfgs = [fixed_config(bench.K, precision)] if deterministic else \
             autotune_candidates(bench.K, bench.D)
         want |= {(impl, size, tuple(sorted(c.items()))) for size in bench.SIZES for c in cfgs}
     assert got == want
@@ -67,7 +67,7 @@ def test_warm_worker_launches_its_tiles(monkeypatch, capsys):
              ("triton-bf16", "N784", dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=32, num_warps=8,
                                           num_stages=2)),
              ("triton-ieee-deterministic", "N3136",
-              fixed_config(bench.K, torch.float32, "ieee"))]
+              fixed_config(bench.K, "ieee"))]
     assert warm.work(chunk, device=DEVICE) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(": ok (" in line for line in lines), lines

@@ -134,6 +134,18 @@ def test_backward_makes_no_matmul():
     assert p_a.grad is not None and p_b.grad is not None
 
 
+def test_weighted_sum_of_16_bit_gradients_is_rounded_once():
+    from iddc.first_order import weighted_sum
+    g = torch.Generator().manual_seed(11)
+    stacked = torch.randn(4, 64, 27, generator=g).to(torch.bfloat16)
+    weights = torch.tensor([0.37, -1.3, 2.9, 0.011])
+    exact = (stacked.double() * weights.double()[:, None, None]).sum(0)
+    got = weighted_sum(weights, stacked)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, exact.to(torch.bfloat16))  # one rounding, of the float32 sum
+    assert torch.equal(weighted_sum(weights.double(), stacked.double()), exact)
+
+
 def test_tile_rows_stay_below_n():
     for n, m in [(784, 784), (3136, 3136), (2, 5), (7, 100000), (1, 1)]:
         rows = tile_rows(n, m)

@@ -957,7 +957,7 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--name", "../escape"], r"train.name must be one folder name \(no '/'"),
     (["--name", ".."], "train.name must be one folder name"),
     (["--set", 'train.name="a\\nb"'], "train.name must be one folder name"),
-    (["--lr", "1e39"], r"train.lr must be a finite number > 0 \(at most float32's 3.4e\+38\)"),
+    (["--lr", "1e39"], r"train.lr must be a finite number >= 0 \(at most float32's 3.4e\+38\)"),
     (["--weights", ""], "model.weights must not be empty"),
     (["--kmeans-restarts", "1001"], "train.kmeans_restarts must be at most 1000, got 1001"),
     (["--kmeans-iters", "100000"], "train.kmeans_iters must be at most 10000, got 100000"),
@@ -1238,17 +1238,25 @@ def test_a_hand_edited_config_yaml_is_not_ignored_and_overwritten(run_copy):
     assert "  eval_every: 1\n" in text
     path.write_text(text.replace("  eval_every: 1\n", "  eval_every: 2\n"))
     before = snapshot(run_copy)
-    with pytest.raises(ValueError, match=r"config.yaml was changed since last.pt was saved "
-                                         r"\(train.eval_every: 1 in last.pt, 2 in config.yaml\);"
-                                         r" .*pass it too \(--config .*config.yaml\)"):
+    with pytest.raises(ValueError, match=r"config.yaml was edited since last.pt was saved "
+                                         r"\(train.eval_every: 2 in config.yaml, 1 for this "
+                                         r"resume\); .*pass it too \(--config .*config.yaml\)"):
         resume(run_copy / "last.pt")
     assert snapshot(run_copy) == before
     path.write_text("train: [unclosed\n")
-    with pytest.raises(ValueError, match=r"config.yaml cannot be read as settings \(Parser"):
+    with pytest.raises(ValueError, match=r"config.yaml is not valid YAML.*; a resume trains"):
         resume(run_copy / "last.pt")
+    # an edit to what this resume's flags set anyway ignores nothing; 5e-4 is 0.0005
+    path.write_text(text.replace("  epochs: 2\n", "  epochs: 3\n").replace("lr: 0.0005\n",
+                                                                          "lr: 5e-4\n"))
+    assert "lr: 5e-4\n" in path.read_text() and "  epochs: 3\n" in path.read_text()
+    resume(run_copy / "last.pt", "--epochs", "3")
+    assert saved_checkpoint(run_copy)["epoch"] == 3
+    path.write_text(text)
+    before = snapshot(run_copy)
     # passed as --config, its settings apply (its out names the copied run's own folder)
     edited = yaml.safe_load(text)
-    edited["train"].update(eval_every=2, out=str(run_copy))
+    edited["train"].update(eval_every=2, out=str(run_copy), epochs=4)
     path.write_text(yaml.safe_dump(edited))
     resume(run_copy / "last.pt", "--config", str(path))
     assert saved_config(run_copy)["train"]["eval_every"] == 2
@@ -1275,8 +1283,9 @@ def test_a_run_folder_removed_mid_run_is_not_made_again(tmp_path, tiny_yaml, mon
         real(obj, path, **kw)
         shutil.rmtree(out)
     monkeypatch.setattr(checkpoint, "save_atomic", save_then_remove)
-    with pytest.raises(FileNotFoundError, match=rf"the run folder {out} was removed while this "
-                                                r"run trained there, so nothing more is saved"):
+    with pytest.raises(FileNotFoundError, match=rf"the run folder {out} was removed or moved "
+                                                r"while this run trained there, so nothing "
+                                                r"more is saved; if it was moved, --resume"):
         train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "2"] + QUICK)
     assert not out.exists()
 
@@ -1305,12 +1314,52 @@ def test_a_second_signal_waits_for_the_file_being_written():
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
-            with stop.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                written = True  # the block ran on to its end
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            written = True  # the block runs on to its end; the run then stops as asked
         assert written
+        with stop.deferred():  # a third signal does stop a write that hangs
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):  # outside a write: at once
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.uninstall()
+
+
+def test_a_resume_into_a_failed_starts_folder_is_not_taken_for_an_edit(tmp_path, tiny_yaml,
+                                                                       run_copy, monkeypatch):
+    """--resume ... --out X where X holds only a failed start's files (its own config.yaml):
+    that file is no edit of this run's, and its comment lines are not this run's notes."""
+    from iddc import evaluate as ev
+    real = ev.evaluate
+
+    def fails(*args, **kwargs):
+        raise ValueError("a failure at the first evaluation")
+    monkeypatch.setattr(ev, "evaluate", fails)
+    with pytest.raises(ValueError, match="a failure at the first evaluation"):
+        train.main(["--config", tiny_yaml, "--out", str(tmp_path / "X"), "--lr", "0.5"] + QUICK)
+    monkeypatch.setattr(ev, "evaluate", real)
+    config = tmp_path / "X" / "config.yaml"
+    config.write_text("# the failed start's note\n" + config.read_text())
+    out = resume(run_copy / "last.pt", "--out", str(tmp_path / "X"))["out"]
+    assert out == str(tmp_path / "X")
+    text = config.read_text()
+    assert "the failed start's note" not in text
+    assert yaml.safe_load(text)["train"]["lr"] == 0.0005
+
+
+def test_a_saved_run_with_a_learning_rate_of_0_is_scored_but_not_resumed_as_is(run_copy):
+    """Learning rates of 0 are refused for training only: a run saved with one (by a version
+    that took it) is still scored, and a resume says which flag to give."""
+    from iddc import evaluate
+    ckpt = saved_checkpoint(run_copy)
+    ckpt["config"]["train"]["probe_lr"] = 0.0
+    torch.save(ckpt, run_copy / "last.pt")
+    scores = evaluate.main(["--checkpoint", str(run_copy / "last.pt")])
+    assert scores["unsupervised"]["miou"] >= 0
+    with pytest.raises(ValueError, match=r"train.probe_lr must be > 0 to train anything, got 0 "
+                                         r"\(the checkpoint's; give --probe-lr to resume it\)"):
+        resume(run_copy / "last.pt")
+    resume(run_copy / "last.pt", "--probe-lr", "0.001")

@@ -91,11 +91,11 @@ def assert_close_rel(actual, expected, rtol, what):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
 
 
-def sweep_config(k, dtype, precision="ieee"):
+def sweep_config(k, precision="ieee"):
     """Tiles of the reference sweeps. On a GPU the fixed tiles, so a case compiles once rather
     than once per autotune candidate (each candidate is checked on its own below); under the
     interpreter None: its single configuration."""
-    return fixed_config(k, dtype, precision) if DEVICE == "cuda" else None
+    return fixed_config(k, precision) if DEVICE == "cuda" else None
 
 
 def thresholds_in_gaps(u_a, u_b, shifts) -> tuple:
@@ -115,7 +115,7 @@ def thresholds_in_gaps(u_a, u_b, shifts) -> tuple:
 def check_against_reference(b, n, m, d, k, shifts, h, dtype, deterministic=False, seed=0,
                             config=None):
     u_a, u_b, p_a, p_b = make_inputs(b, n, m, d, k, seed, dtype)
-    config = sweep_config(k, dtype) if config is None else config
+    config = sweep_config(k) if config is None else config
     t_pos, t_neg = thresholds_in_gaps(u_a, u_b, shifts)
     sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed, t_pos=t_pos,
                                               t_neg=t_neg, deterministic=deterministic,
@@ -204,7 +204,7 @@ def test_fresh_random_shapes_match_reference(draw):
     what = f"seed={seed}: B={b} sizes={sizes} D={d} K={k} shifts={shifts} h={h} {dtype} " \
            f"deterministic={det}"
     sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, shifts, h, seed,
-                                              deterministic=det, _config=sweep_config(k, dtype))
+                                              deterministic=det, _config=sweep_config(k))
     r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, shifts, h, grad_out)
     assert torch.equal(counts.cpu(), r_counts.cpu()), f"{what}: {counts} != {r_counts}"
     tol = TOL[dtype]
@@ -280,7 +280,7 @@ def test_tensor_core_precisions(precision, deterministic):
     sums, counts, ga, gb, grad_out = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 7, t_pos=t_pos,
                                               t_neg=t_neg, precision=precision,
                                               deterministic=deterministic,
-                                              _config=sweep_config(27, torch.float32, precision))
+                                              _config=sweep_config(27, precision))
     r_sums, r_counts, r_ga, r_gb = reference_of(u_a, u_b, p_a, p_b, (1,), "exp", grad_out,
                                                 t_pos=t_pos, t_neg=t_neg)
     assert torch.equal(counts.cpu(), r_counts.cpu())
