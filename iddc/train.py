@@ -1115,7 +1115,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             log.info(ev.summary_line(f"epoch {owed['epoch']}", res))
         if run.record_only:  # nothing left to train: the record is all this resume adds
             interrupt.install()  # its save, as every save, lets a file being written finish
-            save(start_epoch, 0, None, None, rng=resume["rng"])
+            try:
+                save(start_epoch, 0, None, None, rng=resume["rng"])
+            except BaseException:  # else uninstalled with the epochs' loop below
+                interrupt.uninstall()
+                raise
         else:
             with folder_kept(out, folder_id):
                 write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
