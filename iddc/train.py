@@ -1124,6 +1124,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             with folder_kept(out, folder_id):
                 write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
 
+    def save_val_panel(res: dict) -> None:
+        """val_panel.png of an evaluation's kept samples (none kept: --vis-images 0)."""
+        if tc.vis_images and res.get("samples"):
+            from .visualize import save_panel
+            check_same_folder(out, folder_id)
+            save_panel(os.path.join(out, "val_panel.png"), res["samples"], k,
+                       res["unsupervised"]["mapping"], data_config["mean"], data_config["std"])
+
     stop, finished, pending = False, False, None
     interrupt.install()  # Ctrl-C: finish the step, save, then stop
     try:
@@ -1247,6 +1255,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                         "whole run; --resume %s evaluates it and records it in metrics.json",
                         last, last)
         elif finished:
+            if last_eval is not None:  # its evaluation ran: the run's panel, as when not stopped
+                save_val_panel(last_eval)
             log.warning("interrupted after the last epoch: %s holds the whole run (score it "
                         "with python -m iddc.evaluate --checkpoint %s)", last, last)
         elif pending is not None:
@@ -1260,11 +1270,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
 
     final = last_eval if last_eval is not None or not labelled_val \
         else scored(lambda: run_eval(keep=tc.vis_images))
-    if tc.vis_images and final is not None:
-        from .visualize import save_panel
-        check_same_folder(out, folder_id)
-        save_panel(os.path.join(out, "val_panel.png"), final["samples"], k,
-                   final["unsupervised"]["mapping"], data_config["mean"], data_config["std"])
+    if final is not None:
+        save_val_panel(final)
     total = time.time() - t_start
     log.info("=" * 90)
     if weights_tag == "random-init":

@@ -1363,3 +1363,25 @@ def test_a_saved_run_with_a_learning_rate_of_0_is_scored_but_not_resumed_as_is(r
                                          r"\(the checkpoint's; give --probe-lr to resume it\)"):
         resume(run_copy / "last.pt")
     resume(run_copy / "last.pt", "--probe-lr", "0.001")
+
+
+def test_a_stop_during_the_last_evaluation_still_writes_the_panel(tmp_path, tiny_yaml,
+                                                                  monkeypatch):
+    """SIGTERM while the last epoch is evaluated: the run is whole (a resume has nothing left
+    to do), so its val_panel.png is written before it stops, as an unstopped run's is."""
+    import signal
+    from iddc import evaluate as ev
+    real, calls = ev.evaluate, []
+
+    def evaluate_and_stop_at_the_last(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 0, epoch 1, epoch 2 (the last)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "evaluate", evaluate_and_stop_at_the_last)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "2"] + QUICK +
+                   ["--vis-images", "2"])
+    assert [e["epoch"] for e in read_metrics(out)] == [0, 1, 2]
+    assert (out / "val_panel.png").is_file()
