@@ -72,12 +72,14 @@ def unpickling_error_message(what: str, err: Exception) -> str:
 def check_crc(path: str) -> None:
     """CheckpointError if a member of the checkpoint's zip fails its CRC-32: torch.load never
     checks them, so bytes changed on disk (a failing disk, a broken copy) inside a tensor would
-    load as other weights and score silently wrong. One read of the file (about 1 s a GB)."""
+    load as other weights and score silently wrong. One more read of the file (about 1 s a
+    GB). A file that is no readable zip is left to torch.load: a legacy (pre-zip) checkpoint
+    loads, a truncated or foreign one gets its error there."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
-            RuntimeError):  # not a readable zip: torch.load says what it is
+            RuntimeError):  # RuntimeError: zipfile's own (an encrypted member)
         return
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: its {bad!r} fails its CRC check "

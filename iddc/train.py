@@ -470,17 +470,15 @@ def _ignored_edits(saved, trains, on_disk, prefix: str = "") -> list:
     return out
 
 
-def check_config_file_unedited(out: str, ckpt: dict, cfg: Config, path_resumed: str,
-                               given: Optional[str]) -> None:
-    """ValueError if the run folder's config.yaml (where this resume continues: the
-    checkpoint's own folder) was edited to settings that are neither the checkpoint's nor the
+def check_config_file_unedited(out: str, ckpt: dict, cfg: Config, given: Optional[str]) -> None:
+    """For a resume in its checkpoint's own folder `out`: ValueError if the folder's config.yaml
+    was edited to settings that are neither the checkpoint's nor the
     ones the resume trains with (the checkpoint's and this command's flags; never that file):
     the resume rewrites it, so the edit would be ignored and then lost. A text the run wrote
     or found there (its "config_file" record) is its own; not checked when that file is the
     --config given."""
     path = os.path.join(out, "config.yaml")
-    if not resumes_in_place(out, path_resumed) or not os.path.isfile(path) or \
-            (given and os.path.realpath(given) == os.path.realpath(path)):
+    if not os.path.isfile(path) or (given and os.path.realpath(given) == os.path.realpath(path)):
         return
     record = ckpt.get("config_file")
     if not isinstance(record, Mapping):  # an earlier version's checkpoint: no record to go by
@@ -633,12 +631,12 @@ def main(argv=None) -> dict:
                 out = make_out_dir(cfg)
             cfg.train.out = out
             hold_run(out)
-            if resume is not None:  # under the run's lock: no other process rewrites it now
-                check_config_file_unedited(out, resume, cfg, args.resume, args.config)
+            in_place = resume is not None and resumes_in_place(out, args.resume)
+            if in_place:  # under the run's lock: no other process rewrites config.yaml now
+                check_config_file_unedited(out, resume, cfg, args.config)
             fh = log_to_file(os.path.join(out, "train.log"), early)
             try:
-                return _run(cfg, out, resume, run, t_start,
-                            in_place=resume is not None and resumes_in_place(out, args.resume))
+                return _run(cfg, out, resume, run, t_start, in_place=in_place)
             except Exception as err:
                 log_failure(fh, err)
                 raise

@@ -476,6 +476,17 @@ def test_checkpoint_bytes_changed_on_disk_are_caught(tmp_path):
         ck.load(str(path))
     with pytest.raises(CheckpointError, match="fails its CRC check"):
         evaluate.main(["--checkpoint", str(path)])
+    # no zip to check: a legacy (pre-zip) file is torch.load's to read, a truncated zip its to
+    # refuse
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"format": ck.FORMAT, "model": {"w": torch.ones(3)}}, legacy,
+               _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy) and ck.load(str(legacy))["model"]["w"].sum() == 3
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"could not read checkpoint .*truncated.pt: it is "
+                                              r"corrupt, truncated"):
+        ck.load(str(truncated))
 
 
 def test_checkpoint_with_code_is_refused_unread(tmp_path, code_payload):
