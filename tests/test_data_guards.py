@@ -68,6 +68,42 @@ def test_folder_split_folders_never_mix(tmp_path):
         assert [p.name for p in flat.images] == ["x.png"]
 
 
+@pytest.mark.parametrize("names", [("training", "validation"), ("Train", "Val"),
+                                   ("train2", "valid"), ("test",)],
+                         ids=["ade20k", "capitalised", "valid", "test-only"])
+def test_folder_with_other_split_names_is_refused(tmp_path, names):
+    """ADE20K's images/{training,validation}: not train/ and val/, so both splits would be the
+    whole folder and the held-out scores those of training images."""
+    for name in names:
+        _rgb(tmp_path / name / f"{name}.png")
+    like = [n for n in names if n != "train2"]
+    for split in ("train", "val"):
+        with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {like[0]}/.* but not "
+                                              r"train/ and val/.*rename \(or link\)"):
+            build_source("folder", root=tmp_path, split=split, num_classes=2)
+
+
+def test_folder_label_root_with_other_split_names_is_refused(tmp_path):
+    _rgb(tmp_path / "imgs" / "train" / "a.png")
+    _rgb(tmp_path / "imgs" / "val" / "b.png")
+    for split, stem in (("training", "a"), ("validation", "b")):
+        _grey(tmp_path / "labels" / split / f"{stem}.png", np.zeros((6, 8), np.uint8))
+    with pytest.raises(LayoutError, match=r"labels has the sub-folder\(s\) training/, "
+                                          r"validation/ but not train/ and val/"):
+        build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels",
+                     num_classes=2)
+
+
+def test_folder_with_linked_split_names_selects_the_split(tmp_path):
+    """The refusal's advice works: train/ and val/ links to training/ and validation/."""
+    _rgb(tmp_path / "training" / "t.png")
+    _rgb(tmp_path / "validation" / "v.png")
+    (tmp_path / "train").symlink_to("training")
+    (tmp_path / "val").symlink_to("validation")
+    val = build_source("folder", root=tmp_path, split="val", num_classes=2)
+    assert [p.name for p in val.images] == ["v.png"]
+
+
 # ----------------------------------------------------------------------------- 10: pixel formats
 def test_16bit_grey_image_scaled_to_8_bits(tmp_path):
     values = np.array([[0, 257, 32896, 65535], [1000, 2000, 40000, 65000]], np.uint16)
@@ -437,3 +473,49 @@ def test_layout_checker_needs_a_root_except_for_synthetic(capsys):
     assert err.value.code == 2 and "'cocostuff27' needs its ROOT folder" in capsys.readouterr().err
     assert layout.main(["synthetic", "--split", "val", "--data-option", "num_images=3"]) == 0
     assert "val: 3 images, K = 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_low_bit_grey_labels_read_as_stored_ids(tmp_path, bits):
+    """Pillow decodes a 2- or 4-bit grey PNG scaled to 0..255 (stored 1 -> 85 or 17): the
+    label must be the stored ids, also through the folder data set's K inference."""
+    top = 2 ** bits - 1
+    ids = (np.arange(48) % (top + 1)).reshape(6, 8).astype(np.uint8)
+    img = Image.fromarray(ids.astype(bool)) if bits == 1 else Image.fromarray(ids)
+    path = tmp_path / "labels" / "img0.png"
+    path.parent.mkdir(parents=True)
+    img.save(path, **({} if bits == 1 else {"bits": bits}))
+    with Image.open(path) as check:  # really stored at that depth
+        assert check.mode == ("1" if bits == 1 else "L")
+        assert bits == 1 or check.tile[0][3] == f"L;{bits}"
+    assert np.array_equal(open_label(path), ids)
+    _rgb(tmp_path / "imgs" / "img0.png")
+    source = build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels")
+    assert source.num_classes == top + 1
+    assert np.array_equal(source.load(0)[1], ids)
+
+
+def test_cielab_image_is_a_corrupt_sample(tmp_path):
+    """Pillow's LAB -> RGB conversion takes L* for red and a* for green: refused, not shown in
+    wrong colours."""
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (4, 3), (50, 0, 0)).save(path)
+    with pytest.raises(CorruptSampleError, match=r"lab\.tif: image is CIELAB \(mode LAB\)"):
+        open_image(path)
+
+
+def test_more_image_formats_listed_and_unread_ones_warned(tmp_path):
+    """GIF, JFIF and PGM files are images too; a HEIC photo, which Pillow cannot read, is
+    skipped with a warning naming it rather than silently."""
+    from iddc.data.layout import list_images
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(tmp_path / "a.gif")
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(tmp_path / "b.jfif", format="JPEG")
+    Image.new("L", (8, 6), 7).save(tmp_path / "c.pgm")
+    (tmp_path / "d.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"skipping 1 image file\(s\) under .* \(\.heic\), "
+                                         r"e\.g\. .*d\.HEIC"):
+        found = list_images(tmp_path)
+    assert [p.name for p in found] == ["a.gif", "b.jfif", "c.pgm"]
+    for path in found:
+        assert open_image(path).size == (8, 6)

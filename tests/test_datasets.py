@@ -566,16 +566,24 @@ def test_layout_check_cli(tmp_path, capsys):
 
 
 def test_exif_orientation_is_not_applied_to_data_sets(tmp_path):
-    """Labels are drawn on the stored pixels: a rotated-EXIF image must stay as stored."""
+    """Labels are drawn on the stored pixels: a rotated-EXIF image must stay as stored, and
+    the first such image of a data set is warned about (its label may follow the display)."""
     from iddc.data.layout import open_image
-    root = make_coco(tmp_path, n=(1, 1), size=(48, 40))
-    path = root / "images" / "val2017" / "v00000000000.jpg"
-    img = Image.open(path)
-    exif = img.getexif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
-    img.save(path, exif=exif)
-    image, label = cocostuff.build_cocostuff27(root, "val").load(0)
+    root = make_coco(tmp_path, n=(1, 2), size=(48, 40))
+    for k in range(2):
+        path = root / "images" / "val2017" / f"v{k:011d}.jpg"
+        img = Image.open(path)
+        exif = img.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+        img.save(path, exif=exif)
+    source = cocostuff.build_cocostuff27(root, "val")
+    with pytest.warns(UserWarning, match=r"v00000000000\.jpg has an EXIF orientation \(6: "
+                                         r"shown rotated 90 degrees clockwise.*as stored"):
+        image, label = source.load(0)
     assert image.size == (48, 40) and label.shape == (40, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per data set
+        assert source.load(1)[0].size == (48, 40)
     assert open_image(path, exif_transpose=True).size == (40, 48)
 
 

@@ -8,7 +8,9 @@
 If root has `train/` and `val/` sub-folders, split selects one of them (and the same
 sub-folder of label_root, when it has both); with neither, split is ignored and the whole folder
 is used. Only one of the two is refused (LayoutError naming the missing one): the other split
-would be the whole folder, so held-out scores would be computed on training images.
+would be the whole folder, so held-out scores would be computed on training images. So is a
+root with neither but with sub-folders named like other splits (`training/`, `validation/`,
+`Val/`, `valid/`, `test/`, ...: SPLIT_LIKE_NAMES, any case).
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
 label maps, warned about when that id lies far above all others (a stray value), and is at most
@@ -37,10 +39,35 @@ from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_
 PROBE_LABELS = 16  # label maps read to infer num_classes
 
 
+#: sub-folder names (compared in lower case) that other data sets give their splits: with none
+#: of SPLITS beside them the whole folder, split folders included, would be both splits
+SPLIT_LIKE_NAMES = ("train", "training", "trn", "val", "valid", "validation", "test", "testing")
+
+
+def _split_like_folders(base: Path) -> list:
+    """The sub-folders of `base` named like a split (SPLIT_LIKE_NAMES, any case)."""
+    try:
+        with os.scandir(base) as entries:
+            return sorted(e.name for e in entries
+                          if e.name.lower() in SPLIT_LIKE_NAMES and e.is_dir())
+    except OSError:  # an unreadable root is named by list_images
+        return []
+
+
 def _split_dir(base: Path, split: str) -> Path:
-    """base/split when base has both split folders, base itself when it has neither."""
+    """base/split when base has both split folders, base itself when it has none and no
+    sub-folder named like a split."""
     present = [s for s in SPLITS if (base / s).is_dir()]
     if not present:
+        like = _split_like_folders(base)
+        if like:  # ADE20K's training/ and validation/, a Train/ or valid/: not train/ and val/
+            shown = ", ".join(f"{n}/" for n in like)
+            raise LayoutError(
+                f"{base} has the sub-folder(s) {shown} but not train/ and val/, the split "
+                f"folders the folder data set selects from: both splits would be the whole "
+                f"folder, {shown} included, so held-out scores would be computed on training "
+                f"images; rename (or link) the split folders to train/ and val/ (in label_root "
+                f"too), or pass the folder of one split as the root")
         return base
     if len(present) < len(SPLITS):
         missing = next(s for s in SPLITS if s not in present)

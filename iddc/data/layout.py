@@ -44,7 +44,12 @@ from PIL import Image, ImageOps
 
 from .base import IGNORE_INDEX, SegmentationSource
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".avif", ".jp2", ".j2k")
+#: image formats no listing takes (Pillow cannot read them, or not as one still image): a folder
+#: holding such files is warned about, so that they are not dropped without a word
+UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                           ".orf", ".rw2", ".raw", ".psd", ".exr", ".hdr")
 SPLITS = ("train", "val")
 
 
@@ -141,7 +146,7 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     it."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
-    found, seen, odd = [], set(), []
+    found, seen, odd, unread = [], set(), [], []
     if recursive:
         walker = os.walk(folder, onerror=_unreadable_folder, followlinks=True)
     else:
@@ -169,6 +174,13 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                     found.append(Path(path))
                 else:
                     odd.append(path)
+            elif ext.lower() in UNREAD_IMAGE_EXTENSIONS and stem.endswith(suffix):
+                unread.append(os.path.join(dirpath, name))
+    if unread:
+        kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in unread}))
+        warnings.warn(f"skipping {len(unread)} image file(s) under {folder} in a format iddc "
+                      f"does not read ({kinds}), e.g. {unread[0]}; convert them to PNG or JPEG "
+                      f"to include them", stacklevel=2)
     for path in odd[:5]:
         warnings.warn(f"skipping {path}: {_not_regular(path)}, not an image file",
                       stacklevel=2)
@@ -215,6 +227,14 @@ _WIDE_MODES = {**dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N", "I"), _SIXTEE
                "F": (0.0, 1.0, 255.0)}
 
 
+#: modes Pillow's convert("RGB") maps without colour science (CIELAB's L* taken for red, a*
+#: for green): wrong colours, not an error
+_NOT_RGB_CONVERTIBLE = {
+    "LAB": "image is CIELAB (mode LAB), which Pillow cannot convert to RGB colours; save it "
+           "as RGB",
+}
+
+
 def _to_8bit(img: Image.Image, path) -> Image.Image:
     """A 16-bit or float grey image as 8-bit "L", scaled by its mode's range (_WIDE_MODES)."""
     lo, hi, factor = _WIDE_MODES[img.mode]
@@ -227,18 +247,43 @@ def _to_8bit(img: Image.Image, path) -> Image.Image:
     return Image.fromarray(np.rint(arr.astype(np.float64) * factor).astype(np.uint8), "L")
 
 
+#: EXIF orientation values (tag 0x0112) and what a viewer does to the stored pixels
+ORIENTATIONS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down",
+                5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+                8: "rotated 90 degrees counter-clockwise"}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (as stored) where it has none or an unreadable one."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, TypeError):  # a malformed EXIF block: as stored
+        return 1
+    return value if value in ORIENTATIONS else 1
+
+
 def open_image(path, exif_transpose: bool = False) -> Image.Image:
     """An RGB image; CorruptSampleError if it cannot be decoded.
 
     Data sets keep the stored pixel order (their label maps were drawn on it; COCO's are),
     so the EXIF orientation is applied only on request (iddc.predict, for camera photos)."""
+    return open_image_oriented(path, exif_transpose)[0]
+
+
+def open_image_oriented(path, exif_transpose: bool = False) -> tuple[Image.Image, int]:
+    """:func:`open_image` and the file's EXIF orientation (1: none; applied or not as asked)."""
     try:
         with Image.open(path) as img:
+            orientation = exif_orientation(img)
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
+            if img.mode in _NOT_RGB_CONVERTIBLE:
+                raise CorruptSampleError(path, _NOT_RGB_CONVERTIBLE[img.mode])
             if img.mode in _WIDE_MODES:
                 img = _to_8bit(img, path)
-            return img.convert("RGB")
+            return img.convert("RGB"), orientation
+    except CorruptSampleError:
+        raise
     # PIL reports truncation etc. as OSError; a decompression bomb is its own Exception
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
@@ -246,6 +291,20 @@ def open_image(path, exif_transpose: bool = False) -> Image.Image:
 
 #: image formats whose compression is lossy: never a label map's
 LOSSY_FORMATS = ("JPEG", "MPO")
+
+
+def _low_bit_grey(img: Image.Image) -> int:
+    """2 or 4 for a grey image stored with 2- or 4-bit samples (a PNG of bit depth 2 or 4),
+    which Pillow decodes to mode L scaled to 0..255 (stored 1 -> 85 or 17); else 0. Mode 1
+    (1-bit) and palette images decode to their stored values."""
+    if img.mode != "L":
+        return 0
+    for tile in img.tile:
+        raw = tile[3]
+        raw = raw[0] if isinstance(raw, tuple) else raw  # (rawmode, ...) for some formats
+        if isinstance(raw, str) and raw.split("R")[0] in ("L;2", "L;4"):  # R: bit order
+            return int(raw[2])
+    return 0
 
 
 def open_label(path) -> np.ndarray:
@@ -264,7 +323,10 @@ def open_label(path) -> np.ndarray:
                 raise CorruptSampleError(
                     path, "label map is floating point (mode F); expected integer class ids "
                           "(mode L, P or I)")
+            bits = _low_bit_grey(img)  # read before decoding, which drops the tile list
             arr = np.asarray(img)
+            if bits:  # Pillow scales 2- and 4-bit samples to 0..255: back to the stored ids
+                arr = arr // (255 // (2 ** bits - 1))
     except CorruptSampleError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -325,6 +387,7 @@ class FileSource(SegmentationSource):
         self.stored_ids = stored_ids
         self.ignore_stored = ignore_stored
         self._warned_ids = False  # once per data set (per loader worker)
+        self._warned_orientation = False
 
     def __len__(self) -> int:
         return len(self.images)
@@ -340,7 +403,9 @@ class FileSource(SegmentationSource):
         return self.images[index]
 
     def load(self, index: int):
-        image = open_image(self.images[index])
+        image, orientation = open_image_oriented(self.images[index])
+        if orientation != 1:
+            self._warn_orientation(self.images[index], orientation)
         if self.labels is None:
             return image, None
         stored = open_label(self.labels[index])
@@ -352,6 +417,19 @@ class FileSource(SegmentationSource):
                 f"label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
                 f"{self.images[index]} is {image.width}x{image.height}")
         return image, label
+
+    def _warn_orientation(self, path: Path, orientation: int) -> None:
+        if self._warned_orientation:
+            return
+        self._warned_orientation = True
+        labels = (" and scored against its label map as stored" if self.labels is not None
+                  else "")
+        warnings.warn(
+            f"{self.description}: image {path} has an EXIF orientation ({orientation}: shown "
+            f"{ORIENTATIONS[orientation]} by viewers and iddc.predict); data sets read the "
+            f"pixels as stored{labels}, as COCO's label maps were drawn. If this set's labels "
+            f"follow the displayed image, apply the orientation to the image files (warned "
+            f"once per data set)", stacklevel=3)
 
     def _warn_unexpected_ids(self, stored: np.ndarray, path: Path) -> None:
         first = self.unexpected_ids_from
