@@ -60,6 +60,11 @@ IMPLS = {
 }
 
 
+def kernel_precision(precision: str) -> str:
+    """The kernels' `precision` of a row's: "bf16" rows (bfloat16 inputs) take tf32 dots."""
+    return "tf32" if precision == "bf16" else precision
+
+
 def get_impl(backend: str, precision: str, deterministic: bool):
     """The pair-sums function of a backend (imported lazily: triton may be absent)."""
     if backend == "reference":
@@ -77,10 +82,8 @@ def get_impl(backend: str, precision: str, deterministic: bool):
         except ImportError as err:
             pytest.skip(f"iddc_kernels (Triton) is not available: {err}")
 
-        kernel_precision = "tf32" if precision == "bf16" else precision
-
         def run(*args, **kwargs):
-            return triton_pair_sums(*args, precision=kernel_precision,
+            return triton_pair_sums(*args, precision=kernel_precision(precision),
                                     deterministic=deterministic, **kwargs)
         return run
     raise ValueError(backend)

@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 
 def tasks() -> list:
     """(impl, size, launch config) of every kernel the benchmark rows compile."""
-    from test_bench_triton import D, IMPLS, K, SIZES
+    from test_bench_triton import D, IMPLS, K, SIZES, kernel_precision
 
     from iddc_kernels.pair_sums import autotune_candidates, fixed_config
 
@@ -38,7 +38,7 @@ def tasks() -> list:
         if deterministic:  # fixed tiles: the row and the transposed kernels
             configs = [fixed_config(K, precision)]
         else:
-            configs = autotune_candidates(K, D)
+            configs = autotune_candidates(K, D, kernel_precision(precision))
         for size in SIZES:
             out += [(impl, size, cfg) for cfg in configs]
     return out

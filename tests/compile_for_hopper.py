@@ -157,14 +157,16 @@ def variant(kernel: str, feat: str, prob: str, K: int, precision: str, *, h: int
             atomic: bool = True, positive: bool = True, has_pos: int = 1,
             need_grad: bool = True, tiles: str = "fixed", prefer: tuple = ()) -> dict:
     """One compile case. tiles="fixed": `fixed_config` (deterministic mode); "candidate": the
-    autotune candidate (for K at CALL's D) matching `prefer` (BLOCK_I, BLOCK_J, BLOCK_D,
-    num_warps, num_stages), or the first one if none does."""
+    autotune candidate (for K at CALL's D and `precision`) given by `prefer` (BLOCK_I, BLOCK_J,
+    BLOCK_D, num_warps, num_stages), which must be one."""
     if tiles == "fixed":
         cfg = ps.fixed_config(K, precision)
     else:
-        cands = ps.autotune_candidates(K, CALL["D"])
+        cands = ps.autotune_candidates(K, CALL["D"], precision)
         keys = ("BLOCK_I", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages")
-        cfg = next((c for c in cands if tuple(c[k] for k in keys) == tuple(prefer)), cands[0])
+        cfg = next((c for c in cands if tuple(c[k] for k in keys) == tuple(prefer)), None)
+        if cfg is None:  # a stale choice would silently compile another tile than named
+            raise ValueError(f"{prefer} is no autotune candidate at K={K}, {precision}")
     cfg = dict(cfg)
     cfg.setdefault("num_warps", 4)  # the launcher's defaults for an explicit config
     cfg.setdefault("num_stages", 2)

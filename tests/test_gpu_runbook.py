@@ -39,7 +39,7 @@ def test_warm_tasks_are_the_benchmarks_kernels():
         if backend != "triton":
             continue
         cfgs = [fixed_config(bench.K, precision)] if deterministic else \
-            autotune_candidates(bench.K, bench.D)
+            autotune_candidates(bench.K, bench.D, bench.kernel_precision(precision))
         want |= {(impl, size, tuple(sorted(c.items()))) for size in bench.SIZES for c in cfgs}
     assert got == want
     assert {impl for impl, _, _ in tasks} == {i for i, v in bench.IMPLS.items() if v[0] == "triton"}

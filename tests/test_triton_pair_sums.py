@@ -218,8 +218,9 @@ def _config_id(cfg):
             f"-s{cfg['num_stages']}")
 
 
+# tf32 keeps every tile the other precisions keep (test_autotune_pruning_by_precision)
 AUTOTUNED = [pytest.param(k, d, cfg, id=f"K{k}-D{d}-{_config_id(cfg)}")
-             for k, d in ((27, 384), (171, 40)) for cfg in autotune_candidates(k, d)]
+             for k, d in ((27, 384), (171, 40)) for cfg in autotune_candidates(k, d, "tf32")]
 
 
 @pytest.mark.parametrize("k,d,config", AUTOTUNED)
@@ -229,6 +230,67 @@ def test_every_autotune_candidate_matches_reference(k, d, config):
     negative shifts and their atomics."""
     check_against_reference(3, 131, 77, d, k, (1, 2), "exp", torch.float32, False,
                             seed=zlib.crc32(_config_id(config).encode()) + k, config=config)
+
+
+def _tiles(configs) -> set:
+    return {(c["BLOCK_I"], c["BLOCK_J"], c["BLOCK_D"], c["num_warps"], c["num_stages"])
+            for c in configs}
+
+
+#: the tiles (I, J) each precision's autotuning keeps at K <= 64 (the others spill KBs)
+KEPT_AT_SMALL_K = {"ieee": lambda i, j: i * j <= 2048, "tf32x3": lambda i, j: i <= 64 and j <= 32}
+
+
+def test_autotune_pruning_by_precision():
+    """ieee and tf32x3 label dots drop the tiles that spill KBs in ptxas at K <= 64, tf32 keeps
+    them; K = 171 keeps the same small tiles in every precision; and tf32's candidates include
+    every other precision's (so AUTOTUNED runs every tile that can run)."""
+    for k in (2, 27, 64, 171):
+        full = _tiles(autotune_candidates(k, 384, "tf32"))
+        for precision, keeps in KEPT_AT_SMALL_K.items():
+            kept = _tiles(autotune_candidates(k, 384, precision))
+            assert kept and kept <= full
+            if k <= 64:
+                assert kept == {t for t in full if keeps(t[0], t[1])}, (k, precision)
+                assert kept != full
+            else:
+                assert kept == full
+    assert len(autotune_candidates(27, 384, "tf32")) == 14
+    assert len(autotune_candidates(27, 384, "ieee")) == 8
+    assert len(autotune_candidates(27, 384, "tf32x3")) == 6
+    with pytest.raises(ValueError, match=r"precision='fp32' is not known"):
+        autotune_candidates(27, 384, "fp32")
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
+def test_launcher_passes_what_the_autotune_pruning_reads(monkeypatch, precision):
+    """The autotuner hands `_prune_configs` the launch's keyword arguments: the launcher must
+    pass PRECISION and BLOCK_K by those names (a renamed one would silently keep every tile)."""
+    import iddc_kernels.pair_sums as ps
+    seen, arg_names = [], ps._pair_sums_rows_kernel.arg_names
+
+    class Launched(Exception):
+        pass
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(arg_names, args))
+                tuned = {k: v for k, v in kwargs.items()
+                         if k not in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "num_warps",
+                                      "num_stages")}
+                seen.append(ps._prune_configs(ps._hopper_configs(), named, **tuned))
+                raise Launched  # nothing to compute: the arguments were the point
+            return launch
+
+    monkeypatch.setattr(ps, "_pair_sums_rows_kernel", Recorder())
+    u_a, u_b, p_a, p_b = make_inputs(2, 9, 7, 384, 27, 0, torch.float32)
+    with pytest.raises(Launched):
+        triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG,
+                         precision=precision, _config=fixed_config(27, precision))
+    want = autotune_candidates(27, 384, precision)
+    assert [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in seen[0]] == want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
