@@ -69,8 +69,9 @@ def unpickling_error_message(what: str, err: Exception) -> str:
     return f"could not read {what}: it is corrupt, truncated or not a PyTorch file ({detail})"
 
 
-def check_crc(path: str) -> None:
-    """CheckpointError if a member of the checkpoint's zip fails its CRC-32: torch.load never
+def check_crc(path: str, what: str = "checkpoint", error: type = None) -> None:
+    """CheckpointError (or `error`) if a member of the file's zip fails its CRC-32 (`what`
+    names the file in the message): torch.load never
     checks them, so bytes changed on disk (a failing disk, a broken copy) inside a tensor would
     load as other weights and score silently wrong. One more read of the file (about 1 s a
     GB). A file that is no readable zip is left to torch.load: a legacy (pre-zip) checkpoint
@@ -82,9 +83,9 @@ def check_crc(path: str) -> None:
             RuntimeError):  # RuntimeError: zipfile's own (an encrypted member)
         return
     if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its {bad!r} fails its CRC check "
-                              "(its bytes changed after they were written: a disk or copy "
-                              "error); use an intact copy of the file")
+        raise (error or CheckpointError)(
+            f"{what} {path} is corrupt: its {bad!r} fails its CRC check (its bytes changed "
+            "after they were written: a disk or copy error); use an intact copy of the file")
 
 
 def load(path: str) -> dict:

@@ -459,7 +459,7 @@ def check_flags(args) -> None:
 def main(argv=None) -> dict:
     from . import checkpoint
     from .data import build_source_for
-    from .models import backbone_data_config
+    from .models import run_data_config
     from .config import parse_data_options
     from .devices import resolve_device
     from .files import check_outputs, check_writable, write_json
@@ -531,7 +531,7 @@ def main(argv=None) -> dict:
     # the checkpoint fixes K: a folder's val split is not probed for its own
     source = build_source_for(cfg.data.dataset, int(ckpt["num_classes"]),
                               root=cfg.data.data_root, split=args.split, fixed=True, **options)
-    data_config = ckpt.get("data_config") or backbone_data_config(model.backbone)
+    data_config = run_data_config(ckpt, model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:
         res = evaluate(model, source, transform=transform, predict_fn=mode.predict_fn_for(cfg),

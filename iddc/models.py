@@ -111,6 +111,10 @@ def check_vit(backbone: nn.Module, cfg: ModelConfig) -> None:
         raise ValueError(f"backbone {cfg.backbone!r} ({type(backbone).__name__}) is not a Vision "
                          f"Transformer: it has no {', '.join(missing)}; iddc needs a timm ViT's "
                          "patch tokens (e.g. vit_small_patch8_224)")
+    size = tuple(getattr(backbone.patch_embed, "patch_size", ()) or ())
+    if len(size) != 2 or size[0] != size[1]:  # crops, windows and the token grid are square
+        raise ValueError(f"backbone {cfg.backbone!r} has patches of {size} pixels; iddc needs "
+                         f"square patches (one model.backbone_kwargs patch_size, e.g. 8)")
 
 
 def patch_size_of(cfg: ModelConfig) -> Optional[int]:
@@ -132,11 +136,20 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     return {"mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
 
 
+def run_data_config(ckpt: Optional[dict], backbone: nn.Module) -> dict:
+    """A run's input normalisation: its checkpoint's ``data_config``, or the backbone's own
+    (:func:`backbone_data_config`) where there is none (a new run, or a checkpoint of an
+    earlier version), as training took it; every tool reads it through this one place."""
+    return (ckpt or {}).get("data_config") or backbone_data_config(backbone)
+
+
 def _read_checkpoint(path: str):
     if not os.path.exists(path):
         raise WeightsError(f"weights file not found: {path}")
     if not os.path.isfile(path):
         raise WeightsError(f"weights path is not a file: {path}")
+    from .checkpoint import check_crc
+    check_crc(path, "weights file", WeightsError)  # a broken copy of a download: other weights
     try:
         # tensors and plain data only (never code from the file); DINO's full training
         # checkpoints also pickle their argparse.Namespace of arguments, which is plain data
@@ -152,8 +165,10 @@ def _read_checkpoint(path: str):
                        f"PyTorch checkpoint ({type(first).__name__}: {first})") from first
 
 
-def extract_backbone_state(obj) -> dict:
-    """The backbone's state dict inside a DINO / timm / wrapped checkpoint, prefixes removed."""
+def extract_backbone_state(obj, path: str = "the checkpoint") -> dict:
+    """The backbone's state dict inside a DINO / timm / wrapped checkpoint, prefixes removed;
+    WeightsError (naming `path`) if there is none, or if two keys become one without their
+    prefixes (which tensor would be loaded is then a guess)."""
     for _ in range(4):
         if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
             break
@@ -162,19 +177,23 @@ def extract_backbone_state(obj) -> dict:
             break
         obj = inner
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError("no tensor state dict found in the checkpoint (looked under "
+        raise WeightsError(f"no tensor state dict found in {path} (looked under "
                            f"{WRAPPER_KEYS})")
-    out = {}
-    for k, v in obj.items():
+    out, source = {}, {}
+    for key, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        changed = True
+        k, changed = key, True
         while changed:
             changed = False
             for p in STRIP_PREFIXES:
                 if k.startswith(p):
                     k, changed = k[len(p):], True
-        out[k] = v
+        if k in out:
+            raise WeightsError(f"{path} holds both {source[k]!r} and {key!r}, which are one "
+                               f"tensor {k!r} without their prefixes {STRIP_PREFIXES}: which "
+                               f"one is the backbone's cannot be told; keep one of them")
+        out[k], source[k] = v, key
     return out
 
 
@@ -188,6 +207,28 @@ def check_finite(state: dict, what: str) -> None:
                                f"{v.numel()}); the file is damaged or comes from a diverged run")
 
 
+#: state-dict keys (prefixes) on a timm ViT's path to its patch tokens: a file holding such a
+#: key that the backbone lacks is another architecture (deeper, with layer scale, qkv bias,
+#: register or distillation tokens), whose features the backbone would not compute
+FEATURE_PATH_PREFIXES = ("blocks.", "norm.", "norm_pre.", "patch_embed.", "pos_embed",
+                         "cls_token", "reg_token", "dist_token")
+
+
+def _check_pos_embed_tokens(backbone: nn.Module, file_pos: torch.Tensor, prefix: int,
+                            path: str) -> int:
+    """The number of grid tokens in the file's positional embedding; WeightsError unless it is
+    the backbone's `prefix` (class / register) tokens plus a square grid."""
+    tokens = file_pos.shape[1] - prefix if file_pos.dim() == 3 else -1
+    side = int(round(max(tokens, 0) ** 0.5))
+    if tokens <= 0 or side * side != tokens:
+        raise WeightsError(
+            f"weights file {path} does not fit the backbone: its positional embedding "
+            f"{tuple(file_pos.shape)} is not this backbone's {prefix} prefix (class or "
+            f"register) token(s) plus a square grid of tokens; is it a model with other prefix "
+            f"tokens?")
+    return tokens
+
+
 def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) -> dict:
     """Load a local checkpoint (DINO's .pth, a timm state dict, possibly wrapped under
     teacher/student/state_dict/model with module./backbone. prefixes) into ``backbone``.
@@ -195,21 +236,43 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     The positional embedding is resampled (timm.layers.resample_abs_pos_embed) when its grid
     differs from the backbone's. DINO's projection-head keys (``head.*``) are dropped. Returns a
     report ``{"path", "loaded", "missing", "unexpected", "resampled"}``; raises WeightsError for
-    a missing/corrupt file, a tensor holding NaN/Inf, a file lacking any backbone tensor (it
-    would stay random), a shape mismatch, or (``strict``) any unexpected key.
+    a missing/corrupt file (its zip CRCs are checked), a tensor holding NaN/Inf, a file lacking
+    any backbone tensor (it would stay random), one holding tensors on the patch tokens' path
+    that the backbone lacks (FEATURE_PATH_PREFIXES: another architecture), a shape mismatch,
+    or (``strict``) any unexpected key. Other unexpected keys (a classifier's, a mask token)
+    are logged and ignored.
     """
-    state = extract_backbone_state(_read_checkpoint(path))
+    state = extract_backbone_state(_read_checkpoint(path), f"weights file {path}")
     own = backbone.state_dict()
     dropped = sorted(k for k in state if k.startswith("head.") and k not in own)
     for k in dropped:
         state.pop(k)
     check_finite(state, f"weights file {path}")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if len(unexpected) == len(state):
+        raise WeightsError(f"weights file {path}: none of its {len(state)} keys match the backbone "
+                           f"(first keys: {list(state)[:5]})")
+    if missing:  # a backbone left partly random would be reported as the file's weights
+        raise WeightsError(f"weights file {path} lacks {len(missing)} of the backbone's "
+                           f"{len(own)} tensors (they would stay randomly initialised), e.g. "
+                           f"{missing[:5]}; is it this backbone's checkpoint ({len(unexpected)} "
+                           f"of its keys match none: {unexpected[:5]})?")
+    foreign = [k for k in unexpected if k.startswith(FEATURE_PATH_PREFIXES)]
+    if foreign:  # the features would be another model's, cut short or without its parts
+        raise WeightsError(f"weights file {path} does not fit the backbone: it holds "
+                           f"{len(foreign)} tensor(s) on the features' path that the backbone "
+                           f"lacks, e.g. {foreign[:5]} (more blocks, layer scale, qkv bias or "
+                           f"prefix tokens?); is it the right architecture (model.backbone, "
+                           f"model.backbone_kwargs)?")
     resampled = False
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+    # another width is another architecture: left to the shape check below, which names it
+    if "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape and \
+            state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
         from timm.layers import resample_abs_pos_embed
         prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
         grid = backbone.patch_embed.grid_size
-        file_tokens = state["pos_embed"].shape[1] - prefix
+        file_tokens = _check_pos_embed_tokens(backbone, state["pos_embed"], prefix, path)
         if file_tokens > grid[0] * grid[1]:  # shrunk at load: larger inputs stretch it back
             side = int(round(file_tokens ** 0.5))
             log.warning("WARNING: weights file %s: its positional embedding (%d x %d patches) "
@@ -225,23 +288,14 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     if bad_shape:
         raise WeightsError(f"weights file {path} does not fit the backbone: shape mismatches "
                            f"(file vs model) {bad_shape}; is it the right architecture?")
-    result = backbone.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    loaded = len(state) - len(unexpected)
-    if loaded == 0:
-        raise WeightsError(f"weights file {path}: none of its {len(state)} keys match the backbone "
-                           f"(first keys: {list(state)[:5]})")
-    if missing:  # a backbone left partly random would be reported as the file's weights
-        raise WeightsError(f"weights file {path} lacks {len(missing)} of the backbone's "
-                           f"{len(own)} tensors (they would stay randomly initialised), e.g. "
-                           f"{missing[:5]}; is it this backbone's checkpoint ({len(unexpected)} "
-                           f"of its keys match none: {unexpected[:5]})?")
-    if unexpected:
-        log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)
     if strict and unexpected:
         raise WeightsError(f"weights file {path}: unexpected keys {unexpected}")
-    return {"path": os.path.abspath(path), "loaded": loaded, "missing": missing,
-            "unexpected": unexpected, "dropped": dropped, "resampled": resampled}
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    if unexpected:
+        log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)
+    return {"path": os.path.abspath(path), "loaded": len(state) - len(unexpected),
+            "missing": missing, "unexpected": unexpected, "dropped": dropped,
+            "resampled": resampled}
 
 
 class IDDCModel(nn.Module):

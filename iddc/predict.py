@@ -440,7 +440,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     `failed` that were readable but too large for resize mode], "unwritten": [paths of
     `failed` whose files could not be written or named], "legend": path}.
     """
-    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+    from .data.transforms import to_tensor
+    from .models import run_data_config
 
     check_options(alpha, stride, mode, window)
     out = Path(out_dir)
@@ -466,7 +467,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         raise ValueError("--head probe: this run's linear probe was never trained (no training "
                          "step had labelled pixels), so it would show its random initial "
                          "weights; use --head clusters")
-    data_config = ckpt.get("data_config") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    data_config = run_data_config(ckpt, model.backbone)  # as training and evaluation took it
     k = int(model.num_classes)
     key = {"clusters": "logits", "probe": "probe"}[head]
     given = short_side is not None

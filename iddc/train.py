@@ -44,7 +44,7 @@ from .data.transforms import TwoViewTransform
 from .devices import resolve_device
 from .files import file_identity, file_sha256, temp_file_of, write_atomic, write_json
 from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
-from .models import RANDOM_INIT_BANNER, backbone_data_config, build_model
+from .models import RANDOM_INIT_BANNER, build_model, run_data_config
 
 log = logging.getLogger("iddc")
 
@@ -884,7 +884,7 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     model.to(device)
     # a resumed run keeps the normalisation it trained with (a checkpoint from before the
     # backbones resolved to their .dino configs may hold another one)
-    data_config = (resume or {}).get("data_config") or backbone_data_config(model.backbone)
+    data_config = run_data_config(resume, model.backbone)
 
     backend, warn = choose_backend(cfg.loss.backend, device)
     if warn:

@@ -212,3 +212,94 @@ def test_weights_lacking_backbone_tensors_are_refused(tmp_path, edit):
     with pytest.raises(WeightsError, match=r"partial.pth lacks \d+ of the backbone's \d+ "
                                            r"tensors .*blocks.0"):
         build_model(tiny_cfg(weights=str(path)), num_classes=3)
+
+
+def _flip_a_tensor_byte(path):
+    """Change one byte inside a tensor's data in a saved zip checkpoint (its CRC no longer
+    matches): torch.load alone would load other weights without a word."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw = bytearray(path.read_bytes())
+    raw[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_weights_file_with_changed_bytes_is_refused(tmp_path):
+    path = tmp_path / "flipped.pth"
+    torch.save(tiny_backbone(1).state_dict(), path)
+    _flip_a_tensor_byte(path)
+    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: its .* fails "
+                                           r"its CRC check"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+@pytest.mark.parametrize("other", [dict(depth=TINY["depth"] + 1), dict(init_values=1e-5),
+                                   dict(reg_tokens=2)],
+                         ids=["deeper", "layer-scale", "register-tokens"])
+def test_weights_of_another_architecture_are_refused(tmp_path, other):
+    """A file whose model has more blocks, layer scale or register tokens holds every tensor
+    the backbone needs plus some on the features' path: loading the rest would give another
+    model's features, cut short."""
+    torch.manual_seed(0)
+    source = models.create_backbone(tiny_cfg().__class__(
+        backbone="vit_small_patch8_224", backbone_img_size=32,
+        backbone_kwargs={**TINY, **other}))
+    path = tmp_path / "other.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(WeightsError, match=r"other.pth does not fit the backbone: .*(on the "
+                                           r"features' path that the backbone lacks|prefix)"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+def test_weights_classifier_keys_are_ignored_with_a_warning(tmp_path, caplog):
+    """A timm classifier's own keys (fc_norm, a head of another name) are not on the patch
+    tokens' path: ignored, logged, the backbone loaded."""
+    source = tiny_backbone(1)
+    state = dict(source.state_dict(), **{"fc_norm.weight": torch.ones(32),
+                                         "mask_token": torch.zeros(1, 1, 32)})
+    path = tmp_path / "classifier.pth"
+    torch.save(state, path)
+    target = tiny_backbone(2)
+    report = load_backbone_weights(target, str(path))
+    assert sorted(report["unexpected"]) == ["fc_norm.weight", "mask_token"]
+    assert "UNEXPECTED keys ignored" in caplog.text
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_weights_keys_that_collide_without_prefixes_are_refused(tmp_path):
+    state = dict(tiny_backbone(1).state_dict())
+    state["module.norm.weight"] = torch.zeros(32)
+    path = tmp_path / "twice.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"twice.pth holds both 'norm.weight' and "
+                                           r"'module.norm.weight'"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+def test_weights_without_the_class_token_are_refused_by_name(tmp_path):
+    """A positional embedding without the backbone's class token is not resampled into a
+    traceback: refused, saying why."""
+    state = dict(tiny_backbone(1).state_dict())
+    state["pos_embed"] = state["pos_embed"][:, 1:]
+    path = tmp_path / "noclass.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"noclass.pth does not fit the backbone: its "
+                                           r"positional embedding \(1, 16, 32\) is not this "
+                                           r"backbone's 1 prefix"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+def test_empty_weights_file_names_the_file(tmp_path):
+    path = tmp_path / "empty.pth"
+    torch.save({}, path)
+    with pytest.raises(WeightsError, match=r"no tensor state dict found in weights file "
+                                           r".*empty.pth"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+def test_non_square_patches_are_refused():
+    with pytest.raises(ValueError, match=r"patches of \(8, 16\) pixels; iddc needs square"):
+        build_model(ModelConfig(backbone="vit_small_patch8_224", backbone_img_size=32,
+                                backbone_kwargs={**TINY, "patch_size": [8, 16]}), num_classes=3)

@@ -155,3 +155,32 @@ def test_predict_shows_what_evaluate_scored(coco_checkpoint, images, tmp_path):
         want = as_scored.segment([x], out_sizes=[(img.height, img.width)])[0].numpy()
         got = np.asarray(Image.open(out / f"{p.stem}_ids.png"))
         assert np.array_equal(got, want)
+
+
+def test_predict_without_a_saved_normalisation_uses_the_backbones_as_evaluate_does(
+        coco_checkpoint, images, tmp_path, monkeypatch):
+    """A checkpoint of an earlier version has no data_config: predict must then normalise as
+    training and evaluate do (the backbone's own config), not with ImageNet's constants."""
+    from iddc import checkpoint, models
+    from iddc.data.transforms import EvalTransform
+    from iddc.inference import Predictor
+    old = torch.load(coco_checkpoint, weights_only=False)
+    del old["data_config"]
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    own = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # e.g. timm's vit_tiny_patch16_224
+    monkeypatch.setattr(models, "backbone_data_config", lambda backbone: own)
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(path), str(images[0]), "--out", str(out)]) == 0
+    model, cfg, _ = checkpoint.load_model(str(path), torch.device("cpu"))
+    img = Image.open(images[0]).convert("RGB")
+    maps = {}
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    for name, norm in (("own", own), ("imagenet", imagenet)):
+        x, _ = EvalTransform(cfg.data.eval_size, norm["mean"], norm["std"],
+                             multiple=model.patch_size)(img, None)
+        maps[name] = Predictor(model, short_side=None, heads=("logits",)).segment(
+            [x], out_sizes=[(img.height, img.width)])[0].numpy()
+    got = np.asarray(Image.open(out / f"{images[0].stem}_ids.png"))
+    assert np.array_equal(got, maps["own"])
+    assert not np.array_equal(maps["own"], maps["imagenet"])  # the test can tell them apart
