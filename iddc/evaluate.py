@@ -339,6 +339,31 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0,
     return best
 
 
+def fit_points(feats: list, max_points: int, seed: int) -> torch.Tensor:
+    """The N x D feature rows k-means fits: every pixel of the B x D x h x w maps `feats`, or
+    (beyond `max_points`) a random subset of them, drawn from `seed`, gathered batch by batch
+    so that no second copy of all the features is made (the rows and their order are those of
+    indexing the concatenation of all of them)."""
+    rows = [f.shape[0] * f.shape[2] * f.shape[3] for f in feats]
+    total = sum(rows)
+
+    def flat(f):
+        return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+
+    if not max_points or total <= max_points:
+        return torch.cat([flat(f) for f in feats])
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(total, generator=g)[:max_points]
+    out = torch.empty(max_points, feats[0].shape[1], dtype=feats[0].dtype)
+    start = 0
+    for f, n in zip(feats, rows):
+        here = ((pick >= start) & (pick < start + n)).nonzero().flatten()
+        if here.numel():
+            out[here] = flat(f)[pick[here] - start]
+        start += n
+    return out
+
+
 @torch.no_grad()
 def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
                     batch_size: int = 16, max_images: int = 0, iters: int = 30, seed: int = 0,
@@ -368,11 +393,8 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
         model.train(was_training)
     if not feats or not any(bool((y != IGNORE_INDEX).any()) for y in labels):
         raise no_labels_error(source, max_images, skipped)
-    flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in feats])
-    if max_points and flat.shape[0] > max_points:
-        g = torch.Generator().manual_seed(seed)
-        flat = flat[torch.randperm(flat.shape[0], generator=g)[:max_points]]
-    centres = F.normalize(kmeans(flat, num_classes, iters, seed, restarts), dim=1)
+    centres = F.normalize(kmeans(fit_points(feats, max_points, seed), num_classes, iters, seed,
+                                 restarts), dim=1)
     acc = metrics.Accumulator(num_classes, num_classes)
     for f, y in zip(feats, labels):
         logits = torch.einsum("bdhw,kd->bkhw", f, centres)

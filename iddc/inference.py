@@ -228,8 +228,9 @@ class Predictor:
 
     def check_size(self, height: int, width: int) -> None:
         """ImageTooLargeError unless an H x W image fits: in one forward pass of at most
-        `max_tokens` tokens (resize mode), or resized to at most MAX_SLIDING_PIXELS pixels
-        (sliding mode: bounded windows, but K sums per resized pixel)."""
+        `max_tokens` tokens (resize mode; no limit for a model without patches, `multiple`
+        1), or resized to at most MAX_SLIDING_PIXELS pixels (sliding mode: bounded windows,
+        but K sums per resized pixel)."""
         h, w = resized_shape(height, width, self.short_side, self.multiple)
         resized = f"resized to {h} x {w} px (shorter side {self.short_side})" \
             if self.short_side is not None else "at its own size"
@@ -242,7 +243,7 @@ class Predictor:
                     "evaluate's --eval-size) takes it")
             return
         tokens = token_count(h, w, self.multiple)
-        if tokens <= self.max_tokens:
+        if tokens <= self.max_tokens or self.multiple == 1:  # no patches: no ViT's attention
             return
         side = largest_short_side(height, width, self.multiple, self.max_tokens)
         fix = (f"use --short-side {side} or less, or --mode sliding" if side else
@@ -280,6 +281,15 @@ class Predictor:
             if o.dim() != 4 or o.shape[0] != x.shape[0]:
                 raise ValueError(f"model output of shape {tuple(o.shape)} for input "
                                  f"{tuple(x.shape)}; expected B x K x h x w logits")
+            # the top logit of each pixel: NaN for a NaN anywhere, +inf for a +inf, -inf where
+            # every class is -inf; softmax would turn each into NaN and argmax into class 0
+            top = o.amax(dim=1) if o.shape[1] else o.sum(dim=1)
+            if not bool(torch.isfinite(top).all()):
+                bad = int((~torch.isfinite(top)).sum())
+                raise ValueError(f"model output of shape {tuple(o.shape)} holds NaN, +inf, or "
+                                 f"-inf in every class at {bad} of its {top.numel()} pixels: no "
+                                 "class can be predicted there (a -inf logit alone, a masked "
+                                 "class, is fine)")
         return [o.float() for o in outs]
 
     def _num_heads_names(self, n):
@@ -414,8 +424,8 @@ class Predictor:
             for i, y0, x0 in chunk:
                 counts[i][y0:y0 + win, x0:x0 + win] += 1
         results: dict = {}
-        for name, acc in sums.items():
-            results[name] = [(total / counts[i])[:, :prepared[i][1], :prepared[i][2]]
+        for name, acc in sums.items():  # in place: no second K x H x W map per image
+            results[name] = [total.div_(counts[i])[:, :prepared[i][1], :prepared[i][2]]
                              for i, total in enumerate(acc)]
         return results
 

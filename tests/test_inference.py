@@ -61,6 +61,47 @@ def test_a_masked_class_is_never_predicted(mode):
         torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
 
 
+class Unpredictable(torch.nn.Module):
+    """Finite logits but at one pixel, where every class is -inf, or one logit is NaN or +inf."""
+
+    patch_size = 2
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def forward(self, x):
+        out = torch.nn.functional.avg_pool2d(x[:, :3], 2).clone()
+        if self.bad == "all-minus-inf":
+            out[:, :, 1, 2] = float("-inf")
+        else:
+            out[:, 1, 1, 2] = float("nan") if self.bad == "nan" else float("inf")
+        return out
+
+
+@pytest.mark.parametrize("mode", ["resize", "sliding"])
+@pytest.mark.parametrize("bad", ["all-minus-inf", "nan", "plus-inf"])
+def test_a_pixel_without_a_predictable_class_is_an_error(mode, bad):
+    """softmax makes NaN of such a pixel (spread by the upsampling to its neighbours) and
+    argmax class 0: refused, saying where, rather than a silent wrong map."""
+    images = [torch.randn(3, 14, 22, generator=torch.Generator().manual_seed(1))]
+    pred = Predictor(Unpredictable(bad), mode=mode, short_side=None, window=8)
+    for run in (pred.segment, pred.probabilities):
+        with pytest.raises(ValueError, match=r"holds NaN, \+inf, or -inf in every class at \d+ of "
+                                             r"its \d+ pixels"):
+            run(images)
+
+
+def test_resize_mode_takes_large_images_for_a_model_without_patches():
+    """The token limit is a ViT's (attention grows with the square of the tokens): a model
+    without a patch size (multiple 1) is not held to it, in resize mode as in sliding."""
+    model = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    image = torch.randn(3, 240, 320)
+    ids = Predictor(model, mode="resize", short_side=None).segment([image])[0]
+    assert ids.shape == (240, 320)
+    torch.testing.assert_close(ids, model(image[None])[0].argmax(0))
+
+
 def test_window_starts_cover():
     # the default stride gives the SPEC's 75 px overlap at 224 px, a third on small windows
     assert default_stride(224) == 149 and default_stride(448) == 373

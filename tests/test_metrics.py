@@ -134,3 +134,19 @@ def test_kmeans_restarts_must_be_positive():
     from iddc.evaluate import kmeans
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         kmeans(torch.randn(10, 2), 2, restarts=0)
+
+
+@pytest.mark.parametrize("max_points", [0, 7, 30, 45, 46, 100])
+def test_kmeans_fit_points_are_those_of_the_concatenation(max_points):
+    """The k-means baseline's fit rows, gathered batch by batch (no second copy of every
+    feature), are exactly those of indexing the concatenation, in the same order."""
+    from iddc.evaluate import fit_points
+    gen = torch.Generator().manual_seed(max_points)
+    feats = [torch.randn(b, 5, h, w, generator=gen) for b, h, w in ((2, 3, 4), (1, 5, 2),
+                                                                     (3, 2, 2))]
+    flat = torch.cat([f.flatten(2).transpose(1, 2).reshape(-1, 5) for f in feats])
+    want = flat
+    if max_points and flat.shape[0] > max_points:
+        want = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(3))
+                    [:max_points]]
+    assert torch.equal(fit_points(feats, max_points, 3), want)
