@@ -448,8 +448,9 @@ def relative_run_paths(cfg, options: dict, given: dict, data_root: Optional[str]
 def checkpoint_epoch(ckpt: dict):
     """(epoch, partial) of a checkpoint's weights, as metrics.json and train.log number them:
     a save mid-epoch (``step_in_epoch`` steps into epoch ``epoch`` + 1) is that next epoch,
-    partial = {"steps_done", "of"} ("of" from its metrics entry, None when it has none: a
-    Ctrl-C mid-epoch is not evaluated); a whole epoch's partial is None."""
+    partial = {"steps_done", "of"} ("of" from its metrics entry, else from the checkpoint's
+    ``steps_per_epoch``, None where neither says: a Ctrl-C stop of an earlier version, which
+    was not evaluated); a whole epoch's partial is None."""
     epoch, step = ckpt.get("epoch"), int(ckpt.get("step_in_epoch", 0) or 0)
     if epoch is None or step <= 0:
         return epoch, None
@@ -458,6 +459,9 @@ def checkpoint_epoch(ckpt: dict):
                if isinstance(e, dict) and e.get("epoch") == epoch
                and isinstance(e.get("partial_epoch"), dict)
                and e["partial_epoch"].get("steps_done") == step), None)
+    saved = ckpt.get("steps_per_epoch")
+    if of is None and isinstance(saved, int) and not isinstance(saved, bool) and saved > step:
+        of = saved
     return epoch, {"steps_done": step, "of": of}
 
 

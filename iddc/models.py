@@ -373,8 +373,9 @@ def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True):
 
 RANDOM_INIT_BANNER = """
 ##########################################################################################
-#  WARNING: the backbone is RANDOMLY INITIALISED (no --weights, no --pretrained).         #
+#  WARNING: the backbone is RANDOMLY INITIALISED (no --weights, no --pretrained).        #
 #  Features are a random ViT's, not DINO's: results say nothing about IDDC on real       #
-#  self-supervised features. Pass --weights dino_deitsmall8_pretrain.pth (or --pretrained  #
-#  with network access) to reproduce the paper's setting.                                #
+#  self-supervised features. Pass --weights dino_deitsmall8_300ep_pretrain.pth (the      #
+#  authors' ViT-S/8; docs/datasets.md lists the others), or --pretrained with network    #
+#  access, to reproduce the paper's setting.                                             #
 ##########################################################################################"""

@@ -2,8 +2,9 @@
 
 With no arguments it trains on the embedded synthetic data set (offline, a few minutes on a
 CPU); ``--fused`` selects the fused loss backend ("auto": Triton on CUDA, streaming on CPU).
-Real data: ``--dataset cocostuff27 --data-root PATH --weights dino_deitsmall8_pretrain.pth
---preset cocostuff27-vits8 --crop-size 224 --eval-size 320 --batch-size 64 --epochs 5``.
+Real data: ``--dataset cocostuff27 --data-root PATH --weights
+dino_deitsmall8_300ep_pretrain.pth --preset cocostuff27-vits8 --crop-size 224 --eval-size 320
+--batch-size 64 --epochs 5``.
 """
 from __future__ import annotations
 
@@ -1087,6 +1088,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 # and the training images its epoch's order was drawn over
                 # (check_same_training_set)
                 "train_set": train_set if step else None,
+                # what "step 2 of 16" names, also for a stop that was not evaluated (Ctrl-C)
+                "steps_per_epoch": steps_per_epoch if step else None,
                 # an epoch whose evaluation a Ctrl-C put off: --resume evaluates and records it
                 "pending_record": pending,
                 "rng": rng if rng is not None else checkpoint.rng_state(shift_gen),

@@ -121,10 +121,18 @@ def test_a_mid_epoch_checkpoint_is_named_as_train_log_names_it(run, tmp_path, ca
 
 def test_checkpoint_epoch_of_whole_and_unrecorded_partial_epochs():
     assert evaluate.checkpoint_epoch({"epoch": 3, "step_in_epoch": 0}) == (3, None)
-    # a Ctrl-C mid-epoch leaves no metrics entry to take the epoch's length from
-    epoch, partial = evaluate.checkpoint_epoch({"epoch": 0, "step_in_epoch": 5, "metrics": []})
-    assert (epoch, partial) == (1, {"steps_done": 5, "of": None})
-    assert evaluate.epoch_label(epoch, partial) == "epoch 1 (step 5)"
+    # a Ctrl-C mid-epoch leaves no metrics entry: the epoch's length is the checkpoint's own
+    epoch, partial = evaluate.checkpoint_epoch({"epoch": 0, "step_in_epoch": 5, "metrics": [],
+                                                "steps_per_epoch": 16})
+    assert (epoch, partial) == (1, {"steps_done": 5, "of": 16})
+    assert evaluate.epoch_label(epoch, partial) == "epoch 1 (step 5 of 16)"
+    # a checkpoint of an earlier version has neither (and an edited one's value is no count)
+    for saved in ({}, {"steps_per_epoch": "16"}, {"steps_per_epoch": True},
+                  {"steps_per_epoch": 5}):
+        epoch, partial = evaluate.checkpoint_epoch({"epoch": 0, "step_in_epoch": 5,
+                                                    "metrics": [], **saved})
+        assert (epoch, partial) == (1, {"steps_done": 5, "of": None}), saved
+        assert evaluate.epoch_label(epoch, partial) == "epoch 1 (step 5)"
     assert evaluate.epoch_label(3, None) == "epoch 3"
 
 

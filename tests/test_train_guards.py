@@ -640,6 +640,10 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
     cut = saved_checkpoint(out)
     assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (3, 1, 1)
     assert [e["epoch"] for e in cut["metrics"] if e["kind"] == "iddc"] == [1]  # no eval of it
+    # evaluate names those weights with the epoch's length all the same
+    assert cut["steps_per_epoch"] == 2
+    from iddc import evaluate
+    assert evaluate.epoch_label(*evaluate.checkpoint_epoch(cut)) == "epoch 2 (step 1 of 2)"
     assert "continue it with --resume" in (out / "train.log").read_text()
     resume(out / "last.pt")
     a, b = saved_checkpoint(full["out"]), saved_checkpoint(out)
