@@ -547,8 +547,8 @@ def main(argv=None) -> dict:
         log.warning("WARNING: the run recorded %s as relative path(s), read from the current "
                     "folder %s; pass them again (--data-root, --data-option) if the run was "
                     "started elsewhere", ", ".join(relative), os.getcwd())
-    if args.data_root:
-        cfg.data.data_root = args.data_root
+    if args.data_root:  # absolute, as a run records its own: --json says which folder
+        cfg.data.data_root = os.path.abspath(os.path.expanduser(args.data_root))
     if cfg.data.eval_mode == "sliding":  # before validate(): the error names the flags
         check_window(cfg.data.sliding_window, cfg.data.sliding_stride, model.patch_size)
     cfg.validate()

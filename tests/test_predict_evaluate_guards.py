@@ -552,6 +552,17 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
 
 
+def test_evaluate_json_records_a_relative_data_root_as_absolute(runs, tmp_path, monkeypatch):
+    """--json says which folder was scored: a --data-root typed relative to the current folder
+    is recorded as the absolute path (as a run records its own root)."""
+    img, lab = make_folder(tmp_path / "d", n=2)
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--checkpoint", runs["labelled"], "--data-root", "d/img", "--data-option",
+                   f"label_root={lab}", "--json", "scores.json"])
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["evaluation"]["data_root"] == str(img.resolve()) == os.path.abspath("d/img")
+
+
 def test_sliding_evaluation_leaves_out_an_image_too_large_for_its_sums(runs, tmp_path,
                                                                        monkeypatch):
     """Beyond MAX_SLIDING_PIXELS (lowered here) an image is left out of a sliding evaluation,
