@@ -420,7 +420,8 @@ def split_options(cfg, split: str, given: dict, data_root: Optional[str]) -> dic
     run = {**cfg.data.options, **(getattr(cfg.data, f"{split}_options", None) or {})}
     old_labels = run.get("label_root")
     moved = data_root is not None and cfg.data.data_root is not None and \
-        os.path.abspath(data_root) != os.path.abspath(cfg.data.data_root)
+        os.path.abspath(os.path.expanduser(data_root)) != \
+        os.path.abspath(os.path.expanduser(cfg.data.data_root))
     if moved and old_labels is not None and "label_root" not in given:
         raise ValueError(
             f"--data-root {data_root}: the run's data options hold label_root={old_labels} (the "

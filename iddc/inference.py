@@ -225,6 +225,8 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.max_elements = int(max_elements)
         self.max_tokens = int(max_tokens)
+        self._unpredictable: list = []  # per forward pass: pixels no class can win (_forward)
+        self._pixels = 0
 
     def check_size(self, height: int, width: int) -> None:
         """ImageTooLargeError unless an H x W image fits: in one forward pass of at most
@@ -282,15 +284,22 @@ class Predictor:
                 raise ValueError(f"model output of shape {tuple(o.shape)} for input "
                                  f"{tuple(x.shape)}; expected B x K x h x w logits")
             # the top logit of each pixel: NaN for a NaN anywhere, +inf for a +inf, -inf where
-            # every class is -inf; softmax would turn each into NaN and argmax into class 0
+            # every class is -inf; softmax would turn each into NaN and argmax into class 0.
+            # Counted on the device, checked once per call (_maps): no sync per forward pass
             top = o.amax(dim=1) if o.shape[1] else o.sum(dim=1)
-            if not bool(torch.isfinite(top).all()):
-                bad = int((~torch.isfinite(top)).sum())
-                raise ValueError(f"model output of shape {tuple(o.shape)} holds NaN, +inf, or "
-                                 f"-inf in every class at {bad} of its {top.numel()} pixels: no "
-                                 "class can be predicted there (a -inf logit alone, a masked "
-                                 "class, is fine)")
+            self._unpredictable.append((~torch.isfinite(top)).sum())
+            self._pixels += top.numel()
         return [o.float() for o in outs]
+
+    def _check_predictable(self) -> None:
+        """ValueError if a forward pass of this call gave a pixel no class can win."""
+        bad = int(torch.stack([b.cpu() for b in self._unpredictable]).sum()) \
+            if self._unpredictable else 0
+        if bad:
+            raise ValueError(f"model output holds NaN, +inf, or -inf in every class at {bad} of "
+                             f"its {self._pixels} pixels (over this call's forward passes): no "
+                             "class can be predicted there (a -inf logit alone, a masked "
+                             "class, is fine)")
 
     def _num_heads_names(self, n):
         if self.heads is not None:
@@ -319,9 +328,11 @@ class Predictor:
     def _maps(self, images) -> dict:
         """{head: [K x h x w per image]}: logits (resize) or averaged softmax (sliding)."""
         dev = self.device or images[0].device
-        if self.mode == "resize":
-            return self._resize_mode(images, dev)
-        return self._sliding_mode(images, dev)
+        self._unpredictable, self._pixels = [], 0
+        maps = self._resize_mode(images, dev) if self.mode == "resize" else \
+            self._sliding_mode(images, dev)
+        self._check_predictable()
+        return maps
 
     def _finish(self, maps: torch.Tensor, size, argmax: bool) -> torch.Tensor:
         if argmax:

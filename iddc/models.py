@@ -211,7 +211,7 @@ def check_finite(state: dict, what: str) -> None:
 #: key that the backbone lacks is another architecture (deeper, with layer scale, qkv bias,
 #: register or distillation tokens), whose features the backbone would not compute
 FEATURE_PATH_PREFIXES = ("blocks.", "norm.", "norm_pre.", "patch_embed.", "pos_embed",
-                         "cls_token", "reg_token", "dist_token")
+                         "cls_token", "reg_token", "register_tokens", "dist_token")
 
 
 def _check_pos_embed_tokens(backbone: nn.Module, file_pos: torch.Tensor, prefix: int,
@@ -239,8 +239,8 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     a missing/corrupt file (its zip CRCs are checked), a tensor holding NaN/Inf, a file lacking
     any backbone tensor (it would stay random), one holding tensors on the patch tokens' path
     that the backbone lacks (FEATURE_PATH_PREFIXES: another architecture), a shape mismatch,
-    or (``strict``) any unexpected key. Other unexpected keys (a classifier's, a mask token)
-    are logged and ignored.
+    or (``strict``) any unexpected key. Other unexpected keys (a distillation head, a
+    pre-training mask token) are logged and ignored.
     """
     state = extract_backbone_state(_read_checkpoint(path), f"weights file {path}")
     own = backbone.state_dict()

@@ -75,12 +75,17 @@ def test_folder_with_other_split_names_is_refused(tmp_path, names):
     """ADE20K's images/{training,validation}: not train/ and val/, so both splits would be the
     whole folder and the held-out scores those of training images."""
     for name in names:
-        _rgb(tmp_path / name / f"{name}.png")
+        _rgb(tmp_path / "img" / name / f"{name}.png")
+        _grey(tmp_path / "lab" / name / f"{name}.png", np.zeros((6, 8), np.uint8))
     like = [n for n in names if n != "train2"]
     for split in ("train", "val"):
         with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {like[0]}/.* but not "
                                               r"train/ and val/.*rename \(or link\)"):
-            build_source("folder", root=tmp_path, split=split, num_classes=2)
+            build_source("folder", root=tmp_path / "img", split=split,
+                         label_root=tmp_path / "lab", num_classes=2)
+    # unlabelled (training only, never scored): the whole folder, as before
+    whole = build_source("folder", root=tmp_path / "img", split="val", num_classes=2)
+    assert sorted(p.name for p in whole.images) == sorted(f"{n}.png" for n in names)
 
 
 def test_folder_label_root_with_other_split_names_is_refused(tmp_path):
@@ -519,3 +524,26 @@ def test_more_image_formats_listed_and_unread_ones_warned(tmp_path):
     assert [p.name for p in found] == ["a.gif", "b.jfif", "c.pgm"]
     for path in found:
         assert open_image(path).size == (8, 6)
+
+
+@pytest.mark.parametrize("exif", [False, True], ids=["plain", "with-exif"])
+def test_png_with_damaged_pixel_data_is_a_corrupt_sample(tmp_path, exif):
+    """One flipped byte in a PNG's compressed pixels (not a truncation): a corrupt sample, in
+    data sets and in predict (which applies the EXIF orientation), never a half-black image.
+    Reading the orientation must not decode the image and swallow its error."""
+    path = tmp_path / "a.png"
+    arr = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    extra = {}
+    if exif:
+        tags = img.getexif()
+        tags[0x0112] = 1
+        extra["exif"] = tags
+    img.save(path, **extra)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"IDAT") + 4 + 40  # inside the zlib stream
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for transpose in (False, True):
+        with pytest.raises(CorruptSampleError, match=r"a\.png: cannot decode image"):
+            open_image(path, exif_transpose=transpose)

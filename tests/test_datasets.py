@@ -565,26 +565,64 @@ def test_layout_check_cli(tmp_path, capsys):
     assert "LAYOUT ERROR: missing folder" in capsys.readouterr().out
 
 
+def test_tiff_orientation_is_applied_by_pillow_in_data_sets_and_predict_alike(tmp_path):
+    """Pillow turns a TIFF by its orientation tag as it decodes (and drops the tag): data sets
+    and predict then see the same displayed image, and nothing is warned about."""
+    from iddc.data.layout import exif_orientation, open_image
+    path = tmp_path / "a.tif"
+    _rgb(path, 48, 40)
+    _tag_orientation(path)
+    assert exif_orientation(Image.open(path)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_image(path).size == open_image(path, exif_transpose=True).size == (40, 48)
+
+
+def _tag_orientation(path: Path, value: int = 6) -> None:
+    """Give `path` the EXIF orientation `value` (6: rotate 90 degrees clockwise on display)."""
+    img = Image.open(path)
+    img.load()
+    if path.suffix == ".tif":  # a TIFF's orientation is one of its own tags
+        img.save(path, tiffinfo={0x0112: value})
+        return
+    exif = img.getexif()
+    exif[0x0112] = value
+    img.save(path, exif=exif)
+
+
 def test_exif_orientation_is_not_applied_to_data_sets(tmp_path):
-    """Labels are drawn on the stored pixels: a rotated-EXIF image must stay as stored, and
-    the first such image of a data set is warned about (its label may follow the display)."""
+    """Labels are drawn on the stored pixels: a rotated-EXIF image must stay as stored. COCO's
+    maps are known to follow the stored pixels: no warning there."""
     from iddc.data.layout import open_image
     root = make_coco(tmp_path, n=(1, 2), size=(48, 40))
     for k in range(2):
-        path = root / "images" / "val2017" / f"v{k:011d}.jpg"
-        img = Image.open(path)
-        exif = img.getexif()
-        exif[0x0112] = 6  # orientation: rotate 90 degrees on display
-        img.save(path, exif=exif)
+        _tag_orientation(root / "images" / "val2017" / f"v{k:011d}.jpg")
     source = cocostuff.build_cocostuff27(root, "val")
-    with pytest.warns(UserWarning, match=r"v00000000000\.jpg has an EXIF orientation \(6: "
-                                         r"shown rotated 90 degrees clockwise.*as stored"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         image, label = source.load(0)
     assert image.size == (48, 40) and label.shape == (40, 48)
+    path = root / "images" / "val2017" / "v00000000001.jpg"
+    assert open_image(path, exif_transpose=True).size == (40, 48)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp"])
+def test_exif_orientation_of_a_folder_image_is_warned_once(tmp_path, ext):
+    """A folder data set's labels may follow the displayed image instead: the first image
+    with an orientation tag is named (once per data set), whatever its format. (A TIFF's
+    orientation Pillow applies as it decodes: such an image arrives turned, see below.)"""
+    for k in range(2):
+        _rgb(tmp_path / "img" / f"a{k}{ext}", 48, 40, seed=k)
+        _tag_orientation(tmp_path / "img" / f"a{k}{ext}")
+        _label(tmp_path / "lab" / f"a{k}.png", np.zeros((40, 48), np.uint8))
+    source = build_source("folder", root=tmp_path / "img", label_root=tmp_path / "lab",
+                          num_classes=2)
+    with pytest.warns(UserWarning, match=rf"a0\{ext} has an EXIF orientation \(6: shown "
+                                         r"rotated 90 degrees clockwise.*as stored"):
+        assert source.load(0)[0].size == (48, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per data set
         assert source.load(1)[0].size == (48, 40)
-    assert open_image(path, exif_transpose=True).size == (40, 48)
 
 
 def _split_folder(root: Path, val_n: int, top_in_val_from: int, val_top: int = 2):

@@ -145,3 +145,17 @@ def test_training_val_options_setting_another_k_name_the_training_k(run):
                                          r"classes: give it num_classes=3, or none"):
         build_source_for("folder", 3, root=run["img"], split="val", label_root=run["lab"],
                          num_classes=5)
+
+
+def test_data_root_given_with_a_tilde_is_the_runs_own(tmp_path, monkeypatch):
+    """--data-root ~/coco naming the run's own root is no move (its label_root still holds)."""
+    from types import SimpleNamespace
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = SimpleNamespace(options={"label_root": str(tmp_path / "labels")},
+                           data_root=str(tmp_path / "coco"), val_options=None)
+    cfg = SimpleNamespace(data=data)
+    assert evaluate.split_options(cfg, "val", {}, "~/coco")["label_root"] == \
+        str(tmp_path / "labels")
+    with pytest.raises(ValueError, match=r"--data-root ~/other: the run's data options hold "
+                                         r"label_root="):
+        evaluate.split_options(cfg, "val", {}, "~/other")

@@ -253,19 +253,30 @@ def test_weights_of_another_architecture_are_refused(tmp_path, other):
         load_backbone_weights(tiny_backbone(2), str(path))
 
 
-def test_weights_classifier_keys_are_ignored_with_a_warning(tmp_path, caplog):
-    """A timm classifier's own keys (fc_norm, a head of another name) are not on the patch
-    tokens' path: ignored, logged, the backbone loaded."""
+def test_weights_keys_off_the_features_path_are_ignored_with_a_warning(tmp_path, caplog):
+    """Keys not on the patch tokens' path (DeiT's distillation head, iBOT's or DINOv2's mask
+    token): ignored, logged, the backbone loaded."""
     source = tiny_backbone(1)
-    state = dict(source.state_dict(), **{"fc_norm.weight": torch.ones(32),
-                                         "mask_token": torch.zeros(1, 1, 32)})
-    path = tmp_path / "classifier.pth"
+    state = dict(source.state_dict(), **{"head_dist.weight": torch.ones(10, 32),
+                                         "mask_token": torch.zeros(1, 32)})
+    path = tmp_path / "deit.pth"
     torch.save(state, path)
     target = tiny_backbone(2)
     report = load_backbone_weights(target, str(path))
-    assert sorted(report["unexpected"]) == ["fc_norm.weight", "mask_token"]
+    assert sorted(report["unexpected"]) == ["head_dist.weight", "mask_token"]
     assert "UNEXPECTED keys ignored" in caplog.text
     assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_dinov2_register_tokens_are_refused_for_a_backbone_without_them(tmp_path):
+    """DINOv2's own checkpoints name their registers `register_tokens`: a backbone without
+    registers would compute other features than the file's model."""
+    state = dict(tiny_backbone(1).state_dict(), register_tokens=torch.zeros(1, 4, 32))
+    path = tmp_path / "dinov2_reg.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"on the features' path that the backbone lacks, "
+                                           r"e\.g\. \['register_tokens'\]"):
+        load_backbone_weights(tiny_backbone(2), str(path))
 
 
 def test_weights_keys_that_collide_without_prefixes_are_refused(tmp_path):

@@ -237,20 +237,22 @@ def _tiles(configs) -> set:
             for c in configs}
 
 
-#: the tiles (I, J) each precision's autotuning keeps at K <= 64 (the others spill KBs)
-KEPT_AT_SMALL_K = {"ieee": lambda i, j: i * j <= 2048, "tf32x3": lambda i, j: i <= 64 and j <= 32}
+#: the tiles (I, J) each precision's autotuning keeps at BLOCK_K 32 (the others spill most)
+KEPT_AT_BLOCK_K_32 = {"ieee": lambda i, j: i * j <= 2048,
+                      "tf32x3": lambda i, j: i <= 64 and j <= 32}
 
 
 def test_autotune_pruning_by_precision():
-    """ieee and tf32x3 label dots drop the tiles that spill KBs in ptxas at K <= 64, tf32 keeps
-    them; K = 171 keeps the same small tiles in every precision; and tf32's candidates include
-    every other precision's (so AUTOTUNED runs every tile that can run)."""
-    for k in (2, 27, 64, 171):
+    """ieee and tf32x3 label dots drop the tiles that spill most in ptxas at BLOCK_K 32 (K 17
+    to 32, where that was measured), tf32 keeps them; other K keep the same tiles in every
+    precision; and tf32's candidates include every other precision's (so AUTOTUNED runs every
+    tile that can run)."""
+    for k in (2, 16, 17, 27, 32, 33, 64, 171):
         full = _tiles(autotune_candidates(k, 384, "tf32"))
-        for precision, keeps in KEPT_AT_SMALL_K.items():
+        for precision, keeps in KEPT_AT_BLOCK_K_32.items():
             kept = _tiles(autotune_candidates(k, 384, precision))
             assert kept and kept <= full
-            if k <= 64:
+            if 17 <= k <= 32:
                 assert kept == {t for t in full if keeps(t[0], t[1])}, (k, precision)
                 assert kept != full
             else:
@@ -279,6 +281,9 @@ def test_launcher_passes_what_the_autotune_pruning_reads(monkeypatch, precision)
                 tuned = {k: v for k, v in kwargs.items()
                          if k not in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "num_warps",
                                       "num_stages")}
+                # by the names the pruning reads (its default would hide a rename for tf32)
+                assert tuned["PRECISION"] == precision and tuned["BLOCK_K"] == 32
+                assert named["D"] == 384
                 seen.append(ps._prune_configs(ps._hopper_configs(), named, **tuned))
                 raise Launched  # nothing to compute: the arguments were the point
             return launch

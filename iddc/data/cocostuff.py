@@ -189,7 +189,9 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
     return FileSource(images, labels, lut=lut, num_classes=num_classes, class_names=names,
                       description=f"{dataset} {split} ({root})", unexpected_ids_from=182,
                       stored_ids="the fine ids 0..181 and 255 of the stuffthingmaps (a "
-                                 "stuff-only pixelmap, 0 and 92..183, is not one)")
+                                 "stuff-only pixelmap, 0 and 92..183, is not one)",
+                      # COCO's maps follow the stored pixels of its EXIF-tagged photos
+                      warn_orientation=False)
 
 
 def build_cocostuff27(root=None, split: str = "train", **options) -> FileSource:

@@ -9,8 +9,9 @@ If root has `train/` and `val/` sub-folders, split selects one of them (and the 
 sub-folder of label_root, when it has both); with neither, split is ignored and the whole folder
 is used. Only one of the two is refused (LayoutError naming the missing one): the other split
 would be the whole folder, so held-out scores would be computed on training images. So is a
-root with neither but with sub-folders named like other splits (`training/`, `validation/`,
-`Val/`, `valid/`, `test/`, ...: SPLIT_LIKE_NAMES, any case).
+labelled root with neither but with sub-folders named like other splits (`training/`,
+`validation/`, `Val/`, `valid/`, `test/`, ...: SPLIT_LIKE_NAMES, any case); an unlabelled one,
+never scored, uses the whole folder.
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
 label maps, warned about when that id lies far above all others (a stray value), and is at most
@@ -54,12 +55,12 @@ def _split_like_folders(base: Path) -> list:
         return []
 
 
-def _split_dir(base: Path, split: str) -> Path:
-    """base/split when base has both split folders, base itself when it has none and no
-    sub-folder named like a split."""
+def _split_dir(base: Path, split: str, labelled: bool = True) -> Path:
+    """base/split when base has both split folders, base itself when it has none (and, for a
+    `labelled` data set, whose val split is scored, no sub-folder named like a split)."""
     present = [s for s in SPLITS if (base / s).is_dir()]
     if not present:
-        like = _split_like_folders(base)
+        like = _split_like_folders(base) if labelled else []
         if like:  # ADE20K's training/ and validation/, a Train/ or valid/: not train/ and val/
             shown = ", ".join(f"{n}/" for n in like)
             raise LayoutError(
@@ -228,10 +229,10 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
           class_names: Union[None, str, Sequence[str]] = None, subset=None) -> FileSource:
     check_split(split)
     root = require_root(root, "folder")
-    image_dir = _split_dir(root, split)
+    label_root = _path_option(label_root, "label_root")
+    image_dir = _split_dir(root, split, labelled=label_root is not None)
     images = list_images(image_dir)
     label_dir = None
-    label_root = _path_option(label_root, "label_root")
     class_names = _read_class_names(class_names)
     if label_root is not None:
         label_dir = _split_dir(require_dir(Path(label_root).expanduser(), "the folder of label "

@@ -35,6 +35,7 @@ import errno
 import multiprocessing
 import os
 import stat
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -49,7 +50,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".
 #: image formats no listing takes (Pillow cannot read them, or not as one still image): a folder
 #: holding such files is warned about, so that they are not dropped without a word
 UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
-                           ".orf", ".rw2", ".raw", ".psd", ".exr", ".hdr")
+                           ".orf", ".rw2", ".raw", ".exr", ".hdr")
 SPLITS = ("train", "val")
 
 
@@ -254,12 +255,23 @@ ORIENTATIONS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """The image's EXIF orientation, 1 (as stored) where it has none or an unreadable one."""
-    try:
-        value = img.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError, TypeError):  # a malformed EXIF block: as stored
+    """The image's EXIF orientation, 1 (as stored) where it has none or an unreadable one.
+
+    Read from what Image.open parsed, never by decoding: Pillow's getexif() decodes a PNG
+    first, and a decoding error there would be taken for a bad EXIF block while the image,
+    half decoded, loaded without one. (A PNG's eXIf chunk after its pixels is not seen. A
+    TIFF's orientation tag Pillow applies itself as it decodes: 1, nothing left to apply.)"""
+    raw = img.info.get("exif")  # JPEG, WebP, and a PNG's eXIf chunk before its pixels
+    if not raw:
         return 1
-    return value if value in ORIENTATIONS else 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(0x0112, 1)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error,
+            UnicodeDecodeError):  # a malformed EXIF block (only bytes, not pixels, parsed)
+        return 1
+    return value if isinstance(value, int) and value in ORIENTATIONS else 1
 
 
 def open_image(path, exif_transpose: bool = False) -> Image.Image:
@@ -367,13 +379,14 @@ class FileSource(SegmentationSource):
                  lut: Optional[np.ndarray] = None, num_classes: int = 0,
                  class_names: Optional[Sequence[str]] = None, description: str = "data set",
                  unexpected_ids_from: Optional[int] = None, stored_ids: Optional[str] = None,
-                 ignore_stored: bool = True):
+                 ignore_stored: bool = True, warn_orientation: bool = True):
         """`unexpected_ids_from`: stored label ids from this one up are a mistake in the data
         rather than a convention of it (often labels of another kind); they are unlabelled, as
         the LUT says, and the first label file holding any is warned about. IGNORE_INDEX is
         not among them unless `ignore_stored` is False (a data set whose maps never hold it).
         `stored_ids`: what the valid stored ids are, for the warning (default: 0..first-1, as
-        num_classes)."""
+        num_classes). `warn_orientation`: warn about the first image with an EXIF
+        orientation (off for a data set whose labels are known to follow the stored pixels)."""
         if labels is not None and len(labels) != len(images):
             raise ValueError("images and labels must have the same length")
         self.images = [Path(p) for p in images]
@@ -387,7 +400,7 @@ class FileSource(SegmentationSource):
         self.stored_ids = stored_ids
         self.ignore_stored = ignore_stored
         self._warned_ids = False  # once per data set (per loader worker)
-        self._warned_orientation = False
+        self._warned_orientation = not warn_orientation
 
     def __len__(self) -> int:
         return len(self.images)
