@@ -360,16 +360,46 @@ class Predictor:
         """Per image: H_out x W_out int64 argmax maps (a dict per image with several heads).
 
         Never holds a full-resolution K x H_out x W_out map of more than `max_elements`
-        values: the upsampling runs over groups of classes with a running maximum.
+        values: the upsampling runs over groups of classes with a running maximum. In sliding
+        mode the window sums of at most MAX_SLIDING_PIXELS pixels are held at a time, however
+        many images the call is given.
         """
         images, out_sizes = self._prepare(images, out_sizes)
         if not images:
             return []
-        maps = self._maps(images)
-        return self._package({k: [self._finish(m, s, True) for m, s in zip(v, out_sizes)]
-                              for k, v in maps.items()})
+        for im in images:  # every image before any work, as the modes do
+            self.check_size(im.shape[-2], im.shape[-1])
+        per_head: dict = {}
+        for group in self._pixel_groups(images):
+            maps = self._maps([images[i] for i in group])
+            for name, group_maps in maps.items():
+                store = per_head.setdefault(name, [None] * len(images))
+                for j, i in enumerate(group):
+                    store[i] = self._finish(group_maps[j], out_sizes[i], True)
+            del maps  # the group's K x H x W sums, before the next group's
+        return self._package(per_head)
 
     __call__ = segment
+
+    def _pixel_groups(self, images) -> list:
+        """Runs of consecutive image indices for `segment` to take at a time: in sliding mode
+        those whose window sums (K values per resized pixel, padded to the window) hold at
+        most MAX_SLIDING_PIXELS pixels together, so that a call's memory is bounded as one
+        image's is (each fits alone: check_size); in resize mode one run, whose maps are at
+        the patch grid."""
+        if self.mode != "sliding":
+            return [list(range(len(images)))]
+        groups, current, pixels = [], [], 0
+        for i, im in enumerate(images):
+            h, w = resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
+            n = max(h, self.window) * max(w, self.window)
+            if current and pixels + n > MAX_SLIDING_PIXELS:
+                groups.append(current)
+                current, pixels = [], 0
+            current.append(i)
+            pixels += n
+        groups.append(current)
+        return groups
 
     def _package(self, per_head: dict) -> list:
         names = list(per_head)

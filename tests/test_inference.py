@@ -330,3 +330,28 @@ def test_full_size_backbones_have_dino_layout(arch, dim, patch):
         vit = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
     own = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
     assert own == _dino_shapes(dim, patch)
+
+
+def test_sliding_segment_holds_a_bounded_number_of_pixels_per_call(monkeypatch):
+    """segment takes the images of a call in runs whose window sums fit MAX_SLIDING_PIXELS
+    together (predict passes --batch-size images at once): the same maps as one call per
+    image, with a run's sums freed before the next's."""
+    from iddc import inference
+    gen = torch.Generator().manual_seed(5)
+    images = [torch.randn(3, 20, 20, generator=gen) for _ in range(5)] + \
+        [torch.randn(3, 12, 30, generator=gen)]
+    pred = Predictor(Recorder(), mode="sliding", short_side=None, window=8, batch_size=3)
+    alone = [pred.segment([im])[0] for im in images]
+    monkeypatch.setattr(inference, "MAX_SLIDING_PIXELS", 1000)  # two 20 x 20 images a run
+    runs = []
+    real = Predictor._maps
+
+    def spy(self, group):
+        runs.append(len(group))
+        return real(self, group)
+
+    monkeypatch.setattr(Predictor, "_maps", spy)
+    together = pred.segment(images)
+    assert runs == [2, 2, 2]  # 400 + 400, 400 + 400, 400 + 360 pixels
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
