@@ -119,8 +119,15 @@ def comparison_threshold(t: float, dtype: torch.dtype, below: bool) -> float:
     tensor's dtype, to nearest: a t between two representable values would then wrongly
     select, or drop, the f equal to the rounded value. Every backend compares with this t_d,
     so all select exactly the pairs the real-valued t selects.
+
+    f is a cosine, so ``f > t`` for t >= 1 (and ``f < t`` for t <= -1) holds for no pair; yet
+    the rounded dot product of two equal unit vectors can be 1 + 1 ulp, and which pairs come
+    out above 1 depends on each backend's summation order. Such a t gives +inf (-inf): no
+    pair, in every backend.
     """
     t = float(t)
+    if (not below and t >= 1.0) or (below and t <= -1.0):
+        return math.inf if not below else -math.inf
     if dtype == torch.float64 or math.isinf(t):
         return t
     t_d = torch.tensor(t, dtype=torch.float64).to(dtype)

@@ -417,3 +417,28 @@ def test_no_gradient_work_without_grad_mode(backend, mode, monkeypatch):
     torch.testing.assert_close(sums, want)
     _pair_sums_of(backend)(u, u, p, p, (1,), t_pos=0.2, t_neg=0.1)  # with grad mode: computed
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_thresholds_at_plus_minus_one_select_no_pair_despite_rounding(backend, dtype):
+    """Equal feature vectors have f = 1 exactly, which rounding makes 1 + 1 ulp for some pairs
+    and not others (by summation order, so backends disagreed): t+ = 1 and t- = -1 select no
+    pair, as f > 1 and f < -1 hold for none, in every backend (triton computes float64 inputs
+    in float32)."""
+    gen = torch.Generator().manual_seed(0)
+    for d in (7, 32, 384):
+        base = torch.randn(1, d, 1, 1, generator=gen, dtype=dtype)
+        fa = base.expand(2, d, 3, 3).clone().to(DEVICE)
+        fa[1] = -fa[1]  # image 1 antipodal to image 0: f = -1 exactly between them
+        fb = fa[..., :2, :].clone()  # each image's view B: f = 1 exactly with its view A
+        za = torch.randn(2, 3, 3, 3, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+        zb = torch.randn(2, 3, 2, 3, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+        out = iddc_loss(fa, fb, za, zb, shifts=(1,), backend=backend, t_pos=1.0, t_neg=-1.0,
+                        regulariser="none")
+        assert int(out.pos_count) == 0 and out.neg_counts.tolist() == [0], d
+        assert float(out.loss) == 0.0
+        # just inside, every pair is selected, by every backend alike
+        out = iddc_loss(fa, fb, za, zb, shifts=(1,), backend=backend, t_pos=0.999,
+                        t_neg=-0.999, regulariser="none")
+        assert int(out.pos_count) == 2 * 9 * 6 and out.neg_counts.tolist() == [2 * 9 * 9], d

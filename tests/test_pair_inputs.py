@@ -124,9 +124,20 @@ def test_comparison_threshold_selects_as_the_exact_threshold(dtype, seed):
         f = torch.cat([f, torch.nextafter(f, inf), torch.nextafter(f, -inf)])
         up, down = comparison_threshold(t, dtype, below=True), comparison_threshold(t, dtype,
                                                                                    below=False)
-        assert torch.equal(f < up, f.double() < t), (t, up)
-        assert torch.equal(f > down, f.double() > t), (t, down)
+        if t <= -1.0:  # f < -1 holds for no cosine: no pair, whatever rounding gives
+            assert up == -math.inf
+        else:
+            assert torch.equal(f < up, f.double() < t), (t, up)
+        if t >= 1.0:  # f > 1 likewise
+            assert down == math.inf
+        else:
+            assert torch.equal(f > down, f.double() > t), (t, down)
     assert comparison_threshold(0.1, torch.float64, below=True) == 0.1  # float64: exact already
+    for dt in (torch.float64, dtype):  # the cosine's bounds, in every dtype
+        assert comparison_threshold(1.0, dt, below=False) == math.inf
+        assert comparison_threshold(1.0, dt, below=True) == 1.0
+        assert comparison_threshold(-1.0, dt, below=True) == -math.inf
+        assert comparison_threshold(-1.0, dt, below=False) == -1.0
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
