@@ -7,6 +7,7 @@ the imbalance regulariser; all of that is O(B N (D + K)) and never touches a pai
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +32,23 @@ PRESETS = {
     "cityscapes-vitb8": dict(lambda1=0.38, lambda2=0.22, t_pos=0.2, t_neg=0.28),
     "cityscapes-vits8": dict(lambda1=0.25, lambda2=0.3, t_pos=0.15, t_neg=0.25),
 }
+
+
+#: the largest float32: a weight beyond it is Inf in the loss's arithmetic
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@functools.lru_cache(maxsize=64)
+def weibull_is_finite(shape: float, scale: float) -> bool:
+    """Whether the Weibull regulariser and its gradient stay finite in float32 for every
+    normalised class mass x in [1e-6, 1 + 1e-6] (SPEC's x = m_c / max m + 1e-6): its factors
+    are monotone in x, so an overflow shows at one of the two ends (checked once per pair)."""
+    x = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32, requires_grad=True)
+    k, lam = shape, scale
+    with torch.enable_grad():
+        value = (k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))
+        grad, = torch.autograd.grad(value.sum(), x)
+    return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
 
 
 @dataclass
@@ -94,9 +112,18 @@ class IDDCConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (a term's weight), got "
                                  f"{getattr(self, name)}")
+            if getattr(self, name) > FLOAT32_MAX:  # the loss is float32: an Inf weight
+                raise ValueError(f"{name}={getattr(self, name)} is beyond float32's range "
+                                 f"(at most {FLOAT32_MAX:.4g}); the loss would be Inf")
         if self.weibull_scale <= 0 or self.weibull_shape <= 0:
             raise ValueError("weibull_shape and weibull_scale must be positive, got "
                              f"{self.weibull_shape} and {self.weibull_scale}")
+        if not weibull_is_finite(self.weibull_shape, self.weibull_scale):
+            raise ValueError(
+                f"weibull_shape={self.weibull_shape} and weibull_scale={self.weibull_scale} make "
+                "the Weibull regulariser overflow float32 (its density k/lambda (x/lambda)^(k-1) "
+                "exp(-(x/lambda)^k), or its gradient, is not finite for a normalised class mass "
+                "x in [1e-6, 1]): the loss would be NaN")
         return self
 
     @classmethod

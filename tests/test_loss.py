@@ -123,13 +123,31 @@ def test_presets_hold_spec_table():
     ("reg_scale", -1.0, "reg_scale must be >= 0"),
     ("t_pos", "0.2", "t_pos must be a finite number, got '0.2'"),
     ("weibull_scale", 0.0, "weibull_shape and weibull_scale must be positive"),
+    ("weibull_scale", 1e-40, r"weibull_shape=0.3 and weibull_scale=1e-40 make the Weibull "
+                             r"regulariser overflow float32"),
+    ("weibull_scale", 1e300, r"weibull_scale=1e\+300 make the Weibull regulariser overflow"),
+    ("weibull_shape", 1e300, r"weibull_shape=1e\+300 and .* overflow float32"),
+    ("lambda1", 1e300, r"lambda1=1e\+300 is beyond float32's range"),
+    ("reg_scale", 1e39, r"reg_scale=1e\+39 is beyond float32's range"),
 ], ids=["t_pos-2", "t_neg--1.5", "lambda1-nan", "lambda2-inf", "lambda1-negative",
-        "reg_scale-negative", "t_pos-string", "weibull_scale-0"])
+        "reg_scale-negative", "t_pos-string", "weibull_scale-0", "weibull_scale-1e-40",
+        "weibull_scale-1e300", "weibull_shape-1e300", "lambda1-1e300", "reg_scale-1e39"])
 def test_bad_hyper_parameters_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         IDDCLoss(**{field: value})
     # the boundaries of a cosine's range and zero weights are valid settings
     IDDCLoss(t_pos=1.0, t_neg=-1.0, lambda1=0.0, lambda2=0.0)
+
+
+@pytest.mark.parametrize("shape, scale", [(0.3, 1e-38), (50.0, 0.5), (2.0, 5.0), (1e-300, 5.0)],
+                         ids=["tiny-scale", "steep", "shape-2", "tiny-shape"])
+def test_extreme_but_finite_weibull_settings_give_a_finite_loss(shape, scale):
+    """The settings the overflow check lets through do give a finite loss and gradient."""
+    fa, fb, za, zb = views()
+    out = IDDCLoss(backend="reference", weibull_shape=shape, weibull_scale=scale)(
+        fa, fb, za, zb, shifts=(1,))
+    grads = torch.autograd.grad(out.loss, (za, zb))
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_auto_backend_on_cpu_is_streaming():
