@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -33,6 +33,15 @@ PRESETS = {
     "cityscapes-vits8": dict(lambda1=0.25, lambda2=0.3, t_pos=0.15, t_neg=0.25),
 }
 
+
+def _fields_of(config: "IDDCConfig") -> dict:
+    """The config's fields, as given: not dataclasses.asdict, which deep-copies them, so that a
+    callable backend (its state, a lock it holds) would be a copy the loss calls, or fail."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+#: the most negative shifts drawn per call (SPEC draws 3; all of them at B = 4097)
+MAX_SHIFTS = 4096
 
 #: the largest float32: a weight beyond it is Inf in the loss's arithmetic
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -96,6 +105,10 @@ class IDDCConfig:
         if not is_integer(self.num_shifts) or self.num_shifts < 0:
             raise ValueError(f"num_shifts must be a non-negative integer, got {self.num_shifts!r}")
         self.num_shifts = int(self.num_shifts)
+        if self.num_shifts > MAX_SHIFTS:  # not an allocator's error deep in a draw, or hours
+            raise ValueError(f"num_shifts={self.num_shifts} exceeds {MAX_SHIFTS}: each shift is "
+                             "a full pass over the B x N x N negative pairs (SPEC draws 3); pass "
+                             "explicit shifts for more")
         for name in ("t_pos", "t_neg", "lambda1", "lambda2", "reg_scale", "weibull_shape",
                      "weibull_scale"):
             value = getattr(self, name)
@@ -381,7 +394,7 @@ class IDDCLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: IDDCConfig) -> "IDDCLoss":
-        return cls(**asdict(config))
+        return cls(**_fields_of(config))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "IDDCLoss":
@@ -389,7 +402,7 @@ class IDDCLoss(nn.Module):
         return cls.from_config(IDDCConfig.from_preset(name, **overrides))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+        return ", ".join(f"{k}={v}" for k, v in _fields_of(self.config).items())
 
     def forward(self, feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
                 generator: Optional[torch.Generator] = None) -> IDDCOutput:

@@ -65,6 +65,10 @@ def check_shifts(shifts: Sequence[int], batch: int) -> tuple:
     return out
 
 
+#: the dtypes every backend's pair sums take (the loss upcasts others, such as float8)
+PAIR_SUMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_float_tensors(named: dict, dims: int, layout: str) -> None:
     """Each value a floating-point torch.Tensor with `dims` dimensions (`layout` names them in
     the message), all on one device."""
@@ -75,6 +79,9 @@ def check_float_tensors(named: dict, dims: int, layout: str) -> None:
             raise ValueError(f"{name} must be {dims}-d ({layout}), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.layout != torch.strided:  # sparse: no norm, softmax or matmul of it here
+            raise ValueError(f"{name} is a {t.layout} tensor; the loss takes dense tensors "
+                             "(call .to_dense() first)")
     if len({t.device for t in named.values()}) > 1:
         raise ValueError("inputs are on different devices: "
                          + ", ".join(f"{k} on {v.device}" for k, v in named.items()))
@@ -85,8 +92,12 @@ def check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, *, t_pos, t_neg, h: str) 
     (B x N x K) and p_b (B x M x K) are floating-point tensors on one device, h is a known
     variant, the thresholds are numbers (not NaN) and every shift lies in 1..B-1. Returns the
     shifts as a tuple of ints."""
-    check_float_tensors({"u_a": u_a, "u_b": u_b, "p_a": p_a, "p_b": p_b}, 3,
-                        "B x pixels x channels")
+    named = {"u_a": u_a, "u_b": u_b, "p_a": p_a, "p_b": p_b}
+    check_float_tensors(named, 3, "B x pixels x channels")
+    for name, t in named.items():  # float8: no promotion rule, no matmul
+        if t.dtype not in PAIR_SUMS_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the pair sums take "
+                             f"{', '.join(str(d) for d in PAIR_SUMS_DTYPES)} (upcast it first)")
     B, N, D = u_a.shape
     M, K = u_b.shape[1], p_a.shape[2]
     if u_b.shape[0] != B or u_b.shape[2] != D:

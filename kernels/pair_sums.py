@@ -671,6 +671,7 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
             gradients are needed (no extra cost without gradients). This mode uses fixed,
             non-autotuned tiles, so results are bit-identical across processes too (same GPU,
             same Triton); the default mode's atomics make the gradients' last bits vary.
+            ``torch.use_deterministic_algorithms(True)`` turns this mode on.
 
     Dtypes: float32, float16 and bfloat16 inputs are read natively and accumulated in float32.
     float64 inputs are accepted but computed in float32 (the kernels have no float64 path; the
@@ -731,6 +732,9 @@ def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_
     t_neg32 = comparison_threshold(t_neg, torch.float32, below=True)
     if not torch.is_grad_enabled():  # no_grad / inference_mode: no gradient will be asked for
         pa, pb = pa.detach(), pb.detach()
+    # torch.use_deterministic_algorithms(True) asks every op for run-to-run identical results:
+    # the atomics would not give them, the transposed pass does
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     sums, counts, _, _ = TritonPairSums.apply(pa, pb, ua, ub, shifts, t_pos32, t_neg32,
                                               _H_CODES[h], precision, bool(deterministic),
                                               out_dtype, _config, pa.requires_grad,

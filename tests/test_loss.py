@@ -129,9 +129,11 @@ def test_presets_hold_spec_table():
     ("weibull_shape", 1e300, r"weibull_shape=1e\+300 and .* overflow float32"),
     ("lambda1", 1e300, r"lambda1=1e\+300 is beyond float32's range"),
     ("reg_scale", 1e39, r"reg_scale=1e\+39 is beyond float32's range"),
+    ("num_shifts", 10 ** 12, r"num_shifts=1000000000000 exceeds 4096: each shift is a full pass"),
 ], ids=["t_pos-2", "t_neg--1.5", "lambda1-nan", "lambda2-inf", "lambda1-negative",
         "reg_scale-negative", "t_pos-string", "weibull_scale-0", "weibull_scale-1e-40",
-        "weibull_scale-1e300", "weibull_shape-1e300", "lambda1-1e300", "reg_scale-1e39"])
+        "weibull_scale-1e300", "weibull_shape-1e300", "lambda1-1e300", "reg_scale-1e39",
+        "num_shifts-1e12"])
 def test_bad_hyper_parameters_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         IDDCLoss(**{field: value})
@@ -325,3 +327,26 @@ def test_kernels_import_only_as_iddc_kernels():
     if spec is not None and spec.origin == iddc_kernels.__file__:  # the repo root is on sys.path
         with pytest.raises(ImportError, match="import iddc_kernels, not kernels"):
             importlib.import_module("kernels")
+
+
+def test_a_callable_backend_is_called_itself_not_a_copy():
+    """from_preset / from_config and the module's repr keep the user's callable: a copy would
+    lose its state, and one holding a lock could not be copied at all."""
+    import threading
+    from iddc.reference import pair_sums
+
+    class Counting:
+        def __init__(self):
+            self.calls, self.lock = 0, threading.Lock()
+
+        def __call__(self, *args, **kwargs):
+            with self.lock:
+                self.calls += 1
+            return pair_sums(*args, **kwargs)
+
+    backend = Counting()
+    loss_fn = IDDCLoss.from_preset("cocostuff27-vits8", backend=backend)
+    assert "backend=" in repr(loss_fn)
+    fa, fb, za, zb = views()
+    loss_fn(fa, fb, za, zb, shifts=(1,))
+    assert loss_fn.config.backend is backend and backend.calls == 1

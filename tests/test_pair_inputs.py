@@ -216,3 +216,26 @@ def test_16bit_inputs_are_computed_in_float32(backend, dtype):
     for g, r in zip(grads, r_grads):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_float8_inputs_to_the_contract_are_refused_by_name(backend):
+    """The loss upcasts float8; a direct call with it is refused naming the input, not failed
+    deep inside dtype promotion."""
+    u_a, u_b, p_a, p_b = inputs()
+    with pytest.raises(ValueError, match=r"p_b has dtype torch.float8_e4m3fn; the pair sums "
+                                         r"take torch.float16, .* \(upcast it first\)"):
+        BACKENDS[backend](u_a, u_b, p_a, p_b.to(torch.float8_e4m3fn), (1,), t_pos=0.1,
+                          t_neg=0.05, h="exp")
+
+
+def test_sparse_inputs_are_refused_by_name():
+    """A sparse feature map or logits fail inside torch's norm or softmax: refused first."""
+    from iddc import iddc_loss
+    fa = torch.randn(2, 8, 3, 3)
+    za = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"feats_a is a torch.sparse_coo tensor; the loss takes "
+                                         r"dense tensors \(call .to_dense\(\) first\)"):
+        iddc_loss(fa.to_sparse(), fa, za, za, shifts=(1,))
+    with pytest.raises(ValueError, match=r"logits_b is a torch.sparse_coo tensor"):
+        iddc_loss(fa, fa, za, za.to_sparse(), shifts=(1,))

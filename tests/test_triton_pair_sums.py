@@ -568,3 +568,30 @@ def test_interpreter_set_after_triton_was_imported_is_named(imported, tmp_path):
     assert "REFUSED TRITON_INTERPRET is on now, but triton was imported without it" in out.stdout, \
         out.stdout + out.stderr
     assert "before anything imports triton" in out.stdout
+
+
+def test_use_deterministic_algorithms_selects_the_deterministic_mode(monkeypatch):
+    """torch.use_deterministic_algorithms(True) asks for run-to-run identical results, which
+    the atomics do not give: the launcher then runs the transposed pass, as deterministic=True
+    does, with the same results."""
+    import iddc_kernels.pair_sums as ps
+    modes, real = [], ps._launch
+
+    def spy(*args, **kwargs):
+        modes.append(args[9])  # the `deterministic` argument
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ps, "_launch", spy)
+    u_a, u_b, p_a, p_b = make_inputs(2, 11, 9, 16, 5, 3, torch.float32)
+    want = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 3, deterministic=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = run_both(u_a, u_b, p_a, p_b, (1,), "exp", 3)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert modes == [True, True]
+    for x, y in zip(want[:4], got[:4]):
+        assert torch.equal(x, y)
+    run_both(u_a, u_b, p_a, p_b, (1,), "exp", 3)
+    assert modes[-1] is False  # and off again with the flag
