@@ -39,6 +39,9 @@ def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
 
 
 class _SecondOrderError(torch.autograd.Function):
+    # an identity in the forward: torch.func can batch it itself (jacrev vmaps the backward)
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(grad, anchor, backend):
         return grad.clone()
