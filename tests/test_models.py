@@ -268,37 +268,35 @@ def test_weights_keys_off_the_features_path_are_ignored_with_a_warning(tmp_path,
     assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
-def test_dinov2_register_tokens_are_refused_for_a_backbone_without_them(tmp_path):
-    """DINOv2's own checkpoints name their registers `register_tokens`: a backbone without
-    registers would compute other features than the file's model."""
-    state = dict(tiny_backbone(1).state_dict(), register_tokens=torch.zeros(1, 4, 32))
-    path = tmp_path / "dinov2_reg.pth"
-    torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"on the features' path that the backbone lacks, "
-                                           r"e\.g\. \['register_tokens'\]"):
-        load_backbone_weights(tiny_backbone(2), str(path))
+def _with_register_tokens(state):  # DINOv2's own name for its registers
+    state["register_tokens"] = torch.zeros(1, 4, 32)
 
 
-def test_weights_keys_that_collide_without_prefixes_are_refused(tmp_path):
-    state = dict(tiny_backbone(1).state_dict())
+def _with_colliding_keys(state):  # the same tensor twice once "module." is stripped
     state["module.norm.weight"] = torch.zeros(32)
-    path = tmp_path / "twice.pth"
-    torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"twice.pth holds both 'norm.weight' and "
-                                           r"'module.norm.weight'"):
-        load_backbone_weights(tiny_backbone(2), str(path))
 
 
-def test_weights_without_the_class_token_are_refused_by_name(tmp_path):
-    """A positional embedding without the backbone's class token is not resampled into a
-    traceback: refused, saying why."""
-    state = dict(tiny_backbone(1).state_dict())
+def _without_class_token(state):  # a positional embedding of the grid alone
     state["pos_embed"] = state["pos_embed"][:, 1:]
-    path = tmp_path / "noclass.pth"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_with_register_tokens, r"on the features' path that the backbone lacks, "
+                            r"e\.g\. \['register_tokens'\]"),
+    (_with_colliding_keys, r"holds both 'norm.weight' and 'module.norm.weight'"),
+    (_without_class_token, r"does not fit the backbone: its positional embedding \(1, 16, 32\) "
+                           r"is not this backbone's 1 prefix"),
+], ids=["dinov2-register-tokens", "keys-collide-without-prefixes", "no-class-token"])
+def test_edited_weights_files_are_refused_by_name(tmp_path, edit, message):
+    """Registers the backbone lacks (it would compute other features than the file's model),
+    two keys that become one tensor (which is the backbone's cannot be told), a positional
+    embedding without the class token (resampled, it was a traceback): each refused, saying
+    why and naming the file."""
+    state = dict(tiny_backbone(1).state_dict())
+    edit(state)
+    path = tmp_path / "edited.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"noclass.pth does not fit the backbone: its "
-                                           r"positional embedding \(1, 16, 32\) is not this "
-                                           r"backbone's 1 prefix"):
+    with pytest.raises(WeightsError, match=r"edited\.pth .*" + message):
         load_backbone_weights(tiny_backbone(2), str(path))
 
 
