@@ -293,8 +293,7 @@ class Predictor:
 
     def _check_predictable(self) -> None:
         """ValueError if a forward pass of this call gave a pixel no class can win."""
-        bad = int(torch.stack([b.cpu() for b in self._unpredictable]).sum()) \
-            if self._unpredictable else 0
+        bad = int(torch.stack(self._unpredictable).sum()) if self._unpredictable else 0
         if bad:
             raise ValueError(f"model output holds NaN, +inf, or -inf in every class at {bad} of "
                              f"its {self._pixels} pixels (over this call's forward passes): no "

@@ -338,8 +338,8 @@ def _hopper_configs():
     units) spill 1.9-6 KB at 64 x 64 and larger tiles, tf32 at most 0.13 KB there but 0.5-0.7
     KB at 64 x 128 and 128 x 128. K = 171 -> 256 needs 16-32 row/column tiles: spill-free with
     tf32 dots, KBs with ieee or tf32x3 in every candidate. The autotuner picks among these by
-    timing on the GPU, after `_prune_configs` has dropped the tiles that cannot fit or spill
-    KBs.
+    timing on the GPU, after `_prune_configs` has dropped the tiles that cannot fit and, at
+    K = 17..32 with ieee or tf32x3 label dots, those that spill most.
     """
     cfgs = []
     for bi, bj, bd, warps, stages in [
