@@ -322,6 +322,8 @@ class Predictor:
         for i, size in enumerate(out_sizes):
             if len(size) != 2 or min(size) < 1:
                 raise ValueError(f"output size {i} must be (H, W) of at least 1 px, got {size}")
+        for im in images:  # every image before any work: one forward pass (resize), or K sums
+            self.check_size(im.shape[-2], im.shape[-1])  # per resized pixel (sliding)
         return images, out_sizes
 
     def _maps(self, images) -> dict:
@@ -366,8 +368,6 @@ class Predictor:
         images, out_sizes = self._prepare(images, out_sizes)
         if not images:
             return []
-        for im in images:  # every image before any work, as the modes do
-            self.check_size(im.shape[-2], im.shape[-1])
         per_head: dict = {}
         for group in self._pixel_groups(images):
             maps = self._maps([images[i] for i in group])
@@ -409,8 +409,6 @@ class Predictor:
 
     # ------------------------------------------------------------------ modes
     def _resize_mode(self, images, dev) -> dict:
-        for im in images:  # before any work: one forward pass per image
-            self.check_size(im.shape[-2], im.shape[-1])
         shapes = [resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
                   for im in images]
         groups: dict = {}
@@ -431,8 +429,6 @@ class Predictor:
 
     def _sliding_mode(self, images, dev) -> dict:
         win = self.window
-        for im in images:  # before any work: K sums per resized pixel
-            self.check_size(im.shape[-2], im.shape[-1])
         prepared, jobs = [], []
         for i, im in enumerate(images):
             shape = resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)

@@ -214,8 +214,7 @@ FEATURE_PATH_PREFIXES = ("blocks.", "norm.", "norm_pre.", "patch_embed.", "pos_e
                          "cls_token", "reg_token", "register_tokens", "dist_token")
 
 
-def _check_pos_embed_tokens(backbone: nn.Module, file_pos: torch.Tensor, prefix: int,
-                            path: str) -> int:
+def _check_pos_embed_tokens(file_pos: torch.Tensor, prefix: int, path: str) -> int:
     """The number of grid tokens in the file's positional embedding; WeightsError unless it is
     the backbone's `prefix` (class / register) tokens plus a square grid."""
     tokens = file_pos.shape[1] - prefix if file_pos.dim() == 3 else -1
@@ -272,7 +271,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
         from timm.layers import resample_abs_pos_embed
         prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
         grid = backbone.patch_embed.grid_size
-        file_tokens = _check_pos_embed_tokens(backbone, state["pos_embed"], prefix, path)
+        file_tokens = _check_pos_embed_tokens(state["pos_embed"], prefix, path)
         if file_tokens > grid[0] * grid[1]:  # shrunk at load: larger inputs stretch it back
             side = int(round(file_tokens ** 0.5))
             log.warning("WARNING: weights file %s: its positional embedding (%d x %d patches) "
