@@ -6,11 +6,12 @@ neither the YAML file nor the command line set explicitly. The dataclass default
 embedded synthetic set's small images; a new run on a real data set starts from SPEC's
 224 px crops, batch 64 and evaluation at 320 instead (``REAL_DATA_DEFAULTS``).
 
-Every field of every section gets a command-line flag named after it (``train.epochs`` ->
+Every scalar field of every section gets a command-line flag named after it (``train.epochs`` ->
 ``--epochs``, ``loss.t_pos`` -> ``--t-pos``, ``data.crop_size`` -> ``--crop-size``), parsed as
 the field's declared type. Data-set options go through ``--data-option KEY=VALUE``
-(repeatable). :meth:`Config.validate` checks every field against its declared type, whatever
-set it (YAML, ``--set``, a checkpoint).
+(repeatable); the other mapping fields (``data.train_options``, ``data.val_options``,
+``model.backbone_kwargs``) through ``--set`` or YAML. :meth:`Config.validate` checks every
+field against its declared type, whatever set it (YAML, ``--set``, a checkpoint).
 
 A resumed run (:func:`resolve_config` with ``saved``) starts from its saved config instead of
 the defaults; a preset, YAML file or flag given now applies on top of it, in the same order.
@@ -484,13 +485,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, --preset and one flag per config field (all default to 'not given')."""
     parser.add_argument("--config", type=path_arg,
                         help="YAML file with model/data/train/loss sections")
-    g = parser.add_argument_group("configuration (every field; CLI > YAML > preset > default)")
+    g = parser.add_argument_group("configuration (every scalar field; CLI > YAML > preset > default)")
     for dest, (section, name, kind) in FLAGS.items():
         flag = _flag(dest)
         if dest == "fused":
             g.add_argument(flag, dest=dest, nargs="?", const=True, default=None,
                            type=_parse_bool, help="loss backend 'auto' (Triton on CUDA, streaming "
-                           "on CPU) instead of 'reference'")
+                           "on CPU or beyond 256 clusters) instead of 'reference'")
         elif kind is bool:
             g.add_argument(flag, dest=dest, nargs="?", const=True, default=None,
                            type=_parse_bool, help=f"{section}.{name} (bool)")

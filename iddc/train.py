@@ -1,7 +1,8 @@
 """``python -m iddc.train``: train IDDC (SPEC sections 1-4), evaluate every epoch (section 5).
 
 With no arguments it trains on the embedded synthetic data set (offline, a few minutes on a
-CPU); ``--fused`` selects the fused loss backend ("auto": Triton on CUDA, streaming on CPU).
+CPU); ``--fused`` selects the fused loss backend ("auto": Triton on CUDA, streaming on CPU
+and beyond the kernels' 256 clusters).
 Real data: ``--dataset cocostuff27 --data-root PATH --weights
 dino_deitsmall8_300ep_pretrain.pth --preset cocostuff27-vits8 --crop-size 224 --eval-size 320
 --batch-size 64 --epochs 5``.
@@ -81,10 +82,14 @@ def poly_factor(epoch: int, max_epochs: int, power: float) -> float:
     return (1.0 - epoch / max_epochs) ** power
 
 
-def choose_backend(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
-    """(backend actually used, warning or None): falls back to "reference" if the fused path
-    resolve_backend picks is not importable here."""
-    name = resolve_backend(requested, device)
+def choose_backend(requested: str, device: torch.device, classes: Optional[int] = None,
+                   batch: Optional[int] = None) -> tuple[str, Optional[str]]:
+    """(backend actually used, warning or None) for a run of `classes` clusters and batches of
+    `batch` images: falls back to "reference" if the fused path resolve_backend picks is not
+    importable here."""
+    # the loss's own "auto" rule, given K and B: a CUDA run beyond the kernels' 256 classes
+    # takes streaming rather than stopping at its first step
+    name = resolve_backend(requested, device, classes=classes, batch=batch)
     try:
         get_pair_sums(name)
     except (ImportError, RuntimeError) as err:
@@ -887,7 +892,8 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     # backbones resolved to their .dino configs may hold another one)
     data_config = run_data_config(resume, model.backbone)
 
-    backend, warn = choose_backend(cfg.loss.backend, device)
+    backend, warn = choose_backend(cfg.loss.backend, device, classes=k,
+                                   batch=cfg.train.batch_size)
     if warn:
         log.warning("WARNING: %s", warn)
     log.info("loss backend: %s (requested %r, device %s)", backend, cfg.loss.backend, device)

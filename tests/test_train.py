@@ -537,6 +537,19 @@ def test_fused_backend_choice_and_fallback(monkeypatch):
     assert name == "reference" and "FALLING BACK" in warning
 
 
+def test_fused_backend_choice_follows_the_loss_rule_for_k_and_b(monkeypatch):
+    """On a device where the kernels run, --fused takes streaming beyond the kernels' 256
+    classes or 65535 images (the loss's own "auto" rule), instead of fixing triton and stopping
+    at the first step."""
+    import iddc.loss
+    monkeypatch.setattr(iddc.loss, "_triton_usable", lambda device: True)
+    cuda = torch.device("cuda")
+    assert train.choose_backend("auto", cuda, classes=27, batch=64) == ("triton", None)
+    assert train.choose_backend("auto", cuda, classes=257, batch=64) == ("streaming", None)
+    assert train.choose_backend("auto", cuda, classes=27, batch=65536) == ("streaming", None)
+    assert train.choose_backend("triton", cuda, classes=257) == ("triton", None)  # as asked
+
+
 def test_loader_workers_do_not_change_the_run(tmp_path, tiny_yaml):
     """Each sample's augmentation draws from its own generator: a run with DataLoader workers
     trains the very weights of one without (the README's reproducibility promise)."""
