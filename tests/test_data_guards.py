@@ -265,13 +265,30 @@ def test_subset_keeps_the_first_n(three_sources, name):
     assert len(three_sources[name](None)) == 2
 
 
-def test_bad_subset_on_the_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("dataset,option,message", [
+    ("folder", "subset=-1", "folder: option subset=-1 must be a whole number >= 1"),
+    ("folder", "class_names=no-such.txt",
+     "folder: option class_names='no-such.txt': cannot read the file"),
+    ("synthetic", "num_images=0", "synthetic: option num_images=0 must be a whole number >= 1"),
+    ("synthetic", "imbalance=.inf", "synthetic: option imbalance=inf must be a finite number"),
+    ("synthetic", "colour=red", "data set 'synthetic': bad --data-option"),
+], ids=["subset", "class-names", "num-images", "imbalance", "unknown-option"])
+def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dataset, option,
+                                                           message):
+    """A bad option value is the command line's mistake: one line on stderr and status 2 (as
+    README says), not a LAYOUT ERROR with status 1, which means the files are bad."""
+    from iddc.cli import run
     from iddc.data import layout
     for k in range(2):
         _rgb(tmp_path / f"a{k}.png")
-    assert layout.main(["folder", str(tmp_path), "--data-option", "num_classes=2",
-                        "--data-option", "subset=-1", "--split", "train"]) == 1
-    assert "folder: option subset=-1 must be a whole number >= 1" in capsys.readouterr().out
+    root = [str(tmp_path), "--data-option", "num_classes=2"] if dataset == "folder" else []
+    with pytest.raises(SystemExit) as stop:
+        run(layout.main, "python -m iddc.data.layout",
+            [dataset, *root, "--data-option", option, "--split", "train"])
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and out.out == ""
+    assert out.err.startswith(f"python -m iddc.data.layout: error: {message}"), out.err
+    assert len(out.err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- 20a: num_classes

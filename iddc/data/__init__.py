@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from .base import IGNORE_INDEX, SegmentationSource
+from .base import IGNORE_INDEX, DataOptionError, SegmentationSource
 
 # name -> "module:factory"; a factory is called as factory(root=..., split=..., **options)
 # and returns a SegmentationSource. Imported lazily so a missing optional piece never breaks
@@ -31,8 +31,9 @@ def build_source(name: str, root=None, split: str = "train", **options) -> Segme
         # data set's options are documented, instead of a bare TypeError
         if "unexpected keyword" not in str(err) and "unknown option" not in str(err):
             raise
-        raise ValueError(f"data set {name!r}: bad --data-option ({err}); its options are listed "
-                         f"in {module}.{factory}'s docstring and docs/datasets.md") from err
+        raise DataOptionError(f"data set {name!r}: bad --data-option ({err}); its options are "
+                              f"listed in {module}.{factory}'s docstring and docs/datasets.md"
+                              ) from err
 
 
 #: options whose value is text: ``--data-option KEY=VALUE`` keeps it as typed, not read as YAML
@@ -114,5 +115,6 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
                      f"{hint}")
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "LIST_OR_PATH_OPTIONS", "PATH_OPTIONS", "TEXT_OPTIONS",
+__all__ = ["DATASETS", "DataOptionError", "IGNORE_INDEX", "LIST_OR_PATH_OPTIONS", "PATH_OPTIONS",
+           "TEXT_OPTIONS",
            "SegmentationSource", "build_source", "build_source_for"]

@@ -36,16 +36,22 @@ class SegmentationSource(ABC):
         return f"{index:06d}"
 
 
+class DataOptionError(ValueError):
+    """A data-set option (``--data-option KEY=VALUE``, a YAML ``data.options`` entry) or the
+    data root has a value the data set cannot take: the user's input, not the files, is wrong
+    (``python -m iddc.data.layout`` exits 2 for it, 1 for bad files)."""
+
+
 def int_option(value, name: str, minimum: int, maximum: Optional[int] = None,
                dataset: str = "data set") -> int:
-    """`value` of the data-set option `name` as an int in minimum..maximum, else a ValueError
-    naming the option. A bool or a float is refused: `subset=true` or `num_classes=2.5` is a
-    slip, not a count."""
+    """`value` of the data-set option `name` as an int in minimum..maximum, else a
+    DataOptionError naming the option. A bool or a float is refused: `subset=true` or
+    `num_classes=2.5` is a slip, not a count."""
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if ok and value >= minimum and (maximum is None or value <= maximum):
         return int(value)
     bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-    raise ValueError(f"{dataset}: option {name}={value!r} must be a whole number {bounds}")
+    raise DataOptionError(f"{dataset}: option {name}={value!r} must be a whole number {bounds}")
 
 
 def take_subset(items: list, subset, dataset: str) -> list:

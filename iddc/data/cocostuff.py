@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .base import IGNORE_INDEX, take_subset
+from .base import IGNORE_INDEX, DataOptionError, take_subset
 from .layout import (FileSource, LayoutError, check_split, list_images, make_lut, missing_pairs,
                      require_dir, require_file, require_root)
 
@@ -150,13 +150,13 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
            image_ext: str = ".jpg", subset: Optional[int] = None) -> FileSource:
     check_split(split)
     if not isinstance(curated, bool):  # curated=0 or "no" in YAML quotes: a slip
-        raise ValueError(f"{dataset}: option curated={curated!r} must be true or false")
+        raise DataOptionError(f"{dataset}: option curated={curated!r} must be true or false")
     if curated_list is not None and not (isinstance(curated_list, str) and curated_list):
-        raise ValueError(f"{dataset}: option curated_list={curated_list!r} must be a file name "
-                         f"(in curated/{split}2017/)")
+        raise DataOptionError(f"{dataset}: option curated_list={curated_list!r} must be a "
+                              f"file name (in curated/{split}2017/)")
     if not (isinstance(image_ext, str) and image_ext.strip(".")):
-        raise ValueError(f"{dataset}: option image_ext={image_ext!r} must be a file extension, "
-                         f"e.g. .jpg")
+        raise DataOptionError(f"{dataset}: option image_ext={image_ext!r} must be a file "
+                              f"extension, e.g. .jpg")
     image_ext = image_ext if image_ext.startswith(".") else "." + image_ext  # jpg: <id>.jpg
     root = require_root(root, dataset)
     year = f"{split}2017"

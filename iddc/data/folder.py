@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .base import IGNORE_INDEX, int_option, take_subset
+from .base import IGNORE_INDEX, DataOptionError, int_option, take_subset
 from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
                      list_images, make_lut, missing_pairs, open_label, require_dir, require_root)
 
@@ -95,8 +95,8 @@ def _path_option(value, name: str, dataset: str = "folder"):
     text or a path (a YAML ``label_root: 2024`` or ``no`` reads as a number or false)."""
     if value is None or isinstance(value, (str, os.PathLike)):
         return value
-    raise ValueError(f"{dataset}: option {name}={value!r} must be a path, got "
-                     f"{type(value).__name__}; in a YAML file quote it ({name}: '{value}')")
+    raise DataOptionError(f"{dataset}: option {name}={value!r} must be a path, got "
+                          f"{type(value).__name__}; in a YAML file quote it ({name}: '{value}')")
 
 
 def _read_class_names(class_names) -> Optional[list]:
@@ -112,26 +112,27 @@ def _read_class_names(class_names) -> Optional[list]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             reason = getattr(err, "strerror", None) or err
-            raise ValueError(f"folder: option class_names={str(class_names)!r}: cannot read the "
-                             f"file {path} ({reason}); expected a list ([sky, road, ...]) or a "
-                             f"text file with one name per line") from err
+            raise DataOptionError(f"folder: option class_names={str(class_names)!r}: cannot "
+                                  f"read the file {path} ({reason}); expected a list ([sky, "
+                                  f"road, ...]) or a text file with one name per line") from err
         names = [line.strip() for line in text.splitlines() if line.strip()]
         where = f"in {path}"
     elif isinstance(class_names, (list, tuple)):
         names, where = [], "in class_names"
         for name in class_names:
             if isinstance(name, bool) or not isinstance(name, (str, int, float)):
-                raise ValueError(f"folder: option class_names: {name!r} "
-                                 f"({type(name).__name__}) is not a class name; expected text")
+                raise DataOptionError(f"folder: option class_names: {name!r} "
+                                      f"({type(name).__name__}) is not a class name; expected "
+                                      f"text")
             names.append(str(name))
     else:
-        raise ValueError(f"folder: option class_names={class_names!r} must be a list of names "
-                         f"or the path of a text file (one name per line), got "
-                         f"{type(class_names).__name__}")
+        raise DataOptionError(f"folder: option class_names={class_names!r} must be a list of "
+                              f"names or the path of a text file (one name per line), got "
+                              f"{type(class_names).__name__}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"folder: class name(s) {repeated} given more than once {where}; "
-                         f"expected one distinct name per class")
+        raise DataOptionError(f"folder: class name(s) {repeated} given more than once "
+                              f"{where}; expected one distinct name per class")
     return names
 
 

@@ -43,7 +43,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .base import IGNORE_INDEX, SegmentationSource
+from .base import IGNORE_INDEX, DataOptionError, SegmentationSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".avif", ".jp2", ".j2k")
@@ -83,8 +83,8 @@ def require_root(root, dataset: str) -> Path:
     if root is None:
         raise LayoutError(f"{dataset}: no data root given (pass --data-root / root=)")
     if not isinstance(root, (str, os.PathLike)):
-        raise ValueError(f"{dataset}: data root {root!r} must be a path, got "
-                         f"{type(root).__name__}")
+        raise DataOptionError(f"{dataset}: data root {root!r} must be a path, got "
+                              f"{type(root).__name__}")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise LayoutError(f"{dataset}: data root {path} does not exist or is not a folder")
@@ -622,6 +622,8 @@ def main(argv=None) -> int:
     for split in args.split or SPLITS:
         try:
             src = build_source(args.dataset, root=args.root, split=split, **options)
+        except DataOptionError:  # the command line is wrong, not the files: one line, status 2
+            raise
         except (layout_error, ValueError) as err:
             print(f"{split}: LAYOUT ERROR: {err}")
             bad += 1

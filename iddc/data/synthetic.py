@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .base import SegmentationSource, int_option
+from .base import DataOptionError, SegmentationSource, int_option
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
 
@@ -110,8 +110,8 @@ def _class_probs(num_classes: int, imbalance) -> np.ndarray:
             probs = w / w.sum()
     # NaN, inf or an extreme value would give NaN probabilities (an error deep in numpy later)
     if probs is None or not np.isfinite(probs).all():
-        raise ValueError(f"synthetic: option imbalance={imbalance!r} must be a finite number "
-                         f"(of moderate size)")
+        raise DataOptionError(f"synthetic: option imbalance={imbalance!r} must be a finite "
+                              f"number (of moderate size)")
     return probs
 
 
@@ -171,9 +171,10 @@ def build(root=None, split: str = "train", **options) -> SyntheticSource:
     num_classes (6), seed (0), imbalance (1.0), min_regions (3), max_regions (8).
     """
     if root is not None:
-        raise ValueError(f"data root {str(root)!r} given for the synthetic data set, which is "
-                         "generated and reads no files; name the data set of that folder "
-                         "(--dataset cocostuff27, cityscapes, folder, ...) or drop --data-root")
+        raise DataOptionError(f"data root {str(root)!r} given for the synthetic data set, "
+                              "which is generated and reads no files; name the data set of "
+                              "that folder (--dataset cocostuff27, cityscapes, folder, ...) or "
+                              "drop --data-root")
     options = dict(options)
     if "num_images" not in options:
         options["num_images"] = 512 if split == "train" else 128
