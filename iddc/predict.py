@@ -13,9 +13,10 @@ Heads: ``--head clusters`` (default) shows the IDDC clusters; when the checkpoin
 has class names and its run evaluated the model, each cluster is also named by the class
 the Hungarian matching of the last evaluation assigned it ("3 ~ sky"). ``--head probe`` shows
 the linear probe's classes (named directly). Inference modes (iddc.inference): ``--mode
-resize`` (default; shorter side ``--short-side``, default: the run's eval size) or ``--mode
-sliding`` (``--window``/``--stride`` windows, averaged softmax; both flags are refused in
-resize mode, where they would do nothing). Images are read lazily and predicted
+resize`` (shorter side ``--short-side``, default: the run's eval size) or ``--mode sliding``
+(``--window``/``--stride`` windows, averaged softmax; both flags are refused in resize mode,
+where they would do nothing). The default mode, window and stride are the run's evaluation's
+(data.eval_mode, data.sliding_window, data.sliding_stride), so the maps show what was scored. Images are read lazily and predicted
 ``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
 iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported and skipped
 (exit code 1 at the end), it never stops the others; so is one whose output names would be
@@ -360,10 +361,10 @@ def names_too_long(stems: Sequence[str], out: Path) -> dict:
 
 
 def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = None,
-                  window: Optional[int] = None) -> None:
+                  window: Optional[int] = None, mode_of_run: bool = False) -> None:
     """predict's own options (Predictor checks --batch-size, --short-side, --window); a
     --window or --stride given with a `mode` other than sliding, which never uses them, is
-    refused."""
+    refused (`mode_of_run`: that mode is the run's eval mode, no --mode was given)."""
     if not 0 <= alpha <= 1:  # NaN fails too
         raise ValueError(f"--alpha (overlay opacity) must be in [0, 1], got {alpha}")
     if window is not None:
@@ -374,10 +375,25 @@ def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = Non
              if value is not None]
     if mode is not None and mode != "sliding" and given:
         both = len(given) > 1
+        which = f"this run's eval mode (the default --mode), {mode}," if mode_of_run else \
+            f"--mode {mode}"
         raise ValueError(f"{' and '.join(given)} only appl{'y' if both else 'ies'} to --mode "
-                         f"sliding; --mode {mode} predicts each whole image in one pass, so "
+                         f"sliding; {which} predicts each whole image in one pass, so "
                          f"{'they' if both else 'it'} would do nothing (add --mode sliding, or "
                          f"drop {'them' if both else 'it'})")
+
+
+def run_modes(cfg, mode: Optional[str], window: Optional[int], stride: Optional[int]) -> tuple:
+    """(mode, window, stride) as given, the unset ones the run's evaluation's (data.eval_mode,
+    data.sliding_window, data.sliding_stride), so that predict shows what was scored; a run
+    evaluated in a mode predict does not have (a registered one) predicts in resize mode."""
+    if mode is None:
+        mode = cfg.data.eval_mode if cfg.data.eval_mode in MODES else "resize"
+    if mode == "sliding":
+        window = int(cfg.data.sliding_window or DEFAULT_WINDOW) if window is None else window
+        if stride is None and cfg.data.sliding_stride:
+            stride = int(cfg.data.sliding_stride)
+    return mode, window, stride
 
 
 def predictors(model, key: str, dev, *, mode: str, short_side: int, given: bool,
@@ -423,14 +439,15 @@ def read_images(paths: Sequence[Path], stems: Sequence[str], predictor: Predicto
 
 
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
-                  mode: str = "resize", short_side: Optional[int] = None,
+                  mode: Optional[str] = None, short_side: Optional[int] = None,
                   window: Optional[int] = None, stride: Optional[int] = None,
                   batch_size: int = 8, device: str = "auto", head: str = "clusters",
                   alpha: float = 0.5, overwrite: bool = False) -> dict:
     """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`
     (refused if one exists, unless `overwrite`; never onto an input).
 
-    `window` / `stride`: sliding mode only (None: DEFAULT_WINDOW and its default stride).
+    `mode`, `window`, `stride` (sliding mode only): None takes the run's evaluation's
+    (data.eval_mode, data.sliding_window, data.sliding_stride: :func:`run_modes`).
 
     An image whose output names are too long for the file system, or whose files fail to be
     written (but for a full or read-only disk, which stops the call), is a failed image.
@@ -438,7 +455,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
     Returns {"written": {stem: [paths]}, "failed": {path: reason}, "too_large": [paths of
     `failed` that were readable but too large for resize mode], "unwritten": [paths of
-    `failed` whose files could not be written or named], "legend": path}.
+    `failed` whose files could not be written or named], "legend": path, "mode": the mode
+    used}.
     """
     from .data.transforms import to_tensor
     from .models import run_data_config
@@ -463,6 +481,11 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   paths + [Path(checkpoint_path)], "--out", overwrite)
     dev = resolve_device(device)
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
+    if mode is None:  # the run's mode: --window or --stride may not fit it
+        mode, window, stride = run_modes(cfg, None, window, stride)
+        check_options(alpha, stride, mode, window, mode_of_run=True)
+    else:
+        mode, window, stride = run_modes(cfg, mode, window, stride)
     if head == "probe" and probe_never_trained(ckpt):
         raise ValueError("--head probe: this run's linear probe was never trained (no training "
                          "step had labelled pixels), so it would show its random initial "
@@ -537,7 +560,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         raise
     save_record()
     return {"written": written, "failed": failed, "too_large": too_large,
-            "unwritten": unwritten, "legend": str(legend_path)}
+            "unwritten": unwritten, "legend": str(legend_path), "mode": mode}
 
 
 def main(argv=None) -> int:
@@ -548,15 +571,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=path_arg, help="output folder (created)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace output files that already exist in --out (never an input)")
-    ap.add_argument("--mode", choices=MODES, default="resize")
+    ap.add_argument("--mode", choices=MODES, default=None,
+                    help="default: the run's eval mode (data.eval_mode; resize for a mode "
+                         "predict does not have)")
     ap.add_argument("--short-side", type=int, default=None,
                     help="resize the shorter side to this first (default: the run's eval size; "
                          "0: keep the image's size)")
     ap.add_argument("--window", type=int, default=None,
-                    help=f"sliding window (px; default {DEFAULT_WINDOW}; --mode sliding only)")
+                    help="sliding window (px; default: the run's data.sliding_window; "
+                         "--mode sliding only)")
     ap.add_argument("--stride", type=int, default=None,
-                    help=f"sliding stride (default: window - {DEFAULT_OVERLAP}; small windows: "
-                         "two thirds of the window; --mode sliding only)")
+                    help=f"sliding stride (default: the run's data.sliding_stride, else window "
+                         f"- {DEFAULT_OVERLAP}; small windows: two thirds of the window; --mode "
+                         "sliding only)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="images read per step (and windows per forward pass when sliding)")
     ap.add_argument("--device", default="auto")
@@ -578,7 +605,7 @@ def main(argv=None) -> int:
         return 2
     large, unwritten = len(res["too_large"]), len(res["unwritten"])
     why = [f"{n} {what}" for n, what in ((len(res["failed"]) - large - unwritten, "unreadable"),
-                                         (large, f"too large for --mode {args.mode}"),
+                                         (large, f"too large for --mode {res['mode']}"),
                                          (unwritten, "could not be written")) if n]
     print(f"wrote {len(res['written'])} image(s) to {args.out}"
           + (f"; {', '.join(why)}, skipped: {sorted(res['failed'])}" if res["failed"] else ""))

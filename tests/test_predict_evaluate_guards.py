@@ -300,6 +300,31 @@ def test_evaluate_bad_options_name_the_flag(runs, flags, message):
         evaluate.main(["--checkpoint", runs["labelled"]] + flags)
 
 
+def test_predict_defaults_to_the_runs_eval_mode_window_and_stride(runs, tmp_path):
+    """A run evaluated in sliding mode is predicted in sliding mode with its own window and
+    stride when no --mode is given (the maps show what was scored); --window with the run's
+    resize mode and no --mode is refused, naming where the mode came from."""
+    def sliding(ckpt):
+        ckpt["config"]["data"].update(eval_mode="sliding", sliding_window=16, sliding_stride=8)
+
+    ckpt = edited_checkpoint(runs, tmp_path, sliding)
+    src = image(tmp_path / "in" / "a.png", size=(45, 29))
+    assert run_predict(ckpt, src, "--out", tmp_path / "own") == 0
+    assert run_predict(ckpt, src, "--out", tmp_path / "given", "--mode", "sliding",
+                       "--window", "16", "--stride", "8") == 0
+    record = json.loads((tmp_path / "own" / "predictions.json").read_text())
+    assert record["mode"] == "sliding"
+    assert (tmp_path / "own" / "a_ids.png").read_bytes() == \
+        (tmp_path / "given" / "a_ids.png").read_bytes()
+    assert run_predict(ckpt, src, "--out", tmp_path / "resized", "--mode", "resize") == 0
+    assert json.loads((tmp_path / "resized" / "predictions.json").read_text())["mode"] == \
+        "resize"
+    with pytest.raises(ValueError, match=r"--window only applies to --mode sliding; this run's "
+                                         r"eval mode \(the default --mode\), resize, predicts"):
+        predict.predict_files(runs["labelled"], [str(src)], str(tmp_path / "o"), window=16)
+    assert not (tmp_path / "o").exists()
+
+
 def test_predictor_checks_its_options(runs):
     model = load_model(runs["labelled"])[0]
     with pytest.raises(ValueError, match="--window 12 is not a multiple of the backbone's "
@@ -628,7 +653,8 @@ def test_evaluate_scores_other_cluster_counts_without_the_probe(runs, tmp_path):
 ])
 def test_predict_refuses_sliding_flags_in_resize_mode(runs, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
-    assert run_predict(runs["labelled"], image(tmp_path / "a.png"), "--out", out, *flags) == 2
+    assert run_predict(runs["labelled"], image(tmp_path / "a.png"), "--out", out, *flags,
+                       "--mode", "resize") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"python -m iddc.predict: error: {message}")
     assert len(err.strip().splitlines()) == 1
