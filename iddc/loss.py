@@ -355,7 +355,7 @@ class IDDCLoss(nn.Module):
         L = L^+ + \lambda_1 \operatorname{mean}_r L^-_r + \lambda_2\, s\, L_W
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (or ``linear``: :math:`1-c, c`; ``log``:
-    :math:`-\log c, -\log(1-c)`), counts global over the batch, an empty selection contributing
+    :math:`-\log(c + 10^{-8}), -\log(\max(1-c, 0) + 10^{-8})`), counts global over the batch, an empty selection contributing
     0, and :math:`L_W` the Weibull (or entropy) regulariser on view A's class masses, scaled by
     ``reg_scale`` :math:`s = 1/50`.
 
@@ -367,7 +367,8 @@ class IDDCLoss(nn.Module):
     Backends (all exact, same maths): ``"reference"`` materialises B x N x M matrices;
     ``"streaming"`` walks tiles of pairs on any device, never building an N x M matrix;
     ``"triton"`` runs fused kernels on CUDA; ``"auto"`` picks triton on CUDA (streaming for
-    float64 inputs or more than 256 classes), else streaming.
+    float64 inputs, more than 256 classes or 65535 images, or where ``iddc_kernels`` or Triton
+    cannot be imported), else streaming.
     A callable with the contract of :func:`iddc.reference.pair_sums` may be passed instead
     (e.g. ``reference.pair_sums_masked_gather``, the authors' formulation).
 
