@@ -83,8 +83,12 @@ def make_folder(root: Path, label_root: Path = None, n=3, size=(40, 30), num_cla
 def test_coco27_table_matches_reference():
     assert len(REFERENCE_27) == 182
     assert [cocostuff.FINE_TO_COARSE[i] for i in range(182)] == REFERENCE_27
-    assert len(cocostuff.COARSE_NAMES) == 27
-    assert cocostuff.COARSE_NAMES[9] == "person" and cocostuff.COARSE_NAMES[23] == "sky"
+    # the 12 thing supercategories, then the 15 stuff ones, in the table's coarse id order
+    assert cocostuff.COARSE_NAMES == (
+        "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen",
+        "accessory", "animal", "outdoor", "person", "sports", "vehicle",
+        "ceiling", "floor", "food-stuff", "furniture-stuff", "raw-material", "textile", "wall",
+        "window", "building", "ground", "plant", "sky", "solid", "structural", "water")
     assert [i for i, n in enumerate(cocostuff.FINE_NAMES) if n is None] == UNUSED_FINE
 
 
@@ -194,8 +198,12 @@ def test_cityscapes_mapping_every_id(tmp_path):
     expect = np.full(256, 255, np.uint8)
     expect[7:34] = np.arange(27)
     assert (got == expect[None]).all()
-    assert src.num_classes == 27 and src.class_names[0] == "road"
-    assert src.class_names[26] == "bicycle" and len(src.class_names) == 27
+    # Cityscapes' labelIds 7..33 (cityscapesScripts' labels.py), in id order
+    assert src.num_classes == 27 and src.class_names == [
+        "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+        "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
+        "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer",
+        "train", "motorcycle", "bicycle"]
     assert src.name(0) == "aachen_000000_000019_leftImg8bit"
 
 
@@ -318,6 +326,25 @@ def test_folder_split_subfolders(tmp_path):
     make_folder(tmp_path / "d" / "val", n=1)
     assert len(build_source("folder", root=tmp_path / "d", split="train", num_classes=2)) == 2
     assert len(build_source("folder", root=tmp_path / "d", split="val", num_classes=2)) == 1
+
+
+def test_folder_nested_label_wins_over_a_flat_one_of_the_same_stem(tmp_path):
+    """images/sub/x.png takes labels/sub/x.png where both it and labels/x.png exist (the flat
+    one is the label of images/x.png, or a fallback for a flat label folder)."""
+    _rgb(tmp_path / "img" / "sub" / "x.png", 8, 6)
+    _rgb(tmp_path / "img" / "y.png", 8, 6)
+    _label(tmp_path / "lab" / "sub" / "x.png", np.full((6, 8), 1))
+    _label(tmp_path / "lab" / "x.png", np.full((6, 8), 2))
+    _label(tmp_path / "lab" / "y.png", np.full((6, 8), 0))
+    src = build_source("folder", root=tmp_path / "img", label_root=tmp_path / "lab",
+                       num_classes=3)
+    labels = {Path(p).stem: src.load(i)[1] for i, p in enumerate(src.images)}
+    assert (labels["x"] == 1).all() and (labels["y"] == 0).all()
+    (tmp_path / "lab" / "sub" / "x.png").unlink()  # a flat label folder: the fallback
+    src = build_source("folder", root=tmp_path / "img", label_root=tmp_path / "lab",
+                       num_classes=3)
+    labels = {Path(p).stem: src.load(i)[1] for i, p in enumerate(src.images)}
+    assert (labels["x"] == 2).all()
 
 
 # ----------------------------------------------------------------------------- corrupt samples

@@ -9,7 +9,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from iddc.inference import (Predictor, default_stride, resized_shape, sliding_predict_fn,
-                            window_starts)
+                            upsample, upsample_argmax, window_starts)
 from iddc.models import IDDCModel, ModelConfig, WeightsError, build_model, load_backbone_weights
 
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
@@ -117,6 +117,51 @@ def test_window_starts_cover():
     assert resized_shape(37, 53, 320, 16) == (320, 464)
     assert resized_shape(37, 53, None) == (37, 53)
     assert resized_shape(37, 53, None, 8) == (40, 56) and resized_shape(1, 1, None, 8) == (8, 8)
+
+
+@pytest.mark.parametrize("length, window, stride, starts", [
+    (373, 224, 149, [0, 149]), (522, 224, 149, [0, 149, 298]), (523, 224, 149, [0, 149, 298, 299]),
+    (96, 64, 32, [0, 32]), (97, 64, 32, [0, 32, 33]),
+], ids=["373-flush", "522-flush", "523", "96-flush", "97"])
+def test_window_starts_are_distinct_and_flush(length, window, stride, starts):
+    """A last window that a stride step already reaches is not added twice: a repeated window
+    would count twice in the average of the overlapping softmax maps."""
+    assert window_starts(length, window, stride) == starts
+    for n in range(window + 1, 4 * window):
+        s = window_starts(n, window, stride)
+        assert s == sorted(set(s)) and s[-1] == n - window
+
+
+def test_upsample_is_bilinear_with_aligned_corners():
+    """SPEC section 5: bilinear, align_corners=True: 2 -> 5 px puts the samples at 0, 1/4, ...,
+    1 of the way (align_corners=False would give 0, 0.1, 0.5, 0.9, 1)."""
+    ramp = torch.tensor([[0.0, 1.0], [2.0, 3.0]])[None, None]
+    up = upsample(ramp, (5, 5))[0, 0]
+    torch.testing.assert_close(up[0], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(up[:, 0], torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0]))
+    # and the argmax of two such maps follows it: class 1 wins right of the middle column
+    maps = torch.stack([torch.full((2, 2), 0.5), torch.tensor([[0.0, 1.0], [0.0, 1.0]])])
+    assert upsample_argmax(maps, (3, 5))[0].tolist() == [0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("step", [1, 2, 7], ids=["groups-of-1", "groups-of-2", "one-group"])
+def test_upsample_argmax_ties_go_to_the_first_class(step):
+    """Equal maxima in classes of different groups: the lowest id, as torch.argmax gives."""
+    g = torch.Generator().manual_seed(5)
+    maps = torch.randn(7, 3, 4, generator=g)
+    maps[5] = maps[1] = maps.max(0).values + 1  # classes 1 and 5 tie everywhere
+    maps[6, 0, 0] = maps[1, 0, 0]
+    ids = upsample_argmax(maps, (6, 8), max_elements=step * 6 * 8)
+    assert torch.equal(ids, torch.ones(6, 8, dtype=torch.long))
+
+
+def test_sliding_padding_is_cropped_from_the_padded_side():
+    """A side shorter than the window is padded at the bottom / right and cropped off again:
+    a pointwise model's probabilities are those of the image itself, pixel for pixel."""
+    model = Recorder()
+    x = torch.randn(3, 20, 100, generator=torch.Generator().manual_seed(3))
+    out = Predictor(model, "sliding", short_side=None, window=64, stride=32).probabilities([x])
+    torch.testing.assert_close(out[0], torch.softmax(model.conv(x[None]) * 3, 1)[0])
 
 
 def test_sliding_equals_resize_on_one_window():

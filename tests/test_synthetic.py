@@ -1,9 +1,26 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from iddc.data import build_source
-from iddc.data.transforms import EvalTransform, TwoViewTransform, two_view_params
+from iddc.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TwoViewTransform,
+                                  denormalise, to_tensor, two_view_params)
+from PIL import Image
+
+#: the colour of label k in `_colour_coded`: corners of the RGB cube, so that no blend of two
+#: or more of them at a region's edge comes within a few levels of another one
+CORNERS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
+                    [0, 255, 255]], dtype=np.uint8)
+
+
+def _colour_coded(w=96, h=80, block=12, seed=0):
+    """An image whose every block of pixels has the colour of its label (random ids 0..5)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, len(CORNERS), (h // block + 1, w // block + 1))
+    label = np.kron(ids, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.uint8)
+    return Image.fromarray(CORNERS[label]), label
 
 
 def test_deterministic_and_splits_differ():
@@ -52,6 +69,56 @@ def test_two_view_transform_and_small_images():
     # the same generator state gives the same sample
     again = tf(img, lab, np.random.default_rng(1))
     assert torch.equal(xa, again[0]) and torch.equal(lb, again[3])
+
+
+def test_two_view_labels_stay_on_their_pixels():
+    """In both views, wherever the label is one class over a 5 x 5 neighbourhood (away from the
+    edges that resizing blends), the pixel has that class's colour: the flip, resize and crops
+    move image and labels together (view B's crop at B's position, not A's)."""
+    img, label = _colour_coded()
+    tf = TwoViewTransform(64)
+    rng = np.random.default_rng(7)
+    flips = 0
+    for _ in range(40):
+        flips += two_view_params(96, 80, 64, copy.deepcopy(rng))["flip"]  # this draw's
+        xa, xb, la, lb = tf(img, label, rng)
+        for x, lab in ((xa, la), (xb, lb)):
+            rgb = denormalise(x).astype(int)
+            lab = lab.numpy()
+            windows = np.lib.stride_tricks.sliding_window_view(lab, (5, 5))
+            uniform = (windows == windows[..., :1, :1]).all(axis=(-1, -2))
+            inner = lab[2:-2, 2:-2][uniform]
+            colours = rgb[2:-2, 2:-2][uniform]
+            assert inner.size > 0.3 * lab.size
+            assert np.abs(colours - CORNERS[inner].astype(int)).max() <= 2
+    assert 5 < flips < 35  # both orientations were checked
+
+
+def test_two_view_params_span_spec_ranges():
+    """SPEC section 4's random choices reach their ranges: a flip half the time, independent
+    width and height factors over 0.8..1.2, B's offset from A up to half the crop."""
+    rng = np.random.default_rng(11)
+    draws = [two_view_params(200, 200, 64, rng) for _ in range(2000)]
+    assert 0.45 < np.mean([p["flip"] for p in draws]) < 0.55
+    widths = [p["size"][0] for p in draws]
+    heights = [p["size"][1] for p in draws]
+    assert min(widths) <= 163 and max(widths) >= 237 and min(heights) <= 163
+    assert np.mean([w != h for w, h in zip(widths, heights)]) > 0.9  # independent factors
+    offsets = [max(abs(p["a"][0] - p["b"][0]), abs(p["a"][1] - p["b"][1])) for p in draws]
+    assert max(offsets) == 32
+
+
+def test_normalisation_is_imagenets():
+    """to_tensor: (x / 255 - mean) / std per channel with ImageNet's statistics, which the
+    DINO backbones were trained with."""
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    white = to_tensor(Image.new("RGB", (3, 2), (255, 255, 255)))
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(white[:, 0, 0], torch.tensor(expected))
+    mean_colour = to_tensor(Image.new("RGB", (3, 2), (124, 116, 104)))
+    assert mean_colour.abs().max() < 0.01
+    red = to_tensor(Image.new("RGB", (1, 1), (255, 0, 0)))[:, 0, 0]
+    torch.testing.assert_close(red, torch.tensor([expected[0], -0.456 / 0.224, -0.406 / 0.225]))
 
 
 def test_eval_transform_shorter_side():
