@@ -81,8 +81,10 @@ def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> 
     total = true_count.sum()
     iou = tp / (tp + fp + fn).clamp_min(1)
     present = (tp + fp + fn) > 0
-    if class_names is not None and len(class_names) < hist.shape[0]:
-        raise ValueError(f"{len(class_names)} class name(s) for {hist.shape[0]} classes")
+    if class_names is not None and len(class_names) != hist.shape[0]:
+        # more names than classes would be silently dropped: the names may be of other classes
+        raise ValueError(f"{len(class_names)} class name(s) for {hist.shape[0]} classes; "
+                         "per-class scores need exactly one name per class")
     names = [str(class_names[c]) if class_names is not None else str(c)
              for c in range(hist.shape[0])]
     if len(set(names)) != len(names):  # keyed by name: a repeated one would drop classes

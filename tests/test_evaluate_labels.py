@@ -1,6 +1,9 @@
 """``python -m iddc.evaluate`` on folder labels: the checkpoint fixes K (stray ids, 16-bit ids
 and a corrupt label are what the model's K makes of them, never a K inferred from the labels),
-a real K mismatch names what works, and a mid-epoch checkpoint is named as train.log names it."""
+a real K mismatch names what works, and a mid-epoch checkpoint is named as train.log names it.
+Then evaluate() and kmeans_baseline() on stub models whose predictions are known exactly: the
+head Hungarian-matched, the probe not, max_images, bilinear aligned-corner upsampling, and the
+k-means baseline's normalised features, matching and nearest-centroid assignment."""
 from __future__ import annotations
 
 import json
@@ -11,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from iddc import evaluate, train
+from iddc import evaluate, metrics, train
 
 SIZE = 32
 N = 8  # images: 4 steps of batch 2 per epoch
@@ -159,3 +164,157 @@ def test_data_root_given_with_a_tilde_is_the_runs_own(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--data-root ~/other: the run's data options hold "
                                          r"label_root="):
         evaluate.split_options(cfg, "val", {}, "~/other")
+
+
+# ---------------------------------------------- evaluate / k-means baseline on stub models
+# The stubs carry each label map in the "image" itself (channel 0: class id, channel 1: a
+# per-pixel scale), so a stub model can predict exactly what a test needs.
+
+
+class LabelSource:
+    """Samples (label map, scale map) that LabelTransform turns into (2 x H x W, H x W)."""
+
+    def __init__(self, labels, scales=None):
+        self.labels = [torch.as_tensor(y, dtype=torch.long) for y in labels]
+        self.scales = scales if scales is not None else [torch.ones(y.shape) for y in self.labels]
+        self.num_classes = 3
+        self.class_names = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, index):
+        return self.labels[index], self.scales[index]
+
+
+def label_transform(label, scale):
+    return torch.stack([label.float(), torch.as_tensor(scale, dtype=torch.float)]), label
+
+
+class StubModel(torch.nn.Module):
+    """K = 3; ``features``: one-hot labels (255: zeros) times the per-pixel scale."""
+    num_classes = 3
+
+    def features(self, x):
+        lab = x[:, 0].long()
+        hot = F.one_hot(lab.clamp_max(self.num_classes - 1), self.num_classes)
+        hot = hot * (lab != 255)[..., None]
+        return (hot.permute(0, 3, 1, 2).float() * x[:, 1:2])
+
+
+def one_hot_maps(ids, k=3):
+    return F.one_hot(ids, k).permute(0, 3, 1, 2).float()
+
+
+def head_predict(logit_perm, probe_perm):
+    """predict_fn: logits = one-hot of logit_perm[labels], probe = one-hot of probe_perm[...]."""
+    def predict(model, images):
+        lab = images[:, 0].long().clamp_max(2)
+        return {"logits": one_hot_maps(torch.tensor(logit_perm)[lab]),
+                "probe": one_hot_maps(torch.tensor(probe_perm)[lab])}
+    return predict
+
+
+def random_labels(n, size=(6, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = [torch.randint(0, 3, size, generator=g) for _ in range(n)]
+    for y in labels:
+        y[0, :3] = torch.tensor([0, 1, 2])  # every class in every image
+        y[-1, -1] = 255  # and one unlabelled pixel
+    return labels
+
+
+DERANGEMENT = [2, 0, 1]  # no class keeps its id
+
+
+@pytest.mark.parametrize("probe_perm, probe_acc", [([0, 1, 2], 100.0), (DERANGEMENT, 0.0)],
+                         ids=["probe-is-labels", "probe-permuted"])
+def test_evaluate_matches_the_head_not_the_probe(probe_perm, probe_acc):
+    """The head's clusters (a permutation of the labels) are Hungarian-matched: 100%, mapping
+    back each cluster to its class; the probe predicts label ids and is never matched, so a
+    permuted probe scores 0."""
+    source = LabelSource(random_labels(3))
+    res = evaluate.evaluate(StubModel(), source, transform=label_transform,
+                            predict_fn=head_predict(DERANGEMENT, probe_perm), batch_size=2)
+    u, p = res["unsupervised"], res["linear_probe"]
+    assert (u["pixel_accuracy"], u["miou"]) == (100.0, 100.0)
+    # the mapping is that of the head's clusters (cluster DERANGEMENT[c] -> class c)
+    assert [u["mapping"][DERANGEMENT[c]] for c in range(3)] == [0, 1, 2]
+    assert p["pixel_accuracy"] == probe_acc and p["miou"] == probe_acc
+    assert "mapping" not in p
+    assert u["pixels"] == p["pixels"] == 3 * (6 * 7 - 1)
+
+
+@pytest.mark.parametrize("max_images, scored", [(2, 2), (0, 4), (9, 4)],
+                         ids=["first-2", "all", "more-than-there-are"])
+def test_evaluate_scores_the_first_max_images(max_images, scored):
+    labels = random_labels(4)
+    res = evaluate.evaluate(StubModel(), LabelSource(labels), transform=label_transform,
+                            predict_fn=head_predict([0, 1, 2], [0, 1, 2]), batch_size=3,
+                            max_images=max_images)
+    want = sum(int((y != 255).sum()) for y in labels[:scored])
+    assert res["unsupervised"]["pixels"] == res["linear_probe"]["pixels"] == want
+    hist = metrics.confusion(torch.stack(labels[:scored]), torch.stack(labels[:scored]), 3, 3)
+    assert res["unsupervised"]["per_class_iou"] == metrics.supervised_scores(hist)[
+        "per_class_iou"]
+
+
+# class 0's logit 1 at the top-left of a 2 x 2 map, 0 elsewhere; class 1 a constant 0.4
+# (class 2 below both). Upsampled to 5 x 5 with align_corners=True, class 0's logit at (i, j)
+# is (1 - i/4)(1 - j/4): class 0 where that exceeds 0.4.
+LOGITS_2x2 = torch.tensor([[[1.0, 0.0], [0.0, 0.0]],
+                           [[0.4, 0.4], [0.4, 0.4]],
+                           [[-1.0, -1.0], [-1.0, -1.0]]])
+BILINEAR_5x5 = torch.tensor([[0, 0, 0, 1, 1],
+                             [0, 0, 1, 1, 1],
+                             [0, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 1]])
+
+
+def test_evaluate_upsamples_logits_bilinearly_with_aligned_corners_before_argmax():
+    """SPEC section 5: nearest would make the top-left 3 x 3 block class 0 (pixels (1, 2),
+    (2, 1), (2, 2) differ), align_corners=False would make (1, 2) and (2, 1) class 0."""
+    nearest = F.interpolate(LOGITS_2x2[None], size=(5, 5), mode="nearest")[0].argmax(0)
+    unaligned = F.interpolate(LOGITS_2x2[None], size=(5, 5), mode="bilinear",
+                              align_corners=False)[0].argmax(0)
+    assert not torch.equal(nearest, BILINEAR_5x5) and not torch.equal(unaligned, BILINEAR_5x5)
+
+    def predict(model, images):
+        maps = LOGITS_2x2.expand(images.shape[0], 3, 2, 2)
+        return {"logits": maps, "probe": maps}
+
+    source = LabelSource([BILINEAR_5x5])
+    res = evaluate.evaluate(StubModel(), source, transform=label_transform, predict_fn=predict,
+                            keep=1)
+    _, _, pred, probe = res["samples"][0]
+    assert torch.equal(pred, BILINEAR_5x5) and torch.equal(probe, BILINEAR_5x5)
+    assert res["linear_probe"]["pixel_accuracy"] == 100.0
+    assert res["unsupervised"]["pixel_accuracy"] == 100.0
+
+
+def kmeans_scene(label_of):
+    """One 5 x 10 map: 20 px of group "low" (scale 1..1.5), 20 px of group "high" (scale 8..10),
+    both of class label_of["big"], and 5 px each of classes label_of["a"], label_of["b"] (scale
+    1). Unnormalised, k-means splits the big class by scale and merges a and b (cheaper than
+    any other 3 clusters); unit-normalised features are 3 exact points."""
+    g = torch.Generator().manual_seed(0)
+    lab = torch.tensor([label_of["big"]] * 40 + [label_of["a"]] * 5 + [label_of["b"]] * 5)
+    scale = torch.cat([1 + 0.5 * torch.rand(20, generator=g), 8 + 2 * torch.rand(20, generator=g),
+                       torch.ones(10)])
+    order = torch.randperm(50, generator=g)
+    return LabelSource([lab[order].reshape(5, 10)], [scale[order].reshape(5, 10)])
+
+
+@pytest.mark.parametrize("label_of", [
+    {"big": 0, "a": 1, "b": 2}, {"big": 1, "a": 2, "b": 0}, {"big": 2, "a": 0, "b": 1},
+    {"big": 0, "a": 2, "b": 1}], ids=["big0", "big1", "big2", "big0-swapped"])
+def test_kmeans_baseline_clusters_unit_normalised_features_and_matches(label_of):
+    """100% after the Hungarian match; the features' scale must not matter (unnormalised,
+    k-means would split the big class by scale), the clusters are matched (their ids are
+    k-means's own), and each pixel goes to its nearest (most similar) centroid."""
+    km = evaluate.kmeans_baseline(StubModel(), kmeans_scene(label_of), transform=label_transform,
+                                  num_classes=3, restarts=3, iters=20)
+    u = km["unsupervised"]
+    assert (u["pixel_accuracy"], u["miou"], u["pixels"]) == (100.0, 100.0, 50)
+    assert sorted(u["mapping"]) == [0, 1, 2] and km["skipped"] == []

@@ -1,6 +1,7 @@
 """`IDDCLoss` end to end: against the standalone reference objective, errors, presets, shifts."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,43 @@ def test_extreme_but_finite_weibull_settings_give_a_finite_loss(shape, scale):
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+def _spec_weibull(m, k=0.3, lam=5.0):
+    """SPEC section 2's L_W, written out in numpy from the class means m."""
+    x = m / m.max() + 1e-6
+    return np.mean((k / lam) * (x / lam) ** (k - 1) * np.exp(-((x / lam) ** k)))
+
+
+@pytest.mark.parametrize("regulariser", ["weibull", "entropy", "none"])
+def test_regulariser_is_spec_formula_on_view_a(regulariser):
+    """The regulariser every backend shares (so comparing backends cannot check it): SPEC's
+    formula on view A's class means, written out here, in the loss's reg and in its total."""
+    p_a = np.array([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], [[0.2, 0.2, 0.6], [0.4, 0.4, 0.2]]])
+    m = p_a.reshape(-1, 3).mean(0)
+    want = {"weibull": _spec_weibull(m), "entropy": np.mean(m * np.log(np.maximum(m, 1e-6))),
+            "none": 0.0}[regulariser]
+    za = torch.tensor(np.log(p_a)).permute(0, 2, 1).reshape(2, 3, 1, 2)  # softmax gives p_a
+    zb = torch.zeros(2, 3, 1, 2, dtype=torch.float64)  # view B: no part in the regulariser
+    feats = torch.eye(2, dtype=torch.float64).reshape(1, 2, 1, 2).repeat(2, 1, 1, 1)
+    out = IDDCLoss(regulariser=regulariser, backend="streaming", lambda1=1.0, lambda2=2.0,
+                   t_pos=0.5, t_neg=0.1)(feats, feats, za, zb, shifts=(1,))
+    assert float(out.reg) == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert float(out.loss) == pytest.approx(float(out.pos + out.neg) + 2.0 / 50 * want,
+                                            rel=1e-12)
+
+
+def test_entropy_regulariser_with_a_masked_class_is_finite():
+    """A class masked with -inf logits has mass 0: m log max(m, 1e-6) is 0 there, with a finite
+    gradient (m log m itself would be 0 x -inf)."""
+    fa, fb, za, zb = views(seed=4)
+    za = za.detach().clone()
+    za[:, 0] = float("-inf")
+    za.requires_grad_()
+    out = IDDCLoss(regulariser="entropy", backend="streaming", **HYPER)(fa, fb, za, zb,
+                                                                        shifts=(1,))
+    (g,) = torch.autograd.grad(out.reg, (za,))
+    assert torch.isfinite(out.reg) and torch.isfinite(g[:, 1:]).all()
+
+
 def test_auto_backend_on_cpu_is_streaming():
     assert resolve_backend("auto", torch.device("cpu")) == "streaming"
 
@@ -219,10 +257,13 @@ def _call(fa, fb, za, zb, **kw):
     (lambda fa, fb, za, zb: (fa, fb, za, zb[:, :4]), "class count K differs"),
     (lambda fa, fb, za, zb: (fa, fb, za[:2], zb), "batch sizes differ"),
     (lambda fa, fb, za, zb: (fa, fb, za[..., :5], zb), "view a: feats_a is"),
+    (lambda fa, fb, za, zb: (fa, fb, za, zb[..., :5]), r"view b: feats_b is \(7, 8\) \(h x w\) "
+                                                       r"but logits_b is \(7, 5\)"),
     (lambda fa, fb, za, zb: (fa, fb, za, zb.to(torch.int64)), "logits_b must be floating"),
     (lambda fa, fb, za, zb: (fa, fb, za[:, :1], zb[:, :1]), "at least 2 classes"),
     (lambda fa, fb, za, zb: (fa.to("meta"), fb, za, zb), "different devices"),
-], ids=["not-4d", "D-mismatch", "K-mismatch", "B-mismatch", "hw-mismatch", "int-logits",
+], ids=["not-4d", "D-mismatch", "K-mismatch", "B-mismatch", "hw-mismatch", "hw-mismatch-b",
+        "int-logits",
         "one-class", "device-mismatch"])
 def test_bad_shapes_name_the_problem(mutate, message):
     fa, fb, za, zb = views()

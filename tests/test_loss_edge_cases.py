@@ -151,6 +151,70 @@ def test_positive_selection_is_exact_at_the_threshold(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pair_exactly_on_a_threshold_is_not_selected(backend):
+    """SPEC's selections are strict: f > t+ and f < t-. With f = 1/8 exactly (between the two
+    views of an image, and across images) and both thresholds 1/8, no pair of f = 1/8 is
+    selected; the f = 1 pairs (each pixel with itself in the other view) still are."""
+    feats_a = torch.ones(2, 16, 1, 2, device=DEVICE)
+    feats_a[1, :7] = -1.0      # across images: f = 1/8
+    feats_b = feats_a.clone()
+    feats_b[:, :7, 0, 1] *= -1  # view B's second pixel: f = 1/8 with view A's pixels
+    gen = torch.Generator().manual_seed(3)
+    za = torch.randn(2, 3, 1, 2, generator=gen).to(DEVICE).requires_grad_()
+    zb = torch.randn(2, 3, 1, 2, generator=gen).to(DEVICE).requires_grad_()
+    f = torch.einsum("bdn,bdm->bnm", feats_a.flatten(2), feats_b.flatten(2)) / 16
+    assert sorted(f.flatten().tolist()) == [0.125] * 4 + [1.0] * 4
+    out = iddc_loss(feats_a, feats_b, za, zb, backend=backend, shifts=(1,), t_pos=0.125,
+                    t_neg=0.125)
+    assert int(out.pos_count) == 4 and out.neg_counts.tolist() == [0]
+    ref = iddc_loss(feats_a, feats_b, za, zb, backend="reference", shifts=(1,), t_pos=0.125,
+                    t_neg=0.125)
+    torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_feature_pixel_has_affinity_zero(backend):
+    """A pixel whose feature vector is all zeros (a dead channel map, padding) has f = 0 with
+    every pixel, as F.normalize gives it, in every backend: not NaN, not an error."""
+    gen = torch.Generator().manual_seed(8)
+    fa = torch.randn(2, 16, 3, 4, generator=gen)
+    fb = torch.randn(2, 16, 3, 3, generator=gen)
+    fa[0, :, 0, 0] = 0.0
+    fb[1, :, 2, 1] = 0.0
+    za = torch.randn(2, 5, 3, 4, generator=gen).requires_grad_()
+    zb = torch.randn(2, 5, 3, 3, generator=gen).requires_grad_()
+    from iddc.reference import iddc_loss_reference
+    kw = dict(t_pos=0.2, t_neg=0.12, lambda1=1.0, lambda2=1.0)
+    ref = iddc_loss_reference(fa.double(), fb.double(), za.double(), zb.double(), (1,), **kw)
+    dev = [t.detach().to(DEVICE).requires_grad_() for t in (za, zb)]
+    out = iddc_loss(fa.to(DEVICE), fb.to(DEVICE), *dev, backend=backend, shifts=(1,), **kw)
+    assert int(out.pos_count) == int(ref["pos_count"])
+    assert out.neg_counts.tolist() == ref["neg_counts"].tolist()
+    torch.testing.assert_close(out.loss.detach().double().cpu(), ref["loss"].detach(),
+                               rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(out.loss, dev)
+    r_grads = torch.autograd.grad(ref["loss"], (za, zb))
+    for g, r in zip(grads, r_grads):
+        torch.testing.assert_close(g.double().cpu(), r.double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positive_weight_floor_below_1e_8(backend):
+    """A positive pair with 0 <= t+ < f < 1e-8 weighs max(f, 1e-8) = 1e-8 in every backend (the
+    floor SPEC's log-free exp variant needs no more than the reference keeps)."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    f = 5e-9
+    feats_a = torch.zeros(1, 2, 1, 1, device=DEVICE, dtype=dtype)
+    feats_a[0, 0] = 1.0
+    feats_b = torch.zeros(1, 2, 1, 1, device=DEVICE, dtype=dtype)
+    feats_b[0, 0], feats_b[0, 1] = f, (1 - f * f) ** 0.5
+    za = torch.zeros(1, 3, 1, 1, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = iddc_loss(feats_a, feats_b, za, za, backend=backend, shifts=(), t_pos=0.0, t_neg=-0.5)
+    assert int(out.pos_count) == 1
+    assert float(out.pos.detach()) == pytest.approx(1e-8 * np.exp(1 - 1 / 3), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_does_not_change_the_selected_pairs(backend):
     """Under bf16 autocast the loss still runs in float32: the same pairs and values as eager."""
     gen = torch.Generator().manual_seed(11)

@@ -86,11 +86,21 @@ def test_bad_labels_raise():
 def test_scores_refuse_what_they_cannot_score():
     with pytest.raises(ValueError, match=r"square K x K histogram .* got \(4, 3\)"):
         metrics.supervised_scores(torch.ones(4, 3))
-    with pytest.raises(ValueError, match=r"2 class name\(s\) for 3 classes"):
-        metrics.supervised_scores(torch.eye(3), ["a", "b"])
     with pytest.raises(ValueError, match="k-means: the features hold NaN or Inf"):
         from iddc.evaluate import kmeans
         kmeans(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 0.0]]), 2)
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c", "d"]], ids=["too-few", "too-many"])
+@pytest.mark.parametrize("matched", [False, True], ids=["probe", "hungarian"])
+def test_scores_refuse_a_class_name_count_that_differs(names, matched):
+    """One name per class: too few would leave classes unnamed, too many were silently dropped
+    (names of another class list, misnaming every per-class score)."""
+    score = metrics.unsupervised_scores if matched else metrics.supervised_scores
+    with pytest.raises(ValueError, match=rf"^{len(names)} class name\(s\) for 3 classes; "
+                                         r"per-class scores need exactly one name per class$"):
+        score(torch.eye(3), names)
+    assert list(score(torch.eye(3), ["a", "b", "c"])["per_class_iou"]) == ["a", "b", "c"]
 
 
 def test_accumulator_matches_single_histogram():
@@ -150,3 +160,68 @@ def test_kmeans_fit_points_are_those_of_the_concatenation(max_points):
         want = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(3))
                     [:max_points]]
     assert torch.equal(fit_points(feats, max_points, 3), want)
+
+
+# ------------------------------------------------------- hand-computed histograms (SPEC s. 5)
+def test_unmatched_cluster_pixels_are_false_negatives_and_labelled_pixels():
+    """3 clusters x 2 classes: cluster 2 is left unmatched. Its 5 pixels are wrong predictions
+    (false negatives of their label classes, in no class's FP) and labelled pixels all the
+    same (in ``pixels`` and the accuracy's denominator)."""
+    hist = torch.tensor([[5, 1],    # cluster 0 -> class 0
+                         [0, 4],    # cluster 1 -> class 1
+                         [2, 3]])   # cluster 2: unmatched (2 px of class 0, 3 px of class 1)
+    u = metrics.unsupervised_scores(hist, class_names=["a", "b"])
+    assert u["mapping"] == [0, 1, -1]
+    # class a: TP 5, FP 1 (the class-b pixel of cluster 0), FN 2 (its pixels in cluster 2):
+    #   5 / (5 + 1 + 2) = 5/8; class b: TP 4, FP 0, FN 1 (in cluster 0) + 3 (cluster 2): 4/8
+    assert u["per_class_iou"] == {"a": 62.5, "b": 50.0}
+    assert u["miou"] == 56.25
+    assert u["pixel_accuracy"] == 60.0  # 9 matched of all 15 labelled pixels
+    assert u["pixels"] == 15
+
+
+def test_remap_hist_returns_the_unmatched_counts_per_class():
+    square, unmatched = metrics.remap_hist(torch.tensor([[5, 1], [0, 4], [2, 3]]), [0, 1, -1])
+    assert torch.equal(square, torch.tensor([[5, 1], [0, 4]]))
+    assert torch.equal(unmatched, torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize("matched", [False, True], ids=["probe-no-matching", "hungarian"])
+def test_a_class_only_predicted_counts_in_miou_with_iou_0(matched):
+    """SPEC: only classes absent from BOTH prediction and labels leave the mean; class 2 below
+    is predicted (1 px) but absent from the labels: IoU 0, in the mean."""
+    hist = torch.tensor([[4, 0, 0],
+                         [0, 3, 0],
+                         [0, 1, 0]])  # one pixel of class 1 predicted as 2; no label is 2
+    s = metrics.unsupervised_scores(hist) if matched else metrics.supervised_scores(hist)
+    if matched:
+        assert s["mapping"] == [0, 1, 2]
+    assert s["per_class_iou"] == {"0": 100.0, "1": 75.0, "2": 0.0}
+    assert s["miou"] == pytest.approx(100 * (1 + 0.75 + 0) / 3, rel=1e-12)
+    assert s["pixel_accuracy"] == pytest.approx(100 * 7 / 8, rel=1e-12)
+    assert s["pixels"] == 8
+
+
+@pytest.mark.parametrize("which, num, ok, bad, message", [
+    ("labels", 3, [0, 2], [0, 3], r"labels must lie in 0\.\.2 \(or 255\); got 0\.\.3"),
+    ("labels", 3, [0, 2], [-1, 0], r"labels must lie in 0\.\.2 \(or 255\); got -1\.\.0"),
+    ("prediction", 4, [0, 3], [0, 4], r"predictions must lie in 0\.\.3"),
+    ("prediction", 4, [0, 3], [-1, 0], r"predictions must lie in 0\.\.3"),
+], ids=["label-eq-K", "label-negative", "pred-eq-K", "pred-negative"])
+def test_confusion_id_range_boundary(which, num, ok, bad, message):
+    """An id equal to the count is refused (it would land in the next row or beyond the
+    histogram); count - 1 is accepted."""
+    other = torch.tensor([0, 0])
+    num_pred, num_true = (4, num) if which == "labels" else (num, 3)
+
+    def call(ids):
+        ids = torch.tensor(ids)
+        return metrics.confusion(ids, other, num_pred, num_true) if which == "prediction" \
+            else metrics.confusion(other, ids, num_pred, num_true)
+
+    hist = call(ok)
+    assert hist.shape == (num_pred, num_true) and int(hist.sum()) == 2
+    top = num - 1
+    assert int(hist[top, 0] if which == "prediction" else hist[0, top]) == 1
+    with pytest.raises(ValueError, match=message):
+        call(bad)

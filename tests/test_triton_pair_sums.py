@@ -175,6 +175,72 @@ def test_many_tiles_ragged_d_and_many_shifts(deterministic):
                             seed=11, config=config)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_every_shift_slot_reads_its_own_shift(deterministic):
+    """B = 5, where no two of the shifts 1..4 give the same sums (at B = 4, shift 3 is shift 1
+    backwards, whose sums are the same): each of a launch's 8 slots, and the second launch's,
+    must take its own shift."""
+    shifts = (1, 2, 3, 4, 1, 2, 3, 1, 2, 4)
+    assert shifts[6] != shifts[7]
+    check_against_reference(5, 12, 10, 16, 5, shifts, "exp", torch.float32, deterministic,
+                            seed=29)
+
+
+def test_mixed_feature_dtypes_are_computed_in_the_wider_one():
+    """u_a in float16 and u_b in float32 (features of two backbones, or a cast forgotten): the
+    dot is taken in float32 on both, as the reference computes it on the same values."""
+    u_a, u_b, p_a, p_b = make_inputs(2, 13, 11, 24, 4, 31, torch.float32)
+    sums, counts, ga, gb, grad_out = run_both(u_a.half(), u_b, p_a, p_b, (1,), "exp", 31)
+    r_sums, r_counts, r_ga, r_gb = reference_of(u_a.half().float(), u_b, p_a, p_b, (1,), "exp",
+                                                grad_out)
+    assert torch.equal(counts.cpu(), r_counts.cpu()) and int(r_counts[1]) > 0
+    assert_close_rel(sums, r_sums, 2e-5, "sums")
+    assert_close_rel(ga, r_ga, 2e-5, "grad p_a")
+    assert_close_rel(gb, r_gb, 2e-5, "grad p_b")
+
+
+class _LaunchRecorder:
+    """A kernel as the launcher indexes it (kernel[grid](...)), recording each launch's
+    keyword arguments before running it."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches the interpreter's kernel launch")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_deterministic_mode_runs_the_transposed_pass_without_atomics(monkeypatch,
+                                                                     deterministic):
+    """deterministic=True adds no partner-row gradient with atomics (whose order the GPU does
+    not fix; the interpreter runs them in order, so equal results cannot show it): the row
+    pass runs with ATOMIC off and the transposed pass makes the positive set's and the shifts'
+    partner gradients. The atomic mode never launches the transposed pass."""
+    import iddc_kernels.pair_sums as ps
+    rows, cols = [], []
+    monkeypatch.setattr(ps, "_pair_sums_rows_kernel", _LaunchRecorder(ps._pair_sums_rows_kernel,
+                                                                      rows))
+    monkeypatch.setattr(ps, "_pair_sums_cols_grad_kernel",
+                        _LaunchRecorder(ps._pair_sums_cols_grad_kernel, cols))
+    u_a, u_b, p_a, p_b = make_inputs(2, 11, 9, 16, 5, 3, torch.float32)
+    run_both(u_a, u_b, p_a, p_b, (1, 1), "exp", 3, deterministic=deterministic)
+    assert [k["ATOMIC"] for k in rows] == [not deterministic]
+    assert sorted(k["POSITIVE"] for k in cols) == ([False, True] if deterministic else [])
+    rows.clear(), cols.clear()
+    with torch.no_grad():  # no gradient: nothing to add, no transposed pass
+        triton_pair_sums(u_a, u_b, p_a, p_b, (1,), t_pos=T_POS, t_neg=T_NEG,
+                         deterministic=deterministic)
+    assert len(rows) == 1 and rows[0]["NEED_GRAD"] is False and cols == []
+
+
 def _random_case(seed: int):
     """Odd sizes drawn from `seed`: B, N, M, D, K, shifts, h, dtype, deterministic."""
     rng = np.random.default_rng(seed)
