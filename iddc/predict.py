@@ -15,9 +15,10 @@ the Hungarian matching of the last evaluation assigned it ("3 ~ sky"). ``--head 
 the linear probe's classes (named directly). Inference modes (iddc.inference): ``--mode
 resize`` (shorter side ``--short-side``, default: the run's eval size) or ``--mode sliding``
 (``--window``/``--stride`` windows, averaged softmax; both flags are refused in resize mode,
-where they would do nothing). The default mode, window and stride are the run's evaluation's
-(data.eval_mode, data.sliding_window, data.sliding_stride), so the maps show what was scored. Images are read lazily and predicted
-``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
+where they would do nothing). The default mode is the run's eval mode (data.eval_mode), and
+in a run evaluated in sliding mode the default window and stride are its own
+(data.sliding_window, data.sliding_stride), so the maps show what was scored. Images are read
+lazily and predicted ``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
 iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported and skipped
 (exit code 1 at the end), it never stops the others; so is one whose output names would be
 too long for the file system, or whose files fail to be written (a full or read-only disk
@@ -361,10 +362,11 @@ def names_too_long(stems: Sequence[str], out: Path) -> dict:
 
 
 def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = None,
-                  window: Optional[int] = None, mode_of_run: bool = False) -> None:
+                  window: Optional[int] = None, run_mode: Optional[str] = None) -> None:
     """predict's own options (Predictor checks --batch-size, --short-side, --window); a
     --window or --stride given with a `mode` other than sliding, which never uses them, is
-    refused (`mode_of_run`: that mode is the run's eval mode, no --mode was given)."""
+    refused (`run_mode`: no --mode was given, `mode` is the one :func:`run_modes` took for the
+    run's eval mode `run_mode`)."""
     if not 0 <= alpha <= 1:  # NaN fails too
         raise ValueError(f"--alpha (overlay opacity) must be in [0, 1], got {alpha}")
     if window is not None:
@@ -375,8 +377,13 @@ def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = Non
              if value is not None]
     if mode is not None and mode != "sliding" and given:
         both = len(given) > 1
-        which = f"this run's eval mode (the default --mode), {mode}," if mode_of_run else \
-            f"--mode {mode}"
+        if run_mode is None:
+            which = f"--mode {mode}"
+        elif run_mode == mode:
+            which = f"the default --mode, this run's eval mode {mode},"
+        else:
+            which = (f"the default --mode, {mode} (for this run's eval mode {run_mode!r}, "
+                     f"which predict does not have),")
         raise ValueError(f"{' and '.join(given)} only appl{'y' if both else 'ies'} to --mode "
                          f"sliding; {which} predicts each whole image in one pass, so "
                          f"{'they' if both else 'it'} would do nothing (add --mode sliding, or "
@@ -384,13 +391,19 @@ def check_options(alpha: float, stride: Optional[int], mode: Optional[str] = Non
 
 
 def run_modes(cfg, mode: Optional[str], window: Optional[int], stride: Optional[int]) -> tuple:
-    """(mode, window, stride) as given, the unset ones the run's evaluation's (data.eval_mode,
-    data.sliding_window, data.sliding_stride), so that predict shows what was scored; a run
-    evaluated in a mode predict does not have (a registered one) predicts in resize mode."""
+    """(mode, window, stride): as given, the unset ones those the run was scored with, so that
+    the maps show what was scored: its data.eval_mode, and for a run evaluated in sliding mode
+    its data.sliding_window and, with that window, data.sliding_stride (a --window of one's own
+    takes its own default stride). A run evaluated in a mode predict does not have (a
+    registered one) is predicted in resize mode, with a warning."""
+    run_mode = cfg.data.eval_mode
     if mode is None:
-        mode = cfg.data.eval_mode if cfg.data.eval_mode in MODES else "resize"
-    if mode == "sliding":
-        window = int(cfg.data.sliding_window or DEFAULT_WINDOW) if window is None else window
+        mode = run_mode if run_mode in MODES else "resize"
+        if run_mode not in MODES:
+            log.warning("this run was evaluated in the eval mode %r, which predict does not "
+                        "have: predicting in resize mode (choose one with --mode)", run_mode)
+    if mode == "sliding" and run_mode == "sliding" and window is None:
+        window = int(cfg.data.sliding_window)
         if stride is None and cfg.data.sliding_stride:
             stride = int(cfg.data.sliding_stride)
     return mode, window, stride
@@ -483,7 +496,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
     if mode is None:  # the run's mode: --window or --stride may not fit it
         mode, window, stride = run_modes(cfg, None, window, stride)
-        check_options(alpha, stride, mode, window, mode_of_run=True)
+        check_options(alpha, stride, mode, window, run_mode=cfg.data.eval_mode)
     else:
         mode, window, stride = run_modes(cfg, mode, window, stride)
     if head == "probe" and probe_never_trained(ckpt):
@@ -521,6 +534,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
                   "images": summary,
                   "failed": failed}
+        if mode == "sliding":  # the tiles used (given, the run's, or the defaults)
+            record.update(window=predictor.window, stride=predictor.stride)
         if stopped is not None:
             record["stopped"] = stopped
         write_json(json_path, record, replace=overwrite)
@@ -578,12 +593,13 @@ def main(argv=None) -> int:
                     help="resize the shorter side to this first (default: the run's eval size; "
                          "0: keep the image's size)")
     ap.add_argument("--window", type=int, default=None,
-                    help="sliding window (px; default: the run's data.sliding_window; "
-                         "--mode sliding only)")
+                    help=f"sliding window (px; default: the run's data.sliding_window if it "
+                         f"was evaluated in sliding mode, else {DEFAULT_WINDOW}; --mode sliding "
+                         "only)")
     ap.add_argument("--stride", type=int, default=None,
-                    help=f"sliding stride (default: the run's data.sliding_stride, else window "
-                         f"- {DEFAULT_OVERLAP}; small windows: two thirds of the window; --mode "
-                         "sliding only)")
+                    help=f"sliding stride (default: the run's data.sliding_stride with its "
+                         f"window, else window - {DEFAULT_OVERLAP}; small windows: two thirds of "
+                         "the window; --mode sliding only)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="images read per step (and windows per forward pass when sliding)")
     ap.add_argument("--device", default="auto")

@@ -319,10 +319,33 @@ def test_predict_defaults_to_the_runs_eval_mode_window_and_stride(runs, tmp_path
     assert run_predict(ckpt, src, "--out", tmp_path / "resized", "--mode", "resize") == 0
     assert json.loads((tmp_path / "resized" / "predictions.json").read_text())["mode"] == \
         "resize"
-    with pytest.raises(ValueError, match=r"--window only applies to --mode sliding; this run's "
-                                         r"eval mode \(the default --mode\), resize, predicts"):
+    with pytest.raises(ValueError, match=r"--window only applies to --mode sliding; the default "
+                                         r"--mode, this run's eval mode resize, predicts"):
         predict.predict_files(runs["labelled"], [str(src)], str(tmp_path / "o"), window=16)
     assert not (tmp_path / "o").exists()
+    # a --window of one's own takes its own default stride, not the run's (8 px here)
+    assert run_predict(ckpt, src, "--out", tmp_path / "w24", "--window", "24") == 0
+    record = json.loads((tmp_path / "w24" / "predictions.json").read_text())
+    assert (record["mode"], record["window"], record["stride"]) == ("sliding", 24, 16)
+    own = json.loads((tmp_path / "own" / "predictions.json").read_text())
+    assert (own["window"], own["stride"]) == (16, 8)
+
+
+def test_predict_of_a_run_in_a_mode_predict_lacks_warns_and_resizes(runs, tmp_path, caplog):
+    """A run scored in a registered eval mode predict does not have is predicted in resize
+    mode, warned; --window then names both modes."""
+    def multiscale(ckpt):
+        ckpt["config"]["data"]["eval_mode"] = "multiscale"
+
+    ckpt = edited_checkpoint(runs, tmp_path, multiscale)  # registered in the run's process
+    src = image(tmp_path / "in" / "a.png", size=(45, 29))
+    assert run_predict(ckpt, src, "--out", tmp_path / "o") == 0
+    assert "evaluated in the eval mode 'multiscale', which predict does not have: " \
+           "predicting in resize mode" in caplog.text
+    assert json.loads((tmp_path / "o" / "predictions.json").read_text())["mode"] == "resize"
+    with pytest.raises(ValueError, match=r"the default --mode, resize \(for this run's eval "
+                                         r"mode 'multiscale', which predict does not have\)"):
+        predict.predict_files(str(ckpt), [str(src)], str(tmp_path / "o2"), window=16)
 
 
 def test_predictor_checks_its_options(runs):
