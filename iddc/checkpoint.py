@@ -71,11 +71,11 @@ def unpickling_error_message(what: str, err: Exception) -> str:
 
 def check_crc(path: str, what: str = "checkpoint", error: type = None) -> None:
     """CheckpointError (or `error`) if a member of the file's zip fails its CRC-32 (`what`
-    names the file in the message): torch.load never
-    checks them, so bytes changed on disk (a failing disk, a broken copy) inside a tensor would
-    load as other weights and score silently wrong. One more read of the file (about 0.5 s a
-    GB from the page cache on a 2-core AMD EPYC). A file that is no readable zip is left to torch.load: a legacy (pre-zip) checkpoint
-    loads, a truncated or foreign one gets its error there."""
+    names the file in the message): torch.load never checks them, so bytes changed on disk (a
+    failing disk, a broken copy) inside a tensor would load as other weights and score
+    silently wrong. One more read of the file (about 0.5 s a GB from the page cache on a 2-core
+    AMD EPYC). A file that is no readable zip is left to torch.load: a legacy (pre-zip)
+    checkpoint loads, a truncated or foreign one gets its error there."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

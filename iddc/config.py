@@ -485,7 +485,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, --preset and one flag per config field (all default to 'not given')."""
     parser.add_argument("--config", type=path_arg,
                         help="YAML file with model/data/train/loss sections")
-    g = parser.add_argument_group("configuration (every scalar field; CLI > YAML > preset > default)")
+    g = parser.add_argument_group("configuration (every scalar field; CLI > YAML > preset > "
+                                  "default)")
     for dest, (section, name, kind) in FLAGS.items():
         flag = _flag(dest)
         if dest == "fused":

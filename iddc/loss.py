@@ -355,8 +355,8 @@ class IDDCLoss(nn.Module):
         L = L^+ + \lambda_1 \operatorname{mean}_r L^-_r + \lambda_2\, s\, L_W
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (or ``linear``: :math:`1-c, c`; ``log``:
-    :math:`-\log(c + 10^{-8}), -\log(\max(1-c, 0) + 10^{-8})`), counts global over the batch, an empty selection contributing
-    0, and :math:`L_W` the Weibull (or entropy) regulariser on view A's class masses, scaled by
+    :math:`-\log(c + 10^{-8}), -\log(\max(1-c, 0) + 10^{-8})`), counts global over the batch,
+    an empty selection contributing 0, and :math:`L_W` the Weibull (or entropy) regulariser on view A's class masses, scaled by
     ``reg_scale`` :math:`s = 1/50`.
 
     Shapes:

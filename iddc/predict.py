@@ -18,11 +18,12 @@ resize`` (shorter side ``--short-side``, default: the run's eval size) or ``--mo
 where they would do nothing). The default mode is the run's eval mode (data.eval_mode), and
 in a run evaluated in sliding mode the default window and stride are its own
 (data.sliding_window, data.sliding_stride), so the maps show what was scored. Images are read
-lazily and predicted ``--batch-size`` at a time; an unreadable image, or one that resize mode would make larger than
-iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio), is reported and skipped
-(exit code 1 at the end), it never stops the others; so is one whose output names would be
-too long for the file system, or whose files fail to be written (a full or read-only disk
-stops the call; predictions.json then still records the images done, with "stopped": why).
+lazily and predicted ``--batch-size`` at a time; an unreadable image, or one that resize mode
+would make larger than iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio),
+is reported and skipped (exit code 1 at the end), it never stops the others; so is one whose
+output names would be too long for the file system, or whose files fail to be written (a full
+or read-only disk stops the call; predictions.json then still records the images done, with
+"stopped": why).
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
@@ -581,7 +582,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=prog_name("iddc.predict"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, type=path_arg, help="an IDDC checkpoint (last.pt)")
+    ap.add_argument("--checkpoint", required=True, type=path_arg,
+                    help="an IDDC checkpoint (last.pt)")
     ap.add_argument("images", nargs="+", type=path_arg, help="image files or folders")
     ap.add_argument("--out", required=True, type=path_arg, help="output folder (created)")
     ap.add_argument("--overwrite", action="store_true",

@@ -3,6 +3,7 @@ answer: split folders, 16-bit and float pixels, subset / num_classes / synthetic
 palettes beyond 256 classes, a broken data set, the layout checker's --decode."""
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -272,7 +273,12 @@ def test_subset_keeps_the_first_n(three_sources, name):
     ("synthetic", "num_images=0", "synthetic: option num_images=0 must be a whole number >= 1"),
     ("synthetic", "imbalance=.inf", "synthetic: option imbalance=inf must be a finite number"),
     ("synthetic", "colour=red", "data set 'synthetic': bad --data-option"),
-], ids=["subset", "class-names", "num-images", "imbalance", "unknown-option"])
+    ("folder", "class_names=[a, b, c]", "folder: 3 class names for 2 classes"),
+    ("folder-unlabelled", "class_names=[a]", r"folder: 1 class name\(s\) given; K, their number, "
+                                             r"must be >= 2"),
+    ("folder-unlabelled", "subset=1", "folder .*: images without labels need num_classes"),
+], ids=["subset", "class-names", "num-images", "imbalance", "unknown-option",
+        "names-for-other-k", "one-name", "no-k"])
 def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dataset, option,
                                                            message):
     """A bad option value is the command line's mistake: one line on stderr and status 2 (as
@@ -281,13 +287,14 @@ def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dat
     from iddc.data import layout
     for k in range(2):
         _rgb(tmp_path / f"a{k}.png")
-    root = [str(tmp_path), "--data-option", "num_classes=2"] if dataset == "folder" else []
+    root = [str(tmp_path), "--data-option", "num_classes=2"] if dataset == "folder" else \
+        [str(tmp_path)] if dataset == "folder-unlabelled" else []
     with pytest.raises(SystemExit) as stop:
         run(layout.main, "python -m iddc.data.layout",
-            [dataset, *root, "--data-option", option, "--split", "train"])
+            [dataset.split("-")[0], *root, "--data-option", option, "--split", "train"])
     out = capsys.readouterr()
     assert stop.value.code == 2 and out.out == ""
-    assert out.err.startswith(f"python -m iddc.data.layout: error: {message}"), out.err
+    assert re.match(f"python -m iddc.data.layout: error: {message}", out.err), out.err
     assert len(out.err.strip().splitlines()) == 1
 
 

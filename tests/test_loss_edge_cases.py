@@ -150,6 +150,11 @@ def test_positive_selection_is_exact_at_the_threshold(backend, dtype):
     assert float(out.pos.detach()) == pytest.approx(0.125 * np.exp(1 - 1 / 3), rel=1e-6)
 
 
+#: relative tolerance of a backend's terms against the reference on the same float32 inputs:
+#: the kernels' float32 sums in another order (tests/test_triton_pair_sums.py's TOL)
+_RTOL = {"reference": 1e-6, "streaming": 1e-6, "triton": 2e-5}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_pair_exactly_on_a_threshold_is_not_selected(backend):
     """SPEC's selections are strict: f > t+ and f < t-. With f = 1/8 exactly (between the two
@@ -169,7 +174,7 @@ def test_a_pair_exactly_on_a_threshold_is_not_selected(backend):
     assert int(out.pos_count) == 4 and out.neg_counts.tolist() == [0]
     ref = iddc_loss(feats_a, feats_b, za, zb, backend="reference", shifts=(1,), t_pos=0.125,
                     t_neg=0.125)
-    torch.testing.assert_close(_terms(out), _terms(ref), rtol=1e-6, atol=0)
+    torch.testing.assert_close(_terms(out), _terms(ref), rtol=_RTOL[backend], atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,12 +195,13 @@ def test_a_zero_feature_pixel_has_affinity_zero(backend):
     out = iddc_loss(fa.to(DEVICE), fb.to(DEVICE), *dev, backend=backend, shifts=(1,), **kw)
     assert int(out.pos_count) == int(ref["pos_count"])
     assert out.neg_counts.tolist() == ref["neg_counts"].tolist()
+    rtol = max(_RTOL[backend], 1e-5)  # a float32 loss against a float64 reference
     torch.testing.assert_close(out.loss.detach().double().cpu(), ref["loss"].detach(),
-                               rtol=1e-5, atol=0)
+                               rtol=rtol, atol=0)
     grads = torch.autograd.grad(out.loss, dev)
     r_grads = torch.autograd.grad(ref["loss"], (za, zb))
-    for g, r in zip(grads, r_grads):
-        torch.testing.assert_close(g.double().cpu(), r.double(), rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, r_grads):  # the end-to-end gradients' tolerance for triton: 5e-5
+        torch.testing.assert_close(g.double().cpu(), r.double(), rtol=2.5 * rtol, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -543,11 +543,26 @@ def test_fused_backend_choice_follows_the_loss_rule_for_k_and_b(monkeypatch):
     at the first step."""
     import iddc.loss
     monkeypatch.setattr(iddc.loss, "_triton_usable", lambda device: True)
+    monkeypatch.setattr(train, "get_pair_sums", lambda name: name)  # no Triton import needed
     cuda = torch.device("cuda")
     assert train.choose_backend("auto", cuda, classes=27, batch=64) == ("triton", None)
     assert train.choose_backend("auto", cuda, classes=257, batch=64) == ("streaming", None)
     assert train.choose_backend("auto", cuda, classes=27, batch=65536) == ("streaming", None)
     assert train.choose_backend("triton", cuda, classes=257) == ("triton", None)  # as asked
+
+
+def test_a_run_chooses_its_backend_for_its_k_and_batch(tmp_path, tiny_yaml, monkeypatch):
+    calls, real = [], train.choose_backend
+
+    def spy(requested, device, **kw):
+        calls.append(kw)
+        return real(requested, device, **kw)
+
+    monkeypatch.setattr(train, "choose_backend", spy)
+    train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), "--epochs", "1",
+                "--fused", "--kmeans-baseline", "false", "--vis-images", "0",
+                "--eval-initial", "false"])
+    assert calls == [{"classes": 3, "batch": 4}]  # TINY: 3 classes, batches of 4
 
 
 def test_loader_workers_do_not_change_the_run(tmp_path, tiny_yaml):

@@ -194,11 +194,11 @@ def _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
     labels at most 255 (a label map holds ids 0..254 besides 255 = unlabelled)."""
     if num_classes is None and class_names is not None:
         if len(class_names) < 2:
-            raise ValueError(f"folder: {len(class_names)} class name(s) given; K, their number, "
-                             f"must be >= 2")
+            raise DataOptionError(f"folder: {len(class_names)} class name(s) given; K, their "
+                                  f"number, must be >= 2")
         num_classes = len(class_names)
     elif num_classes is None and labels is None:
-        raise ValueError(
+        raise DataOptionError(
             f"folder {image_dir}: images without labels need num_classes (the number of "
             f"clusters K), e.g. --data-option num_classes=27")
     elif num_classes is None:
@@ -208,7 +208,7 @@ def _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
     else:
         k = int_option(num_classes, "num_classes", 2, IGNORE_INDEX, "folder (with label_root)")
     if class_names is not None and len(class_names) != k:
-        raise ValueError(f"folder: {len(class_names)} class names for {k} classes")
+        raise DataOptionError(f"folder: {len(class_names)} class names for {k} classes")
     return k
 
 

@@ -174,7 +174,7 @@ def build(root=None, split: str = "train", **options) -> SyntheticSource:
         raise DataOptionError(f"data root {str(root)!r} given for the synthetic data set, "
                               "which is generated and reads no files; name the data set of "
                               "that folder (--dataset cocostuff27, cityscapes, folder, ...) or "
-                              "drop --data-root")
+                              "drop the root (--data-root)")
     options = dict(options)
     if "num_images" not in options:
         options["num_images"] = 512 if split == "train" else 128
