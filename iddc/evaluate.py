@@ -500,7 +500,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--window", type=int, default=None, help="sliding window (px; sliding eval "
                     "mode only); default: the run's data.sliding_window")
     ap.add_argument("--stride", type=int, default=None, help="sliding stride (px; sliding eval "
-                    "mode only); default: the run's data.sliding_stride")
+                    "mode only); default: the run's data.sliding_stride, or with --window that "
+                    "window's default")
     ap.add_argument("--data-root", default=None, type=path_arg)
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                     help="data-set factory option (repeatable), over the run's own; e.g. "
@@ -538,6 +539,8 @@ def main(argv=None) -> dict:
         cfg.data.eval_size = args.eval_size
     if args.window is not None:
         cfg.data.sliding_window = args.window
+        if args.stride is None:  # the run's stride was chosen for its own window
+            cfg.data.sliding_stride = 0
     if args.stride is not None:
         cfg.data.sliding_stride = args.stride
     if args.max_val_images is not None:

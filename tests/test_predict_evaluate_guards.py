@@ -331,6 +331,24 @@ def test_predict_defaults_to_the_runs_eval_mode_window_and_stride(runs, tmp_path
     assert (own["window"], own["stride"]) == (16, 8)
 
 
+def test_evaluate_window_of_ones_own_takes_its_own_default_stride(runs, tmp_path):
+    """--window without --stride on a run evaluated with its own stride: that stride was for
+    the run's window (8 px of 16 here); the new window takes its default, as predict does."""
+    def sliding(ckpt):
+        ckpt["config"]["data"].update(eval_mode="sliding", sliding_window=16, sliding_stride=8)
+
+    ckpt = edited_checkpoint(runs, tmp_path, sliding)
+    img, lab = make_folder(tmp_path / "d", n=2)
+    flags = ["--checkpoint", str(ckpt), "--data-root", str(img), "--data-option",
+             f"label_root={lab}"]
+    for extra, want in [([], (16, 8)), (["--window", "24"], (24, None)),
+                        (["--window", "24", "--stride", "12"], (24, 12))]:
+        json_path = tmp_path / f"scores{len(extra)}.json"
+        evaluate.main(flags + extra + ["--json", str(json_path)])
+        saved = json.loads(json_path.read_text())["evaluation"]
+        assert (saved["window"], saved["stride"]) == want, extra
+
+
 def test_predict_of_a_run_in_a_mode_predict_lacks_warns_and_resizes(runs, tmp_path, caplog):
     """A run scored in a registered eval mode predict does not have is predicted in resize
     mode, warned; --window then names both modes."""
