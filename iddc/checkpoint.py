@@ -109,7 +109,10 @@ def load(path: str) -> dict:
         raise CheckpointError(f"could not read checkpoint {path}: it is corrupt, truncated or "
                               f"not an IDDC checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an IDDC checkpoint (expected format {FORMAT!r})")
+        got = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) and "format" in ckpt \
+            else "no format entry" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path} is not an IDDC checkpoint ({got}; expected "
+                              f"format {FORMAT!r})")
     check_entries(ckpt, path)
     return ckpt
 

@@ -102,6 +102,23 @@ def test_functional_form_matches_module():
     assert torch.equal(a.loss, b.loss)
 
 
+#: SPEC section 3's table, typed here from the SPEC (lambda1, lambda2, t+, t-)
+SPEC_TABLE = {"cocostuff27-vits8": (1.4, 0.25, 0.2, 0.12),
+              "cocostuff27-vits16": (1.4, 0.4, 0.2, 0.12),
+              "cocostuff171": (9.0, 0.61, 0.15, 0.15),
+              "cityscapes-vitb8": (0.38, 0.22, 0.2, 0.28),
+              "cityscapes-vits8": (0.25, 0.3, 0.15, 0.25)}
+
+
+@pytest.mark.parametrize("preset", list(SPEC_TABLE))
+def test_every_preset_is_its_spec_row(preset):
+    want = dict(zip(("lambda1", "lambda2", "t_pos", "t_neg"), SPEC_TABLE[preset]))
+    assert PRESETS[preset] == want
+    cfg = IDDCLoss.from_preset(preset).config
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert set(PRESETS) - {"synthetic-random-vits8"} == set(SPEC_TABLE)
+
+
 def test_presets_hold_spec_table():
     assert PRESETS["cocostuff27-vits8"] == dict(lambda1=1.4, lambda2=0.25, t_pos=0.2, t_neg=0.12)
     loss_fn = IDDCLoss.from_preset("cityscapes-vitb8", h="linear")

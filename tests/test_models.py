@@ -31,6 +31,45 @@ def test_model_shapes_and_frozen_backbone():
     assert all(p.grad is None for p in model.head.parameters())
 
 
+def test_head_is_spec_architecture():
+    """SPEC section 1: Conv3x3(D->D, padding 1) + ReLU + Conv1x1(D->D) + ReLU gives "inter";
+    the classifier and the linear probe are Conv1x1(D->K) on it (the probe on it detached)."""
+    model, _ = build_model(tiny_cfg(), num_classes=5)
+    conv3, relu1, conv1, relu2 = model.head
+    assert (conv3.in_channels, conv3.out_channels, conv3.kernel_size, conv3.padding) == \
+        (32, 32, (3, 3), (1, 1))
+    assert (conv1.in_channels, conv1.out_channels, conv1.kernel_size) == (32, 32, (1, 1))
+    assert isinstance(relu1, torch.nn.ReLU) and isinstance(relu2, torch.nn.ReLU)
+    for conv in (model.classifier, model.probe):
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (32, 5, (1, 1))
+    out = model(torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(0)))
+    assert out["inter"].min() >= 0  # after the last ReLU
+    torch.testing.assert_close(out["logits"], model.classifier(out["inter"]))
+    torch.testing.assert_close(out["probe"], model.probe(out["inter"]))
+
+
+def test_features_are_the_patch_tokens_on_their_grid():
+    """features(): the last block's patch tokens (class token dropped), token (r, c) at grid
+    position (r, c): a change to one 8 px patch of a 1-block backbone's input moves that
+    position's feature most (attention spreads the rest)."""
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(backbone="vit_small_patch8_224", backbone_img_size=32,
+                                       backbone_kwargs=dict(depth=1, embed_dim=32,
+                                                            num_heads=2)), 3)
+    model.eval()
+    x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model.features(x)
+        tokens = model.backbone.forward_features(x)
+        prefix = model.backbone.num_prefix_tokens
+        assert feats.shape == (2, 32, 5, 6) and tokens.shape[1] == prefix + 30
+        torch.testing.assert_close(feats, tokens[:, prefix:].transpose(1, 2).reshape(2, 32, 5, 6))
+        y = x.clone()
+        y[:, :, 16:24, 32:40] += 5.0  # the patch at grid row 2, column 4
+        change = (model.features(y) - feats).norm(dim=1)[0]
+    assert divmod(int(change.argmax()), 6) == (2, 4)
+
+
 def test_dino_layout_weights_are_loaded(tmp_path):
     source = tiny_backbone(1)
     state = {f"module.backbone.{k}": v.clone() for k, v in source.state_dict().items()}

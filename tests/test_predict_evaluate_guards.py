@@ -464,9 +464,13 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"its 'class_names' entry is not a list of names"),
     (lambda c: c["model"][next(k for k in c["model"] if k.startswith("head"))].fill_(
         float("nan")), r"its weights hold NaN or Inf \(tensor 'head\..*'\): the run diverged"),
+    (lambda c: c.update(format="iddc-checkpoint-0"),
+     r"edited.pt is not an IDDC checkpoint \(format 'iddc-checkpoint-0'; expected format "
+     r"'iddc-checkpoint-1'\)"),
+    (lambda c: c.pop("format"), r"edited.pt is not an IDDC checkpoint \(no format entry;"),
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
         "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text", "config-text",
-        "negative-epoch", "class-containers", "nan-weights"])
+        "negative-epoch", "class-containers", "nan-weights", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re

@@ -979,6 +979,43 @@ def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, 
     assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]
 
 
+def test_setting_bounds_are_inclusive_and_spec_defaults():
+    """The bounds that refuse a setting accept the bound itself (a stride of the window's size,
+    k-means' 10000 iterations and 1000 restarts), and the training defaults are SPEC's: head lr
+    5e-4, probe lr 1e-3 (Adam, section 1), backbone lr / 1000, poly power 0.9."""
+    from iddc.config import KMEANS_MAX_ITERS, KMEANS_MAX_RESTARTS, Config, TrainConfig
+    t = TrainConfig()
+    assert (t.lr, t.probe_lr, t.backbone_lr_ratio, t.poly_power) == (5e-4, 1e-3, 1e-3, 0.9)
+    cfg = Config()
+    cfg.data.eval_mode, cfg.data.sliding_window, cfg.data.sliding_stride = "sliding", 224, 224
+    cfg.train.kmeans_iters, cfg.train.kmeans_restarts = KMEANS_MAX_ITERS, KMEANS_MAX_RESTARTS
+    cfg.validate().check_new_run()
+    for field, value, message in [("kmeans_iters", KMEANS_MAX_ITERS + 1, "at most 10000"),
+                                  ("kmeans_restarts", KMEANS_MAX_RESTARTS + 1, "at most 1000")]:
+        bad = Config()
+        setattr(bad.train, field, value)
+        with pytest.raises(ValueError, match=message):
+            bad.validate().check_new_run()
+    bad = Config()
+    bad.data.eval_mode, bad.data.sliding_window, bad.data.sliding_stride = "sliding", 224, 232
+    with pytest.raises(ValueError, match="must not exceed"):
+        bad.validate()
+
+
+@pytest.mark.parametrize("preset, backbone, warned", [
+    ("cityscapes-vits8", "vit_small_patch8_224", False),
+    ("cityscapes-vits8", "vit_base_patch8_224", True),
+    ("cityscapes-vitb8", "vit_base_patch8_224", False),
+    ("cocostuff27-vits16", "vit_small_patch16_224.dino", False),
+    ("cocostuff27-vits16", "vit_small_patch8_224", True),
+], ids=["vits8-ok", "vits8-on-vitb8", "vitb8-ok", "vits16-tagged-ok", "vits16-on-vits8"])
+def test_a_preset_warns_only_on_another_backbone(preset, backbone, warned):
+    from iddc.config import Config, preset_backbone_warning
+    cfg = Config()
+    cfg.train.preset, cfg.model.backbone = preset, backbone
+    assert (preset_backbone_warning(cfg) is not None) == warned
+
+
 def test_an_empty_or_too_deep_config_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.parse_args(["--config", ""])
