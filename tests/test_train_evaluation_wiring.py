@@ -1,6 +1,7 @@
 """iddc.train's evaluation wiring: what a tiny run hands iddc.evaluate.evaluate and
 iddc.evaluate.kmeans_baseline (spies wrapping the real ones), and the linear probe's step
-ignoring label 255."""
+ignoring label 255; and the training loop's wiring: the step's loss inputs and gradient, the
+end-to-end variant's backbone window, each epoch's image order and the dataset's epoch."""
 from __future__ import annotations
 
 import functools
@@ -11,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from iddc import evaluate, inference, train
+import iddc.loss
+from iddc import evaluate, inference, models, train
 
 VAL_IMAGES, MAX_VAL_IMAGES = 4, 3  # max_val_images below the val split's size, and not 0
 RESTARTS, ITERS = 3, 2  # neither k-means default (10, 30)
@@ -29,9 +32,10 @@ TINY = {
 }
 
 
-def tiny_run(tmp_path, data=None, train_opts=None, flags=()):
+def tiny_run(tmp_path, data=None, train_opts=None, flags=(), model=None):
     cfg = {**TINY, "data": {**TINY["data"], **(data or {})},
-           "train": {**TINY["train"], **(train_opts or {})}}
+           "train": {**TINY["train"], **(train_opts or {})},
+           "model": {**TINY["model"], **(model or {})}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return train.main(["--config", str(path), "--out", str(tmp_path / "run"), *flags])
@@ -148,3 +152,151 @@ def test_the_linear_probe_step_ignores_label_255(tmp_path, spies, monkeypatch, u
         assert torch.isfinite(value) and float(value) == pytest.approx(float(want), rel=1e-5)
     assert stats["probe_ce"] == pytest.approx(float(sum(v for _, _, v in ce.calls)) / 2,
                                               rel=1e-6)
+
+
+# --- the training step, the end-to-end window, the epochs' order (train.main's epoch loop) ---
+
+@pytest.fixture
+def trained(monkeypatch):
+    """The run's model (train.build_model's), each IDDCLoss call's inputs and output (with the
+    gradients of its loss and of its L+ term w.r.t. the head's parameters, before the step)
+    and, at each main-optimiser step, the gradients its parameters hold."""
+    rec = {"model": None, "loss": [], "steps": []}
+    real_build = train.build_model
+
+    def build(*a, **kw):
+        model, weights = real_build(*a, **kw)
+        rec["model"] = model
+        return model, weights
+
+    monkeypatch.setattr(train, "build_model", build)
+    real_forward = iddc.loss.IDDCLoss.forward
+
+    def forward(self, feats_a, feats_b, logits_a, logits_b, *a, **kw):
+        model = rec["model"]
+        with torch.no_grad():  # the head applied to each view's features, by the model itself
+            own_a = model.classifier(model.head(feats_a))
+            own_b = model.classifier(model.head(feats_b))
+        out = real_forward(self, feats_a, feats_b, logits_a, logits_b, *a, **kw)
+        params = model.head_parameters()
+        g_loss = torch.autograd.grad(out.loss, params, retain_graph=True)
+        g_pos = torch.autograd.grad(out.pos, params, retain_graph=True)
+        rec["loss"].append({
+            "feats": (feats_a.detach().clone(), feats_b.detach().clone()),
+            "logits": (logits_a.detach().clone(), logits_b.detach().clone()),
+            "own": (own_a, own_b), "g_loss": g_loss, "g_pos": g_pos,
+            "frozen": model.freeze_backbone,
+            "backbone_requires_grad": [p.requires_grad for p in model.backbone.parameters()]})
+        return out
+
+    monkeypatch.setattr(iddc.loss.IDDCLoss, "forward", forward)
+
+    def pre_step(opt, args, kwargs):
+        model = rec["model"]
+        if model is None or not any(p is model.classifier.weight
+                                    for g in opt.param_groups for p in g["params"]):
+            return  # the probe's optimiser
+        rec["steps"].append({
+            "head": [None if p.grad is None else p.grad.detach().clone()
+                     for p in model.head_parameters()],
+            "backbone_grad": any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                                 for p in model.backbone.parameters())})
+
+    handle = register_optimizer_step_pre_hook(pre_step)
+    yield rec
+    handle.remove()
+
+
+def test_the_step_pairs_each_views_logits_with_its_features_and_descends_the_whole_loss(
+        tmp_path, trained):
+    """One step (4 training images, batch 4): IDDCLoss gets view A's features with view A's
+    logits (the head applied to them) and B's with B's, and the head's parameters hold, at the
+    optimiser's step, exactly the gradient of out.loss (L+ + lambda1 L- + lambda2 L_W / 50),
+    not of a single term."""
+    tiny_run(tmp_path, data={"train_options": {"num_images": 4}},
+             train_opts={"kmeans_baseline": False, "eval_initial": False})
+    (call,), (step,) = trained["loss"], trained["steps"]
+    (fa, fb), (la, lb), (own_a, own_b) = call["feats"], call["logits"], call["own"]
+    assert fa.shape[0] == fb.shape[0] == 4 and la.shape == lb.shape == (4, 3) + fa.shape[-2:]
+    assert not torch.allclose(la, lb)  # the two views differ: a swap would show
+    torch.testing.assert_close(la, own_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lb, own_b, rtol=1e-5, atol=1e-6)
+    # the gradient the optimiser applies is that of the whole loss
+    assert all(g is not None for g in step["head"])
+    for got, want in zip(step["head"], call["g_loss"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # ... which L+'s alone is not (else the check above could not tell them apart)
+    assert any(not torch.allclose(gl, gp, rtol=1e-2, atol=1e-6)
+               for gl, gp in zip(call["g_loss"], call["g_pos"]))
+
+
+def test_end_to_end_trains_the_backbone_in_epochs_3_and_4_of_5(tmp_path, monkeypatch, trained):
+    """SPEC section 1: the end-to-end variant keeps the backbone frozen for the first 2/5 and
+    the last 1/5 of the epochs: of 5, it is trainable (requires grad, gets gradients) in epochs
+    3 and 4 only (1-based), and frozen in epochs 1, 2 and 5."""
+    frozen_calls = []
+    real_set = models.IDDCModel.set_backbone_frozen
+
+    def set_frozen(self, frozen):
+        frozen_calls.append(bool(frozen))
+        return real_set(self, frozen)
+
+    monkeypatch.setattr(models.IDDCModel, "set_backbone_frozen", set_frozen)
+    tiny_run(tmp_path, model={"freeze_backbone": False},
+             data={"train_options": {"num_images": 4}},
+             train_opts={"epochs": 5, "kmeans_baseline": False, "eval_initial": False,
+                         "backbone_lr_ratio": 0.1})
+    want = [True, True, False, False, True]
+    assert frozen_calls == want
+    # one step per epoch: the model's state at it, and what the main optimiser got
+    assert len(trained["loss"]) == len(trained["steps"]) == 5
+    assert [c["frozen"] for c in trained["loss"]] == want
+    assert [not any(c["backbone_requires_grad"]) for c in trained["loss"]] == want
+    assert [all(c["backbone_requires_grad"]) for c in trained["loss"]] == [not f for f in want]
+    assert [not s["backbone_grad"] for s in trained["steps"]] == want
+
+
+def test_end_to_end_backbone_moves_only_in_its_window(tmp_path, monkeypatch):
+    """The backbone's weights at each evaluation (epoch 0, then after each of 5 epochs) change
+    across epochs 3 and 4 only."""
+    snaps = []
+    real_eval = evaluate.evaluate
+
+    def spy(model, source, **kw):
+        snaps.append({k: v.detach().clone() for k, v in model.backbone.state_dict().items()})
+        return real_eval(model, source, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate", spy)
+    tiny_run(tmp_path, model={"freeze_backbone": False},
+                   data={"train_options": {"num_images": 4}},
+                   train_opts={"epochs": 5, "kmeans_baseline": False, "backbone_lr_ratio": 0.1})
+    assert len(snaps) == 6
+    moved = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snaps, snaps[1:])]
+    assert moved == [False, False, True, True, False]
+
+
+def test_each_epoch_visits_the_images_in_its_own_order_with_the_dataset_at_that_epoch(
+        tmp_path, spies, monkeypatch):
+    """Two epochs over 8 images (2 batches of 4): epoch e loads every image once, in
+    train.epoch_order(8, seed, e), with the dataset's `epoch` set to e (its crops' rng), and
+    the two epochs' orders differ."""
+    seen = []
+    real_item = train.TwoViewDataset.__getitem__
+
+    def item(self, i):
+        # the epoch being trained: evaluations so far, less the untrained head's
+        seen.append((len(spies["evaluate"]) - 1, self.epoch, int(i)))
+        return real_item(self, i)
+
+    monkeypatch.setattr(train.TwoViewDataset, "__getitem__", item)
+    tiny_run(tmp_path, train_opts={"epochs": 2, "kmeans_baseline": False, "seed": 7})
+    assert [e for e, _, _ in seen] == [0] * 8 + [1] * 8
+    assert [d for _, d, _ in seen] == [0] * 8 + [1] * 8  # dataset.epoch is the epoch's
+    orders = [[i for e, _, i in seen if e == ep] for ep in (0, 1)]
+    for ep, order in enumerate(orders):
+        assert sorted(order) == list(range(8))
+        assert order == train.epoch_order(8, 7, ep)
+    assert orders[0] != orders[1]
+    # and the order is a shuffle of its own per (seed, epoch)
+    assert train.epoch_order(8, 7, 0) != train.epoch_order(8, 7, 1)
+    assert train.epoch_order(8, 7, 1) != train.epoch_order(8, 8, 1)
