@@ -356,8 +356,8 @@ class IDDCLoss(nn.Module):
 
     with :math:`h^+(c) = e^{1-c}, h^-(c) = e^{c}` (or ``linear``: :math:`1-c, c`; ``log``:
     :math:`-\log(c + 10^{-8}), -\log(\max(1-c, 0) + 10^{-8})`), counts global over the batch,
-    an empty selection contributing 0, and :math:`L_W` the Weibull (or entropy) regulariser on view A's class masses, scaled by
-    ``reg_scale`` :math:`s = 1/50`.
+    an empty selection contributing 0, and :math:`L_W` the Weibull (or entropy) regulariser on
+    view A's class masses, scaled by ``reg_scale`` :math:`s = 1/50`.
 
     Shapes:
         feats_a: B x D x h_a x w_a, feats_b: B x D x h_b x w_b (backbone features),

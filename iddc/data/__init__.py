@@ -116,5 +116,4 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
 
 
 __all__ = ["DATASETS", "DataOptionError", "IGNORE_INDEX", "LIST_OR_PATH_OPTIONS", "PATH_OPTIONS",
-           "TEXT_OPTIONS",
-           "SegmentationSource", "build_source", "build_source_for"]
+           "TEXT_OPTIONS", "SegmentationSource", "build_source", "build_source_for"]
