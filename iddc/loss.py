@@ -53,9 +53,8 @@ def weibull_is_finite(shape: float, scale: float) -> bool:
     normalised class mass x in [1e-6, 1 + 1e-6] (SPEC's x = m_c / max m + 1e-6): its factors
     are monotone in x, so an overflow shows at one of the two ends (checked once per pair)."""
     x = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32, requires_grad=True)
-    k, lam = shape, scale
     with torch.enable_grad():
-        value = (k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))
+        value = reference.weibull_density(x, shape, scale)
         grad, = torch.autograd.grad(value.sum(), x)
     return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
 

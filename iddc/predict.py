@@ -495,11 +495,10 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   paths + [Path(checkpoint_path)], "--out", overwrite)
     dev = resolve_device(device)
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
-    if mode is None:  # the run's mode: --window or --stride may not fit it
-        mode, window, stride = run_modes(cfg, None, window, stride)
+    mode_given = mode is not None
+    mode, window, stride = run_modes(cfg, mode, window, stride)
+    if not mode_given:  # the run's mode: --window or --stride may not fit it
         check_options(alpha, stride, mode, window, run_mode=cfg.data.eval_mode)
-    else:
-        mode, window, stride = run_modes(cfg, mode, window, stride)
     if head == "probe" and probe_never_trained(ckpt):
         raise ValueError("--head probe: this run's linear probe was never trained (no training "
                          "step had labelled pixels), so it would show its random initial "

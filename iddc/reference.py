@@ -138,12 +138,16 @@ def pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos:
     return torch.stack([t[0] for t in terms]), torch.stack([t[1] for t in terms])
 
 
+def weibull_density(x: torch.Tensor, shape: float, scale: float) -> torch.Tensor:
+    """W(x) = (k/lam) (x/lam)^(k-1) exp(-(x/lam)^k), elementwise (SPEC section 2)."""
+    k, lam = shape, scale
+    return (k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))
+
+
 def weibull_reg(p_a: torch.Tensor, shape: float = 0.3, scale: float = 5.0) -> torch.Tensor:
     """L_W: mean over classes of the Weibull density at the normalised class mass."""
     m = p_a.reshape(-1, p_a.shape[-1]).mean(0)
-    x = m / m.max() + 1e-6
-    k, lam = shape, scale
-    return ((k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))).mean()
+    return weibull_density(m / m.max() + 1e-6, shape, scale).mean()
 
 
 def entropy_reg(p_a: torch.Tensor) -> torch.Tensor:
