@@ -32,6 +32,7 @@ from typing import Any, Optional
 import yaml
 
 from .cli import path_arg
+from .files import write_atomic
 from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
 from .loss import IDDCConfig
@@ -264,8 +265,10 @@ class Config:
         return self
 
     def dump_yaml(self, path: str) -> None:
-        with open(path, "w") as fh:
-            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+        """Write the settings to ``path`` as YAML (--config reads it back), atomically."""
+        # no line wrapping: a long value's continuation line could read as a comment
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, width=float("inf"))
+        write_atomic(path, lambda fh: fh.write(text), binary=False)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": IDDCConfig}

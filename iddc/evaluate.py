@@ -245,6 +245,8 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     acc_u = metrics.Accumulator(model.num_classes, k)
     # the probe predicts the model's K classes: scored only where they are the labels' classes
     acc_p = metrics.Accumulator(model.num_classes, k) if model.num_classes == k else None
+    names = class_names if class_names is not None else getattr(source, "class_names", None)
+    metrics.class_name_list(names, k)  # before the pass, not after it
     samples, skipped = [], []
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
@@ -271,7 +273,6 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
         model.train(was_training)
     if int(acc_u.hist.sum()) == 0:
         raise no_labels_error(source, max_images, skipped)
-    names = class_names if class_names is not None else getattr(source, "class_names", None)
     return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
             "linear_probe": metrics.supervised_scores(acc_p.hist, names)
             if acc_p is not None else None,
@@ -376,6 +377,8 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     Returns {"unsupervised": scores, "skipped": [...]}: the images left out (corrupt, or too
     large for the backbone's one pass over a whole image, also in the sliding eval mode, so the
     baseline then scores fewer images than the head)."""
+    names = class_names if class_names is not None else getattr(source, "class_names", None)
+    metrics.class_name_list(names, num_classes)  # before the pass, not after it
     was_training = model.training
     model.eval()
     feats, labels, skipped = [], [], []
@@ -399,7 +402,6 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     for f, y in zip(feats, labels):
         logits = torch.einsum("bdhw,kd->bkhw", f, centres)
         acc.update(upsample_argmax(logits, y.shape[-2:]), y)
-    names = class_names if class_names is not None else getattr(source, "class_names", None)
     return {"unsupervised": metrics.unsupervised_scores(acc.hist, names), "skipped": skipped}
 
 

@@ -54,6 +54,23 @@ def _temp_name(folder: str, name: str) -> str:
     return TEMP_PREFIX + part + suffix
 
 
+def _sync_folder(folder: str) -> None:
+    """A rename reaches the disk when the folder's entries do (POSIX): without this a power cut
+    just after write_atomic returned could leave the old file, or none, under the name."""
+    if os.name != "posix":  # Windows cannot open a folder as a file; NTFS journals renames
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder we may write into but not read: the rename stands, undurable
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True,
                  make_folder: bool = True) -> None:
     """``write(fh)`` into a temp file next to ``path``, then moved into place: never a
@@ -63,7 +80,8 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     the writing itself (a full disk) names no file; it is raised again naming ``path``, also
     when ``write`` turned it into another error (torch.save's zip writer raises a RuntimeError
     "unexpected pos" with the OSError as its context). ``make_folder``: make the folder if it
-    is missing (else that is a FileNotFoundError naming ``path``)."""
+    is missing (else that is a FileNotFoundError naming ``path``). The file's data and then its
+    folder's entry are synced to disk before this returns."""
     folder = os.path.dirname(os.path.abspath(path))
     if make_folder:
         os.makedirs(folder, exist_ok=True)
@@ -84,6 +102,7 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
         if cause is not None and cause.filename in (None, tmp):
             raise OSError(cause.errno, cause.strerror, path) from err
         raise
+    _sync_folder(folder)
 
 
 def _os_error_of(err: BaseException):

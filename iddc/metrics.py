@@ -61,6 +61,22 @@ def remap_hist(hist, mapping) -> torch.Tensor:
     return out[:k_true], out[k_true]
 
 
+def class_name_list(class_names, k: int) -> list:
+    """The K names per-class scores are keyed by (``str(c)`` when ``class_names`` is None),
+    checked: exactly one distinct name per class. Callers check before a long pass over the
+    data, so a wrong list fails at once rather than after it."""
+    if class_names is not None and len(class_names) != k:
+        # more names than classes would be silently dropped: the names may be of other classes
+        raise ValueError(f"{len(class_names)} class name(s) for {k} classes; "
+                         "per-class scores need exactly one name per class")
+    names = [str(class_names[c]) if class_names is not None else str(c) for c in range(k)]
+    if len(set(names)) != len(names):  # keyed by name: a repeated one would drop classes
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"class name(s) {repeated} repeat; per-class scores need one distinct "
+                         "name per class")
+    return names
+
+
 def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> dict:
     """Pixel accuracy and mIoU (percent) of a square K x K histogram (rows: prediction).
 
@@ -81,16 +97,7 @@ def scores(hist, unmatched: Optional[torch.Tensor] = None, class_names=None) -> 
     total = true_count.sum()
     iou = tp / (tp + fp + fn).clamp_min(1)
     present = (tp + fp + fn) > 0
-    if class_names is not None and len(class_names) != hist.shape[0]:
-        # more names than classes would be silently dropped: the names may be of other classes
-        raise ValueError(f"{len(class_names)} class name(s) for {hist.shape[0]} classes; "
-                         "per-class scores need exactly one name per class")
-    names = [str(class_names[c]) if class_names is not None else str(c)
-             for c in range(hist.shape[0])]
-    if len(set(names)) != len(names):  # keyed by name: a repeated one would drop classes
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class name(s) {repeated} repeat; per-class scores need one distinct "
-                         "name per class")
+    names = class_name_list(class_names, hist.shape[0])
     per_class = {}
     for c, name in enumerate(names):
         per_class[name] = float(100 * iou[c]) if bool(present[c]) else None

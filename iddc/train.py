@@ -770,12 +770,15 @@ class GracefulInterrupt:
     progress finishes, last.pt is saved as a mid-epoch stop (so --resume continues exactly),
     then the run stops; a second signal stops at once, but for a file being written
     (`deferred`), which it lets finish (the run then stops as after one signal), and a third
-    stops even that. Only in the main thread, where Python delivers signals."""
+    stops even that. Only in the main thread, where Python delivers signals. A signal the
+    process ignored on entry stays ignored (the Unix convention: a shell starts a background
+    job with SIGINT ignored, so that the terminal's Ctrl-C is not meant for it)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous: dict = {}
         self._deferring = False
         self._forced = False
@@ -793,14 +796,17 @@ class GracefulInterrupt:
             self._deferring = outer
 
     def install(self) -> "GracefulInterrupt":
-        if not self._previous and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._installed = True
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) != signal.SIG_IGN}
         return self
 
     def uninstall(self) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous = {}
+        self._installed = False
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -7,6 +7,7 @@ k-means baseline's normalised features, matching and nearest-centroid assignment
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import warnings
@@ -318,3 +319,38 @@ def test_kmeans_baseline_clusters_unit_normalised_features_and_matches(label_of)
     u = km["unsupervised"]
     assert (u["pixel_accuracy"], u["miou"], u["pixels"]) == (100.0, 100.0, 50)
     assert sorted(u["mapping"]) == [0, 1, 2] and km["skipped"] == []
+
+
+class NoPass:
+    """A predict_fn / model that fails the test if the data is ever run through it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        raise AssertionError("the data was run through the model before the names were checked")
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a", "b"], "2 class name(s) for 3 classes"),
+    (["a", "b", "c", "d"], "4 class name(s) for 3 classes"),
+    (["a", "b", "a"], "['a'] repeat")], ids=["too-few", "too-many", "repeated"])
+@pytest.mark.parametrize("where", ["source", "argument"])
+def test_wrong_class_names_fail_before_the_pass_over_the_data(names, message, where):
+    """A wrong name list is refused before evaluate or kmeans_baseline runs the model over the
+    data (which may take hours), not after."""
+    source = LabelSource(random_labels(2))
+    kw = {}
+    if where == "source":
+        source.class_names = names
+    else:
+        kw["class_names"] = names
+    never = NoPass()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate.evaluate(StubModel(), source, transform=label_transform, predict_fn=never, **kw)
+    model = StubModel()
+    model.features = never
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate.kmeans_baseline(model, source, transform=label_transform, num_classes=3, **kw)
+    assert never.calls == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 
@@ -188,3 +189,60 @@ def test_write_atomic_of_a_long_name_keeps_its_temp_name_within_the_limit(tmp_pa
         files.write_atomic(str(tmp_path / ("x" * (limit + 1))), write)
     assert err.value.filename == str(tmp_path / ("x" * (limit + 1)))
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temp file left
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replace", "new-file"])
+def test_write_atomic_syncs_the_file_then_its_folder_after_the_move(tmp_path, monkeypatch,
+                                                                     replace):
+    """The rename is durable only once the folder's entry is on disk: the file's data is synced
+    before the move, the folder after it, before write_atomic returns."""
+    from iddc import files
+    events = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("sync-folder" if stat.S_ISDIR(st.st_mode) else "sync-file", st.st_ino))
+        real_fsync(fd)
+
+    def moved(real):
+        def move(src, dst, *a, **kw):
+            events.append(("move", None))
+            return real(src, dst, *a, **kw)
+        return move
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+    monkeypatch.setattr(os, "link", moved(real_link))
+    path = tmp_path / "deeper" / "scores.json"
+    files.write_atomic(str(path), lambda fh: fh.write(b"{}"), replace=replace)
+    folder_ino = os.stat(path.parent).st_ino
+    assert [e[0] for e in events] == ["sync-file", "move", "sync-folder"]
+    assert events[0][1] == os.stat(path).st_ino and events[2][1] == folder_ino
+
+
+def test_a_folder_that_refuses_fsync_still_gets_its_file(tmp_path, monkeypatch):
+    """Some file systems refuse fsync on a folder (EINVAL): the file is in place all the same."""
+    from iddc import files
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    files.write_atomic(str(tmp_path / "a.txt"), lambda fh: fh.write("x"), binary=False)
+    assert (tmp_path / "a.txt").read_text() == "x" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_config_dump_yaml_reads_back_and_is_written_atomically(tmp_path, monkeypatch):
+    from iddc import config as config_module
+    from iddc.config import Config, load_yaml_file
+    cfg = Config()
+    cfg.data.root = "/a/" + "very-long-folder-name/" * 8  # longer than a YAML line
+    writes = []
+    real = config_module.write_atomic
+    monkeypatch.setattr(config_module, "write_atomic",
+                        lambda path, *a, **kw: (writes.append(path), real(path, *a, **kw)))
+    cfg.dump_yaml(str(tmp_path / "cfg.yaml"))
+    assert writes == [str(tmp_path / "cfg.yaml")]
+    assert Config.from_dict(load_yaml_file(str(tmp_path / "cfg.yaml"))) == cfg

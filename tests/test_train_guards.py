@@ -633,10 +633,11 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
 
     full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
     out = tmp_path / "cut"
+    # what the process had (Python's default_int_handler; SIG_IGN for a shell's background job)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # the first step of epoch 2
     interrupted_run(monkeypatch, ["--config", tiny_yaml, "--out", str(out)] + QUICK, 3, signame)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before  # restored
     cut = saved_checkpoint(out)
     assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (3, 1, 1)
     assert [e["epoch"] for e in cut["metrics"] if e["kind"] == "iddc"] == [1]  # no eval of it
@@ -650,6 +651,33 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_ya
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_ignored_on_entry_stays_ignored(tmp_path, tiny_yaml, monkeypatch, signame):
+    """A shell starts a background job (`train &`) with SIGINT ignored: the terminal's Ctrl-C
+    is not meant for it. Training keeps it ignored and runs to its end, as if never sent."""
+    import signal
+
+    from iddc.loss import IDDCLoss
+    sig = getattr(signal, signame)
+    real_forward, calls = IDDCLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run")] + QUICK)
+        assert signal.getsignal(sig) == signal.SIG_IGN
+    finally:
+        signal.signal(sig, previous)
+    ckpt = saved_checkpoint(res["out"])
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (4, 2, 0)
+    assert "continue it with --resume" not in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize("at_call", [2, 4], ids=["end-of-epoch-1", "end-of-the-run"])
