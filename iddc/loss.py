@@ -59,6 +59,35 @@ def weibull_is_finite(shape: float, scale: float) -> bool:
     return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
 
 
+#: per h: the most a pair's penalty w h(c) can be (w <= 1, c in [0, 1]) and the most |h'(c)|
+#: can be; each bounds a pair term's mean, and its gradient per logit (a row's share of a mean
+#: is at most its pairs over all the pairs summed)
+PAIR_TERM_BOUNDS = {"exp": (math.e, math.e), "linear": (1.0, 1.0),
+                    "log": (-math.log(reference.LOG_EPS), 1.0 / reference.LOG_EPS)}
+
+
+@functools.lru_cache(maxsize=64)
+def regulariser_bounds(kind: str, shape: float, scale: float) -> tuple:
+    """The most |value| and |derivative| of the regulariser's per-class function over its
+    argument's range (weibull: x = m_c / max m + 1e-6 in [1e-6, 1 + 1e-6], on a fine grid with
+    the mode; entropy: m log m with m >= 1e-6), in float64: they bound the weighted term and,
+    up to a small factor, its gradient per logit."""
+    if kind == "none":
+        return 0.0, 0.0
+    if kind == "entropy":
+        return 1.0 / math.e, 1.0 - math.log(1e-6)
+    x = torch.logspace(-6.0, math.log10(1.0 + 1e-6), 4001, dtype=torch.float64)
+    if shape > 1:  # W's maximum, where the grid may straddle it
+        mode = scale * ((shape - 1) / shape) ** (1 / shape)
+        x = torch.cat([x, torch.tensor([min(max(mode, 1e-6), 1.0 + 1e-6)],
+                                       dtype=torch.float64)])
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        value = reference.weibull_density(x, shape, scale)
+        grad, = torch.autograd.grad(value.sum(), x)
+    return float(value.detach().abs().max()), float(grad.abs().max())
+
+
 @dataclass
 class IDDCConfig:
     """Every hyper-parameter of the objective, as data (YAML- and CLI-friendly)."""
@@ -136,7 +165,30 @@ class IDDCConfig:
                 "the Weibull regulariser overflow float32 (its density k/lambda (x/lambda)^(k-1) "
                 "exp(-(x/lambda)^k), or its gradient, is not finite for a normalised class mass "
                 "x in [1e-6, 1]): the loss would be NaN")
+        self.check_weighted_bounds()
         return self
+
+    def check_weighted_bounds(self) -> None:
+        """Weights that are each finite may still overflow float32 together with their terms
+        (lambda1 times the negative term, lambda2 * reg_scale times the regulariser): the loss
+        or its gradient would be Inf, or NaN. Raise ValueError naming them."""
+        pair_value, pair_grad = PAIR_TERM_BOUNDS[self.h]
+        reg_value, reg_grad = regulariser_bounds(self.regulariser, self.weibull_shape,
+                                                 self.weibull_scale)
+        reg_weight = self.lambda2 * self.reg_scale
+        loss_bound = pair_value * (1.0 + self.lambda1) + reg_weight * reg_value
+        # the regulariser's gradient per logit: its derivative, twice (x_c and the max m)
+        grad_bound = pair_grad * (1.0 + self.lambda1) + 2.0 * reg_weight * reg_grad
+        if reg_weight > FLOAT32_MAX:  # a float32 factor: Inf, and Inf times a zero term NaN
+            raise ValueError(f"lambda2 * reg_scale = {reg_weight:.4g} is beyond float32's range "
+                             f"(at most {FLOAT32_MAX:.4g}); the loss would be Inf or NaN")
+        if not (loss_bound <= FLOAT32_MAX and grad_bound <= FLOAT32_MAX):
+            raise ValueError(
+                f"lambda1={self.lambda1:.4g} and lambda2 * reg_scale = {reg_weight:.4g} let the "
+                f"loss (up to {loss_bound:.3g}) or its gradient (up to {grad_bound:.3g}) overflow "
+                f"float32 (at most {FLOAT32_MAX:.4g}) with h={self.h!r} and the "
+                f"{self.regulariser!r} regulariser: the loss would be Inf or NaN; use smaller "
+                "weights")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "IDDCConfig":
@@ -296,10 +348,11 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
 def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator] = None) -> tuple:
     """S shifts drawn uniformly from 1..B-1, with replacement: on the CPU (no device sync) unless
     `generator` lives on a device, where the draw is made there and read back (one sync)."""
-    if num_shifts == 0:
-        return ()
+    # checked even where unused (no draw): a wrong argument should not wait for the day it is
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if num_shifts == 0:
+        return ()
     if batch < 2:
         raise ValueError(f"negative pairs need at least 2 images, got batch size {batch}; pass "
                          "num_shifts=0 (or shifts=()) for a positive-only loss")
@@ -412,6 +465,7 @@ class IDDCLoss(nn.Module):
         if shifts is None:
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
         else:
+            draw_shifts(batch, 0, generator)  # no draw: the generator's type is checked all the same
             shifts = check_shifts(shifts, batch)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one
@@ -439,8 +493,9 @@ class IDDCLoss(nn.Module):
 
 
 def check_pair_sums_result(result, num_shifts: int, backend) -> tuple:
-    """A backend's (sums, counts), checked: two 1-d tensors of 1 + S entries (shapes only:
-    no device sync). A user's callable backend that breaks the contract is named."""
+    """A backend's (sums, counts), checked: two 1-d tensors of 1 + S entries, floating-point
+    sums and integer counts (shapes and dtypes only: no device sync). A user's callable backend
+    that breaks the contract is named."""
     terms = 1 + num_shifts
     ok = isinstance(result, (tuple, list)) and len(result) == 2 and all(
         isinstance(t, torch.Tensor) and t.shape == (terms,) for t in result)
@@ -451,7 +506,14 @@ def check_pair_sums_result(result, num_shifts: int, backend) -> tuple:
                else type(result).__name__)
         raise ValueError(f"backend {name} must return (sums, counts), two tensors of shape "
                          f"({terms},) (the positive set and {num_shifts} shifts); got {got}")
-    return result[0], result[1]
+    sums, counts = result
+    if not sums.is_floating_point() or counts.is_floating_point() or counts.is_complex() \
+            or counts.dtype == torch.bool:
+        # a float count (a mean passed as a count, say) would divide the sums silently wrong
+        name = getattr(backend, "__name__", repr(backend))
+        raise ValueError(f"backend {name} must return floating-point sums and integer counts "
+                         f"(pairs selected); got sums {sums.dtype}, counts {counts.dtype}")
+    return sums, counts
 
 
 def iddc_loss(feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iddc import PRESETS, IDDCLoss, iddc_loss
-from iddc.loss import IDDCConfig, draw_shifts, resolve_backend
+from iddc.loss import (FLOAT32_MAX, PAIR_TERM_BOUNDS, IDDCConfig, draw_shifts, regulariser_bounds,
+                       resolve_backend)
 from iddc.reference import iddc_loss_reference, pair_sums
 from iddc.testing import RTOL, assert_rel_close, rtol_for, random_logits, sign_feature_maps
 
@@ -157,6 +158,37 @@ def test_bad_hyper_parameters_name_the_field(field, value, message):
         IDDCLoss(**{field: value})
     # the boundaries of a cosine's range and zero weights are valid settings
     IDDCLoss(t_pos=1.0, t_neg=-1.0, lambda1=0.0, lambda2=0.0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lambda2=1e30, reg_scale=1e30, regulariser="none"),
+     r"lambda2 \* reg_scale = 1e\+60 is beyond float32's range"),
+    (dict(lambda1=3e38), r"lambda1=3e\+38 and lambda2 \* reg_scale = 0.005 let the loss "
+                         r"\(up to 8.15e\+38\)"),
+    (dict(lambda1=1e31, h="log"), r"gradient \(up to 1e\+39\) overflow float32 .* h='log'"),
+    (dict(lambda2=1e36, reg_scale=1.0), r"lambda2 \* reg_scale = 1e\+36 let .* 'weibull' "
+                                        r"regulariser"),
+    (dict(lambda2=1e38, reg_scale=1.0, regulariser="entropy"), r"'entropy' regulariser"),
+], ids=["reg-weight-product-with-no-regulariser", "lambda1-times-neg", "lambda1-times-log-grad",
+        "reg-weight-times-weibull-grad", "reg-weight-times-entropy-grad"])
+def test_weights_each_finite_but_overflowing_with_their_terms_are_refused(settings, message):
+    """Each weight within float32's range, but the loss or its gradient would not be: these
+    gave Inf or NaN (a float32 Inf factor times a zero term)."""
+    with pytest.raises(ValueError, match=message):
+        IDDCLoss(**settings)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(lambda1=0.49 * FLOAT32_MAX / PAIR_TERM_BOUNDS["exp"][0]),
+    dict(lambda1=0.49 * FLOAT32_MAX / PAIR_TERM_BOUNDS["log"][1], h="log"),
+    dict(lambda2=0.24 * FLOAT32_MAX / regulariser_bounds("weibull", 0.3, 5.0)[1], reg_scale=1.0),
+    dict(lambda2=FLOAT32_MAX, reg_scale=1.0, regulariser="none"),
+], ids=["lambda1-exp", "lambda1-log", "lambda2-weibull", "lambda2-no-regulariser"])
+def test_the_largest_weights_let_through_give_a_finite_loss_and_gradient(settings):
+    fa, fb, za, zb = views()
+    out = IDDCLoss(backend="reference", **settings)(fa, fb, za, zb, shifts=(1,))
+    grads = torch.autograd.grad(out.loss, (za, zb))
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("shape, scale", [(0.3, 1e-38), (50.0, 0.5), (2.0, 5.0), (1e-300, 5.0)],

@@ -437,9 +437,12 @@ def test_numpy_scalars_are_accepted_as_plain_numbers():
     assert type(loss.config.num_shifts) is int and loss.config.num_shifts == 2
 
 
-def test_generator_must_be_a_torch_generator():
+@pytest.mark.parametrize("draw", [dict(), dict(shifts=(1,)), dict(num_shifts=0)],
+                         ids=["drawn", "explicit-shifts", "no-shifts"])
+def test_generator_must_be_a_torch_generator(draw):
+    """Also where it is unused (shifts given, or none drawn): not only on the day it is."""
     with pytest.raises(ValueError, match="generator must be a torch.Generator, got int"):
-        iddc_loss(*_small_views(), generator=0, backend="streaming")
+        iddc_loss(*_small_views(), generator=0, backend="streaming", **draw)
 
 
 @pytest.mark.parametrize("result, got", [
@@ -453,6 +456,20 @@ def test_callable_backend_breaking_the_contract_is_named(result, got):
         return result(*pair_sums(*args, **kwargs))
     with pytest.raises(ValueError, match=rf"backend my_backend must return \(sums, counts\), "
                                          rf"two tensors of shape \(3,\).*{got}"):
+        iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
+
+
+@pytest.mark.parametrize("result, got", [
+    (lambda s, c: (s, c.double() + 0.5), "counts torch.float64"),
+    (lambda s, c: (s, c > 0), "counts torch.bool"),
+    (lambda s, c: (s.long(), c), "sums torch.int64"),
+], ids=["float-counts", "bool-counts", "integer-sums"])
+def test_callable_backend_returning_the_wrong_dtypes_is_named(result, got):
+    """Float counts (a mean passed as a count) divided the sums silently wrong."""
+    def my_backend(*args, **kwargs):
+        return result(*pair_sums(*args, **kwargs))
+    with pytest.raises(ValueError, match=rf"backend my_backend must return floating-point sums "
+                                         rf"and integer counts .*{got}"):
         iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
 
 
