@@ -30,6 +30,7 @@ import pickle
 import random
 import reprlib
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Optional
 
@@ -69,19 +70,37 @@ def unpickling_error_message(what: str, err: Exception) -> str:
     return f"could not read {what}: it is corrupt, truncated or not a PyTorch file ({detail})"
 
 
+#: the MS-DOS "folder" bit of a zip member's external attributes
+_MS_DOS_FOLDER = 0x10
+
+
 def check_crc(path: str, what: str = "checkpoint", error: type = None) -> None:
     """CheckpointError (or `error`) if a member of the file's zip fails its CRC-32 (`what`
     names the file in the message): torch.load never checks them, so bytes changed on disk (a
     failing disk, a broken copy) inside a tensor would load as other weights and score
     silently wrong. One more read of the file (about 0.5 s a GB from the page cache on a 2-core
-    AMD EPYC). A file that is no readable zip is left to torch.load: a legacy (pre-zip)
-    checkpoint loads, a truncated or foreign one gets its error there."""
+    AMD EPYC). A member the zip's directory marks as a folder is refused too: torch.save never
+    writes one, and torch's reader hands such a record back as uninitialised memory (a changed
+    attribute bit, which no CRC covers, gave other scores at every load). A file that is no
+    readable zip is left to torch.load: a legacy (pre-zip) checkpoint loads, a truncated or
+    foreign one gets its error there."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            folders = [i.filename for i in archive.infolist() if i.is_dir() or
+                       i.external_attr & _MS_DOS_FOLDER]
+            bad = archive.testzip() if not folders else None
+    except zlib.error as err:  # a record's compression field changed: its bytes do not inflate
+        raise (error or CheckpointError)(
+            f"{what} {path} is corrupt: a record does not decompress ({err}); use an intact copy "
+            "of the file") from err
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
             RuntimeError):  # RuntimeError: zipfile's own (an encrypted member)
         return
+    if folders:
+        raise (error or CheckpointError)(
+            f"{what} {path} is corrupt: its zip directory marks {folders[0]!r} as a folder, which "
+            "torch.save never writes (a changed byte there: the record would load as other "
+            "values); use an intact copy of the file")
     if bad is not None:
         raise (error or CheckpointError)(
             f"{what} {path} is corrupt: its {bad!r} fails its CRC check (its bytes changed "

@@ -274,6 +274,20 @@ def test_weights_file_with_changed_bytes_is_refused(tmp_path):
         load_backbone_weights(tiny_backbone(2), str(path))
 
 
+def test_weights_file_with_a_record_marked_as_a_folder_is_refused(tmp_path):
+    """The zip directory's folder bit (no CRC covers it): torch's reader would hand the tensor
+    back as uninitialised memory."""
+    from test_train import _central_entry_offset
+    path = tmp_path / "flipped.pth"
+    torch.save(tiny_backbone(1).state_dict(), path)
+    raw = bytearray(path.read_bytes())
+    raw[_central_entry_offset(bytes(raw), "/data/0") + 38] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: its zip "
+                                           r"directory marks .* as a folder"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
 @pytest.mark.parametrize("other", [dict(depth=TINY["depth"] + 1), dict(init_values=1e-5),
                                    dict(reg_tokens=2)],
                          ids=["deeper", "layer-scale", "register-tokens"])

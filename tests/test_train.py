@@ -455,6 +455,41 @@ def test_corrupt_checkpoint(tmp_path):
         evaluate.main(["--checkpoint", str(tmp_path)])
 
 
+def _central_entry_offset(raw: bytes, suffix: str) -> int:
+    """Where the zip's central-directory record of the member ending in `suffix` starts."""
+    end = raw.rfind(b"PK\x05\x06")
+    at = int.from_bytes(raw[end + 16:end + 20], "little")
+    while raw[at:at + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = (int.from_bytes(raw[at + o:at + o + 2], "little")
+                                            for o in (28, 30, 32))
+        if raw[at + 46:at + 46 + name_len].decode().endswith(suffix):
+            return at
+        at += 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"no member ending in {suffix}")
+
+
+@pytest.mark.parametrize("field, offset, mask, message", [
+    ("external attributes: the MS-DOS folder bit", 38, 0x10,
+     r"its zip directory marks '.*/data/0' as a folder"),
+    ("compression method: stored -> deflate", 10, 0x08, "a record does not decompress"),
+], ids=["folder-bit", "compression-method"])
+def test_checkpoint_zip_directory_bytes_changed_are_caught(tmp_path, field, offset, mask,
+                                                           message):
+    """Bytes of the zip's directory that no CRC covers. The folder bit made torch's reader
+    return uninitialised memory for the tensor (other scores at every load, exit 0); the
+    compression field, a zlib traceback from the CRC check."""
+    from iddc import checkpoint as ck
+    path = tmp_path / "last.pt"
+    torch.save({"format": ck.FORMAT, "model": {"w": torch.arange(4096.0)}}, path)
+    raw = bytearray(path.read_bytes())
+    raw[_central_entry_offset(bytes(raw), "/data/0") + offset] ^= mask
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"last.pt is corrupt: {message}"):
+        ck.load(str(path))
+    with pytest.raises(CheckpointError, match=message):
+        evaluate.main(["--checkpoint", str(path)])
+
+
 def test_checkpoint_bytes_changed_on_disk_are_caught(tmp_path):
     """A flipped byte inside a tensor's data: torch.load would read other weights, silently;
     the zip's own CRC-32 names the member."""
