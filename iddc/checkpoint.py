@@ -140,13 +140,41 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _metrics_record_problem(record: Mapping) -> Optional[str]:
+    """What of a per-epoch record's fields predict and --resume read is not of the form
+    iddc.train writes, or None (fields they do not read are not checked)."""
+    epoch = record.get("epoch")
+    if not (epoch is None or _is_count(epoch)) or (record.get("kind") == "iddc"
+                                                   and not _is_count(epoch)):
+        return f"epoch is {reprlib.repr(epoch)}, not a whole number >= 0"
+    for name in ("unsupervised", "linear_probe", "partial_epoch"):
+        if record.get(name) is not None and not isinstance(record[name], Mapping):
+            return f"{name} is {reprlib.repr(record[name])}, not a mapping"
+    mapping = (record.get("unsupervised") or {}).get("mapping")
+    if mapping is not None and not (isinstance(mapping, list)
+                                    and all(_is_count(c) for c in mapping)):
+        return (f"cluster -> class mapping is {reprlib.repr(mapping)}, not a list of class "
+                "ids")
+    steps = (record.get("partial_epoch") or {}).get("steps_done")
+    if steps is not None and not _is_count(steps):
+        return f"partial_epoch steps_done is {reprlib.repr(steps)}, not a whole number >= 0"
+    return None
+
+
 def _entry_problem(key: str, value) -> Optional[str]:
     """Why a checkpoint entry is not what iddc.train writes there, or None."""
     if key == "config":
         return None if isinstance(value, Mapping) else "is not a mapping of settings"
     if key == "metrics":
-        return None if value is None or (isinstance(value, list) and all(
-            isinstance(e, Mapping) for e in value)) else "is not a list of per-epoch records"
+        if value is None:
+            return None
+        if not (isinstance(value, list) and all(isinstance(e, Mapping) for e in value)):
+            return "is not a list of per-epoch records"
+        for i, record in enumerate(value):
+            why = _metrics_record_problem(record)
+            if why is not None:
+                return f"has a record {i} whose {why}"
+        return None
     if key == "class_names":  # earlier versions could save ids from a YAML option as numbers
         return None if value is None or (isinstance(value, list) and all(
             isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in value)) \

@@ -458,6 +458,17 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"its 'data_config' entry is not a normalisation \{mean: 3 numbers, std: 3 positive"),
     (lambda c: c.update(metrics="epoch 1"), r"its 'metrics' entry is not a list of per-epoch "
                                             r"records \(got 'epoch 1'\)"),
+    (lambda c: c["metrics"][-1]["unsupervised"].update(mapping=["x", "y", "z"]),
+     r"its 'metrics' entry has a record \d+ whose cluster -> class mapping is \['x', 'y', 'z'\], "
+     r"not a list of class ids"),
+    (lambda c: c["metrics"][-1]["unsupervised"].update(mapping=5),
+     r"record \d+ whose cluster -> class mapping is 5"),
+    (lambda c: c["metrics"][-1].pop("epoch"), r"record \d+ whose epoch is None, not a whole "
+                                              r"number >= 0"),
+    (lambda c: c["metrics"][-1].update(unsupervised=[1]), r"whose unsupervised is \[1\], not a "
+                                                          r"mapping"),
+    (lambda c: c["metrics"][-1].update(partial_epoch={"steps_done": "2"}),
+     r"whose partial_epoch steps_done is '2'"),
     (lambda c: c.update(config="hello"), r"its 'config' entry is not a mapping of settings"),
     (lambda c: c.update(epoch=-1), r"its 'epoch' entry is not a whole number >= 0 \(got -1\)"),
     (lambda c: c.update(class_names=[["a"], {"b": 1}]),
@@ -469,7 +480,9 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"'iddc-checkpoint-1'\)"),
     (lambda c: c.pop("format"), r"edited.pt is not an IDDC checkpoint \(no format entry;"),
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
-        "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text", "config-text",
+        "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text",
+        "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
+        "partial-steps-text", "config-text",
         "negative-epoch", "class-containers", "nan-weights", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
