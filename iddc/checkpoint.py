@@ -189,6 +189,10 @@ def _entry_problem(key: str, value) -> Optional[str]:
         except (KeyError, TypeError, ValueError):
             ok = False
         return None if ok else "is not a normalisation {mean: 3 numbers, std: 3 positive ones}"
+    if key == "weights_report":
+        return None if value is None or (isinstance(value, Mapping) and isinstance(
+            value.get("source"), str)) else "is not a record of the backbone's weights " \
+            "{source: text, ...}"
     if key == "train_set":
         fingerprint = value.get("fingerprint") if isinstance(value, Mapping) else None
         return None if value is None or (
@@ -201,7 +205,7 @@ def _entry_problem(key: str, value) -> Optional[str]:
 
 #: entries whose form every reader relies on (others are checked where they are used)
 CHECKED_ENTRIES = ("config", "metrics", "class_names", "data_config", "num_classes", "epoch",
-                   "global_step", "step_in_epoch", "train_set")
+                   "global_step", "step_in_epoch", "train_set", "weights_report")
 
 
 def check_entries(ckpt: dict, path: str) -> None:
@@ -308,9 +312,55 @@ def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer
                          ("scheduler", scheduler)):
         try:
             target.load_state_dict(ckpt[name])
+            # load_state_dict takes any values: a wrong one failed at the first step or epoch,
+            # after the run's files had changed
+            why = (_scheduler_problem(target) if name == "scheduler"
+                   else _optimizer_problem(target))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {path}: its {name!r} entry does not fit this "
                                   f"run's ({type(err).__name__}: {err})") from err
+        if why is not None:
+            raise CheckpointError(f"checkpoint {path}: its {name!r} entry does not fit this "
+                                  f"run's ({why}); it was edited or not written by iddc.train")
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _optimizer_problem(optimizer) -> Optional[str]:
+    """What of a loaded optimiser state the next step would fail on (or silently misuse), or
+    None: each per-parameter tensor of its parameter's shape, finite hyper-parameters, betas
+    in [0, 1)."""
+    for g, group in enumerate(optimizer.param_groups):
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group and not (_is_finite_number(group[key]) and group[key] >= 0):
+                return f"param group {g}: {key} is {reprlib.repr(group[key])}"
+        betas = group.get("betas")
+        if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                                      and all(_is_finite_number(b) and 0 <= b < 1
+                                              for b in betas)):
+            return f"param group {g}: betas are {reprlib.repr(betas)}, not two numbers in [0, 1)"
+        for i, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 \
+                        and value.shape != param.shape:
+                    return (f"param group {g}, parameter {i}: its {key!r} has shape "
+                            f"{list(value.shape)}, the parameter {list(param.shape)}")
+    return None
+
+
+def _scheduler_problem(scheduler) -> Optional[str]:
+    """What of a loaded LR schedule its next step would fail on, or None."""
+    last = getattr(scheduler, "last_epoch", None)
+    if not (isinstance(last, int) and not isinstance(last, bool) and last >= -1):
+        return f"last_epoch is {reprlib.repr(last)}, not a whole number"
+    bases = getattr(scheduler, "base_lrs", None)
+    if not (isinstance(bases, list) and len(bases) == len(scheduler.optimizer.param_groups)
+            and all(_is_finite_number(b) and b >= 0 for b in bases)):
+        return f"base_lrs are {reprlib.repr(bases)}, not one learning rate per param group"
+    return None
 
 
 def _state_mismatch(expected: Mapping, state: Mapping) -> str:

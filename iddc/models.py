@@ -72,7 +72,9 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     name = timm_name(cfg.backbone)
     try:
         backbone = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
-    except TypeError as err:  # an argument the architecture does not take: not a download
+    except (TypeError, AssertionError, ZeroDivisionError, OverflowError) as err:
+        # an argument the architecture does not take, or a value its own checks (asserts) or
+        # arithmetic refuse (embed_dim not divisible by num_heads, num_heads 0): not a download
         raise ValueError(not_accepted(cfg, err)) from err
     except Exception as err:
         if cfg.pretrained:  # no network, no cache, unknown tag, ...
@@ -92,14 +94,15 @@ def _no_weights(name: str, err: Exception) -> WeightsError:
         "timm state dicts are accepted)")
 
 
-def not_accepted(cfg: ModelConfig, err: TypeError) -> str:
+def not_accepted(cfg: ModelConfig, err: Exception) -> str:
     """Why timm refused the keyword arguments: the architecture is no ViT (it takes no
-    img_size), or a backbone_kwargs entry is not one of its arguments."""
-    if "img_size" in str(err):
+    img_size), or a backbone_kwargs entry is not one of its arguments or has a value it
+    refuses."""
+    if isinstance(err, TypeError) and "img_size" in str(err):
         return (f"backbone {cfg.backbone!r} is not a Vision Transformer ({err}): iddc needs a "
                 "timm ViT's patch tokens (e.g. vit_small_patch8_224)")
     return (f"model.backbone_kwargs {cfg.backbone_kwargs} do not fit backbone "
-            f"{cfg.backbone!r}: {err}")
+            f"{cfg.backbone!r}: {err or type(err).__name__}")
 
 
 def check_vit(backbone: nn.Module, cfg: ModelConfig) -> None:

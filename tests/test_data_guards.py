@@ -270,7 +270,8 @@ def test_subset_keeps_the_first_n(three_sources, name):
     ("folder", "subset=-1", "folder: option subset=-1 must be a whole number >= 1"),
     ("folder", "class_names=no-such.txt",
      "folder: option class_names='no-such.txt': cannot read the file"),
-    ("synthetic", "num_images=0", "synthetic: option num_images=0 must be a whole number >= 1"),
+    ("synthetic", "num_images=0", "synthetic: option num_images=0 must be a whole number in "
+                                  "1..10000000"),
     ("synthetic", "imbalance=.inf", "synthetic: option imbalance=inf must be a finite number"),
     ("synthetic", "colour=red", "data set 'synthetic': bad --data-option"),
     ("folder", "class_names=[a, b, c]", "folder: 3 class names for 2 classes"),

@@ -179,10 +179,18 @@ def test_pretrained_failure_is_explained(monkeypatch):
      r"model.backbone_kwargs must not set \['img_size'\]: .*use --backbone-img-size"),
     (ModelConfig(backbone_kwargs={**TINY, "num_classes": 5, "dynamic_img_size": False}),
      r"must not set \['dynamic_img_size', 'num_classes'\]"),
-], ids=["resnet", "swin", "unknown-kwarg", "img-size-kwarg", "reserved-kwargs"])
+    (ModelConfig(backbone_kwargs={**TINY, "embed_dim": 16, "num_heads": 3}),
+     r"model.backbone_kwargs \{.*\} do not fit backbone 'vit_small_patch8_224': dim should be "
+     r"divisible by num_heads"),
+    (ModelConfig(backbone_kwargs={**TINY, "num_heads": 0}),
+     r"model.backbone_kwargs \{.*'num_heads': 0.*\} do not fit backbone .*: integer modulo by "
+     r"zero"),
+], ids=["resnet", "swin", "unknown-kwarg", "img-size-kwarg", "reserved-kwargs",
+        "heads-not-dividing-width", "no-heads"])
 def test_backbones_and_kwargs_iddc_cannot_use_are_named(cfg, message):
-    """A non-ViT backbone or a keyword timm refuses was a timm TypeError traceback; img_size in
-    the kwargs silently beat --backbone-img-size."""
+    """A non-ViT backbone or a keyword timm refuses was a timm TypeError traceback (a value its
+    asserts or arithmetic refuse, an AssertionError or ZeroDivisionError one); img_size in the
+    kwargs silently beat --backbone-img-size."""
     with pytest.raises(ValueError, match=message):
         models.create_backbone(cfg)
     if "img_size" not in str(cfg.backbone_kwargs):

@@ -135,3 +135,21 @@ def test_scene_size_beyond_the_generator_is_refused_by_name():
         build_source("synthetic", split="train", num_images=2, image_size=100000)
     assert build_source("synthetic", split="train", num_images=1, image_size=4096).image_size \
         == 4096
+
+
+def test_sizes_whose_buffers_would_not_fit_are_refused_by_name():
+    """num_images=10^12 was a 1 TB shared buffer of per-sample flags (SIGBUS, no message);
+    max_regions=10^6 a 73 GB distance map per scene (MemoryError traceback)."""
+    with pytest.raises(ValueError, match=r"synthetic: option num_images=1000000000000 must be a "
+                                         r"whole number in 1..10000000"):
+        build_source("synthetic", split="train", num_images=10 ** 12)
+    with pytest.raises(ValueError, match=r"synthetic: options max_regions=1000000 and "
+                                         r"image_size=96 need 68.7 GiB per scene; max_regions x "
+                                         r"image_size\^2 must be at most 268435456"):
+        build_source("synthetic", split="train", num_images=1, max_regions=10 ** 6)
+    # the largest scene at the default regions, and the most regions at the default size
+    assert build_source("synthetic", split="train", num_images=10 ** 7, image_size=4096,
+                        max_regions=16).max_regions == 16
+    src = build_source("synthetic", split="train", num_images=1, image_size=16, min_regions=1,
+                       max_regions=2 ** 20)
+    assert src.max_regions == 2 ** 20

@@ -962,6 +962,44 @@ def test_a_moved_folder_whose_first_metrics_write_failed_still_resumes(tmp_path,
     assert [e["epoch"] for e in read_metrics(moved)] == [1, 2]
 
 
+def _first_state(opt_state: dict) -> dict:
+    return opt_state["state"][min(opt_state["state"])]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: _first_state(c["optimizer"]).update(exp_avg=torch.zeros(3)),
+     r"its 'optimizer' entry does not fit this run's \(param group 0, parameter \d+: its "
+     r"'exp_avg' has shape \[3\], the parameter \["),
+    (lambda c: c["probe_optimizer"]["param_groups"][0].update(betas=(2.0, 0.999)),
+     r"its 'probe_optimizer' entry .*betas are \(2.0, 0.999\), not two numbers in \[0, 1\)"),
+    (lambda c: c["optimizer"]["param_groups"][0].update(lr="fast"),
+     r"its 'optimizer' entry .*param group 0: lr is 'fast'"),
+    (lambda c: c["scheduler"].update(last_epoch="x"),
+     r"its 'scheduler' entry does not fit this run's \(last_epoch is 'x', not a whole number"),
+    (lambda c: c["scheduler"].update(base_lrs=[float("nan")]),
+     r"its 'scheduler' entry .*base_lrs are \[nan\], not one learning rate per param group"),
+    (lambda c: c.update(weights_report=7), r"its 'weights_report' entry is not a record of the "
+                                           r"backbone's weights"),
+], ids=["optimizer-state-shape", "probe-betas", "lr-text", "scheduler-epoch-text",
+        "scheduler-nan-base", "weights-report-number"])
+def test_a_resume_refuses_training_state_its_steps_would_fail_on(tmp_path, run_copy, edit,
+                                                                 message):
+    """load_state_dict takes these as they are; they failed at the first step or epoch (a
+    traceback, after the run's files had changed) or trained on silently. Refused on load,
+    before any file is made or changed, in place or into a new --out."""
+    from iddc.checkpoint import CheckpointError
+    path = run_copy / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=message):
+        resume(path)
+    with pytest.raises(CheckpointError, match=message):
+        resume(path, "--out", str(tmp_path / "new"))
+    assert snapshot(run_copy) == before and not (tmp_path / "new").exists()
+
+
 def test_older_checkpoints_numeric_class_names_are_accepted():
     """Earlier versions read class_names options as YAML, so ids could be saved as numbers."""
     checkpoint.check_entries({"class_names": [0, 1, 2.5, "sky"]}, "run/last.pt")

@@ -115,6 +115,11 @@ def _class_probs(num_classes: int, imbalance) -> np.ndarray:
     return probs
 
 
+#: the most images a synthetic split holds (a day of generating them, at 96 px, is ~10^7)
+MAX_IMAGES = 10_000_000
+#: the most region-pixels a scene may hold (regions x side^2): 2 GiB of float64 distances
+MAX_REGION_PIXELS = 2 ** 28
+
 #: the largest scene side the generator draws (a test set of small scenes, not a benchmark)
 MAX_IMAGE_SIZE = 4096
 
@@ -129,7 +134,9 @@ class SyntheticSource(SegmentationSource):
             raise ValueError(f"unknown split {split!r} for the synthetic data set; expected one of "
                              f"{sorted(SPLITS)}")
         self.split, self.seed = split, int_option(seed, "seed", 0, dataset="synthetic")
-        self.num_images = int_option(num_images, "num_images", 1, dataset="synthetic")
+        # the loaders keep a shared byte per sample: 10^12 images was a 1 TB buffer (SIGBUS)
+        self.num_images = int_option(num_images, "num_images", 1, MAX_IMAGES,
+                                     dataset="synthetic")
         # each scene is drawn whole, with int64 coordinate grids: 100000 px would need 149 GiB
         self.image_size = int_option(image_size, "image_size", 1, MAX_IMAGE_SIZE,
                                      dataset="synthetic")
@@ -137,6 +144,12 @@ class SyntheticSource(SegmentationSource):
         self.num_classes = int_option(num_classes, "num_classes", 2, 254, dataset="synthetic")
         min_regions = int_option(min_regions, "min_regions", 1, dataset="synthetic")
         max_regions = int_option(max_regions, "max_regions", min_regions, dataset="synthetic")
+        # a scene holds a float64 distance map per region: regions x side^2 x 8 bytes
+        if max_regions * self.image_size ** 2 > MAX_REGION_PIXELS:
+            raise DataOptionError(
+                f"synthetic: options max_regions={max_regions} and image_size={self.image_size} "
+                f"need {max_regions * self.image_size ** 2 * 8 / 2 ** 30:.3g} GiB per scene; "
+                f"max_regions x image_size^2 must be at most {MAX_REGION_PIXELS} (2 GiB)")
         self.class_names = [f"class{c}" for c in range(self.num_classes)]
         self.styles = class_styles(self.num_classes, self.seed)
         self.class_probs = _class_probs(self.num_classes, imbalance)
@@ -167,8 +180,9 @@ def build(root=None, split: str = "train", **options) -> SyntheticSource:
     """Registry factory ("synthetic"); nothing is read from disk, so a ``root`` is refused
     (a --data-root meant for another data set would otherwise be silently ignored).
 
-    Options: num_images (default 512 for train, 128 for val), image_size (96, at most 4096),
-    num_classes (6), seed (0), imbalance (1.0), min_regions (3), max_regions (8).
+    Options: num_images (default 512 for train, 128 for val; at most 10^7), image_size (96, at
+    most 4096), num_classes (6), seed (0), imbalance (1.0), min_regions (3), max_regions (8;
+    max_regions x image_size^2 at most 2^28).
     """
     if root is not None:
         raise DataOptionError(f"data root {str(root)!r} given for the synthetic data set, "
