@@ -140,6 +140,11 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def _metrics_record_problem(record: Mapping) -> Optional[str]:
     """What of a per-epoch record's fields predict and --resume read is not of the form
     iddc.train writes, or None (fields they do not read are not checked)."""
@@ -208,6 +213,41 @@ CHECKED_ENTRIES = ("config", "metrics", "class_names", "data_config", "num_class
                    "global_step", "step_in_epoch", "train_set", "weights_report")
 
 
+def _numbers_problem(values, what: str) -> Optional[str]:
+    """Why a mapping of statistics (what metrics.json will show) is not one of finite
+    numbers, or None."""
+    if not isinstance(values, Mapping):
+        return f"{what} is not a mapping"
+    bad = [k for k, v in values.items() if not _is_finite_number(v)]
+    return f"{what} {bad[0]!r} is {reprlib.repr(values[bad[0]])}, not a finite number" \
+        if bad else None
+
+
+def _position_problem(ckpt: dict) -> Optional[str]:
+    """Why the entries that place a checkpoint in its run disagree, or None: a mid-epoch stop
+    within its epoch, its carried statistics and an owed record (one for the epoch just
+    completed) of finite numbers. These reach metrics.json on resume."""
+    step, per = ckpt.get("step_in_epoch"), ckpt.get("steps_per_epoch")
+    if step and per is not None and not (_is_count(per) and step < per):
+        return (f"its 'step_in_epoch' entry {step} does not lie within an epoch of "
+                f"{reprlib.repr(per)} steps (its 'steps_per_epoch' entry)")
+    stats = ckpt.get("epoch_stats")
+    if stats is not None:
+        why = _numbers_problem(stats.get("sums") if isinstance(stats, Mapping) else None,
+                               "statistic")
+        if why is not None:
+            return f"its 'epoch_stats' entry: {why}"
+    owed = ckpt.get("pending_record")
+    if owed is not None:
+        if not isinstance(owed, Mapping) or owed.get("epoch") != ckpt.get("epoch"):
+            return (f"its 'pending_record' entry (got {reprlib.repr(owed)}) is not a record of "
+                    f"epoch {ckpt.get('epoch')!r}, the one it completed")
+        why = _numbers_problem(owed.get("train"), "training statistic")
+        if why is not None:
+            return f"its 'pending_record' entry: {why}"
+    return None
+
+
 def check_entries(ckpt: dict, path: str) -> None:
     """CheckpointError naming ``path`` and the entry, for a present entry whose form is not the
     one iddc.train writes (an edited or foreign file with the right format tag)."""
@@ -218,6 +258,10 @@ def check_entries(ckpt: dict, path: str) -> None:
                 raise CheckpointError(f"checkpoint {path}: its {key!r} entry {why} (got "
                                       f"{reprlib.repr(ckpt[key])}); it was edited or not "
                                       "written by iddc.train")
+    why = _position_problem(ckpt)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path}: {why}; it was edited or not written by "
+                              "iddc.train")
 
 
 def rng_state(shift_generator: torch.Generator) -> dict:
@@ -322,11 +366,6 @@ def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer
         if why is not None:
             raise CheckpointError(f"checkpoint {path}: its {name!r} entry does not fit this "
                                   f"run's ({why}); it was edited or not written by iddc.train")
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 def _optimizer_problem(optimizer) -> Optional[str]:

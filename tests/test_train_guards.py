@@ -43,6 +43,23 @@ def stopped_run(tmp_path_factory):
                       + QUICK)["out"]
 
 
+@pytest.fixture(scope="module")
+def mid_epoch_run(tmp_path_factory):
+    """A run stopped one step into epoch 2 of 2 (read-only: tests copy it)."""
+    base = tmp_path_factory.mktemp("mid-epoch")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--max-steps", "3"]
+                      + QUICK)["out"]
+
+
+@pytest.fixture
+def mid_epoch_copy(tmp_path, mid_epoch_run):
+    out = tmp_path / "run"
+    shutil.copytree(mid_epoch_run, out)
+    return out
+
+
 @pytest.fixture
 def run_copy(tmp_path, stopped_run):
     out = tmp_path / "run"
@@ -998,6 +1015,38 @@ def test_a_resume_refuses_training_state_its_steps_would_fail_on(tmp_path, run_c
     with pytest.raises(CheckpointError, match=message):
         resume(path, "--out", str(tmp_path / "new"))
     assert snapshot(run_copy) == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(step_in_epoch=100), r"its 'step_in_epoch' entry 100 does not lie within "
+                                            r"an epoch of 2 steps"),
+    (lambda c: c["epoch_stats"]["sums"].update(loss=float("nan")),
+     r"its 'epoch_stats' entry: statistic 'loss' is nan, not a finite number"),
+    (lambda c: c["epoch_stats"].update(sums=[1.0]), r"its 'epoch_stats' entry: statistic is not "
+                                                    r"a mapping"),
+    (lambda c: c.update(pending_record={"epoch": 99, "train": {"loss": 1.0}}),
+     r"its 'pending_record' entry .* is not a record of epoch 1, the one it completed"),
+    (lambda c: c.update(pending_record={"epoch": 1, "train": {"loss": "x"}}),
+     r"its 'pending_record' entry: training statistic 'loss' is 'x'"),
+], ids=["step-past-the-epoch", "nan-statistic", "statistics-a-list", "owed-record-of-another-epoch",
+        "owed-record-text"])
+def test_a_resume_refuses_a_position_or_statistics_that_do_not_fit(tmp_path, mid_epoch_copy,
+                                                                    edit, message):
+    """These went into metrics.json as they were (an epoch 99, a NaN loss) or resumed at a
+    step past the epoch's end, recording a shorter epoch, without a word."""
+    from iddc.checkpoint import CheckpointError
+    path = mid_epoch_copy / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["steps_per_epoch"]) == (1, 1, 2)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    before = snapshot(mid_epoch_copy)
+    with pytest.raises(CheckpointError, match=message):
+        resume(path)
+    from iddc import evaluate
+    with pytest.raises(CheckpointError, match=message):
+        evaluate.main(["--checkpoint", str(path)])
+    assert snapshot(mid_epoch_copy) == before
 
 
 def test_older_checkpoints_numeric_class_names_are_accepted():
