@@ -340,11 +340,21 @@ def load_weights(model, ckpt: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: its weights hold NaN or Inf (tensor "
                               f"{name!r}): the run diverged before it was saved; use an "
                               "earlier checkpoint, or train again with a lower --lr")
+    expected = model.state_dict()
+    # load_state_dict casts: an integer or bool tensor where a float weight goes (an edit, or
+    # another program's file) would load as its rounded values without a word
+    kinds = [k for k, t in state.items() if k in expected and isinstance(t, torch.Tensor)
+             and expected[k].is_floating_point() and not t.is_floating_point()]
+    if kinds:
+        raise CheckpointError(f"checkpoint {path}: its weights do not match its model config "
+                              f"({len(kinds)} tensor(s) not floating-point, e.g. {kinds[0]}: "
+                              f"{state[kinds[0]].dtype}); it was edited or not written by "
+                              "iddc.train")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its weights do not match its model config "
-                              f"({_state_mismatch(model.state_dict(), state) or err})") from err
+                              f"({_state_mismatch(expected, state) or err})") from err
 
 
 def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer,

@@ -475,6 +475,10 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"its 'class_names' entry is not a list of names"),
     (lambda c: c["model"][next(k for k in c["model"] if k.startswith("head"))].fill_(
         float("nan")), r"its weights hold NaN or Inf \(tensor 'head\..*'\): the run diverged"),
+    (lambda c: c["model"].update({k: c["model"][k].round().long() for k in c["model"]
+                                  if k.startswith("head")}),
+     r"its weights do not match its model config \(\d+ tensor\(s\) not floating-point, e.g. "
+     r"head\.\S+: torch.int64\)"),
     (lambda c: c.update(format="iddc-checkpoint-0"),
      r"edited.pt is not an IDDC checkpoint \(format 'iddc-checkpoint-0'; expected format "
      r"'iddc-checkpoint-1'\)"),
@@ -483,7 +487,7 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
         "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text",
         "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
         "partial-steps-text", "config-text",
-        "negative-epoch", "class-containers", "nan-weights", "other-format", "no-format"])
+        "negative-epoch", "class-containers", "nan-weights", "integer-weights", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re
