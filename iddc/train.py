@@ -507,6 +507,37 @@ def check_config_file_unedited(out: str, ckpt: dict, cfg: Config, given: Optiona
         raise ValueError(f"{path} was edited since last.pt was saved ({shown}); {advice}")
 
 
+def lagging_folder(path: str, ckpt: dict, cfg: Config, requested: dict) -> Optional[str]:
+    """Why the folder of a run with nothing left to train lags behind its last.pt, or None: a
+    kill after the last save left metrics.json an epoch short, no val_panel.png (the last
+    epoch was scored) or a temp file. Only a resume in the checkpoint's own folder (no other
+    --out or --name requested) finishes those; none lags for any other."""
+    if nothing_to_train(ckpt, cfg) is None or not_own_last_pt(path, ckpt) is not None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    new_out, new_name = requested.get("out"), requested.get("name")
+    if (new_out is not None and os.path.realpath(new_out) != os.path.realpath(folder)) or (
+            new_out is None and new_name not in (None, ckpt["config"].get("train", {}).get(
+                "name"))):
+        return None
+    history = json.loads(json.dumps(ckpt.get("metrics") or []))  # as metrics.json holds it
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
+            on_disk = json.load(fh)
+    except (OSError, ValueError):
+        on_disk = None
+    if on_disk != history:
+        return "its metrics.json does not hold last.pt's records"
+    leftovers = _leftover_temp_files(os.listdir(folder), RUN_FILES)
+    if leftovers:
+        return f"it holds the temp file {sorted(leftovers)[0]} of a write cut short"
+    scored_last = bool(history) and bool(history[-1].get("unsupervised"))
+    if scored_last and cfg.train.vis_images and \
+            not os.path.exists(os.path.join(folder, "val_panel.png")):
+        return "its val_panel.png was not written"
+    return None
+
+
 def resumes_in_place(out: str, path_resumed: Optional[str]) -> bool:
     """Whether a resume of the checkpoint at `path_resumed` continues in its own folder `out`
     (not a new --out, which may hold a failed start's files)."""
@@ -629,10 +660,12 @@ def main(argv=None) -> dict:
             if resume is not None:
                 log.info("resuming %s; settings changed: %s", args.resume,
                          ", ".join(changes) or "none")
-            run = prepare(cfg, resume, args.resume)
+            requested = explicit_settings(args).get("train", {})
+            lagging = lagging_folder(args.resume, resume, cfg, requested) \
+                if resume is not None else None
+            run = prepare(cfg, resume, args.resume, lagging)
             if resume is not None:
-                out = resume_out_dir(args.resume, resume, cfg,
-                                     explicit_settings(args).get("train", {}))
+                out = resume_out_dir(args.resume, resume, cfg, requested)
             else:
                 out = make_out_dir(cfg)
             cfg.train.out = out
@@ -727,15 +760,20 @@ def nothing_to_train(resume: dict, cfg: Config) -> Optional[str]:
     return None
 
 
-def check_resumable(resume: dict, cfg: Config) -> None:
+def check_resumable(resume: dict, cfg: Config, lagging: Optional[str] = None) -> None:
     """Refuse a resume that has nothing left to train (it would rewrite the run's config and
     checkpoint for nothing) or whose schedule now ends before the epochs already done; unless
-    an epoch's record is owed (a Ctrl-C at the end of the last epoch): the resume records it."""
+    an epoch's record is owed (a Ctrl-C at the end of the last epoch): the resume records it;
+    or the run's folder lags behind last.pt (`lagging`, a kill after the last save): the
+    resume finishes its files."""
     why = nothing_to_train(resume, cfg)
     # a record-only resume keeps the schedule: not one now ending before the epochs done
-    if why is not None and (saved_pending_record(resume) is None
+    if why is not None and ((saved_pending_record(resume) is None and lagging is None)
                             or cfg.train.epochs < int(resume["epoch"])):
         raise ValueError(why)
+    if why is not None and saved_pending_record(resume) is None:
+        log.info("the run has nothing left to train, but its folder lags behind last.pt (%s): "
+                 "this resume writes its metrics.json and val_panel.png from it", lagging)
 
 
 def check_same_folder(out: str, identity: tuple) -> None:
@@ -795,6 +833,18 @@ class GracefulInterrupt:
         finally:
             self._deferring = outer
 
+    @contextlib.contextmanager
+    def held(self):
+        """A block with the handlers installed (for a write after the epochs' loop, which
+        uninstalled them), uninstalled after it if this installed them."""
+        installed_here = not self._installed
+        self.install()
+        try:
+            yield
+        finally:
+            if installed_here:
+                self.uninstall()
+
     def install(self) -> "GracefulInterrupt":
         if not self._installed and threading.current_thread() is threading.main_thread():
             self._installed = True
@@ -837,13 +887,15 @@ def batches_until(loader, interrupt: GracefulInterrupt):
 Prepared = SimpleNamespace
 
 
-def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> Prepared:
+def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None,
+            lagging: Optional[str] = None) -> Prepared:
     """Check and build everything a run needs, writing no file: the device, both splits, the
     model (weights read), the loss backend, the evaluation mode and the optimisers (on resume,
-    with the states of the checkpoint at `path`)."""
+    with the states of the checkpoint at `path`; `lagging`: why its folder lags behind it, see
+    lagging_folder)."""
     tc, dc = cfg.train, cfg.data
     if resume is not None:
-        check_resumable(resume, cfg)
+        check_resumable(resume, cfg, lagging)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
     if dc.num_workers > 4 * cpus:  # each worker a process: a typo would fork until memory runs out
@@ -911,11 +963,12 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None) -> 
     return Prepared(device=device, train_src=train_src, val_src=val_src, k=k, model=model,
                     weights=weights, weights_tag=weights_tag, data_config=data_config,
                     backend=backend, loss_fn=loss_fn, mode=mode, eval_tf=eval_tf,
-                    train_set=train_set, **build_optimisers(cfg, model, resume, path))
+                    train_set=train_set,
+                    **build_optimisers(cfg, model, resume, path, lagging is not None))
 
 
 def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
-                     path: Optional[str] = None) -> dict:
+                     path: Optional[str] = None, lagging: bool = False) -> dict:
     """The optimisers, the poly schedule and the shift generator, with the run's position; on
     resume with the states of the checkpoint at `path` (CheckpointError if they do not fit)
     and this command's learning rates."""
@@ -943,8 +996,10 @@ def build_optimisers(cfg: Config, model, resume: Optional[dict] = None,
         start_skip = int(resume.get("step_in_epoch", 0))
         epoch_stats = saved_epoch_stats(resume) if start_skip else None
         pending_record = saved_pending_record(resume)
-        # a run stopped (Ctrl-C) right after its last epoch: the resume only records it
-        record_only = pending_record is not None and nothing_to_train(resume, cfg) is not None
+        # a run stopped (Ctrl-C) right after its last epoch: the resume only records it; one
+        # killed after its last save: the resume only finishes its folder's files
+        record_only = (pending_record is not None or lagging) and \
+            nothing_to_train(resume, cfg) is not None
         # this command's learning rates (the saved state holds the old ones), at the poly factor
         # of the (possibly extended, --epochs) schedule at the resumed epoch
         bases = [tc.lr, tc.lr * tc.backbone_lr_ratio][:len(opt.param_groups)]
@@ -1136,14 +1191,21 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         else:
             with folder_kept(out, folder_id):
                 write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
+    elif run.record_only:  # a complete run whose folder lagged behind last.pt: its records
+        with folder_kept(out, folder_id):
+            write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
 
     def save_val_panel(res: dict) -> None:
         """val_panel.png of an evaluation's kept samples (none kept: --vis-images 0)."""
         if tc.vis_images and res.get("samples"):
             from .visualize import save_panel
             check_same_folder(out, folder_id)
-            save_panel(os.path.join(out, "val_panel.png"), res["samples"], k,
-                       res["unsupervised"]["mapping"], data_config["mean"], data_config["std"])
+            # a signal while it is written lets it finish, as a checkpoint's does (it was cut
+            # short, and the resume refused a run with nothing left to train)
+            with interrupt.held(), interrupt.deferred():
+                save_panel(os.path.join(out, "val_panel.png"), res["samples"], k,
+                           res["unsupervised"]["mapping"], data_config["mean"],
+                           data_config["std"])
 
     stop, finished, pending = False, False, None
     interrupt.install()  # Ctrl-C: finish the step, save, then stop
@@ -1285,6 +1347,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         else scored(lambda: run_eval(keep=tc.vis_images))
     if final is not None:
         save_val_panel(final)
+        if interrupt.requested:  # during the panel's write, which it let finish: all is saved
+            log.warning("interrupted while val_panel.png was written: it was written, and the "
+                        "run is complete")
     total = time.time() - t_start
     log.info("=" * 90)
     if weights_tag == "random-init":

@@ -1541,3 +1541,83 @@ def test_a_stop_during_the_last_evaluation_still_writes_the_panel(tmp_path, tiny
                    ["--vis-images", "2"])
     assert [e["epoch"] for e in read_metrics(out)] == [0, 1, 2]
     assert (out / "val_panel.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A whole run of 2 epochs with its panel (read-only: tests copy it)."""
+    base = tmp_path_factory.mktemp("finished")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--kmeans-baseline",
+                       "false"])["out"]
+
+
+def _metrics_one_epoch_short(out):
+    (out / "metrics.json").write_text(json.dumps(read_metrics(out)[:-1]))
+
+
+def _panel_not_written(out):
+    (out / "val_panel.png").unlink()
+
+
+def _panel_write_cut_short(out):
+    (out / "val_panel.png").unlink()
+    (out / ".tmp-val_panel.png-0123456789ab").write_bytes(b"\x89PNG half")
+
+
+@pytest.mark.parametrize("kill", [_metrics_one_epoch_short, _panel_not_written,
+                                  _panel_write_cut_short],
+                         ids=["after-last-pt", "after-metrics-json", "in-the-panel-write"])
+def test_a_run_killed_after_its_last_save_is_finished_by_a_resume(tmp_path, finished_run, kill):
+    """A SIGKILL after the run's last save left metrics.json an epoch short, or no panel (a
+    temp file of one), for good: --resume refused the run, which had nothing left to train.
+    It now writes them from last.pt (which stays as it is) and removes the temp file; a
+    further resume of the finished folder is refused as before."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    want = read_metrics(out)
+    ckpt_bytes = (out / "last.pt").read_bytes()
+    kill(out)
+    res = train.main(["--resume", str(out / "last.pt")])
+    assert read_metrics(out) == want and res["metrics"] == want
+    assert (out / "last.pt").read_bytes() == ckpt_bytes
+    assert (out / "val_panel.png").stat().st_size > 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(finished_run))  # no temp file left
+    assert "its folder lags behind last.pt" in (out / "train.log").read_text()
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt")])
+
+
+def test_a_lagging_run_resumed_into_another_folder_is_refused(tmp_path, finished_run):
+    """Only the run's own folder is finished: a resume elsewhere has nothing to train."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    _metrics_one_epoch_short(out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt"), "--out", str(tmp_path / "new")])
+    assert snapshot(out) == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_final_panel_is_written_lets_it_finish(tmp_path, tiny_yaml,
+                                                                  monkeypatch, signame):
+    """The handlers were uninstalled before the final val_panel.png: Ctrl-C deleted its temp
+    file (no panel), SIGTERM killed the process mid-write (a temp file left). The write now
+    finishes and the run ends complete."""
+    import signal
+
+    from iddc import visualize
+    real = visualize.save_panel
+
+    def save_panel(path, *args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, signame))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(visualize, "save_panel", save_panel)
+    out = tmp_path / "run"
+    res = train.main(["--config", tiny_yaml, "--out", str(out), "--kmeans-baseline", "false"])
+    assert (out / "val_panel.png").stat().st_size > 0 and len(res["metrics"]) == 3
+    assert not any(n.startswith(".tmp-") for n in os.listdir(out))
+    assert "interrupted while val_panel.png was written" in (out / "train.log").read_text()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
