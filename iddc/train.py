@@ -376,6 +376,18 @@ def entry_of(result: dict, epoch, kind: str, weights: str, extra: Optional[dict]
     return e
 
 
+def _histories(folder: str, ckpt: dict) -> tuple:
+    """(the checkpoint's per-epoch records as metrics.json holds them, what the folder's
+    metrics.json holds: None if there is no readable one)."""
+    history = json.loads(json.dumps(ckpt.get("metrics") or []))
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
+            on_disk = json.load(fh)
+    except (OSError, ValueError):
+        on_disk = None
+    return history, on_disk
+
+
 def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
     """None if ``path`` is the last.pt its run wrote into this folder (named so, and the folder
     is the one the run recorded, or, for a moved or copied run folder or a checkpoint of an
@@ -386,12 +398,7 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
     recorded = ckpt.get("run_folder")
     if recorded and os.path.realpath(recorded) == os.path.realpath(folder):
         return None
-    history = json.loads(json.dumps(ckpt.get("metrics") or []))  # as metrics.json holds it
-    try:
-        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
-            on_disk = json.load(fh)
-    except (OSError, ValueError):
-        on_disk = None
+    history, on_disk = _histories(folder, ckpt)
     if history and isinstance(on_disk, list) and (
             on_disk[:len(history)] == history
             # a stop between writing last.pt and metrics.json: one epoch behind
@@ -520,12 +527,7 @@ def lagging_folder(path: str, ckpt: dict, cfg: Config, requested: dict) -> Optio
             new_out is None and new_name not in (None, ckpt["config"].get("train", {}).get(
                 "name"))):
         return None
-    history = json.loads(json.dumps(ckpt.get("metrics") or []))  # as metrics.json holds it
-    try:
-        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
-            on_disk = json.load(fh)
-    except (OSError, ValueError):
-        on_disk = None
+    history, on_disk = _histories(folder, ckpt)
     if on_disk != history:
         return "its metrics.json does not hold last.pt's records"
     leftovers = _leftover_temp_files(os.listdir(folder), RUN_FILES)

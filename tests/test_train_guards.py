@@ -33,24 +33,24 @@ def tiny_yaml(tmp_path):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
-    """A run stopped after epoch 1 of 2 (read-only: tests copy it)."""
-    base = tmp_path_factory.mktemp("stopped")
+def tiny_run(tmp_path_factory, name: str, *flags) -> str:
+    """The run folder of the tiny config trained with `flags` (read-only: tests copy it)."""
+    base = tmp_path_factory.mktemp(name)
     cfg = base / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
-    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--max-steps", "2"]
-                      + QUICK)["out"]
+    return train.main(["--config", str(cfg), "--out", str(base / "run"), *flags])["out"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after epoch 1 of 2."""
+    return tiny_run(tmp_path_factory, "stopped", "--max-steps", "2", *QUICK)
 
 
 @pytest.fixture(scope="module")
 def mid_epoch_run(tmp_path_factory):
-    """A run stopped one step into epoch 2 of 2 (read-only: tests copy it)."""
-    base = tmp_path_factory.mktemp("mid-epoch")
-    cfg = base / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--max-steps", "3"]
-                      + QUICK)["out"]
+    """A run stopped one step into epoch 2 of 2."""
+    return tiny_run(tmp_path_factory, "mid-epoch", "--max-steps", "3", *QUICK)
 
 
 @pytest.fixture
@@ -1006,15 +1006,22 @@ def test_a_resume_refuses_training_state_its_steps_would_fail_on(tmp_path, run_c
     before any file is made or changed, in place or into a new --out."""
     from iddc.checkpoint import CheckpointError
     path = run_copy / "last.pt"
-    ckpt = torch.load(path, weights_only=False)
-    edit(ckpt)
-    torch.save(ckpt, path)
-    before = snapshot(run_copy)
+    before = edited_in_place(path, edit)
     with pytest.raises(CheckpointError, match=message):
         resume(path)
     with pytest.raises(CheckpointError, match=message):
         resume(path, "--out", str(tmp_path / "new"))
     assert snapshot(run_copy) == before and not (tmp_path / "new").exists()
+
+
+def edited_in_place(path, edit, check=None) -> dict:
+    """`edit` the checkpoint at `path` (after `check` of it as saved); the folder's snapshot."""
+    ckpt = torch.load(path, weights_only=False)
+    if check is not None:
+        check(ckpt)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    return snapshot(path.parent)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -1036,11 +1043,10 @@ def test_a_resume_refuses_a_position_or_statistics_that_do_not_fit(tmp_path, mid
     step past the epoch's end, recording a shorter epoch, without a word."""
     from iddc.checkpoint import CheckpointError
     path = mid_epoch_copy / "last.pt"
-    ckpt = torch.load(path, weights_only=False)
-    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["steps_per_epoch"]) == (1, 1, 2)
-    edit(ckpt)
-    torch.save(ckpt, path)
-    before = snapshot(mid_epoch_copy)
+
+    def as_saved(ckpt):
+        assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["steps_per_epoch"]) == (1, 1, 2)
+    before = edited_in_place(path, edit, as_saved)
     with pytest.raises(CheckpointError, match=message):
         resume(path)
     from iddc import evaluate
@@ -1545,12 +1551,8 @@ def test_a_stop_during_the_last_evaluation_still_writes_the_panel(tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A whole run of 2 epochs with its panel (read-only: tests copy it)."""
-    base = tmp_path_factory.mktemp("finished")
-    cfg = base / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    return train.main(["--config", str(cfg), "--out", str(base / "run"), "--kmeans-baseline",
-                       "false"])["out"]
+    """A whole run of 2 epochs with its panel."""
+    return tiny_run(tmp_path_factory, "finished", "--kmeans-baseline", "false")
 
 
 def _metrics_one_epoch_short(out):
