@@ -465,7 +465,7 @@ class IDDCLoss(nn.Module):
         if shifts is None:
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
         else:
-            draw_shifts(batch, 0, generator)  # no draw: the generator's type is checked all the same
+            draw_shifts(batch, 0, generator)  # no draw: the generator's type is checked
             shifts = check_shifts(shifts, batch)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one

@@ -486,8 +486,8 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
         "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text",
         "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
-        "partial-steps-text", "config-text",
-        "negative-epoch", "class-containers", "nan-weights", "integer-weights", "other-format", "no-format"])
+        "partial-steps-text", "config-text", "negative-epoch", "class-containers", "nan-weights",
+        "integer-weights", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re
