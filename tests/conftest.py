@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, hence here, before
 module loads.
 """
 import os
+import signal
 
 import pytest
 
@@ -12,6 +13,23 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def signals_as_in_a_terminal():
+    """Tests that send themselves SIGINT or SIGTERM expect the handlers a terminal's process
+    starts with. A shell's background job (`pytest &`, some CI runners) starts with SIGINT
+    ignored, which training rightly leaves ignored: each test gets Python's own handlers and
+    the process's are restored after it."""
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {s: signal.getsignal(s) for s in wanted}
+    for s, handler in wanted.items():
+        if previous[s] == signal.SIG_IGN:
+            signal.signal(s, handler)
+    yield
+    for s, handler in previous.items():
+        if handler is not None:  # None: a handler not set from Python, left as it is
+            signal.signal(s, handler)
 
 
 class CodePayload:
