@@ -10,8 +10,11 @@ status 2, like argparse's own errors. Anything else is a bug and keeps its trace
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 #: the console scripts setup.py installs: script -> the module whose main() it runs
@@ -94,6 +97,26 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A block where SIGTERM (a job scheduler's stop) ends the work as Ctrl-C does, with a
+    KeyboardInterrupt the caller can record its progress on, rather than killing the process
+    mid-way; unless the process ignored SIGTERM on entry, or this is not the main thread
+    (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _console_script(name: str) -> Callable[[], int]:

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .cli import message, path_arg, prog_name
+from .cli import message, path_arg, prog_name, sigterm_as_interrupt
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
 from .files import check_outputs, check_writable, name_max, write_atomic, write_json
@@ -541,31 +541,34 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         write_json(json_path, record, replace=overwrite)
 
     try:
-        for start in range(0, len(paths), batch_size):
-            batch = read_images(paths[start:start + batch_size],
-                                stems[start:start + batch_size], predictor, failed, too_large)
-            if not batch:
-                continue
-            tensors = [to_tensor(eval_resized(img, predictor.short_side, predictor.multiple),
-                                 data_config["mean"], data_config["std"]) for _, _, img in batch]
-            preds = sized.segment(tensors,
-                                  out_sizes=[(img.height, img.width) for _, _, img in batch])
-            for (path, stem, img), pred in zip(batch, preds):
-                ids = pred.cpu().numpy()
-                seg, overlay, shares = render(img, ids, names, pal, alpha, title)
-                files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
-                why = write_outputs(files, (seg, overlay, id_image(ids, k)), overwrite)
-                if why is not None:
-                    failed[str(path)] = why
-                    unwritten.append(str(path))
-                    log.warning("could not write the outputs of %s: %s", path, why)
+        with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
+            for start in range(0, len(paths), batch_size):
+                batch = read_images(paths[start:start + batch_size],
+                                    stems[start:start + batch_size], predictor, failed, too_large)
+                if not batch:
                     continue
-                written[stem] = [str(f) for f in files]
-                summary[stem] = {"input": str(path), "size": [img.width, img.height],
-                                 "files": [f.name for f in files],
-                                 "shares": {str(c): round(float(s), 6)
-                                            for c, s in shares.items()}}
-                log.info("%s -> %s", path, files[1])
+                tensors = [to_tensor(eval_resized(img, predictor.short_side,
+                                                  predictor.multiple),
+                                     data_config["mean"], data_config["std"])
+                           for _, _, img in batch]
+                preds = sized.segment(tensors,
+                                      out_sizes=[(img.height, img.width) for _, _, img in batch])
+                for (path, stem, img), pred in zip(batch, preds):
+                    ids = pred.cpu().numpy()
+                    seg, overlay, shares = render(img, ids, names, pal, alpha, title)
+                    files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
+                    why = write_outputs(files, (seg, overlay, id_image(ids, k)), overwrite)
+                    if why is not None:
+                        failed[str(path)] = why
+                        unwritten.append(str(path))
+                        log.warning("could not write the outputs of %s: %s", path, why)
+                        continue
+                    written[stem] = [str(f) for f in files]
+                    summary[stem] = {"input": str(path), "size": [img.width, img.height],
+                                     "files": [f.name for f in files],
+                                     "shares": {str(c): round(float(s), 6)
+                                                for c, s in shares.items()}}
+                    log.info("%s -> %s", path, files[1])
     except BaseException as err:  # the images done so far are recorded all the same
         try:
             save_record(message(err) if isinstance(err, Exception) else "interrupted")

@@ -934,3 +934,27 @@ def test_predict_records_what_it_did_when_a_full_disk_stops_it(runs, tmp_path, m
     record = json.loads((out / "predictions.json").read_text())
     assert sorted(record["images"]) == ["a"]
     assert "No space left on device" in record["stopped"]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_predict_stopped_by_a_signal_records_the_images_done(runs, tmp_path, monkeypatch,
+                                                             signame):
+    """SIGTERM (a scheduler's stop) killed predict outright, predictions.json never written;
+    now it stops as Ctrl-C does: the images done are recorded, "stopped": "interrupted", and
+    SIGTERM's own handler is back afterwards."""
+    import signal
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
+    real, calls = predict.write_outputs, []
+
+    def write_outputs(files, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # image b's: the signal arrives before its files are written
+            os.kill(os.getpid(), getattr(signal, signame))
+        return real(files, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_outputs", write_outputs)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a"] and record["stopped"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
