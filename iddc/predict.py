@@ -307,7 +307,8 @@ def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
     """Write one image's output files: None, or why they could not be, an error of this image
     alone (e.g. no permission; its files written so far are removed again). A full or
     read-only disk is raised (every later write would fail too), and so is a file that
-    appeared meanwhile (an error without errno)."""
+    appeared meanwhile (an error without errno). A stop (KeyboardInterrupt) midway removes
+    the image's new files too, unless they replace earlier ones (``overwrite``)."""
     done = []
     try:
         for file, image in zip(files, images):
@@ -320,6 +321,12 @@ def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
             with contextlib.suppress(OSError):  # without --overwrite would meet them)
                 os.remove(file)
         return message(err)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the image is not recorded, so without
+        if not overwrite:  # --overwrite its new files would block the rerun that finishes it
+            for file in done:
+                with contextlib.suppress(OSError):
+                    os.remove(file)
+        raise
     return None
 
 

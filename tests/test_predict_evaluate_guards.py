@@ -958,3 +958,23 @@ def test_predict_stopped_by_a_signal_records_the_images_done(runs, tmp_path, mon
     record = json.loads((out / "predictions.json").read_text())
     assert sorted(record["images"]) == ["a"] and record["stopped"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_predict_stopped_between_an_images_files_leaves_none_of_them(runs, tmp_path,
+                                                                     monkeypatch):
+    """A stop after image b's first file: b is not recorded, so its one file would be a
+    partial output (and block a rerun without --overwrite); it is removed."""
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("ab")]
+    real, calls = predict.write_atomic, []
+
+    def write_atomic(path, *args, **kwargs):
+        calls.append(path)
+        if len([c for c in calls if os.path.basename(c).startswith("b_")]) == 2:  # b's second
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_atomic", write_atomic)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
+    assert not list(out.glob("b_*")) and len(list(out.glob("a_*"))) == 3
+    assert sorted(json.loads((out / "predictions.json").read_text())["images"]) == ["a"]
