@@ -194,10 +194,9 @@ def _entry_problem(key: str, value) -> Optional[str]:
         except (KeyError, TypeError, ValueError):
             ok = False
         return None if ok else "is not a normalisation {mean: 3 numbers, std: 3 positive ones}"
-    if key == "weights_report":
-        return None if value is None or (isinstance(value, Mapping) and isinstance(
-            value.get("source"), str)) else "is not a record of the backbone's weights " \
-            "{source: text, ...}"
+    if key == "weights_report":  # never None: every version wrote build_model's record
+        return None if isinstance(value, Mapping) and isinstance(value.get("source"), str) \
+            else "is not a record of the backbone's weights {source: text, ...}"
     if key == "train_set":
         fingerprint = value.get("fingerprint") if isinstance(value, Mapping) else None
         return None if value is None or (
@@ -259,9 +258,10 @@ def check_entries(ckpt: dict, path: str) -> None:
                                       f"{reprlib.repr(ckpt[key])}); it was edited or not "
                                       "written by iddc.train")
     why = _position_problem(ckpt)
-    if why is not None:
-        raise CheckpointError(f"checkpoint {path}: {why}; it was edited or not written by "
-                              "iddc.train")
+    if why is not None:  # a NaN statistic may be a run's own (a probe that diverged)
+        cause = "its run's statistics diverged, or it was edited" if "finite" in why \
+            else "it was edited or not written by iddc.train"
+        raise CheckpointError(f"checkpoint {path}: {why}; {cause}")
 
 
 def rng_state(shift_generator: torch.Generator) -> dict:

@@ -54,6 +54,10 @@ def _temp_name(folder: str, name: str) -> str:
     return TEMP_PREFIX + part + suffix
 
 
+#: what fsync of a folder gives on a file system that does not sync folders (not a disk error)
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def _sync_folder(folder: str) -> None:
     """A rename reaches the disk when the folder's entries do (POSIX): without this a power cut
     just after write_atomic returned could leave the old file, or none, under the name."""
@@ -65,8 +69,9 @@ def _sync_folder(folder: str) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder
-        pass
+    except OSError as err:  # some file systems refuse fsync on a folder; a disk error is one
+        if err.errno not in _NO_FOLDER_SYNC:
+            raise OSError(err.errno, err.strerror, folder) from err
     finally:
         os.close(fd)
 

@@ -345,12 +345,17 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
                                       "are all -Inf (its softmax is NaN)")
 
 
+def check_generator(generator) -> None:
+    """ValueError unless `generator` is None or a torch.Generator: checked also where no shift
+    is drawn, so that a wrong argument does not wait for the day one is."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
 def draw_shifts(batch: int, num_shifts: int, generator: Optional[torch.Generator] = None) -> tuple:
     """S shifts drawn uniformly from 1..B-1, with replacement: on the CPU (no device sync) unless
     `generator` lives on a device, where the draw is made there and read back (one sync)."""
-    # checked even where unused (no draw): a wrong argument should not wait for the day it is
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_generator(generator)
     if num_shifts == 0:
         return ()
     if batch < 2:
@@ -465,7 +470,7 @@ class IDDCLoss(nn.Module):
         if shifts is None:
             shifts = draw_shifts(batch, cfg.num_shifts, generator)
         else:
-            draw_shifts(batch, 0, generator)  # no draw: the generator's type is checked
+            check_generator(generator)  # unused here, checked all the same
             shifts = check_shifts(shifts, batch)
         # the loss runs in float32 (or float64) whatever autocast would pick: a bf16 GEMM for f
         # would select other pairs than the exact one

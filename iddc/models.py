@@ -72,9 +72,15 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     name = timm_name(cfg.backbone)
     try:
         backbone = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
-    except (TypeError, AssertionError, ZeroDivisionError, OverflowError) as err:
-        # an argument the architecture does not take, or a value its own checks (asserts) or
-        # arithmetic refuse (embed_dim not divisible by num_heads, num_heads 0): not a download
+    except TypeError as err:  # an argument the architecture does not take: not a download
+        raise ValueError(not_accepted(cfg, err)) from err
+    except (AssertionError, ZeroDivisionError, OverflowError) as err:
+        # a value timm's own checks (asserts) or arithmetic refuse (embed_dim not divisible by
+        # num_heads, num_heads 0): the kwargs' if any were given, else the size's
+        if not cfg.backbone_kwargs:
+            raise ValueError(f"could not create backbone {cfg.backbone!r} at "
+                             f"--backbone-img-size {cfg.backbone_img_size}: "
+                             f"{err or type(err).__name__}") from err
         raise ValueError(not_accepted(cfg, err)) from err
     except Exception as err:
         if cfg.pretrained:  # no network, no cache, unknown tag, ...

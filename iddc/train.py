@@ -407,16 +407,22 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
     return "the folder's metrics.json is not this run's"
 
 
+def requested_folder(ckpt: dict, requested: dict) -> tuple:
+    """(--out, --name) of a resume's explicit train settings `requested`: each None when not
+    given, the name also when it is the run's own (its original command repeated)."""
+    new_name = requested.get("name")
+    if new_name == ckpt["config"].get("train", {}).get("name"):
+        new_name = None
+    return requested.get("out"), new_name
+
+
 def resume_out_dir(path: str, ckpt: dict, cfg: Config, requested: dict) -> str:
     """Where a resumed run continues: the new run folder this command names (``requested``: its
     explicit train settings, --out or a new --name), else the checkpoint's own folder, but only
     when the checkpoint is that folder's last.pt (never over another run's or the user's files).
     Paths are compared resolved: a relative --out means the folder it names from here."""
     folder = os.path.dirname(os.path.abspath(path))
-    new_out = requested.get("out")
-    new_name = requested.get("name")
-    if new_name == ckpt["config"].get("train", {}).get("name"):
-        new_name = None  # the run's own name, e.g. its original command repeated
+    new_out, new_name = requested_folder(ckpt, requested)
     why_not = not_own_last_pt(path, ckpt)
     if new_out is not None:
         if why_not is None and os.path.realpath(new_out) == os.path.realpath(folder):
@@ -522,14 +528,22 @@ def lagging_folder(path: str, ckpt: dict, cfg: Config, requested: dict) -> Optio
     if nothing_to_train(ckpt, cfg) is None or not_own_last_pt(path, ckpt) is not None:
         return None
     folder = os.path.dirname(os.path.abspath(path))
-    new_out, new_name = requested.get("out"), requested.get("name")
+    new_out, new_name = requested_folder(ckpt, requested)
     if (new_out is not None and os.path.realpath(new_out) != os.path.realpath(folder)) or (
-            new_out is None and new_name not in (None, ckpt["config"].get("train", {}).get(
-                "name"))):
+            new_out is None and new_name is not None):
         return None
     history, on_disk = _histories(folder, ckpt)
+    # what a kill after last.pt can leave (none yet, or the one before); any other difference
+    # is not this: the resume is refused as before, the file (a user's additions?) kept
+    if history and (on_disk is None or on_disk == history[:-1]):
+        return "its metrics.json lacks last.pt's last record"
     if on_disk != history:
-        return "its metrics.json does not hold last.pt's records"
+        return None
+    record = ckpt.get("config_file")
+    config_path = os.path.join(folder, "config.yaml")
+    if isinstance(record, Mapping) and record.get("found") != record.get("written") \
+            and os.path.isfile(config_path) and file_sha256(config_path) == record.get("found"):
+        return "its config.yaml holds the settings from before last.pt's"
     leftovers = _leftover_temp_files(os.listdir(folder), RUN_FILES)
     if leftovers:
         return f"it holds the temp file {sorted(leftovers)[0]} of a write cut short"
@@ -775,7 +789,7 @@ def check_resumable(resume: dict, cfg: Config, lagging: Optional[str] = None) ->
         raise ValueError(why)
     if why is not None and saved_pending_record(resume) is None:
         log.info("the run has nothing left to train, but its folder lags behind last.pt (%s): "
-                 "this resume writes its metrics.json and val_panel.png from it", lagging)
+                 "this resume finishes the folder's files from it", lagging)
 
 
 def check_same_folder(out: str, identity: tuple) -> None:
@@ -1196,6 +1210,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     elif run.record_only:  # a complete run whose folder lagged behind last.pt: its records
         with folder_kept(out, folder_id):
             write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
+            write_config()  # last.pt's settings (a kill can come before their config.yaml)
+            config_pending = False
 
     def save_val_panel(res: dict) -> None:
         """val_panel.png of an evaluation's kept samples (none kept: --vis-images 0)."""

@@ -19,8 +19,8 @@ if "TRITON_INTERPRET" not in os.environ:
 def signals_as_in_a_terminal():
     """Tests that send themselves SIGINT or SIGTERM expect the handlers a terminal's process
     starts with. A shell's background job (`pytest &`, some CI runners) starts with SIGINT
-    ignored, which training rightly leaves ignored: each test gets Python's own handlers and
-    the process's are restored after it."""
+    ignored, which training rightly leaves ignored: a signal ignored on entry gets Python's
+    own handler for the test, and the process's handlers are restored after it."""
     wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     previous = {s: signal.getsignal(s) for s in wanted}
     for s, handler in wanted.items():

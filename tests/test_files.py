@@ -238,7 +238,7 @@ def test_config_dump_yaml_reads_back_and_is_written_atomically(tmp_path, monkeyp
     from iddc import config as config_module
     from iddc.config import Config, load_yaml_file
     cfg = Config()
-    cfg.data.root = "/a/" + "very-long-folder-name/" * 8  # longer than a YAML line
+    cfg.data.data_root = "/a/" + "very long folder name/" * 8  # wrapped at YAML's width 80
     writes = []
     real = config_module.write_atomic
     monkeypatch.setattr(config_module, "write_atomic",
@@ -246,3 +246,19 @@ def test_config_dump_yaml_reads_back_and_is_written_atomically(tmp_path, monkeyp
     cfg.dump_yaml(str(tmp_path / "cfg.yaml"))
     assert writes == [str(tmp_path / "cfg.yaml")]
     assert Config.from_dict(load_yaml_file(str(tmp_path / "cfg.yaml"))) == cfg
+
+
+def test_a_disk_error_syncing_the_folder_names_it(tmp_path, monkeypatch):
+    """EIO from the folder's fsync is a durability failure, not a file system without folder
+    syncs: raised, naming the folder (the file is in place, maybe not on disk)."""
+    from iddc import files
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error") as err:
+        files.write_atomic(str(tmp_path / "a.txt"), lambda fh: fh.write("x"), binary=False)
+    assert err.value.filename == str(tmp_path)

@@ -373,3 +373,16 @@ def test_non_square_patches_are_refused():
     with pytest.raises(ValueError, match=r"patches of \(8, 16\) pixels; iddc needs square"):
         build_model(ModelConfig(backbone="vit_small_patch8_224", backbone_img_size=32,
                                 backbone_kwargs={**TINY, "patch_size": [8, 16]}), num_classes=3)
+
+
+def test_a_timm_assert_without_backbone_kwargs_names_the_size_not_the_kwargs(monkeypatch):
+    """An assert inside timm with no backbone_kwargs given is not the kwargs' fault: the
+    message names the backbone and its image size."""
+    def create_model(*args, **kwargs):
+        raise AssertionError("img_size must divide by the patch")
+    monkeypatch.setattr(models.timm, "create_model", create_model)
+    with pytest.raises(ValueError, match=r"could not create backbone 'vit_small_patch8_224' at "
+                                         r"--backbone-img-size 224: img_size must divide"):
+        models.create_backbone(ModelConfig())
+    with pytest.raises(ValueError, match=r"model.backbone_kwargs \{'depth': 2.*\} do not fit"):
+        models.create_backbone(ModelConfig(backbone_kwargs=dict(TINY)))

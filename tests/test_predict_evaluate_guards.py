@@ -479,6 +479,8 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
                                   if k.startswith("head")}),
      r"its weights do not match its model config \(\d+ tensor\(s\) not floating-point, e.g. "
      r"head\.\S+: torch.int64\)"),
+    (lambda c: c.update(weights_report=None), r"its 'weights_report' entry is not a record of "
+                                              r"the backbone's weights"),
     (lambda c: c.update(format="iddc-checkpoint-0"),
      r"edited.pt is not an IDDC checkpoint \(format 'iddc-checkpoint-0'; expected format "
      r"'iddc-checkpoint-1'\)"),
@@ -487,7 +489,7 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
         "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text",
         "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
         "partial-steps-text", "config-text", "negative-epoch", "class-containers", "nan-weights",
-        "integer-weights", "other-format", "no-format"])
+        "integer-weights", "weights-report-none", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
     import re
@@ -953,11 +955,12 @@ def test_predict_stopped_by_a_signal_records_the_images_done(runs, tmp_path, mon
         return real(files, *args, **kwargs)
     monkeypatch.setattr(predict, "write_outputs", write_outputs)
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
     record = json.loads((out / "predictions.json").read_text())
     assert sorted(record["images"]) == ["a"] and record["stopped"] == "interrupted"
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_predict_stopped_between_an_images_files_leaves_none_of_them(runs, tmp_path,

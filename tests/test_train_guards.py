@@ -1618,8 +1618,41 @@ def test_a_signal_while_the_final_panel_is_written_lets_it_finish(tmp_path, tiny
         return real(path, *args, **kwargs)
     monkeypatch.setattr(visualize, "save_panel", save_panel)
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
     res = train.main(["--config", tiny_yaml, "--out", str(out), "--kmeans-baseline", "false"])
     assert (out / "val_panel.png").stat().st_size > 0 and len(res["metrics"]) == 3
     assert not any(n.startswith(".tmp-") for n in os.listdir(out))
     assert "interrupted while val_panel.png was written" in (out / "train.log").read_text()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_complete_folder_whose_metrics_json_holds_more_is_not_rewritten(tmp_path,
+                                                                         finished_run):
+    """Only what a kill leaves (metrics.json missing or one record short) counts as a lagging
+    folder: a metrics.json holding anything else (a user's additions) is kept, the resume
+    refused as before."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "metrics.json").write_text(json.dumps(read_metrics(out) + [{"note": "mine"}]))
+    (out / "val_panel.png").unlink()
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt")])
+    assert snapshot(out) == before
+
+
+def test_a_resume_killed_before_its_config_yaml_is_finished_with_it(tmp_path, finished_run):
+    """A resume whose first save was also its last (--epochs 3 on a 2-epoch run), killed
+    between metrics.json and config.yaml: the folder said epochs: 2 beside a last.pt of 3.
+    The finishing resume writes last.pt's settings there."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    old_config = (out / "config.yaml").read_text()
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "3"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 3
+    (out / "config.yaml").write_text(old_config)  # the kill: config.yaml not yet rewritten
+    train.main(["--resume", str(out / "last.pt")])
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert "its config.yaml holds the settings from before" in (out / "train.log").read_text()
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.main(["--resume", str(out / "last.pt")])
