@@ -223,6 +223,14 @@ def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
         yield idx, torch.stack(xs), torch.stack(ys)
 
 
+def checked_class_names(source, class_names, k: int):
+    """`class_names`, else the source's (None: ids), checked against K before the pass over
+    the data rather than after it (ValueError)."""
+    names = class_names if class_names is not None else getattr(source, "class_names", None)
+    metrics.class_name_list(names, k)
+    return names
+
+
 @torch.no_grad()
 def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
              num_classes: Optional[int] = None, device="cpu", batch_size: int = 16,
@@ -245,8 +253,7 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     acc_u = metrics.Accumulator(model.num_classes, k)
     # the probe predicts the model's K classes: scored only where they are the labels' classes
     acc_p = metrics.Accumulator(model.num_classes, k) if model.num_classes == k else None
-    names = class_names if class_names is not None else getattr(source, "class_names", None)
-    metrics.class_name_list(names, k)  # before the pass, not after it
+    names = checked_class_names(source, class_names, k)
     samples, skipped = [], []
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
@@ -377,8 +384,7 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     Returns {"unsupervised": scores, "skipped": [...]}: the images left out (corrupt, or too
     large for the backbone's one pass over a whole image, also in the sliding eval mode, so the
     baseline then scores fewer images than the head)."""
-    names = class_names if class_names is not None else getattr(source, "class_names", None)
-    metrics.class_name_list(names, num_classes)  # before the pass, not after it
+    names = checked_class_names(source, class_names, num_classes)
     was_training = model.training
     model.eval()
     feats, labels, skipped = [], [], []

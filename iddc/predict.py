@@ -317,17 +317,19 @@ def write_outputs(files: Sequence[Path], images: Sequence[Image.Image],
     except OSError as err:
         if err.errno is None or err.errno in STOPPING_ERRNOS:
             raise
-        for file in done:  # this call's own files: a failed image leaves none (a rerun
-            with contextlib.suppress(OSError):  # without --overwrite would meet them)
-                os.remove(file)
-        return message(err)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the image is not recorded, so without
-        if not overwrite:  # --overwrite its new files would block the rerun that finishes it
-            for file in done:
-                with contextlib.suppress(OSError):
-                    os.remove(file)
+        _remove(done)  # this call's own files: a failed image leaves none (a rerun
+        return message(err)  # without --overwrite would meet them)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the image is not recorded, so its new
+        if not overwrite:  # files would be a partial output (replaced ones stay, complete)
+            _remove(done)
         raise
     return None
+
+
+def _remove(files: Sequence[Path]) -> None:
+    for file in files:
+        with contextlib.suppress(OSError):
+            os.remove(file)
 
 
 def id_image(ids: np.ndarray, k: int) -> Image.Image:

@@ -445,31 +445,26 @@ def test_generator_must_be_a_torch_generator(draw):
         iddc_loss(*_small_views(), generator=0, backend="streaming", **draw)
 
 
-@pytest.mark.parametrize("result, got", [
-    (lambda s, c: (s[:1], c[:1]), r"got \(\(1,\), \(1,\)\)"),
-    (lambda s, c: (torch.cat([s, s[:1]]), torch.cat([c, c[:1]])), r"got \(\(4,\), \(4,\)\)"),
-    (lambda s, c: (s, c.tolist()), r"got \(\(3,\), 'list'\)"),
-    (lambda s, c: s, "got Tensor"),
-], ids=["too-few-terms", "too-many-terms", "counts-not-a-tensor", "sums-only"])
-def test_callable_backend_breaking_the_contract_is_named(result, got):
-    def my_backend(*args, **kwargs):
-        return result(*pair_sums(*args, **kwargs))
-    with pytest.raises(ValueError, match=rf"backend my_backend must return \(sums, counts\), "
-                                         rf"two tensors of shape \(3,\).*{got}"):
-        iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
+_SHAPES = r"must return \(sums, counts\), two tensors of shape \(3,\).*"
+_DTYPES = r"must return floating-point sums and integer counts .*"
 
 
-@pytest.mark.parametrize("result, got", [
-    (lambda s, c: (s, c.double() + 0.5), "counts torch.float64"),
-    (lambda s, c: (s, c > 0), "counts torch.bool"),
-    (lambda s, c: (s.long(), c), "sums torch.int64"),
-], ids=["float-counts", "bool-counts", "integer-sums"])
-def test_callable_backend_returning_the_wrong_dtypes_is_named(result, got):
-    """Float counts (a mean passed as a count) divided the sums silently wrong."""
+@pytest.mark.parametrize("result, message", [
+    (lambda s, c: (s[:1], c[:1]), _SHAPES + r"got \(\(1,\), \(1,\)\)"),
+    (lambda s, c: (torch.cat([s, s[:1]]), torch.cat([c, c[:1]])),
+     _SHAPES + r"got \(\(4,\), \(4,\)\)"),
+    (lambda s, c: (s, c.tolist()), _SHAPES + r"got \(\(3,\), 'list'\)"),
+    (lambda s, c: s, _SHAPES + "got Tensor"),
+    # float counts (a mean passed as a count) divided the sums silently wrong
+    (lambda s, c: (s, c.double() + 0.5), _DTYPES + "counts torch.float64"),
+    (lambda s, c: (s, c > 0), _DTYPES + "counts torch.bool"),
+    (lambda s, c: (s.long(), c), _DTYPES + "sums torch.int64"),
+], ids=["too-few-terms", "too-many-terms", "counts-not-a-tensor", "sums-only", "float-counts",
+        "bool-counts", "integer-sums"])
+def test_callable_backend_breaking_the_contract_is_named(result, message):
     def my_backend(*args, **kwargs):
         return result(*pair_sums(*args, **kwargs))
-    with pytest.raises(ValueError, match=rf"backend my_backend must return floating-point sums "
-                                         rf"and integer counts .*{got}"):
+    with pytest.raises(ValueError, match=rf"backend my_backend {message}"):
         iddc_loss(*_small_views(), shifts=(1, 2), backend=my_backend)
 
 
