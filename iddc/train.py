@@ -100,10 +100,12 @@ def choose_backend(requested: str, device: torch.device, classes: Optional[int] 
     return name, None
 
 
-#: written into a new run folder at once and removed when training starts: a folder that still
-#: has it (and nothing but what a start writes) is a start that failed, and may be reused. The
-#: starting process holds an exclusive lock on it (released when it stops, however it stops),
-#: so a start still running is never reused; it also records "pid host" for the messages.
+#: written into a new run folder at once and removed just before its first checkpoint is
+#: written: a folder that still has it (and nothing but what a start writes) is a run that
+#: stopped before it saved anything (during the start-up evaluation, or killed or failed in its
+#: first epoch), and may be reused. The process holds an exclusive lock on it until then
+#: (released when it stops, however it stops), so a live run is never reused; it also records
+#: "pid host" for the messages.
 STARTING_MARKER = ".iddc-starting"
 #: what a run writes before its first epoch
 START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
@@ -182,7 +184,7 @@ def _claim_once(out: str) -> Optional[str]:
         with os.fdopen(fd) as fh:
             who = fh.readline().strip().split(" ")
         where = f" (pid {who[0]} on host {who[1]})" if len(who) == 2 else ""
-        return f"is being used by a run starting now{where}"
+        return f"is being used by another run now{where}, which has saved no checkpoint yet"
     try:  # still this folder's marker (not one a start unlinked as it began training)?
         same = os.stat(marker).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -193,7 +195,7 @@ def _claim_once(out: str) -> Optional[str]:
     if locked:  # without a real lock a leftover could be a live start's write
         _remove_leftover_temp_files(out, START_FILES)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has not started training "
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\nthis run has saved no checkpoint "
                  "yet; if it stopped, the folder may be reused\n".encode())
     _CLAIMS[os.path.abspath(out)] = fd
     return None
@@ -206,12 +208,13 @@ def _claim(out: str) -> Optional[str]:
         why_not = _claim_once(out)
         if why_not != "retry":
             return why_not
-    return "is being used by another run starting now"
+    return "is being used by another run now, which has saved no checkpoint yet"
 
 
 def release_claim(out: str, started: bool) -> None:
-    """End this process's start in `out`: when training starts (`started`), the marker goes
-    (the folder holds a run now); otherwise it stays, unlocked, for a later start to reuse."""
+    """End this process's start in `out`: when its first checkpoint is about to be written
+    (`started`), the marker goes (the folder holds a run now); otherwise it stays, unlocked,
+    for a later start to reuse."""
     fd = _CLAIMS.pop(os.path.abspath(out), None)
     marker = os.path.join(out, STARTING_MARKER)
     if started and os.path.exists(marker):
@@ -1143,8 +1146,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     except ImportError:  # pragma: no cover
         tqdm = None
 
-    # training starts: from here on the folder holds a run, never to be reused
-    release_claim(out, started=True)
     interrupt = GracefulInterrupt()  # installed as the epochs begin; `save` defers to it
     train_set = run.train_set  # the split's record, made at the first mid-epoch save if not yet
 
@@ -1157,6 +1158,9 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         check_same_folder(out, folder_id)  # removed mid-run: never made again by a save
         # a second Ctrl-C stops the run once the files are written, never halfway through one
         with interrupt.deferred(), folder_kept(out, folder_id):
+            # from its first checkpoint on the folder holds a run, never to be reused (the
+            # marker goes first: a kill between the two leaves no marker beside a last.pt)
+            release_claim(out, started=True)
             if step and train_set is None:
                 train_set = training_set_record(train_src)
             checkpoint.save_atomic({

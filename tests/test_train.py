@@ -265,9 +265,10 @@ def test_runs_starting_at_once_never_share_a_folder(tmp_path, tiny_yaml, monkeyp
         p.start()
     claims = [results.get(timeout=60) for _ in procs]
     assert claims.count(None) == 1, claims  # exactly one winner, whatever the timing
-    assert all("being used by a run starting now" in c for c in claims if c is not None)
-    with pytest.raises(FileExistsError, match=r"output folder .*same is being used by a run "
-                                              r"starting now \(pid \d+ on host [^)]+\)"):
+    assert all("being used by another run now" in c for c in claims if c is not None)
+    with pytest.raises(FileExistsError, match=r"output folder .*same is being used by another "
+                                              r"run now \(pid \d+ on host [^)]+\), which has "
+                                              r"saved no checkpoint yet; choose another --out"):
         train.main(["--config", tiny_yaml, "--out", out])
     monkeypatch.chdir(tmp_path)
     assert train.make_out_dir(train.resolve_config(train.parse_args(

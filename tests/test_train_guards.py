@@ -500,22 +500,82 @@ def test_batch_size_beyond_the_data_fails_before_the_run_folder_is_made(tmp_path
     assert res["out"] == str(out) and (out / "last.pt").exists()
 
 
-def test_marker_stays_until_training_starts(tmp_path, tiny_yaml, monkeypatch):
+@pytest.mark.parametrize("where", ["start-up", "first-epoch"])
+def test_marker_stays_until_the_first_checkpoint(tmp_path, tiny_yaml, monkeypatch, where):
+    """A run that stops before it saved anything (an error after the start-up evaluation, or
+    in its first epoch: a divergence, a data error) leaves its marker, so the same command
+    (with the setting fixed) reuses the folder and appends to its train.log; in the first
+    epoch the folder used to hold "a run", refused for good."""
     class Boom(Exception):
         pass
 
     def fail(*args, **kwargs):
-        raise Boom("after the start-up evaluation")
+        raise Boom("stopped before the first checkpoint")
 
-    monkeypatch.setattr(train, "TwoViewDataset", fail)
+    if where == "start-up":
+        monkeypatch.setattr(train, "TwoViewDataset", fail)
+    else:  # the second step of the first epoch
+        real = train.batches_until
+
+        def batches_until(loader, interrupt):
+            for i, batch in enumerate(real(loader, interrupt)):
+                if i == 1:
+                    fail()
+                yield batch
+        monkeypatch.setattr(train, "batches_until", batches_until)
     out = tmp_path / "run"
     with pytest.raises(Boom):
         train.main(["--config", tiny_yaml, "--out", str(out), "--vis-images", "0"])
-    assert train.STARTING_MARKER in os.listdir(out) and (out / "metrics.json").exists()
+    assert sorted(os.listdir(out)) == sorted(train.START_FILES)
+    first_log = (out / "train.log").read_text()
+    assert "Boom: stopped before the first checkpoint" in first_log
     monkeypatch.undo()
     assert train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"]
                       + QUICK)["out"] == str(out)
+    assert (out / "train.log").read_text().startswith(first_log)
+    assert train.STARTING_MARKER not in os.listdir(out) and (out / "last.pt").exists()
 
+
+_KILLED_AT_STEP = """
+import os, signal, sys
+from iddc import train
+real, made = train.batches_until, [0]
+def batches_until(loader, interrupt):  # killed as the run's step sys.argv[1] (from 0) begins
+    for batch in real(loader, interrupt):
+        if made[0] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        made[0] += 1
+        yield batch
+train.batches_until = batches_until
+train.main(sys.argv[2:])
+"""
+
+
+def test_a_run_killed_in_its_first_epoch_leaves_a_reusable_folder(tmp_path, tiny_yaml):
+    """A real SIGKILL (the OOM killer, a preempted job) in the first epoch, before any
+    checkpoint: the folder held "a run that stopped before it saved a checkpoint", which no
+    command could reuse or resume. The same command now reuses it; a kill after the first
+    checkpoint still leaves a run, continued with --resume."""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    argv = ["--config", tiny_yaml, "--out", str(out), "--epochs", "2"] + QUICK
+
+    def killed_at(step):
+        proc = subprocess.run([sys.executable, "-c", _KILLED_AT_STEP, str(step), *argv],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+
+    steps_per_epoch = TINY["data"]["train_options"]["num_images"] // TINY["train"]["batch_size"]
+    killed_at(1)
+    assert sorted(os.listdir(out)) == sorted(train.START_FILES)
+    killed_at(steps_per_epoch + 1)  # reused; then killed in epoch 2, after last.pt
+    assert "last.pt" in os.listdir(out) and train.STARTING_MARKER not in os.listdir(out)
+    with pytest.raises(FileExistsError, match=r"already holds other files \(a run\?\); choose "
+                                              r"another --out, or continue it with --resume"):
+        train.main(argv)
+    res = train.main(["--resume", str(out / "last.pt")])
+    assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"] == [1, 2]
 
 def test_error_in_a_dataloader_worker_is_one_line(capsys):
     """torch puts the worker's traceback inside the message of an error raised in a DataLoader
