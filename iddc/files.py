@@ -12,6 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+try:
+    import fcntl
+except ImportError:  # not on POSIX: folders are taken without a lock
+    fcntl = None
+
 
 #: write_atomic's temporary files are named TEMP_PREFIX + the file's name + "-" + 12 hex digits
 #: (the name cut short where the whole would exceed the file system's limit on a name)
@@ -27,6 +32,23 @@ def temp_file_of(name: str) -> Optional[str]:
     its beginning."""
     m = re.fullmatch(re.escape(TEMP_PREFIX) + r"(.+)-[0-9a-f]{12}", name)
     return m.group(1) if m else None
+
+
+def try_lock(fd: int) -> Optional[bool]:
+    """Take the open file's (or folder's) exclusive lock without waiting: True, or False if
+    another process holds it; the lock goes when the descriptor is closed, however the process
+    stops. A file system without locks (some network mounts) gives no protection against a
+    concurrent process: None, which callers take as "not held by another" (but never as
+    licence to remove another process's files)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+        return None
+    return True
 
 
 def name_max(path) -> int:

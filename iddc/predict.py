@@ -36,7 +36,9 @@ computed, and the call is refused if one exists (``--overwrite`` replaces them) 
 the inputs (always refused); --out is checked first (a file, a dangling link or a read-only
 folder is refused before the model loads). Each file is written atomically: a temp file,
 then moved in place (a hard link without ``--overwrite``, so a file another program wrote
-under that name meanwhile is kept and the call fails naming it).
+under that name meanwhile is kept and the call fails naming it). The call holds a lock on
+--out while it writes there: a second predict into the same folder meanwhile is refused, and
+the temp files a killed call left of this call's outputs are removed.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
-from .files import check_outputs, check_writable, name_max, write_atomic, write_json
+from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
+                    write_atomic, write_json)
 from .inference import (DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, ImageTooLargeError, Predictor,
                         check_at_least)
 from .visualize import palette
@@ -359,6 +362,33 @@ def check_out_folder(out: Path) -> None:
     check_writable(str(out / "predictions.json"))
 
 
+@contextlib.contextmanager
+def out_folder_held(out: Path, outputs: Sequence[Path]):
+    """Hold --out's lock while this call writes there: a second predict into the same folder
+    meanwhile is refused (the two would write one predictions.json and legend.png). Under the
+    lock, the temp files that a killed call left of this call's outputs go (a live call's
+    would be its writes in progress, so not without a real lock); any other file stays."""
+    try:
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a folder that cannot be opened (not on POSIX): written without a lock
+        fd = None
+    try:
+        locked = try_lock(fd) if fd is not None else None
+        if locked is False:
+            raise FileExistsError(f"--out {out}: another predict is writing into this folder "
+                                  "now; wait for it to stop, or choose another --out")
+        if locked:
+            names = {p.name for p in outputs}
+            for entry in os.listdir(out):
+                if temp_file_of(entry) in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(out / entry)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
+
+
 def names_too_long(stems: Sequence[str], out: Path) -> dict:
     """{index: reason} of the stems whose output names are too long for --out's file system."""
     limit, longest = name_max(out), max(IMAGE_OUTPUTS, key=len)
@@ -499,9 +529,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     paths = [p for i, p in enumerate(paths) if i not in too_long]
     stems = [s for i, s in enumerate(stems) if i not in too_long]
     legend_path, json_path = out / "legend.png", out / "predictions.json"
-    check_outputs([legend_path, json_path] + [out / f"{stem}{suffix}" for stem in stems
-                                              for suffix in IMAGE_OUTPUTS],
-                  paths + [Path(checkpoint_path)], "--out", overwrite)
+    outputs = [legend_path, json_path] + [out / f"{stem}{suffix}" for stem in stems
+                                          for suffix in IMAGE_OUTPUTS]
+    check_outputs(outputs, paths + [Path(checkpoint_path)], "--out", overwrite)
     dev = resolve_device(device)
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
     mode_given = mode is not None
@@ -531,63 +561,65 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     pal = palette(k)
     title = "cluster" if head == "clusters" else "class (linear probe)"
     out.mkdir(parents=True, exist_ok=True)
-    legend = full_legend(k, names, pal, f"{title}: {k} ids")
-    write_atomic(legend_path, png_writer(legend), replace=overwrite)
+    with out_folder_held(out, outputs):
+        legend = full_legend(k, names, pal, f"{title}: {k} ids")
+        write_atomic(legend_path, png_writer(legend), replace=overwrite)
 
-    written: dict = {}
-    too_large: list = []
-    summary: dict = {}
+        written: dict = {}
+        too_large: list = []
+        summary: dict = {}
 
-    def save_record(stopped: Optional[str] = None) -> None:
-        record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-                  "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
-                  "images": summary,
-                  "failed": failed}
-        if mode == "sliding":  # the tiles used (given, the run's, or the defaults)
-            record.update(window=predictor.window, stride=predictor.stride)
-        if stopped is not None:
-            record["stopped"] = stopped
-        write_json(json_path, record, replace=overwrite)
+        def save_record(stopped: Optional[str] = None) -> None:
+            record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
+                      "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
+                      "images": summary,
+                      "failed": failed}
+            if mode == "sliding":  # the tiles used (given, the run's, or the defaults)
+                record.update(window=predictor.window, stride=predictor.stride)
+            if stopped is not None:
+                record["stopped"] = stopped
+            write_json(json_path, record, replace=overwrite)
 
-    try:
-        with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
-            for start in range(0, len(paths), batch_size):
-                batch = read_images(paths[start:start + batch_size],
-                                    stems[start:start + batch_size], predictor, failed, too_large)
-                if not batch:
-                    continue
-                tensors = [to_tensor(eval_resized(img, predictor.short_side,
-                                                  predictor.multiple),
-                                     data_config["mean"], data_config["std"])
-                           for _, _, img in batch]
-                preds = sized.segment(tensors,
-                                      out_sizes=[(img.height, img.width) for _, _, img in batch])
-                for (path, stem, img), pred in zip(batch, preds):
-                    ids = pred.cpu().numpy()
-                    seg, overlay, shares = render(img, ids, names, pal, alpha, title)
-                    files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
-                    why = write_outputs(files, (seg, overlay, id_image(ids, k)), overwrite)
-                    if why is not None:
-                        failed[str(path)] = why
-                        unwritten.append(str(path))
-                        log.warning("could not write the outputs of %s: %s", path, why)
-                        continue
-                    written[stem] = [str(f) for f in files]
-                    summary[stem] = {"input": str(path), "size": [img.width, img.height],
-                                     "files": [f.name for f in files],
-                                     "shares": {str(c): round(float(s), 6)
-                                                for c, s in shares.items()}}
-                    log.info("%s -> %s", path, files[1])
-    except BaseException as err:  # the images done so far are recorded all the same
         try:
-            save_record(message(err) if isinstance(err, Exception) else "interrupted")
-        except Exception as again:  # e.g. the same full disk: the first error is the one
-            log.warning("could not record the images done in %s: %s", json_path,
-                        message(again))
-        raise
-    save_record()
-    return {"written": written, "failed": failed, "too_large": too_large,
-            "unwritten": unwritten, "legend": str(legend_path), "mode": mode}
+            with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
+                for start in range(0, len(paths), batch_size):
+                    batch = read_images(paths[start:start + batch_size],
+                                        stems[start:start + batch_size], predictor, failed,
+                                        too_large)
+                    if not batch:
+                        continue
+                    tensors = [to_tensor(eval_resized(img, predictor.short_side,
+                                                      predictor.multiple),
+                                         data_config["mean"], data_config["std"])
+                               for _, _, img in batch]
+                    preds = sized.segment(tensors, out_sizes=[(img.height, img.width)
+                                                              for _, _, img in batch])
+                    for (path, stem, img), pred in zip(batch, preds):
+                        ids = pred.cpu().numpy()
+                        seg, overlay, shares = render(img, ids, names, pal, alpha, title)
+                        files = [out / f"{stem}{suffix}" for suffix in IMAGE_OUTPUTS]
+                        why = write_outputs(files, (seg, overlay, id_image(ids, k)), overwrite)
+                        if why is not None:
+                            failed[str(path)] = why
+                            unwritten.append(str(path))
+                            log.warning("could not write the outputs of %s: %s", path, why)
+                            continue
+                        written[stem] = [str(f) for f in files]
+                        summary[stem] = {"input": str(path), "size": [img.width, img.height],
+                                         "files": [f.name for f in files],
+                                         "shares": {str(c): round(float(s), 6)
+                                                    for c, s in shares.items()}}
+                        log.info("%s -> %s", path, files[1])
+        except BaseException as err:  # the images done so far are recorded all the same
+            try:
+                save_record(message(err) if isinstance(err, Exception) else "interrupted")
+            except Exception as again:  # e.g. the same full disk: the first error is the one
+                log.warning("could not record the images done in %s: %s", json_path,
+                            message(again))
+            raise
+        save_record()
+        return {"written": written, "failed": failed, "too_large": too_large,
+                "unwritten": unwritten, "legend": str(legend_path), "mode": mode}
 
 
 def main(argv=None) -> int:

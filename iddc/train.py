@@ -26,11 +26,6 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Optional
 
-try:
-    import fcntl
-except ImportError:  # not on POSIX: run folders are claimed without a lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,7 +39,7 @@ from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
-from .files import file_identity, file_sha256, temp_file_of, write_atomic, write_json
+from .files import file_identity, file_sha256, temp_file_of, try_lock, write_atomic, write_json
 from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, build_model, run_data_config
 
@@ -141,22 +136,6 @@ def _reusable(folder: str) -> bool:
                            and entries - _leftover_temp_files(entries) <= START_FILES)
 
 
-def _lock(fd: int) -> Optional[bool]:
-    """Take the file's lock without waiting: True, or False if another process holds it. A
-    file system without locks (some network mounts) gives no protection against a concurrent
-    start, as before locks were used: None, which callers take as "not held by another" (but
-    never as licence to remove another process's files)."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
-        return None
-    return True
-
-
 def _claim_once(out: str) -> Optional[str]:
     """One attempt at `_claim`: None (claimed), "retry", or why not."""
     try:
@@ -179,7 +158,7 @@ def _claim_once(out: str) -> Optional[str]:
             os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except (FileNotFoundError, FileExistsError):  # another start came and went in between
         return "retry"
-    locked = _lock(fd)
+    locked = try_lock(fd)
     if locked is False:
         with os.fdopen(fd) as fh:
             who = fh.readline().strip().split(" ")
@@ -235,7 +214,7 @@ def _training_now(out: str) -> bool:
     except OSError:
         return False
     try:
-        return _lock(fd) is False
+        return try_lock(fd) is False
     finally:
         os.close(fd)  # closing drops a lock taken just now
 
@@ -243,7 +222,7 @@ def _training_now(out: str) -> bool:
 def hold_run(out: str) -> None:
     """Take `out`'s run lock for this process, or refuse: another process trains there."""
     fd = os.open(os.path.join(out, "train.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    locked = _lock(fd)
+    locked = try_lock(fd)
     if locked is False:
         os.close(fd)
         raise FileExistsError(f"output folder {out} is being trained in by another process now "

@@ -981,3 +981,51 @@ def test_predict_stopped_between_an_images_files_leaves_none_of_them(runs, tmp_p
         predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), batch_size=1)
     assert not list(out.glob("b_*")) and len(list(out.glob("a_*"))) == 3
     assert sorted(json.loads((out / "predictions.json").read_text())["images"]) == ["a"]
+
+
+def _hold_folder_lock(folder, held, done):
+    """In a child process: hold `folder`'s lock (a predict writing there) until told."""
+    from iddc.files import try_lock
+    fd = os.open(folder, os.O_RDONLY)
+    assert try_lock(fd)
+    held.set()
+    done.wait(60)
+
+
+def test_predict_removes_what_a_killed_predict_left_and_refuses_a_concurrent_one(runs,
+                                                                                 tmp_path):
+    """A kill mid-write leaves write_atomic's temp file (a partial PNG or predictions.json),
+    which no call removed. The next call into the folder removes those of the files it
+    writes, and only those; while another predict writes there (holds the folder's lock),
+    a call is refused before it writes anything, as the two would share predictions.json."""
+    import multiprocessing
+    src = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [".tmp-a_seg.png-0123456789ab", ".tmp-predictions.json-ba9876543210"]
+    kept = [".tmp-b_seg.png-0123456789ab",  # another call's image: not this call's output
+            ".tmp-notes.txt-0123456789ab", ".tmp-a_seg.png-mine", "a_seg.png.tmp"]
+    for name in left + kept:
+        (out / name).write_bytes(b"half")
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_folder_lock, args=(str(out), held, done))
+    child.start()
+    try:
+        assert held.wait(60)
+        before = snapshot(out)
+        with pytest.raises(FileExistsError, match=r"--out .*out: another predict is writing "
+                                                  r"into this folder now; wait for it to stop, "
+                                                  r"or choose another --out"):
+            predict.predict_files(runs["labelled"], [str(src)], str(out))
+        assert snapshot(out) == before  # a live call's temp files are its writes in progress
+    finally:
+        done.set()
+        child.join(30)
+    assert predict.predict_files(runs["labelled"], [str(src)], str(out))["failed"] == {}
+    names = set(os.listdir(out))
+    assert not names & set(left) and names >= set(kept)
+    assert {"a_seg.png", "a_overlay.png", "a_ids.png", "legend.png",
+            "predictions.json"} <= names
+    # the lock went with the call: the next one is not refused
+    predict.predict_files(runs["labelled"], [str(src)], str(out), overwrite=True)
