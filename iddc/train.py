@@ -95,8 +95,8 @@ def choose_backend(requested: str, device: torch.device, classes: Optional[int] 
     return name, None
 
 
-#: written into a new run folder at once and removed just before its first checkpoint is
-#: written: a folder that still has it (and nothing but what a start writes) is a run that
+#: written into a new run folder at once and removed once its first checkpoint is written:
+#: a folder that still has it (and nothing but what a start writes) is a run that
 #: stopped before it saved anything (during the start-up evaluation, or killed or failed in its
 #: first epoch), and may be reused. The process holds an exclusive lock on it until then
 #: (released when it stops, however it stops), so a live run is never reused; it also records
@@ -191,9 +191,9 @@ def _claim(out: str) -> Optional[str]:
 
 
 def release_claim(out: str, started: bool) -> None:
-    """End this process's start in `out`: when its first checkpoint is about to be written
-    (`started`), the marker goes (the folder holds a run now); otherwise it stays, unlocked,
-    for a later start to reuse."""
+    """End this process's start in `out`: once its first checkpoint is written (`started`),
+    the marker goes (the folder holds a run now); otherwise it stays, unlocked, for a later
+    start to reuse."""
     fd = _CLAIMS.pop(os.path.abspath(out), None)
     marker = os.path.join(out, STARTING_MARKER)
     if started and os.path.exists(marker):
@@ -671,6 +671,7 @@ def main(argv=None) -> dict:
             in_place = resume is not None and resumes_in_place(out, args.resume)
             if in_place:  # under the run's lock: no other process rewrites config.yaml now
                 check_config_file_unedited(out, resume, cfg, args.config)
+                release_claim(out, started=True)  # a marker a kill left beside last.pt
             fh = log_to_file(os.path.join(out, "train.log"), early)
             try:
                 return _run(cfg, out, resume, run, t_start, in_place=in_place)
@@ -1137,9 +1138,6 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         check_same_folder(out, folder_id)  # removed mid-run: never made again by a save
         # a second Ctrl-C stops the run once the files are written, never halfway through one
         with interrupt.deferred(), folder_kept(out, folder_id):
-            # from its first checkpoint on the folder holds a run, never to be reused (the
-            # marker goes first: a kill between the two leaves no marker beside a last.pt)
-            release_claim(out, started=True)
             if step and train_set is None:
                 train_set = training_set_record(train_src)
             checkpoint.save_atomic({
@@ -1163,6 +1161,10 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 # proves on --resume that this folder is the run's own (train.not_own_last_pt)
                 "run_folder": os.path.abspath(out), "config_file": config_record,
                 "loss_backend": backend}, os.path.join(out, "last.pt"), make_folder=False)
+            # from its first checkpoint on, the folder holds a run, never to be reused (after
+            # the write: a failed one, a full disk, leaves the folder reusable; a kill between
+            # the two leaves the marker beside last.pt, which --resume removes)
+            release_claim(out, started=True)
             # after the checkpoint: metrics.json never records an epoch whose weights were not
             # saved (a resume rewrites it from the checkpoint's history)
             write_json(os.path.join(out, "metrics.json"), history, make_folder=False)

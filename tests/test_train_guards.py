@@ -500,20 +500,23 @@ def test_batch_size_beyond_the_data_fails_before_the_run_folder_is_made(tmp_path
     assert res["out"] == str(out) and (out / "last.pt").exists()
 
 
-@pytest.mark.parametrize("where", ["start-up", "first-epoch"])
+@pytest.mark.parametrize("where", ["start-up", "first-epoch", "first-save"])
 def test_marker_stays_until_the_first_checkpoint(tmp_path, tiny_yaml, monkeypatch, where):
-    """A run that stops before it saved anything (an error after the start-up evaluation, or
-    in its first epoch: a divergence, a data error) leaves its marker, so the same command
-    (with the setting fixed) reuses the folder and appends to its train.log; in the first
-    epoch the folder used to hold "a run", refused for good."""
-    class Boom(Exception):
+    """A run that stops before it saved anything (an error after the start-up evaluation, in
+    its first epoch: a divergence, a data error, or in the write of its first last.pt: a full
+    disk) leaves its marker, so the same command (with the setting fixed) reuses the folder
+    and appends to its train.log; from the first epoch on the folder used to hold "a run",
+    refused for good."""
+    class Boom(OSError):
         pass
 
     def fail(*args, **kwargs):
-        raise Boom("stopped before the first checkpoint")
+        raise Boom(errno.ENOSPC, "stopped before the first checkpoint")
 
     if where == "start-up":
         monkeypatch.setattr(train, "TwoViewDataset", fail)
+    elif where == "first-save":
+        monkeypatch.setattr(checkpoint, "save_atomic", fail)
     else:  # the second step of the first epoch
         real = train.batches_until
 
@@ -528,7 +531,7 @@ def test_marker_stays_until_the_first_checkpoint(tmp_path, tiny_yaml, monkeypatc
         train.main(["--config", tiny_yaml, "--out", str(out), "--vis-images", "0"])
     assert sorted(os.listdir(out)) == sorted(train.START_FILES)
     first_log = (out / "train.log").read_text()
-    assert "Boom: stopped before the first checkpoint" in first_log
+    assert "stopped before the first checkpoint" in first_log
     monkeypatch.undo()
     assert train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"]
                       + QUICK)["out"] == str(out)
@@ -555,7 +558,8 @@ def test_a_run_killed_in_its_first_epoch_leaves_a_reusable_folder(tmp_path, tiny
     """A real SIGKILL (the OOM killer, a preempted job) in the first epoch, before any
     checkpoint: the folder held "a run that stopped before it saved a checkpoint", which no
     command could reuse or resume. The same command now reuses it; a kill after the first
-    checkpoint still leaves a run, continued with --resume."""
+    checkpoint still leaves a run, continued with --resume (which removes a marker that a
+    kill just after the first last.pt left beside it)."""
     import subprocess
     import sys
     out = tmp_path / "run"
@@ -571,11 +575,13 @@ def test_a_run_killed_in_its_first_epoch_leaves_a_reusable_folder(tmp_path, tiny
     assert sorted(os.listdir(out)) == sorted(train.START_FILES)
     killed_at(steps_per_epoch + 1)  # reused; then killed in epoch 2, after last.pt
     assert "last.pt" in os.listdir(out) and train.STARTING_MARKER not in os.listdir(out)
+    (out / train.STARTING_MARKER).write_text("")  # as a kill just after the first last.pt
     with pytest.raises(FileExistsError, match=r"already holds other files \(a run\?\); choose "
                                               r"another --out, or continue it with --resume"):
         train.main(argv)
     res = train.main(["--resume", str(out / "last.pt")])
     assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"] == [1, 2]
+    assert train.STARTING_MARKER not in os.listdir(out)  # the resume removed it
 
 def test_error_in_a_dataloader_worker_is_one_line(capsys):
     """torch puts the worker's traceback inside the message of an error raised in a DataLoader
@@ -1513,8 +1519,8 @@ def test_a_run_folder_removed_mid_run_is_not_made_again(tmp_path, tiny_yaml, mon
 
 
 def test_the_error_that_stops_a_run_is_in_its_train_log(tmp_path, tiny_yaml, monkeypatch):
-    """A full disk at a save: train.log says why the run stopped (a later start in the same
-    folder is refused pointing at it)."""
+    """A full disk at a save: train.log says why the run stopped (at its first save, the
+    folder stays reusable: test_marker_stays_until_the_first_checkpoint)."""
     out = tmp_path / "run"
 
     def disk_full(obj, path, **kw):
@@ -1524,8 +1530,7 @@ def test_the_error_that_stops_a_run_is_in_its_train_log(tmp_path, tiny_yaml, mon
         train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
     last = (out / "train.log").read_text().splitlines()[-1]
     assert last.endswith(f"stopped by an error: {os.strerror(errno.ENOSPC)}: {out / 'last.pt'}")
-    with pytest.raises(FileExistsError, match="its train.log says why"):
-        train.main(["--config", tiny_yaml, "--out", str(out), "--epochs", "1"] + QUICK)
+    assert train.STARTING_MARKER in os.listdir(out)
 
 
 def test_a_second_signal_waits_for_the_file_being_written():
