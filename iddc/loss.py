@@ -34,7 +34,7 @@ PRESETS = {
 }
 
 
-def _fields_of(config: "IDDCConfig") -> dict:
+def fields_of(config: "IDDCConfig") -> dict:
     """The config's fields, as given: not dataclasses.asdict, which deep-copies them, so that a
     callable backend (its state, a lock it holds) would be a copy the loss calls, or fail."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
@@ -115,7 +115,11 @@ class IDDCConfig:
     def check(self) -> "IDDCConfig":
         """Raise ValueError naming the first field that cannot work; numbers are stored as
         plain floats and ints. Run on construction and again by every IDDCLoss call (the fields
-        may be changed in place, e.g. by a threshold schedule)."""
+        may be changed in place, e.g. by a threshold schedule). Fields unchanged, value and
+        type, since the last check pass at once: no tensor work, so a call traced by
+        torch.compile (fullgraph too) meets none."""
+        if getattr(self, "_checked_as", None) == self._as_checked():
+            return self
         if self.h not in H_VARIANTS:
             raise ValueError(f"h={self.h!r} is not a known variant; expected one of {H_VARIANTS}")
         if self.regulariser not in REGULARISERS:
@@ -166,7 +170,13 @@ class IDDCConfig:
                 "exp(-(x/lambda)^k), or its gradient, is not finite for a normalised class mass "
                 "x in [1e-6, 1]): the loss would be NaN")
         self.check_weighted_bounds()
+        self._checked_as = self._as_checked()  # not a field: eq, asdict and YAML ignore it
         return self
+
+    def _as_checked(self) -> tuple:
+        """The fields' values with their types (True == 1, so a bool set in place for a
+        number is still checked)."""
+        return tuple((type(v), v) for v in (getattr(self, name) for name in _CONFIG_FIELDS))
 
     def check_weighted_bounds(self) -> None:
         """Weights that are each finite may still overflow float32 together with their terms
@@ -198,6 +208,9 @@ class IDDCConfig:
         if unknown:
             raise ValueError(f"unknown IDDCConfig fields {sorted(unknown)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(IDDCConfig))
 
 
 @dataclass
@@ -452,7 +465,7 @@ class IDDCLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: IDDCConfig) -> "IDDCLoss":
-        return cls(**_fields_of(config))
+        return cls(**fields_of(config))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "IDDCLoss":
@@ -460,7 +473,7 @@ class IDDCLoss(nn.Module):
         return cls.from_config(IDDCConfig.from_preset(name, **overrides))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in _fields_of(self.config).items())
+        return ", ".join(f"{k}={v}" for k, v in fields_of(self.config).items())
 
     def forward(self, feats_a, feats_b, logits_a, logits_b, shifts: Optional[Sequence[int]] = None,
                 generator: Optional[torch.Generator] = None) -> IDDCOutput:

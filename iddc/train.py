@@ -40,7 +40,7 @@ from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
 from .files import file_identity, file_sha256, temp_file_of, try_lock, write_atomic, write_json
-from .loss import IDDCLoss, NonFiniteInputError, get_pair_sums, resolve_backend
+from .loss import IDDCLoss, NonFiniteInputError, fields_of, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, build_model, run_data_config
 
 log = logging.getLogger("iddc")
@@ -954,9 +954,7 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None,
     if warn:
         log.warning("WARNING: %s", warn)
     log.info("loss backend: %s (requested %r, device %s)", backend, cfg.loss.backend, device)
-    loss_cfg = dict(vars(cfg.loss))
-    loss_cfg["backend"] = backend
-    loss_fn = IDDCLoss(**loss_cfg)
+    loss_fn = IDDCLoss(**{**fields_of(cfg.loss), "backend": backend})
     mode = ev.get_eval_mode(dc.eval_mode)
     eval_tf = mode.make_transform(cfg, data_config, model.patch_size)
     return Prepared(device=device, train_src=train_src, val_src=val_src, k=k, model=model,

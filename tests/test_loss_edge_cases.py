@@ -276,6 +276,52 @@ def test_config_changed_in_place_is_checked_at_the_call():
         iddc_loss(*f, *z, shifts=(1,), t_pos=0.5).pos_count)
 
 
+def test_a_config_set_back_to_its_checked_values_in_another_type_is_checked_again():
+    """The call skips the check of fields unchanged since the last one, by value and type:
+    True == 1, so a bool set in place of a number must still be refused."""
+    f = [torch.randn(3, 8, 2, 2) for _ in range(2)]
+    z = [torch.randn(3, 4, 2, 2) for _ in range(2)]
+    loss_fn = IDDCLoss(lambda1=1.0)
+    loss_fn(*f, *z)
+    loss_fn.config.lambda1 = True
+    with pytest.raises(ValueError, match="lambda1 must be a finite number, got True"):
+        loss_fn(*f, *z)
+    loss_fn.config.lambda1 = np.float64(1.0)  # a numpy scalar: checked, stored as a float
+    loss_fn(*f, *z)
+    assert type(loss_fn.config.lambda1) is float
+
+
+@pytest.mark.parametrize("backend, fullgraph, compiler", [
+    ("reference", True, "aot_eager"), ("reference", True, "inductor"),
+    ("reference", False, "aot_eager"), ("streaming", False, "aot_eager")],
+    ids=lambda v: str(v) if not isinstance(v, bool) else ("fullgraph" if v else "breaks"))
+def test_torch_compile_matches_eager(backend, fullgraph, compiler):
+    """torch.compile of the loss gives eager's terms and gradients. With fullgraph=True (no
+    graph break allowed) `reference` compiles whole once the finite check (a data-dependent
+    branch) is off: the per-call config check, whose Weibull bound is tensor work Dynamo
+    cannot trace, is skipped for unchanged fields (it failed every fullgraph compile)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    fa, fb = torch.randn(3, 16, 5, 6, generator=gen), torch.randn(3, 16, 4, 7, generator=gen)
+    za = torch.randn(3, 5, 5, 6, generator=gen).requires_grad_()
+    zb = torch.randn(3, 5, 4, 7, generator=gen).requires_grad_()
+    loss_fn = IDDCLoss(t_pos=0.3, t_neg=0.1, lambda1=1.0, lambda2=1.0, backend=backend,
+                       check_finite=not fullgraph)
+
+    def terms(fa, fb, za, zb):
+        out = loss_fn(fa, fb, za, zb, shifts=(1, 2))
+        return out.loss, out.pos, out.neg, out.reg
+
+    want = terms(fa, fb, za, zb)
+    want_grads = torch.autograd.grad(want[0], (za, zb))
+    got = torch.compile(terms, fullgraph=fullgraph, backend=compiler)(fa, fb, za, zb)
+    got_grads = torch.autograd.grad(got[0], (za, zb))
+    tol = dict(rtol=1e-6, atol=1e-7)  # inductor fuses in another order: float32 rounding
+    for g, w in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(g, w, **tol)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_second_derivative_raises_instead_of_dropping_the_pair_terms(backend):
     gen = torch.Generator().manual_seed(3)
