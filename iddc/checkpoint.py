@@ -148,9 +148,8 @@ def _is_finite_number(value) -> bool:
 def _metrics_record_problem(record: Mapping) -> Optional[str]:
     """What of a per-epoch record's fields predict and --resume read is not of the form
     iddc.train writes, or None (fields they do not read are not checked)."""
-    epoch = record.get("epoch")
-    if not (epoch is None or _is_count(epoch)) or (record.get("kind") == "iddc"
-                                                   and not _is_count(epoch)):
+    epoch = record.get("epoch")  # None only in a record of no epoch (the k-means baseline)
+    if not _is_count(epoch) and (epoch is not None or record.get("kind") == "iddc"):
         return f"epoch is {reprlib.repr(epoch)}, not a whole number >= 0"
     for name in ("unsupervised", "linear_probe", "partial_epoch"):
         if record.get(name) is not None and not isinstance(record[name], Mapping):

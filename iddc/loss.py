@@ -47,15 +47,22 @@ MAX_SHIFTS = 4096
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _weibull_with_gradient(x: torch.Tensor, shape: float, scale: float) -> tuple:
+    """The Weibull density at the points `x` and its derivative there, elementwise."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = reference.weibull_density(x, shape, scale)
+        grad, = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
+
+
 @functools.lru_cache(maxsize=64)
 def weibull_is_finite(shape: float, scale: float) -> bool:
     """Whether the Weibull regulariser and its gradient stay finite in float32 for every
     normalised class mass x in [1e-6, 1 + 1e-6] (SPEC's x = m_c / max m + 1e-6): its factors
     are monotone in x, so an overflow shows at one of the two ends (checked once per pair)."""
-    x = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32, requires_grad=True)
-    with torch.enable_grad():
-        value = reference.weibull_density(x, shape, scale)
-        grad, = torch.autograd.grad(value.sum(), x)
+    ends = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32)
+    value, grad = _weibull_with_gradient(ends, shape, scale)
     return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
 
 
@@ -81,11 +88,8 @@ def regulariser_bounds(kind: str, shape: float, scale: float) -> tuple:
         mode = scale * ((shape - 1) / shape) ** (1 / shape)
         x = torch.cat([x, torch.tensor([min(max(mode, 1e-6), 1.0 + 1e-6)],
                                        dtype=torch.float64)])
-    x.requires_grad_(True)
-    with torch.enable_grad():
-        value = reference.weibull_density(x, shape, scale)
-        grad, = torch.autograd.grad(value.sum(), x)
-    return float(value.detach().abs().max()), float(grad.abs().max())
+    value, grad = _weibull_with_gradient(x, shape, scale)
+    return float(value.abs().max()), float(grad.abs().max())
 
 
 @dataclass

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported, hence here, before any test
 module loads.
 """
+import contextlib
 import os
 import signal
 
@@ -63,30 +64,39 @@ def iddc_log():
     logger.removeHandler(handler)
 
 
-def _hold_run(out, held, done):
-    from iddc import train
-    train.hold_run(out)
+def _in_child(take, path, held, done):
+    """In a child process: `take(path)` (a lock), report it, and keep it until told."""
+    take(path)
     held.set()
     done.wait(60)
+
+
+@contextlib.contextmanager
+def _held_elsewhere(take, path):
+    """While open, another process holds what `take(path)` takes (a file or folder lock)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_in_child, args=(take, str(path), held, done))
+    child.start()
+    try:
+        assert held.wait(60), "the child process never took the lock"
+        yield
+    finally:
+        done.set()
+        child.join(30)
+
+
+@pytest.fixture
+def held_elsewhere():
+    """`held_elsewhere(take, path)`: a context manager; while it is open, another process holds
+    what `take(path)` takes (a lock)."""
+    return _held_elsewhere
 
 
 @pytest.fixture
 def training_elsewhere():
     """A context manager: while it is open, another process trains in the folder given (holds
     its run lock, iddc.train.hold_run)."""
-    import contextlib
-    import multiprocessing
-
-    @contextlib.contextmanager
-    def hold(out):
-        ctx = multiprocessing.get_context("fork")
-        held, done = ctx.Event(), ctx.Event()
-        child = ctx.Process(target=_hold_run, args=(str(out), held, done))
-        child.start()
-        try:
-            assert held.wait(60), "the child process never took the run lock"
-            yield
-        finally:
-            done.set()
-            child.join(30)
-    return hold
+    from iddc import train
+    return lambda out: _held_elsewhere(train.hold_run, out)

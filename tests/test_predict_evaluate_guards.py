@@ -983,22 +983,18 @@ def test_predict_stopped_between_an_images_files_leaves_none_of_them(runs, tmp_p
     assert sorted(json.loads((out / "predictions.json").read_text())["images"]) == ["a"]
 
 
-def _hold_folder_lock(folder, held, done):
-    """In a child process: hold `folder`'s lock (a predict writing there) until told."""
+def _lock_folder(folder):
+    """A predict writing into `folder`: its lock taken (kept while the process lives)."""
     from iddc.files import try_lock
-    fd = os.open(folder, os.O_RDONLY)
-    assert try_lock(fd)
-    held.set()
-    done.wait(60)
+    assert try_lock(os.open(folder, os.O_RDONLY))
 
 
-def test_predict_removes_what_a_killed_predict_left_and_refuses_a_concurrent_one(runs,
-                                                                                 tmp_path):
+def test_predict_removes_what_a_killed_predict_left_and_refuses_a_concurrent_one(
+        runs, tmp_path, held_elsewhere):
     """A kill mid-write leaves write_atomic's temp file (a partial PNG or predictions.json),
     which no call removed. The next call into the folder removes those of the files it
     writes, and only those; while another predict writes there (holds the folder's lock),
     a call is refused before it writes anything, as the two would share predictions.json."""
-    import multiprocessing
     src = image(tmp_path / "in" / "a.png")
     out = tmp_path / "out"
     out.mkdir()
@@ -1007,21 +1003,13 @@ def test_predict_removes_what_a_killed_predict_left_and_refuses_a_concurrent_one
             ".tmp-notes.txt-0123456789ab", ".tmp-a_seg.png-mine", "a_seg.png.tmp"]
     for name in left + kept:
         (out / name).write_bytes(b"half")
-    ctx = multiprocessing.get_context("fork")
-    held, done = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_folder_lock, args=(str(out), held, done))
-    child.start()
-    try:
-        assert held.wait(60)
+    with held_elsewhere(_lock_folder, out):
         before = snapshot(out)
         with pytest.raises(FileExistsError, match=r"--out .*out: another predict is writing "
                                                   r"into this folder now; wait for it to stop, "
                                                   r"or choose another --out"):
             predict.predict_files(runs["labelled"], [str(src)], str(out))
         assert snapshot(out) == before  # a live call's temp files are its writes in progress
-    finally:
-        done.set()
-        child.join(30)
     assert predict.predict_files(runs["labelled"], [str(src)], str(out))["failed"] == {}
     names = set(os.listdir(out))
     assert not names & set(left) and names >= set(kept)
