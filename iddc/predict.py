@@ -23,7 +23,9 @@ would make larger than iddc.inference.MAX_TOKENS backbone tokens (an extreme asp
 is reported and skipped (exit code 1 at the end), it never stops the others; so is one whose
 output names would be too long for the file system, or whose files fail to be written (a full
 or read-only disk stops the call; predictions.json then still records the images done, with
-"stopped": why).
+"stopped": why). While the call runs, predictions.json is written at its start and every
+PROGRESS_EVERY_S seconds, with "stopped": "not finished: ..." (a kill that no handler sees,
+SIGKILL or the out-of-memory killer, leaves that record, not an earlier call's).
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
@@ -47,7 +49,9 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 
@@ -73,6 +77,18 @@ IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
 #: write errors that every later write would meet too (full or read-only disk): they stop the
 #: call; any other error writing an image's files fails that image alone
 STOPPING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+#: seconds between the records predictions.json gets while a call runs: what a kill that no
+#: handler sees (SIGKILL, the out-of-memory killer) leaves is at most this old
+PROGRESS_EVERY_S = 30.0
+
+
+def running_note() -> str:
+    """predictions.json's "stopped" while the call runs: a record the call never ended says
+    so, instead of describing an earlier call's outputs (or none) beside this call's files."""
+    return (f"not finished: written while the call ran (pid {os.getpid()} on host "
+            f"{socket.gethostname()}); if that call is no longer running, it was killed before "
+            "it could record why (SIGKILL, the out-of-memory killer, a power cut), and the "
+            "images after these may have files here too")
 
 
 def _names_entry(ckpt: dict) -> Optional[dict]:
@@ -569,7 +585,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         too_large: list = []
         summary: dict = {}
 
-        def save_record(stopped: Optional[str] = None) -> None:
+        def save_record(stopped: Optional[str] = None) -> float:
             record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
                       "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
                       "images": summary,
@@ -578,11 +594,19 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                 record.update(window=predictor.window, stride=predictor.stride)
             if stopped is not None:
                 record["stopped"] = stopped
-            write_json(json_path, record, replace=overwrite)
+            # the first write is checked as every output is; the later ones replace this
+            # call's own record (under the folder's lock)
+            write_json(json_path, record, replace=overwrite or recorded)
+            return time.monotonic()
 
+        recorded = False
         try:
             with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
+                last_record = save_record(running_note())
+                recorded = True
                 for start in range(0, len(paths), batch_size):
+                    if time.monotonic() - last_record >= PROGRESS_EVERY_S:
+                        last_record = save_record(running_note())
                     batch = read_images(paths[start:start + batch_size],
                                         stems[start:start + batch_size], predictor, failed,
                                         too_large)

@@ -1017,3 +1017,68 @@ def test_predict_removes_what_a_killed_predict_left_and_refuses_a_concurrent_one
             "predictions.json"} <= names
     # the lock went with the call: the next one is not refused
     predict.predict_files(runs["labelled"], [str(src)], str(out), overwrite=True)
+
+
+#: a predict that SIGKILLs itself (no handler runs) as image `kill_at` is about to be written,
+#: with a progress record before every batch
+_KILLED_PREDICT = """
+import os, signal, sys
+from iddc import predict
+ckpt, out, kill_at, *srcs = sys.argv[1:]
+real = predict.write_outputs
+def write_outputs(files, *args, **kwargs):
+    if os.path.basename(str(files[0])) == kill_at + "_seg.png":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(files, *args, **kwargs)
+predict.write_outputs = write_outputs
+predict.PROGRESS_EVERY_S = 0.0
+predict.predict_files(ckpt, srcs, out, batch_size=1, overwrite=True)
+"""
+
+
+def test_predict_killed_outright_leaves_a_record_that_says_it_did_not_finish(runs, tmp_path):
+    """SIGKILL (the out-of-memory killer) runs no handler, so predictions.json could not be
+    written at the stop: an --overwrite call killed midway left the earlier call's record,
+    which described that call's images beside this call's new files (and without a record a
+    first call left none). The record is now written as the call starts and while it runs:
+    the kill leaves "not finished" with the images done up to then."""
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
+    out = tmp_path / "out"
+    predict.predict_files(runs["labelled"], [str(srcs[0])], str(out))  # the earlier call
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PREDICT, runs["labelled"], str(out),
+                             "c"] + [str(s) for s in srcs], stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, err
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a", "b"]
+    assert record["stopped"].startswith(f"not finished: written while the call ran (pid "
+                                        f"{proc.pid} on host ")
+    assert "killed before it could record why" in record["stopped"]
+    assert not list(out.glob("c_*"))
+    # a call that ends records its end: no "stopped"
+    predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(out), overwrite=True)
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a", "b", "c"] and "stopped" not in record
+
+
+def test_predict_writes_its_running_record_first_and_then_every_interval(runs, tmp_path,
+                                                                         monkeypatch):
+    """The running record is written once at the start, then at most every
+    PROGRESS_EVERY_S (here never again within the call), and replaced at the end."""
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
+    real, records = predict.write_json, []
+
+    def write_json(path, obj, *args, **kwargs):
+        records.append((sorted(obj["images"]), obj.get("stopped", "")[:13]))
+        return real(path, obj, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_json", write_json)
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 3600.0)
+    predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
+                          batch_size=1)
+    assert records == [([], "not finished:"), (["a", "b", "c"], "")]
+    records.clear()
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
+    predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
+                          batch_size=1, overwrite=True)
+    assert records == [([], "not finished:"), ([], "not finished:"), (["a"], "not finished:"),
+                       (["a", "b"], "not finished:"), (["a", "b", "c"], "")]
