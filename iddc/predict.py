@@ -507,6 +507,33 @@ def read_images(paths: Sequence[Path], stems: Sequence[str], predictor: Predicto
     return batch
 
 
+class PredictionsRecord:
+    """One call's predictions.json: its settings, the images done ({stem: entry}, filled in
+    by the caller) and those failed. Written atomically as the call starts and at most every
+    PROGRESS_EVERY_S while it runs, with "stopped": :func:`running_note` (all a kill that no
+    handler sees leaves), and at the end: "stopped": why, if the call stopped early."""
+
+    def __init__(self, path: Path, settings: dict, tiles: dict, failed: dict, overwrite: bool):
+        self.path, self.settings, self.tiles, self.failed = path, settings, tiles, failed
+        self.images: dict = {}
+        # the first write is checked as every output is; the later ones replace this call's
+        # own record (under the folder's lock)
+        self._replace = overwrite
+        self._saved_at: Optional[float] = None
+
+    def save(self, stopped: Optional[str] = None) -> None:
+        record = dict(self.settings, images=self.images, failed=self.failed, **self.tiles)
+        if stopped is not None:
+            record["stopped"] = stopped
+        write_json(self.path, record, replace=self._replace)
+        self._replace, self._saved_at = True, time.monotonic()
+
+    def save_if_due(self) -> None:
+        """The running record, if none was written yet or the last is PROGRESS_EVERY_S old."""
+        if self._saved_at is None or time.monotonic() - self._saved_at >= PROGRESS_EVERY_S:
+            self.save(running_note())
+
+
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: Optional[str] = None, short_side: Optional[int] = None,
                   window: Optional[int] = None, stride: Optional[int] = None,
@@ -583,30 +610,15 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
 
         written: dict = {}
         too_large: list = []
-        summary: dict = {}
-
-        def save_record(stopped: Optional[str] = None) -> float:
-            record = {"checkpoint": str(checkpoint_path), "head": head, "mode": mode,
-                      "short_side": short_side, "num_ids": k, "names": names, "names_from": source,
-                      "images": summary,
-                      "failed": failed}
-            if mode == "sliding":  # the tiles used (given, the run's, or the defaults)
-                record.update(window=predictor.window, stride=predictor.stride)
-            if stopped is not None:
-                record["stopped"] = stopped
-            # the first write is checked as every output is; the later ones replace this
-            # call's own record (under the folder's lock)
-            write_json(json_path, record, replace=overwrite or recorded)
-            return time.monotonic()
-
-        recorded = False
+        tiles = (dict(window=predictor.window, stride=predictor.stride)  # given, the run's,
+                 if mode == "sliding" else {})                            # or the defaults
+        record = PredictionsRecord(json_path, dict(
+            checkpoint=str(checkpoint_path), head=head, mode=mode, short_side=short_side,
+            num_ids=k, names=names, names_from=source), tiles, failed, overwrite)
         try:
             with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
-                last_record = save_record(running_note())
-                recorded = True
                 for start in range(0, len(paths), batch_size):
-                    if time.monotonic() - last_record >= PROGRESS_EVERY_S:
-                        last_record = save_record(running_note())
+                    record.save_if_due()
                     batch = read_images(paths[start:start + batch_size],
                                         stems[start:start + batch_size], predictor, failed,
                                         too_large)
@@ -629,19 +641,19 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                             log.warning("could not write the outputs of %s: %s", path, why)
                             continue
                         written[stem] = [str(f) for f in files]
-                        summary[stem] = {"input": str(path), "size": [img.width, img.height],
-                                         "files": [f.name for f in files],
-                                         "shares": {str(c): round(float(s), 6)
-                                                    for c, s in shares.items()}}
+                        record.images[stem] = {
+                            "input": str(path), "size": [img.width, img.height],
+                            "files": [f.name for f in files],
+                            "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
                         log.info("%s -> %s", path, files[1])
         except BaseException as err:  # the images done so far are recorded all the same
             try:
-                save_record(message(err) if isinstance(err, Exception) else "interrupted")
+                record.save(message(err) if isinstance(err, Exception) else "interrupted")
             except Exception as again:  # e.g. the same full disk: the first error is the one
                 log.warning("could not record the images done in %s: %s", json_path,
                             message(again))
             raise
-        save_record()
+        record.save()
         return {"written": written, "failed": failed, "too_large": too_large,
                 "unwritten": unwritten, "legend": str(legend_path), "mode": mode}
 

@@ -1063,8 +1063,9 @@ def test_predict_killed_outright_leaves_a_record_that_says_it_did_not_finish(run
 
 def test_predict_writes_its_running_record_first_and_then_every_interval(runs, tmp_path,
                                                                          monkeypatch):
-    """The running record is written once at the start, then at most every
-    PROGRESS_EVERY_S (here never again within the call), and replaced at the end."""
+    """The running record is written before the first batch, then before a batch when the
+    last is PROGRESS_EVERY_S old (an hour: never again in this call; 0: before every batch),
+    and replaced at the end by the finished one."""
     srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
     real, records = predict.write_json, []
 
@@ -1080,5 +1081,5 @@ def test_predict_writes_its_running_record_first_and_then_every_interval(runs, t
     monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
     predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
                           batch_size=1, overwrite=True)
-    assert records == [([], "not finished:"), ([], "not finished:"), (["a"], "not finished:"),
+    assert records == [([], "not finished:"), (["a"], "not finished:"),
                        (["a", "b"], "not finished:"), (["a", "b", "c"], "")]
