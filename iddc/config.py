@@ -151,6 +151,11 @@ class TrainConfig:
     #: stop after this many optimisation steps in total (0: no limit); --resume continues
     #: exactly, also from a stop in the middle of an epoch
     max_steps: int = 0
+    #: also save last.pt in the middle of an epoch once this many minutes have passed since
+    #: the last save (0: only at epoch ends and stops), so a kill that no handler sees (the
+    #: out-of-memory killer, a preempted job) loses at most this much training; --resume
+    #: continues exactly from it
+    save_every_minutes: float = 10.0
 
 
 @dataclass
@@ -209,6 +214,7 @@ class Config:
         for name, value in [("train.lr", t.lr), ("train.probe_lr", t.probe_lr),
                             ("train.backbone_lr_ratio", t.backbone_lr_ratio),
                             ("train.poly_power", t.poly_power),
+                            ("train.save_every_minutes", t.save_every_minutes),
                             ("data.eval_feature_cache_mb", d.eval_feature_cache_mb)]:
             # beyond float32's range an optimiser's float32 state overflows (a traceback)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \

@@ -1126,13 +1126,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
 
     interrupt = GracefulInterrupt()  # installed as the epochs begin; `save` defers to it
     train_set = run.train_set  # the split's record, made at the first mid-epoch save if not yet
+    saved_at = time.monotonic()  # the last save (or the start): train.save_every_minutes
 
     def save(done: int, step: int, epoch_stats: Optional[dict], pending: Optional[dict],
              rng: Optional[dict] = None) -> None:
         """last.pt (`done` epochs and `step` steps of the next), then metrics.json and, on a
         resume's first save, config.yaml: a failed or killed write leaves them describing the
         saved run."""
-        nonlocal config_pending, train_set
+        nonlocal config_pending, train_set, saved_at
         check_same_folder(out, folder_id)  # removed mid-run: never made again by a save
         # a second Ctrl-C stops the run once the files are written, never halfway through one
         with interrupt.deferred(), folder_kept(out, folder_id):
@@ -1169,6 +1170,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if config_pending:
                 write_config()
                 config_pending = False
+        saved_at = time.monotonic()
 
     last_eval = None
     if run.pending_record is not None:
@@ -1276,6 +1278,16 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 if tc.max_steps and global_step >= tc.max_steps:
                     stop = True
                     break
+                if (tc.save_every_minutes and skip + ran < steps_per_epoch
+                        and not interrupt.requested  # saved as the loop stops, as any stop
+                        and time.monotonic() - saved_at >= 60 * tc.save_every_minutes):
+                    # as a Ctrl-C here saves it: --resume continues with the next step
+                    save(epoch, skip + ran, {"sums": dict(sums), "steps": n_steps,
+                                             "images": n_images,
+                                             "seconds": before + time.time() - t0}, None)
+                    log.info("saved %s at step %d of epoch %d (train.save_every_minutes = %g)",
+                             os.path.join(out, "last.pt"), skip + ran, epoch + 1,
+                             tc.save_every_minutes)
             if bar is not None:
                 bar.close()
             mid_epoch = skip + ran < steps_per_epoch

@@ -583,6 +583,51 @@ def test_a_run_killed_in_its_first_epoch_leaves_a_reusable_folder(tmp_path, tiny
     assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"] == [1, 2]
     assert train.STARTING_MARKER not in os.listdir(out)  # the resume removed it
 
+def test_save_every_minutes_saves_mid_epoch_and_a_kill_resumes_exactly(tmp_path, tiny_yaml,
+                                                                       monkeypatch):
+    """train.save_every_minutes: last.pt is also saved inside an epoch once that long has
+    passed since the last save (here every step), never at an epoch's last step (the epoch's
+    own save follows), and not at all with 0. A real SIGKILL (no handler runs) after such a
+    save, resumed, gives the uninterrupted run's weights and scores bit for bit; before, the
+    kill lost the whole epoch."""
+    import subprocess
+    import sys
+    argv = ["--config", tiny_yaml, "--epochs", "2", "--batch-size", "2"] + QUICK  # 4 steps
+    saves, real = [], checkpoint.save_atomic
+
+    def save_atomic(obj, path, **kwargs):
+        saves.append((obj["epoch"], obj["step_in_epoch"]))
+        return real(obj, path, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
+    full = train.main(argv + ["--out", str(tmp_path / "full"), "--save-every-minutes", "0"])
+    assert saves == [(1, 0), (2, 0)]
+    saves.clear()
+    often = argv + ["--save-every-minutes", "1e-9"]
+    train.main(often + ["--out", str(tmp_path / "often")])
+    assert saves == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+    monkeypatch.undo()
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_STEP, "6", *often, "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    left = torch.load(out / "last.pt", weights_only=False)
+    assert (left["epoch"], left["step_in_epoch"], left["global_step"]) == (1, 2, 6)
+    assert "saved %s at step 2 of epoch 2 (train.save_every_minutes = 1e-09)" % (
+        out / "last.pt") in (out / "train.log").read_text()
+    train.main(["--resume", str(out / "last.pt")])
+    a = torch.load(os.path.join(full["out"], "last.pt"), weights_only=False)
+    b = torch.load(out / "last.pt", weights_only=False)
+    assert (b["epoch"], b["step_in_epoch"], b["global_step"]) == (2, 0, 8)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    want, got = read_metrics(full["out"]), read_metrics(out)
+    assert [e["epoch"] for e in got] == [e["epoch"] for e in want] == [0, 1, 2]
+    for e, f in zip(want, got):
+        assert e["unsupervised"] == f["unsupervised"] and e["linear_probe"] == f["linear_probe"]
+        for key in train.STAT_KEYS + ("steps", "lr"):
+            assert e.get("train", {}).get(key) == f.get("train", {}).get(key), (e["epoch"], key)
+
+
 def test_error_in_a_dataloader_worker_is_one_line(capsys):
     """torch puts the worker's traceback inside the message of an error raised in a DataLoader
     worker: the CLI prints the original message and the worker, not the traceback."""
