@@ -29,6 +29,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+import torch
 import yaml
 
 from .cli import path_arg
@@ -156,6 +157,10 @@ class TrainConfig:
     #: out-of-memory killer, a preempted job) loses at most this much training; --resume
     #: continues exactly from it
     save_every_minutes: float = 10.0
+    #: the training step's forward (backbone, head, loss) under torch.autocast: "off" or
+    #: "bf16" (bfloat16 matmuls on the tensor cores; weights, optimiser state and the loss's
+    #: sums stay float32). Evaluation always runs in float32, so its scores are comparable
+    autocast: str = "off"
 
 
 @dataclass
@@ -233,6 +238,11 @@ class Config:
             # runs/NAME: a name is one folder, never a path out of runs/ (use --out for that)
             raise ValueError(f"train.name must be one folder name (no '/', not '.' or '..', "
                              f"printable), got {name!r}; use --out for a path")
+        if t.autocast not in AUTOCAST_DTYPES:
+            hint = (" (float16 needs loss scaling, which training does not do; bf16 has "
+                    "float32's range)" if t.autocast in ("fp16", "float16", "half") else "")
+            raise ValueError(f"train.autocast must be one of {sorted(AUTOCAST_DTYPES)}, got "
+                             f"{t.autocast!r}{hint}")
         if d.sliding_stride > d.sliding_window:
             raise ValueError(f"data.sliding_stride ({d.sliding_stride}) must not exceed "
                              f"data.sliding_window ({d.sliding_window}): pixels between "
@@ -277,6 +287,8 @@ class Config:
         write_atomic(path, lambda fh: fh.write(text), binary=False)
 
 
+#: train.autocast: the dtype of each setting (None: no autocast)
+AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": IDDCConfig}
 #: how a field type reads in an error message
 _TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number",

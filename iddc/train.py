@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
 from .cli import path_arg, prog_name
-from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
-                     check_sizes, config_changes, explicit_settings, load_yaml_file,
-                     preset_backbone_warning, resolve_config)
+from .config import (AUTOCAST_DTYPES, RESOLVED_SECTION, Config, absolute_saved_paths,
+                     add_config_arguments, check_sizes, config_changes, explicit_settings,
+                     load_yaml_file, preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
@@ -866,6 +866,12 @@ class GracefulInterrupt:
         self.requested = True  # no logging here: a signal handler may interrupt the logger
 
 
+def autocast_of(setting: str, device: torch.device):
+    """The context of train.autocast on `device` (config.AUTOCAST_DTYPES; "off": none)."""
+    dtype = AUTOCAST_DTYPES[setting]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
+
 def batches_until(loader, interrupt: GracefulInterrupt):
     """The loader's batches, ending early once a Ctrl-C was asked for. The terminal's SIGINT
     also ends the loader's workers, so a fetch failing after it is that stop, not an error."""
@@ -1242,19 +1248,20 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             for xa, xb, la, lb in batches_until(loader, interrupt):
                 xa, xb, la, lb = (t.to(device, non_blocking=True) for t in (xa, xb, la, lb))
                 b = xa.shape[0]
-                feats = model.features(torch.cat([xa, xb]))
-                inter, logits, probe = model.heads(feats)
-                try:
-                    out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
-                                       generator=shift_gen)
-                except NonFiniteInputError as err:
-                    raise diverged(err, epoch, global_step, end_to_end, out,
-                                   run.resumed_from) from None
+                with autocast_of(tc.autocast, device):  # backward runs outside, as it should
+                    feats = model.features(torch.cat([xa, xb]))
+                    inter, logits, probe = model.heads(feats)
+                    try:
+                        out_loss = loss_fn(feats[:b], feats[b:], logits[:b], logits[b:],
+                                           generator=shift_gen)
+                    except NonFiniteInputError as err:
+                        raise diverged(err, epoch, global_step, end_to_end, out,
+                                       run.resumed_from) from None
                 opt.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
                 opt.step()
                 labels = torch.cat([la, lb])
-                probe_up = F.interpolate(probe, size=labels.shape[-2:], mode="bilinear",
+                probe_up = F.interpolate(probe.float(), size=labels.shape[-2:], mode="bilinear",
                                          align_corners=True)
                 if bool((labels != IGNORE_INDEX).any()):
                     ce = F.cross_entropy(probe_up, labels, ignore_index=IGNORE_INDEX)

@@ -626,3 +626,45 @@ def test_shift_draws_are_a_stream_of_their_own():
     def draws(seed):
         return torch.randint(0, 2 ** 62, (4,), generator=torch.Generator().manual_seed(seed))
     assert not torch.equal(draws(train.shift_seed(0)), draws(1))
+
+
+def test_autocast_bf16_trains_in_bfloat16_and_resumes_exactly(tmp_path, tiny_yaml, monkeypatch):
+    """train.autocast "bf16": the step's forward runs under torch.autocast (the loss gets
+    bfloat16 logits), the weights and optimiser state stay float32, a stop
+    mid-epoch resumes bit for bit, and the losses stay near the float32 run's."""
+    from iddc.loss import IDDCLoss
+    seen, real = set(), IDDCLoss.forward
+
+    def forward(self, fa, fb, za, zb, *args, **kwargs):
+        seen.add((fa.dtype, za.dtype, torch.is_autocast_enabled(fa.device.type)))
+        return real(self, fa, fb, za, zb, *args, **kwargs)
+    monkeypatch.setattr(IDDCLoss, "forward", forward)
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0"]
+    plain = train.main(common + ["--out", str(tmp_path / "fp32")])
+    assert seen == {(torch.float32, torch.float32, False)}
+    seen.clear()
+    bf16 = common + ["--autocast", "bf16"]
+    full = train.main(bf16 + ["--out", str(tmp_path / "full")])
+    # the features leave the backbone's final LayerNorm, which autocast runs in float32
+    assert seen == {(torch.float32, torch.bfloat16, True)}
+    part = train.main(bf16 + ["--out", str(tmp_path / "part"), "--max-steps", "3"])
+    train.main(["--resume", os.path.join(part["out"], "last.pt"), "--max-steps", "0"])
+    a = torch.load(os.path.join(full["out"], "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(part["out"], "last.pt"), weights_only=False)
+    assert a["config"]["train"]["autocast"] == b["config"]["train"]["autocast"] == "bf16"
+    for k, v in a["model"].items():
+        assert v.dtype != torch.bfloat16, k
+        assert torch.equal(v, b["model"][k]), k
+    for state in a["optimizer"]["state"].values():
+        assert all(t.dtype == torch.float32 for t in state.values() if t.dim()), state.keys()
+    c = torch.load(os.path.join(plain["out"], "last.pt"), weights_only=False)
+    assert not torch.equal(a["model"]["classifier.weight"], c["model"]["classifier.weight"])
+    for e, f in zip(read_metrics(full["out"])[1:], read_metrics(plain["out"])[1:]):
+        for key in ("loss", "pos", "neg"):
+            assert e["train"][key] == pytest.approx(f["train"][key], rel=5e-3), key
+
+
+def test_autocast_refuses_float16_naming_why(tiny_yaml):
+    with pytest.raises(ValueError, match=r"train.autocast must be one of \['bf16', 'off'\], got "
+                                         r"'fp16' \(float16 needs loss scaling"):
+        train.main(["--config", tiny_yaml, "--autocast", "fp16"])
