@@ -23,9 +23,10 @@ would make larger than iddc.inference.MAX_TOKENS backbone tokens (an extreme asp
 is reported and skipped (exit code 1 at the end), it never stops the others; so is one whose
 output names would be too long for the file system, or whose files fail to be written (a full
 or read-only disk stops the call; predictions.json then still records the images done, with
-"stopped": why). While the call runs, predictions.json is written at its start and every
-PROGRESS_EVERY_S seconds, with "stopped": "not finished: ..." (a kill that no handler sees,
-SIGKILL or the out-of-memory killer, leaves that record, not an earlier call's).
+"stopped": why). While the call runs, predictions.json is written first, before any other
+output, and after an image once PROGRESS_EVERY_S seconds have passed since the last write,
+with "stopped": "not finished: ..." (a kill that no handler sees, SIGKILL or the
+out-of-memory killer, leaves that record, not an earlier call's).
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
@@ -77,8 +79,9 @@ IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
 #: write errors that every later write would meet too (full or read-only disk): they stop the
 #: call; any other error writing an image's files fails that image alone
 STOPPING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-#: seconds between the records predictions.json gets while a call runs: what a kill that no
-#: handler sees (SIGKILL, the out-of-memory killer) leaves is at most this old
+#: seconds between the records predictions.json gets while a call runs (checked after each
+#: image): what a kill that no handler sees (SIGKILL, the out-of-memory killer) leaves is at
+#: most this old, plus the prediction of one batch
 PROGRESS_EVERY_S = 30.0
 
 
@@ -509,9 +512,10 @@ def read_images(paths: Sequence[Path], stems: Sequence[str], predictor: Predicto
 
 class PredictionsRecord:
     """One call's predictions.json: its settings, the images done ({stem: entry}, filled in
-    by the caller) and those failed. Written atomically as the call starts and at most every
-    PROGRESS_EVERY_S while it runs, with "stopped": :func:`running_note` (all a kill that no
-    handler sees leaves), and at the end: "stopped": why, if the call stopped early."""
+    by the caller) and those failed. Written atomically as the call starts (before any other
+    output) and, while it runs, at most every PROGRESS_EVERY_S, with "stopped":
+    :func:`running_note` (all a kill that no handler sees leaves), and at the end: "stopped":
+    why, if the call stopped early."""
 
     def __init__(self, path: Path, settings: dict, tiles: dict, failed: dict, overwrite: bool):
         self.path, self.settings, self.tiles, self.failed = path, settings, tiles, failed
@@ -525,13 +529,35 @@ class PredictionsRecord:
         record = dict(self.settings, images=self.images, failed=self.failed, **self.tiles)
         if stopped is not None:
             record["stopped"] = stopped
-        write_json(self.path, record, replace=self._replace)
-        self._replace, self._saved_at = True, time.monotonic()
+        try:
+            write_json(self.path, record, replace=self._replace)
+        finally:
+            # a signal after the file was moved into place (in the folder's sync) still
+            # leaves it this call's own: the stop's record replaces it
+            if not self._replace and self._holds(record):
+                self._replace = True
+        self._saved_at = time.monotonic()
+
+    def _holds(self, record: dict) -> bool:
+        try:
+            with open(self.path) as fh:
+                return json.load(fh) == json.loads(json.dumps(record))
+        except (OSError, ValueError):
+            return False
 
     def save_if_due(self) -> None:
-        """The running record, if none was written yet or the last is PROGRESS_EVERY_S old."""
-        if self._saved_at is None or time.monotonic() - self._saved_at >= PROGRESS_EVERY_S:
+        """The running record, if the last is PROGRESS_EVERY_S old. A write error that later
+        writes need not meet (not a full or read-only disk) is logged, not a stop: the record
+        is bookkeeping, and the end's write says how the call ended."""
+        if time.monotonic() - self._saved_at < PROGRESS_EVERY_S:
+            return
+        try:
             self.save(running_note())
+        except OSError as err:
+            if err.errno in STOPPING_ERRNOS:
+                raise
+            self._saved_at = time.monotonic()  # tried again after the interval
+            log.warning("could not update %s while predicting: %s", self.path, message(err))
 
 
 def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
@@ -605,9 +631,6 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     title = "cluster" if head == "clusters" else "class (linear probe)"
     out.mkdir(parents=True, exist_ok=True)
     with out_folder_held(out, outputs):
-        legend = full_legend(k, names, pal, f"{title}: {k} ids")
-        write_atomic(legend_path, png_writer(legend), replace=overwrite)
-
         written: dict = {}
         too_large: list = []
         tiles = (dict(window=predictor.window, stride=predictor.stride)  # given, the run's,
@@ -617,8 +640,10 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
             num_ids=k, names=names, names_from=source), tiles, failed, overwrite)
         try:
             with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
+                record.save(running_note())  # before any other output
+                legend = full_legend(k, names, pal, f"{title}: {k} ids")
+                write_atomic(legend_path, png_writer(legend), replace=overwrite)
                 for start in range(0, len(paths), batch_size):
-                    record.save_if_due()
                     batch = read_images(paths[start:start + batch_size],
                                         stems[start:start + batch_size], predictor, failed,
                                         too_large)
@@ -646,6 +671,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                             "files": [f.name for f in files],
                             "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
                         log.info("%s -> %s", path, files[1])
+                        record.save_if_due()
         except BaseException as err:  # the images done so far are recorded all the same
             try:
                 record.save(message(err) if isinstance(err, Exception) else "interrupted")

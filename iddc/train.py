@@ -98,7 +98,7 @@ def choose_backend(requested: str, device: torch.device, classes: Optional[int] 
 #: written into a new run folder at once and removed once its first checkpoint is written:
 #: a folder that still has it (and nothing but what a start writes) is a run that
 #: stopped before it saved anything (during the start-up evaluation, or killed or failed in its
-#: first epoch), and may be reused. The process holds an exclusive lock on it until then
+#: first epoch before its first save: see train.save_every_minutes), and may be reused. The process holds an exclusive lock on it until then
 #: (released when it stops, however it stops), so a live run is never reused; it also records
 #: "pid host" for the messages.
 STARTING_MARKER = ".iddc-starting"
@@ -1133,13 +1133,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     interrupt = GracefulInterrupt()  # installed as the epochs begin; `save` defers to it
     train_set = run.train_set  # the split's record, made at the first mid-epoch save if not yet
     saved_at = time.monotonic()  # the last save (or the start): train.save_every_minutes
+    saved = None  # (epochs done, step, records) of the last save: a stop right after it is saved
 
     def save(done: int, step: int, epoch_stats: Optional[dict], pending: Optional[dict],
              rng: Optional[dict] = None) -> None:
         """last.pt (`done` epochs and `step` steps of the next), then metrics.json and, on a
         resume's first save, config.yaml: a failed or killed write leaves them describing the
         saved run."""
-        nonlocal config_pending, train_set, saved_at
+        nonlocal config_pending, train_set, saved_at, saved
         check_same_folder(out, folder_id)  # removed mid-run: never made again by a save
         # a second Ctrl-C stops the run once the files are written, never halfway through one
         with interrupt.deferred(), folder_kept(out, folder_id):
@@ -1176,7 +1177,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if config_pending:
                 write_config()
                 config_pending = False
-        saved_at = time.monotonic()
+        saved_at, saved = time.monotonic(), (done, step, len(history))
 
     last_eval = None
     if run.pending_record is not None:
@@ -1335,9 +1336,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 if mid_epoch:  # a --max-steps stop: the resumed epoch's entry follows
                     extra["partial_epoch"] = {"steps_done": skip + ran, "of": steps_per_epoch}
                 history.append(entry_of({}, epoch + 1, "iddc", weights_tag, extra))
-            save(epoch if mid_epoch else epoch + 1, skip + ran if mid_epoch else 0,
-                 {"sums": sums, "steps": n_steps, "images": n_images, "seconds": seconds}
-                 if mid_epoch else None, pending)
+            if not (mid_epoch and saved == (epoch, skip + ran, len(history))):
+                # (else a signal during a periodic save stopped the loop: that save holds it)
+                save(epoch if mid_epoch else epoch + 1, skip + ran if mid_epoch else 0,
+                     {"sums": sums, "steps": n_steps, "images": n_images, "seconds": seconds}
+                     if mid_epoch else None, pending)
             finished = not mid_epoch and epoch + 1 == tc.epochs
             if stop or interrupt.requested:  # also a Ctrl-C during the evaluation or the save
                 break

@@ -1063,23 +1063,84 @@ def test_predict_killed_outright_leaves_a_record_that_says_it_did_not_finish(run
 
 def test_predict_writes_its_running_record_first_and_then_every_interval(runs, tmp_path,
                                                                          monkeypatch):
-    """The running record is written before the first batch, then before a batch when the
-    last is PROGRESS_EVERY_S old (an hour: never again in this call; 0: before every batch),
-    and replaced at the end by the finished one."""
+    """The running record is written first (before legend.png), then after an image when the
+    last is PROGRESS_EVERY_S old (an hour: never again in this call; 0: after every image,
+    also within a batch), and replaced at the end by the finished one."""
     srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
-    real, records = predict.write_json, []
+    real, records, listings = predict.write_json, [], []
 
     def write_json(path, obj, *args, **kwargs):
         records.append((sorted(obj["images"]), obj.get("stopped", "")[:13]))
+        listings.append(sorted(os.listdir(Path(path).parent)))
         return real(path, obj, *args, **kwargs)
     monkeypatch.setattr(predict, "write_json", write_json)
     monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 3600.0)
     predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
                           batch_size=1)
     assert records == [([], "not finished:"), (["a", "b", "c"], "")]
+    assert listings[0] == []  # the first output the call writes, before legend.png
     records.clear()
     monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
     predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
-                          batch_size=1, overwrite=True)
+                          batch_size=3, overwrite=True)
     assert records == [([], "not finished:"), (["a"], "not finished:"),
-                       (["a", "b"], "not finished:"), (["a", "b", "c"], "")]
+                       (["a", "b"], "not finished:"), (["a", "b", "c"], "not finished:"),
+                       (["a", "b", "c"], "")]
+
+
+def test_a_signal_as_the_first_record_is_synced_still_records_the_stop(runs, tmp_path,
+                                                                       monkeypatch):
+    """Ctrl-C in the folder sync after the first predictions.json was moved into place: the
+    file is this call's own, so the stop's record replaces it ("interrupted"); before, that
+    write was refused as a file that "appeared while this command ran", leaving the running
+    record."""
+    from iddc import files
+    src = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    real, syncs = files._sync_folder, []
+
+    def sync_folder(folder):
+        syncs.append(folder)
+        if len(syncs) == 1:
+            raise KeyboardInterrupt
+        return real(folder)
+    monkeypatch.setattr(files, "_sync_folder", sync_folder)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_files(runs["labelled"], [str(src)], str(out))
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["stopped"] == "interrupted" and record["images"] == {}
+    assert os.listdir(out) == ["predictions.json"]
+
+
+def test_a_failed_progress_record_is_a_warning_and_the_call_goes_on(runs, tmp_path,
+                                                                    monkeypatch, caplog):
+    """An I/O error in a running record's write (the record is bookkeeping) is logged and the
+    images go on; it used to stop the call, every image after it unpredicted. A full disk
+    still stops it, as it would every image's write."""
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("abc")]
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
+    real, writes = predict.write_json, []
+
+    def write_json(path, obj, *args, **kwargs):
+        writes.append(sorted(obj["images"]))
+        if len(writes) == 2:  # the record after image a
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, obj, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_json", write_json)
+    res = predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
+                                batch_size=1)
+    assert sorted(res["written"]) == ["a", "b", "c"] and res["failed"] == {}
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a", "b", "c"] and "stopped" not in record
+    assert "could not update" in caplog.text and "Input/output error" in caplog.text
+    writes.clear()
+
+    def full_disk(path, obj, *args, **kwargs):
+        writes.append(1)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        predict.predict_files(runs["labelled"], [str(s) for s in srcs],
+                              str(tmp_path / "out2"), batch_size=1)

@@ -628,6 +628,51 @@ def test_save_every_minutes_saves_mid_epoch_and_a_kill_resumes_exactly(tmp_path,
             assert e.get("train", {}).get(key) == f.get("train", {}).get(key), (e["epoch"], key)
 
 
+@pytest.mark.parametrize("signals", [1, 3], ids=["one-signal", "three-signals"])
+def test_a_signal_during_a_periodic_save_stops_after_it_without_saving_twice(
+        tmp_path, tiny_yaml, monkeypatch, signals):
+    """Ctrl-C (or SIGTERM) while a --save-every-minutes save is being written: that save
+    finishes and the run stops on it, exit 130, written once (the stop's own save used to
+    write the same last.pt again, doubling a scheduler's stop, and within that second write a
+    third signal no longer stopped it); three signals stop in the write's wake as ever.
+    The resume is the uninterrupted run."""
+    import signal
+    full = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "full")] + QUICK)
+    saves, real = [], checkpoint.save_atomic
+
+    def save_atomic(obj, path, **kwargs):
+        saves.append((obj["epoch"], obj["step_in_epoch"]))
+        if len(saves) == 1:  # the periodic save after step 1 of epoch 1
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(obj, path, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--save-every-minutes", "1e-9"]
+                   + QUICK)
+    monkeypatch.undo()
+    if signals == 1:
+        assert saves == [(0, 1)]
+        cut = saved_checkpoint(out)
+        assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (1, 0, 1)
+        assert "continue it with --resume" in (out / "train.log").read_text()
+    else:  # the third signal stopped the write itself: the folder holds no checkpoint
+        assert saves == [(0, 1)] and not (out / "last.pt").exists()
+        return
+    resume(out / "last.pt")
+    a, b = saved_checkpoint(full["out"]), saved_checkpoint(out)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_save_every_minutes_must_be_a_finite_number_at_least_0(tiny_yaml):
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=r"train.save_every_minutes must be a finite "
+                                             r"number >= 0"):
+            train.main(["--config", tiny_yaml, "--save-every-minutes", bad])
+
+
 def test_error_in_a_dataloader_worker_is_one_line(capsys):
     """torch puts the worker's traceback inside the message of an error raised in a DataLoader
     worker: the CLI prints the original message and the worker, not the traceback."""
