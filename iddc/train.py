@@ -98,9 +98,9 @@ def choose_backend(requested: str, device: torch.device, classes: Optional[int] 
 #: written into a new run folder at once and removed once its first checkpoint is written:
 #: a folder that still has it (and nothing but what a start writes) is a run that
 #: stopped before it saved anything (during the start-up evaluation, or killed or failed in its
-#: first epoch before its first save: see train.save_every_minutes), and may be reused. The process holds an exclusive lock on it until then
-#: (released when it stops, however it stops), so a live run is never reused; it also records
-#: "pid host" for the messages.
+#: first epoch before its first save: see train.save_every_minutes), and may be reused. The
+#: process holds an exclusive lock on it until then (released when it stops, however it
+#: stops), so a live run is never reused; it also records "pid host" for the messages.
 STARTING_MARKER = ".iddc-starting"
 #: what a run writes before its first epoch
 START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
