@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
-from .cli import path_arg, prog_name
+from .cli import message, path_arg, prog_name
 from .config import (AUTOCAST_DTYPES, RESOLVED_SECTION, Config, absolute_saved_paths,
                      add_config_arguments, check_sizes, config_changes, explicit_settings,
                      load_yaml_file, preset_backbone_warning, resolve_config)
@@ -312,7 +312,7 @@ def log_to_file(path: str, early: _EarlyRecords) -> logging.Handler:
 def log_failure(fh: logging.Handler, err: Exception) -> None:
     """The error that ends a run, into its train.log only (stderr shows it already): the log
     says why the run stopped. Quietly skipped if the log cannot be written (a full disk)."""
-    from .cli import is_user_error, message
+    from .cli import is_user_error
     why = message(err) if is_user_error(err) else f"{type(err).__name__}: {err}"
     raising, logging.raiseExceptions = logging.raiseExceptions, False
     try:
@@ -872,6 +872,20 @@ def autocast_of(setting: str, device: torch.device):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
 
 
+def check_autocast(setting: str, device: torch.device) -> None:
+    """ValueError unless train.autocast works on `device` (e.g. bf16 on a GPU without it):
+    torch raises at the first step, after the run folder is made, or only warns (MPS) and
+    trains without it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with autocast_of(setting, device):
+                pass
+    except (RuntimeError, UserWarning) as err:
+        raise ValueError(f"train.autocast {setting!r} is not available on {device}: "
+                         f"{message(err)}") from None
+
+
 def batches_until(loader, interrupt: GracefulInterrupt):
     """The loader's batches, ending early once a Ctrl-C was asked for. The terminal's SIGINT
     also ends the loader's workers, so a fetch failing after it is that stop, not an error."""
@@ -915,6 +929,7 @@ def prepare(cfg: Config, resume: Optional[dict], path: Optional[str] = None,
                         "using %d", tc.threads, cpus, threads)
         torch.set_num_threads(threads)
     device = resolve_device(tc.device)
+    check_autocast(tc.autocast, device)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)

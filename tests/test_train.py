@@ -668,3 +668,32 @@ def test_autocast_refuses_float16_naming_why(tiny_yaml):
     with pytest.raises(ValueError, match=r"train.autocast must be one of \['bf16', 'off'\], got "
                                          r"'fp16' \(float16 needs loss scaling"):
         train.main(["--config", tiny_yaml, "--autocast", "fp16"])
+
+
+def test_autocast_a_device_lacks_is_refused_before_the_run_folder(tmp_path, tiny_yaml,
+                                                                  monkeypatch):
+    """bf16 where torch cannot autocast it: torch raises (a GPU without bfloat16) at the
+    first step, after the run folder was made, or only warns and trains without it (MPS);
+    both are now a start-up error naming the setting and the device."""
+    import warnings
+    with pytest.raises(ValueError, match=r"train.autocast 'bf16' is not available on meta: "
+                                         r".*meta"):
+        train.check_autocast("bf16", torch.device("meta"))
+    train.check_autocast("off", torch.device("meta"))  # no autocast: nothing to check
+
+    class WarnsAndDisables:  # torch.autocast on MPS without bfloat16 support
+        def __init__(self, *args, **kwargs):
+            warnings.warn("In MPS autocast, but the target dtype is not supported. Disabling "
+                          "autocast.")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch, "autocast", WarnsAndDisables)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train.autocast 'bf16' is not available on cpu: In "
+                                         r"MPS autocast, but the target dtype is not supported"):
+        train.main(["--config", tiny_yaml, "--autocast", "bf16", "--out", str(out)])
+    assert not out.exists()
