@@ -99,7 +99,7 @@ def _sync_folder(folder: str) -> None:
 
 
 def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool = True,
-                 make_folder: bool = True) -> None:
+                 make_folder: bool = True, moved: Optional[Callable[[], None]] = None) -> None:
     """``write(fh)`` into a temp file next to ``path``, then moved into place: never a
     half-written file. ``replace=False``: never over a file that exists by then (one another
     process wrote after our checks), a FileExistsError naming it instead; the move is then a
@@ -108,7 +108,9 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
     when ``write`` turned it into another error (torch.save's zip writer raises a RuntimeError
     "unexpected pos" with the OSError as its context). ``make_folder``: make the folder if it
     is missing (else that is a FileNotFoundError naming ``path``). The file's data and then its
-    folder's entry are synced to disk before this returns."""
+    folder's entry are synced to disk before this returns. ``moved()`` is called as soon as
+    the file is in place, before that sync: a caller stopped there (a signal, an I/O error)
+    knows the file is its own."""
     folder = os.path.dirname(os.path.abspath(path))
     if make_folder:
         os.makedirs(folder, exist_ok=True)
@@ -122,6 +124,8 @@ def write_atomic(path: str, write: Callable, binary: bool = True, replace: bool 
             os.replace(tmp, path)
         else:
             _move_exclusive(tmp, path)
+        if moved is not None:
+            moved()
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -162,11 +166,12 @@ def _move_exclusive(tmp: str, path: str) -> None:
     os.unlink(tmp)
 
 
-def write_json(path, obj, replace: bool = True, make_folder: bool = True) -> None:
-    """``obj`` as indented JSON, atomically (``replace``, ``make_folder``: as in
+def write_json(path, obj, replace: bool = True, make_folder: bool = True,
+               moved: Optional[Callable[[], None]] = None) -> None:
+    """``obj`` as indented JSON, atomically (``replace``, ``make_folder``, ``moved``: as in
     :func:`write_atomic`)."""
     write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), binary=False, replace=replace,
-                 make_folder=make_folder)
+                 make_folder=make_folder, moved=moved)
 
 
 def file_sha256(path) -> Optional[str]:

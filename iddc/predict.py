@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
@@ -529,27 +528,19 @@ class PredictionsRecord:
         record = dict(self.settings, images=self.images, failed=self.failed, **self.tiles)
         if stopped is not None:
             record["stopped"] = stopped
-        try:
-            write_json(self.path, record, replace=self._replace)
-        finally:
-            # a signal after the file was moved into place (in the folder's sync) still
-            # leaves it this call's own: the stop's record replaces it
-            if not self._replace and self._holds(record):
-                self._replace = True
+        # once in place (a signal may come in the folder's sync that follows) the file is this
+        # call's own: the stop's record replaces it
+        write_json(self.path, record, replace=self._replace, moved=self._own)
         self._saved_at = time.monotonic()
 
-    def _holds(self, record: dict) -> bool:
-        try:
-            with open(self.path) as fh:
-                return json.load(fh) == json.loads(json.dumps(record))
-        except (OSError, ValueError):
-            return False
+    def _own(self) -> None:
+        self._replace = True
 
     def save_if_due(self) -> None:
-        """The running record, if the last is PROGRESS_EVERY_S old. A write error that later
-        writes need not meet (not a full or read-only disk) is logged, not a stop: the record
-        is bookkeeping, and the end's write says how the call ended."""
-        if time.monotonic() - self._saved_at < PROGRESS_EVERY_S:
+        """The running record, if none was written or the last is PROGRESS_EVERY_S old. A
+        write error that later writes need not meet (not a full or read-only disk) is logged,
+        not a stop: the record is bookkeeping, and the end's write says how the call ended."""
+        if self._saved_at is not None and time.monotonic() - self._saved_at < PROGRESS_EVERY_S:
             return
         try:
             self.save(running_note())
@@ -648,6 +639,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                                         stems[start:start + batch_size], predictor, failed,
                                         too_large)
                     if not batch:
+                        record.save_if_due()  # also while every image fails
                         continue
                     tensors = [to_tensor(eval_resized(img, predictor.short_side,
                                                       predictor.multiple),
@@ -664,6 +656,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                             failed[str(path)] = why
                             unwritten.append(str(path))
                             log.warning("could not write the outputs of %s: %s", path, why)
+                            record.save_if_due()
                             continue
                         written[stem] = [str(f) for f in files]
                         record.images[stem] = {

@@ -255,3 +255,25 @@ def test_a_folder_fsync_that_fails(tmp_path, monkeypatch, code):
     else:
         files.write_atomic(path, lambda fh: fh.write("x"), binary=False)
     assert (tmp_path / "a.txt").read_text() == "x" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_write_atomic_says_when_the_file_is_in_place(tmp_path, monkeypatch):
+    """``moved()`` is called once the file is in place, before the folder's sync: a caller
+    stopped in that sync (a signal, an I/O error) knows the file is its own; a write that
+    failed before the move never calls it."""
+    from iddc import files
+    calls = []
+    path = tmp_path / "a.json"
+
+    def sync_folder(folder):
+        calls.append(("sync", path.exists()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(files, "_sync_folder", sync_folder)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_json(path, {"x": 1}, replace=False,
+                         moved=lambda: calls.append(("moved", path.exists())))
+    assert calls == [("moved", True), ("sync", True)]
+    calls.clear()
+    with pytest.raises(FileExistsError, match="appeared while this command ran"):
+        files.write_json(path, {"x": 2}, replace=False, moved=lambda: calls.append("moved"))
+    assert calls == [] and path.read_text() == '{\n "x": 1\n}'

@@ -1144,3 +1144,21 @@ def test_a_failed_progress_record_is_a_warning_and_the_call_goes_on(runs, tmp_pa
     with pytest.raises(OSError, match="No space left"):
         predict.predict_files(runs["labelled"], [str(s) for s in srcs],
                               str(tmp_path / "out2"), batch_size=1)
+
+
+def test_the_running_record_follows_failed_images_too(runs, tmp_path, monkeypatch):
+    """While images fail (their files cannot be written), the running record still follows:
+    it was updated only after an image written, so a run of failures left it stale."""
+    srcs = [image(tmp_path / "in" / f"{n}.png", i) for i, n in enumerate("ab")]
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(predict, "write_atomic", failing_write_of(
+        "a_seg.png", PermissionError, errno.EACCES, "Permission denied"))
+    real, failed = predict.write_json, []
+
+    def write_json(path, obj, *args, **kwargs):
+        failed.append(sorted(Path(f).name for f in obj["failed"]))
+        return real(path, obj, *args, **kwargs)
+    monkeypatch.setattr(predict, "write_json", write_json)
+    predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
+                          batch_size=1)
+    assert failed == [[], ["a.png"], ["a.png"], ["a.png"]]
