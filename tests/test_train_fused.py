@@ -20,11 +20,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = ["--kmeans-baseline", "false", "--vis-images", "0", "--eval-initial", "false"]
 
 
-def test_triton_backend_trains_like_the_reference(tmp_path, tiny_yaml):
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_triton_backend_trains_like_the_reference(tmp_path, tiny_yaml, autocast):
+    """Also under --autocast bf16 (bfloat16 logits into the loss; on a GPU, the backbone's and
+    head's matmuls on the tensor cores), against the reference under the same autocast."""
     runs = {}
     for backend in ("reference", "triton"):
         runs[backend] = train.main(["--config", tiny_yaml, "--out", str(tmp_path / backend),
-                                    "--device", DEVICE, "--backend", backend, *QUICK])
+                                    "--device", DEVICE, "--backend", backend,
+                                    "--autocast", autocast, *QUICK])
         assert runs[backend]["backend"] == backend
     ref, fused = (read_metrics(runs[b]["out"]) for b in ("reference", "triton"))
     assert len(ref) == len(fused) == TINY["train"]["epochs"]
