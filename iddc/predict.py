@@ -656,14 +656,14 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                             failed[str(path)] = why
                             unwritten.append(str(path))
                             log.warning("could not write the outputs of %s: %s", path, why)
-                            record.save_if_due()
-                            continue
-                        written[stem] = [str(f) for f in files]
-                        record.images[stem] = {
-                            "input": str(path), "size": [img.width, img.height],
-                            "files": [f.name for f in files],
-                            "shares": {str(c): round(float(s), 6) for c, s in shares.items()}}
-                        log.info("%s -> %s", path, files[1])
+                        else:
+                            written[stem] = [str(f) for f in files]
+                            record.images[stem] = {
+                                "input": str(path), "size": [img.width, img.height],
+                                "files": [f.name for f in files],
+                                "shares": {str(c): round(float(s), 6)
+                                           for c, s in shares.items()}}
+                            log.info("%s -> %s", path, files[1])
                         record.save_if_due()
         except BaseException as err:  # the images done so far are recorded all the same
             try:
