@@ -36,7 +36,9 @@ from .cli import path_arg
 from .files import write_atomic
 from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
-from .loss import IDDCConfig
+from .loss import BACKENDS, IDDCConfig
+from .pair_inputs import H_VARIANTS, PRECISIONS
+from .reference import REGULARISERS
 from .models import ModelConfig, patch_size_of
 
 #: the most k-means iterations and initialisations a run may ask for (30 and 10 by default)
@@ -289,6 +291,10 @@ class Config:
 
 #: train.autocast: the dtype of each setting (None: no autocast)
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
+#: {(section, field): its values} of the fields with a fixed set of them (see field_choices)
+FIELD_CHOICES = {("loss", "h"): H_VARIANTS, ("loss", "backend"): BACKENDS,
+                 ("loss", "precision"): PRECISIONS, ("loss", "regulariser"): REGULARISERS,
+                 ("train", "autocast"): tuple(AUTOCAST_DTYPES), ("train", "preset"): tuple(PRESETS)}
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": IDDCConfig}
 #: how a field type reads in an error message
 _TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number",
@@ -502,6 +508,33 @@ def load_yaml_file(path: str) -> dict:
             for section, vals in loaded.items() if vals is not None}
 
 
+def field_choices(section: str, name: str) -> tuple:
+    """The values a field with a fixed set of them takes (for --help; the checks that refuse
+    others live with each setting), else (). Data sets and eval modes are registries that code
+    may extend: these are the ones registered now."""
+    if (section, name) == ("data", "dataset"):
+        from .data import DATASETS
+        return tuple(DATASETS)
+    if (section, name) == ("data", "eval_mode"):
+        from .evaluate import EVAL_MODES
+        return tuple(EVAL_MODES)
+    return FIELD_CHOICES.get((section, name), ())
+
+
+def _choices_help(section: str, name: str, values: tuple) -> str:
+    if not values:
+        return ""
+    default = _DEFAULT_NOTES.get((section, name), getattr(SECTIONS[section](), name))
+    return f": one of {', '.join(values)}" + ("" if default is None else f" (default {default})")
+
+
+#: a new run's default where resolve_config sets it, not the dataclass
+_DEFAULT_NOTES = {("loss", "backend"): "reference; auto with --fused",
+                  ("train", "preset"): "none; " + ", ".join(
+                      f"{preset} on the {dataset} data set with a random backbone"
+                      for dataset, preset in DEFAULT_PRESETS.items())}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, --preset and one flag per config field (all default to 'not given')."""
     parser.add_argument("--config", type=path_arg,
@@ -518,8 +551,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, nargs="?", const=True, default=None,
                            type=_parse_bool, help=f"{section}.{name} (bool)")
         else:
+            values = field_choices(section, name)
             g.add_argument(flag, dest=dest, default=None, type=kind,
-                           help=f"{section}.{name}")
+                           metavar="{" + ",".join(values) + "}" if values else None,
+                           help=f"{section}.{name}{_choices_help(section, name, values)}")
     g.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="data-set factory option, both splits (repeatable)")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",

@@ -109,3 +109,52 @@ def test_python_m_iddc_lists_the_tools(capsys):
     assert "iddc-train, iddc-evaluate, iddc-predict, iddc-check-layout" in out
     assert list_tools(["train"]) == 2
     assert capsys.readouterr().err.startswith("python -m iddc: error: it takes no arguments")
+
+
+CHOICE_FLAGS = {"--h": ("loss", "h"), "--backend": ("loss", "backend"),
+                "--precision": ("loss", "precision"), "--regulariser": ("loss", "regulariser"),
+                "--autocast": ("train", "autocast"), "--preset": ("train", "preset"),
+                "--eval-mode": ("data", "eval_mode")}
+
+
+def _flag_help(flag: str) -> tuple:
+    """(metavar, help text on one line) of a train flag, as --help prints them."""
+    import argparse
+    from iddc.config import add_config_arguments
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return action.metavar, " ".join(action.help.split())
+
+
+@pytest.mark.parametrize("flag", list(CHOICE_FLAGS))
+def test_help_lists_exactly_the_values_a_setting_accepts(flag, tmp_path):
+    """--help names each fixed-set field's values and a new run's default, and they are what
+    the settings' checks accept: each listed value gives a valid config, another is refused
+    at start-up, before the run folder exists."""
+    from iddc import train
+    from iddc.config import field_choices, resolve_config
+    section, name = CHOICE_FLAGS[flag]
+    values = field_choices(section, name)
+    metavar, text = _flag_help(flag)
+    assert metavar == "{" + ",".join(values) + "}"
+    assert f"{section}.{name}: one of {', '.join(values)}" in text
+    default = getattr(getattr(resolve_config(train.parse_args([])), section), name)
+    if flag == "--backend":
+        assert default == "reference" and text.endswith("(default reference; auto with --fused)")
+        assert resolve_config(train.parse_args(["--fused"])).loss.backend == "auto"
+    elif flag == "--preset":  # the embedded default runs with a random backbone
+        assert default == "synthetic-random-vits8" and text.endswith(
+            "(default none; synthetic-random-vits8 on the synthetic data set with a random "
+            "backbone)")
+        assert resolve_config(train.parse_args(["--weights", "w.pth"])).train.preset is None
+    else:
+        assert text.endswith(f"(default {default})")
+    assert len(values) >= 2
+    for value in values:
+        cfg = resolve_config(train.parse_args([flag, value]))
+        assert getattr(getattr(cfg, section), name) == value
+        cfg.validate()
+    with pytest.raises(ValueError, match="'bogus'"):
+        train.main([flag, "bogus", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
