@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .cli import path_arg
+from .devices import DEVICE_HELP
 from .files import write_atomic
 from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
@@ -522,6 +523,8 @@ def field_choices(section: str, name: str) -> tuple:
 
 
 def _choices_help(section: str, name: str, values: tuple) -> str:
+    if (section, name) == ("train", "device"):
+        return f": {DEVICE_HELP}"
     if not values:
         return ""
     default = _DEFAULT_NOTES.get((section, name), getattr(SECTIONS[section](), name))

@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 
 
+#: the --device flags' help: the names resolve_device takes
+DEVICE_HELP = "auto (the default: CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N or mps"
+
+
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return mps is not None and mps.is_available()

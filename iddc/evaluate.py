@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import metrics
 from .cli import path_arg, prog_name
 from .data import IGNORE_INDEX
+from .devices import DEVICE_HELP
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
@@ -501,21 +502,27 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog=prog_name("iddc.evaluate"),
                                  description="Re-evaluate a saved IDDC run on its val split.")
-    ap.add_argument("--checkpoint", required=True, type=path_arg)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--eval-mode", default=None, help="default: the run's data.eval_mode")
-    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--checkpoint", required=True, type=path_arg,
+                    help="an IDDC checkpoint (a run's last.pt, or a copy of it)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--eval-mode", default=None, metavar="{" + ",".join(EVAL_MODES) + "}",
+                    help="default: the run's data.eval_mode")
+    ap.add_argument("--eval-size", type=int, default=None,
+                    help="shorter side resized to this (px); default: the run's data.eval_size")
     ap.add_argument("--window", type=int, default=None, help="sliding window (px; sliding eval "
                     "mode only); default: the run's data.sliding_window")
     ap.add_argument("--stride", type=int, default=None, help="sliding stride (px; sliding eval "
                     "mode only); default: the run's data.sliding_stride, or with --window that "
                     "window's default")
-    ap.add_argument("--data-root", default=None, type=path_arg)
+    ap.add_argument("--data-root", default=None, type=path_arg,
+                    help="the data set's folder; default: the run's data.data_root")
     ap.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                     help="data-set factory option (repeatable), over the run's own; e.g. "
                          "label_root=DIR for a folder data set")
-    ap.add_argument("--max-val-images", type=int, default=None)
-    ap.add_argument("--split", default="val")
+    ap.add_argument("--max-val-images", type=int, default=None,
+                    help="score the first N images (0: all); default: the run's "
+                         "data.max_val_images")
+    ap.add_argument("--split", default="val", help="the split to score (default val)")
     ap.add_argument("--json", default=None, type=path_arg, help="also write the scores to this JSON file")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --json file (never the checkpoint)")

@@ -61,6 +61,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
+from .devices import DEVICE_HELP
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
 from .devices import resolve_device
 from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
@@ -702,8 +703,9 @@ def main(argv=None) -> int:
                          "the window; --mode sliding only)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="images read per step (and windows per forward pass when sliding)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--head", choices=("clusters", "probe"), default="clusters")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--head", choices=("clusters", "probe"), default="clusters",
+                    help="the cluster head (default), or the linear probe's classes")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     args = ap.parse_args(argv)
     from .cli import is_user_error, message

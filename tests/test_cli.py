@@ -158,3 +158,18 @@ def test_help_lists_exactly_the_values_a_setting_accepts(flag, tmp_path):
     with pytest.raises(ValueError, match="'bogus'"):
         train.main([flag, "bogus", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_help_names_the_devices_and_the_registered_eval_modes(monkeypatch, capsys):
+    """Every tool's --device help is resolve_device's own list; evaluate's --eval-mode lists
+    the modes registered when it runs (a mode other code adds shows up too)."""
+    from iddc import evaluate, predict, train
+    from iddc.devices import DEVICE_HELP
+    monkeypatch.setitem(evaluate.EVAL_MODES, "tiles", evaluate.EVAL_MODES["resize"])
+    for tool in (train, evaluate, predict):
+        with pytest.raises(SystemExit) as stop:
+            tool.main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert stop.value.code == 0 and DEVICE_HELP in out, tool.__name__
+        if tool is evaluate:
+            assert "--eval-mode {resize,sliding,tiles} default: the run's data.eval_mode" in out
