@@ -18,6 +18,7 @@ gathers instead of masked sums); it exists for the benchmarks and is tested to a
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -139,9 +140,14 @@ def pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos:
 
 
 def weibull_density(x: torch.Tensor, shape: float, scale: float) -> torch.Tensor:
-    """W(x) = (k/lam) (x/lam)^(k-1) exp(-(x/lam)^k), elementwise (SPEC section 2)."""
+    """W(x) = (k/lam) (x/lam)^(k-1) exp(-(x/lam)^k), elementwise for x > 0 (SPEC section 2).
+
+    Computed as the exp of its log: where exp(-(x/lam)^k) underflows to 0, the product's
+    backward multiplied that 0 by (k/lam)(x/lam)^(k-1) times the incoming weight, which can
+    overflow, and Inf * 0 is NaN; through the exp, W's gradient there is 0, as it should be."""
     k, lam = shape, scale
-    return (k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))
+    log_z = torch.log(x) - math.log(lam)  # not log(x / lam): x / lam may round to 0 or Inf
+    return torch.exp(math.log(k) - math.log(lam) + (k - 1) * log_z - torch.exp(k * log_z))
 
 
 def weibull_reg(p_a: torch.Tensor, shape: float = 0.3, scale: float = 5.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from iddc import PRESETS, IDDCLoss, iddc_loss
+from iddc.reference import weibull_density
 from iddc.loss import (FLOAT32_MAX, PAIR_TERM_BOUNDS, IDDCConfig, draw_shifts, regulariser_bounds,
                        resolve_backend)
 from iddc.reference import iddc_loss_reference, pair_sums
@@ -142,16 +143,12 @@ def test_presets_hold_spec_table():
     ("reg_scale", -1.0, "reg_scale must be >= 0"),
     ("t_pos", "0.2", "t_pos must be a finite number, got '0.2'"),
     ("weibull_scale", 0.0, "weibull_shape and weibull_scale must be positive"),
-    ("weibull_scale", 1e-40, r"weibull_shape=0.3 and weibull_scale=1e-40 make the Weibull "
-                             r"regulariser overflow float32"),
-    ("weibull_scale", 1e300, r"weibull_scale=1e\+300 make the Weibull regulariser overflow"),
     ("weibull_shape", 1e300, r"weibull_shape=1e\+300 and .* overflow float32"),
     ("lambda1", 1e300, r"lambda1=1e\+300 is beyond float32's range"),
     ("reg_scale", 1e39, r"reg_scale=1e\+39 is beyond float32's range"),
     ("num_shifts", 10 ** 12, r"num_shifts=1000000000000 exceeds 4096: each shift is a full pass"),
 ], ids=["t_pos-2", "t_neg--1.5", "lambda1-nan", "lambda2-inf", "lambda1-negative",
-        "reg_scale-negative", "t_pos-string", "weibull_scale-0", "weibull_scale-1e-40",
-        "weibull_scale-1e300", "weibull_shape-1e300", "lambda1-1e300", "reg_scale-1e39",
+        "reg_scale-negative", "t_pos-string", "weibull_scale-0", "weibull_shape-1e300", "lambda1-1e300", "reg_scale-1e39",
         "num_shifts-1e12"])
 def test_bad_hyper_parameters_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -191,15 +188,58 @@ def test_the_largest_weights_let_through_give_a_finite_loss_and_gradient(setting
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("shape, scale", [(0.3, 1e-38), (50.0, 0.5), (2.0, 5.0), (1e-300, 5.0)],
-                         ids=["tiny-scale", "steep", "shape-2", "tiny-shape"])
+@pytest.mark.parametrize("shape, scale", [(0.3, 1e-38), (50.0, 0.5), (2.0, 5.0), (1e-300, 5.0),
+                                          (0.3, 1e-40), (0.3, 1e300), (1.0, 1e300)],
+                         ids=["tiny-scale", "steep", "shape-2", "tiny-shape", "subnormal-scale",
+                              "huge-scale", "exponential-huge-scale"])
 def test_extreme_but_finite_weibull_settings_give_a_finite_loss(shape, scale):
-    """The settings the overflow check lets through do give a finite loss and gradient."""
+    """The settings the overflow check lets through give a finite loss and gradient: float64's,
+    in float32 (a scale beyond float32's range too: x / lam is never formed)."""
     fa, fb, za, zb = views()
-    out = IDDCLoss(backend="reference", weibull_shape=shape, weibull_scale=scale)(
-        fa, fb, za, zb, shifts=(1,))
+    loss = IDDCLoss(backend="reference", weibull_shape=shape, weibull_scale=scale)
+    out = loss(fa, fb, za, zb, shifts=(1,))
     grads = torch.autograd.grad(out.loss, (za, zb))
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    za64, zb64 = (z.detach().double().requires_grad_() for z in (za, zb))
+    out64 = loss(fa.double(), fb.double(), za64, zb64, shifts=(1,))
+    grads64 = torch.autograd.grad(out64.loss, (za64, zb64))
+    assert float(out.loss.detach()) == pytest.approx(float(out64.loss.detach()), rel=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, scale, lambda2", [(50.0, 0.2, 1e5), (100.0, 0.5, 1e9),
+                                                   (1.1, 1e-30, 1e8), (5.0, 1e-6, 1e11),
+                                                   (20.0, 0.1, 1e20)],
+                         ids=["steep-50", "steep-100", "tiny-scale", "small-scale", "huge-lambda2"])
+@pytest.mark.parametrize("backend", ["reference", "streaming"])
+def test_weibull_underflowing_to_zero_has_a_zero_gradient_at_any_weight(shape, scale, lambda2,
+                                                                        backend):
+    """Where exp(-(x/lam)^k) underflows float32 the density and its true gradient are 0; the
+    factor (k/lam)(x/lam)^(k-1) times a large weight overflowed, and Inf * 0 made every logit's
+    gradient NaN from a finite loss. Now the float64 gradient, in float32."""
+    fa, fb, za, zb = views()
+    loss = IDDCLoss(backend=backend, weibull_shape=shape, weibull_scale=scale, lambda2=lambda2)
+    out = loss(fa, fb, za, zb, shifts=(1,))
+    grads = torch.autograd.grad(out.loss, (za, zb))
+    za64, zb64 = (z.detach().double().requires_grad_() for z in (za, zb))
+    out64 = loss(fa.double(), fb.double(), za64, zb64, shifts=(1,))
+    grads64 = torch.autograd.grad(out64.loss, (za64, zb64))
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    assert float(out.loss.detach()) == pytest.approx(float(out64.loss.detach()), rel=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+def test_weibull_density_is_the_closed_form():
+    """Computed as the exp of its log (see above), it is still SPEC's formula, to rounding."""
+    x = torch.cat([torch.rand(1000, dtype=torch.float64), torch.tensor([1e-6, 1 + 1e-6],
+                                                                     dtype=torch.float64)])
+    for k, lam in [(0.3, 5.0), (2.0, 0.7), (50.0, 1.5), (1.0, 1.0)]:
+        want = (k / lam) * (x / lam) ** (k - 1) * torch.exp(-((x / lam) ** k))
+        torch.testing.assert_close(weibull_density(x, k, lam), want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(weibull_density(x.float(), k, lam), want.float(),
+                                   rtol=1e-5, atol=1e-30)
 
 
 def _spec_weibull(m, k=0.3, lam=5.0):
