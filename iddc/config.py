@@ -522,20 +522,21 @@ def field_choices(section: str, name: str) -> tuple:
     return FIELD_CHOICES.get((section, name), ())
 
 
-def _choices_help(section: str, name: str, values: tuple) -> str:
+#: a new run's default where resolve_config sets it, not the dataclass
+_DEFAULT_NOTES = {("loss", "backend"): "reference; auto with --fused",
+                  ("train", "preset"): "none; " + ", ".join(
+                      f"{preset} on the {dataset} data set with a random backbone"
+                      for dataset, preset in DEFAULT_PRESETS.items())}
+
+
+def _field_help(section: str, name: str, values: tuple) -> str:
+    """What a field's --help adds after its name: its values and default, or the devices."""
     if (section, name) == ("train", "device"):
         return f": {DEVICE_HELP}"
     if not values:
         return ""
     default = _DEFAULT_NOTES.get((section, name), getattr(SECTIONS[section](), name))
     return f": one of {', '.join(values)}" + ("" if default is None else f" (default {default})")
-
-
-#: a new run's default where resolve_config sets it, not the dataclass
-_DEFAULT_NOTES = {("loss", "backend"): "reference; auto with --fused",
-                  ("train", "preset"): "none; " + ", ".join(
-                      f"{preset} on the {dataset} data set with a random backbone"
-                      for dataset, preset in DEFAULT_PRESETS.items())}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -557,7 +558,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             values = field_choices(section, name)
             g.add_argument(flag, dest=dest, default=None, type=kind,
                            metavar="{" + ",".join(values) + "}" if values else None,
-                           help=f"{section}.{name}{_choices_help(section, name, values)}")
+                           help=f"{section}.{name}{_field_help(section, name, values)}")
     g.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="data-set factory option, both splits (repeatable)")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from . import metrics
 from .cli import path_arg, prog_name
 from .data import IGNORE_INDEX
-from .devices import DEVICE_HELP
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
+from .devices import DEVICE_HELP, resolve_device
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
                         sliding_predict_fn, token_count)
 from .inference import upsample_argmax as inference_upsample_argmax
@@ -497,7 +497,6 @@ def main(argv=None) -> dict:
     from .data import build_source_for
     from .models import run_data_config
     from .config import parse_data_options
-    from .devices import resolve_device
     from .files import check_outputs, check_writable, write_json
 
     ap = argparse.ArgumentParser(prog=prog_name("iddc.evaluate"),

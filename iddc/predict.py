@@ -61,9 +61,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
-from .devices import DEVICE_HELP
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
-from .devices import resolve_device
+from .devices import DEVICE_HELP, resolve_device
 from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
                     write_atomic, write_json)
 from .inference import (DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, ImageTooLargeError, Predictor,
