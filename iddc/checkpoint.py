@@ -140,6 +140,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
@@ -186,13 +189,17 @@ def _entry_problem(key: str, value) -> Optional[str]:
     if key == "data_config":
         if value is None:
             return None
+        # numbers (not text), as float32 holds them: the images are normalised in float32,
+        # where a std of 1e-300 is 0 and a mean of 1e39 is inf
         try:
             ok = isinstance(value, Mapping) and all(
-                len(value[k]) == 3 and all(math.isfinite(float(v)) for v in value[k])
-                for k in ("mean", "std")) and all(float(v) > 0 for v in value["std"])
-        except (KeyError, TypeError, ValueError):
+                isinstance(value[k], (list, tuple)) and len(value[k]) == 3
+                and all(_is_finite_number(v) and abs(v) <= _FLOAT32.max for v in value[k])
+                for k in ("mean", "std")) and all(v >= _FLOAT32.tiny for v in value["std"])
+        except KeyError:
             ok = False
-        return None if ok else "is not a normalisation {mean: 3 numbers, std: 3 positive ones}"
+        return None if ok else ("is not a normalisation {mean: 3 numbers, std: 3 positive "
+                                "ones}, each within float32's range")
     if key == "weights_report":  # never None: every version wrote build_model's record
         return None if isinstance(value, Mapping) and isinstance(value.get("source"), str) \
             else "is not a record of the backbone's weights {source: text, ...}"

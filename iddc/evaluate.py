@@ -33,6 +33,7 @@ from .data.transforms import EvalTransform
 from .devices import DEVICE_HELP, resolve_device
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
                         sliding_predict_fn, token_count)
+from .inference import check_predictable, unpredictable_pixels
 from .inference import upsample_argmax as inference_upsample_argmax
 
 log = logging.getLogger("iddc")
@@ -256,19 +257,25 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
     acc_p = metrics.Accumulator(model.num_classes, k) if model.num_classes == k else None
     names = checked_class_names(source, class_names, k)
     samples, skipped = [], []
+    # pixels no class can win, per head: counted on the device, checked once after the loop
+    unpredictable = {"logits": [], "probe": []}
+    pixels = 0
     try:
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
         whole = getattr(predict_fn, "whole_image", False)
         patch = getattr(model, "patch_size", None) if whole else None
-        pixels = MAX_SLIDING_PIXELS if getattr(predict_fn, "pixel_bounded", False) else None
+        bound = MAX_SLIDING_PIXELS if getattr(predict_fn, "pixel_bounded", False) else None
         for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
-                                         patch, pixels):
+                                         patch, bound):
             x = x.to(device)
             if use_cache:
                 feats = cache.get(tuple(idx), lambda: model.features(x))
                 out = predict_fn(model, x, feats=feats)
             else:
                 out = predict_fn(model, x)
+            for head, counts in unpredictable.items():
+                counts.append(unpredictable_pixels(out[head]))
+            pixels += out["logits"].shape[0] * out["logits"].shape[2] * out["logits"].shape[3]
             pred = upsample_argmax(out["logits"], y.shape[-2:]).cpu()
             probe = upsample_argmax(out["probe"], y.shape[-2:]).cpu()
             acc_u.update(pred, y)
@@ -279,6 +286,9 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
                     samples.append((x[j], y[j], pred[j], probe[j]))
     finally:
         model.train(was_training)
+    # argmax would have scored each such pixel as class 0: no scores rather than wrong ones
+    for head, counts in unpredictable.items():
+        check_predictable(counts, pixels, f"the {head} head, over the evaluation's images")
     if int(acc_u.hist.sum()) == 0:
         raise no_labels_error(source, max_images, skipped)
     return {"unsupervised": metrics.unsupervised_scores(acc_u.hist, names),
@@ -406,9 +416,14 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
     centres = F.normalize(kmeans(fit_points(feats, max_points, seed), num_classes, iters, seed,
                                  restarts), dim=1)
     acc = metrics.Accumulator(num_classes, num_classes)
+    unpredictable, pixels = [], 0
     for f, y in zip(feats, labels):
         logits = torch.einsum("bdhw,kd->bkhw", f, centres)
+        unpredictable.append(unpredictable_pixels(logits))
+        pixels += logits.shape[0] * logits.shape[2] * logits.shape[3]
         acc.update(upsample_argmax(logits, y.shape[-2:]), y)
+    check_predictable(unpredictable, pixels, "the k-means baseline's cosines to its centroids, "
+                      "from the backbone's features")
     return {"unsupervised": metrics.unsupervised_scores(acc.hist, names), "skipped": skipped}
 
 

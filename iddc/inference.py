@@ -180,6 +180,30 @@ def upsample_argmax(maps: torch.Tensor, size, max_elements: int = 1 << 26) -> to
     return best_idx
 
 
+class UnpredictableOutputError(ValueError):
+    """A model output with pixels where no class can be predicted (check_predictable)."""
+
+
+def unpredictable_pixels(logits: torch.Tensor) -> torch.Tensor:
+    """How many pixels of B x K x h x w ``logits`` no class can win, as a 0-d tensor on their
+    device (no sync): the top logit is NaN for a NaN anywhere, +inf for a +inf, -inf where
+    every class is -inf; softmax turns each into NaN and argmax into class 0. A -inf logit
+    alone (a masked class) is fine."""
+    top = logits.amax(dim=1) if logits.shape[1] else logits.sum(dim=1)
+    return (~torch.isfinite(top)).sum()
+
+
+def check_predictable(counts: Sequence[torch.Tensor], pixels: int, where: str) -> None:
+    """UnpredictableOutputError if the unpredictable_pixels ``counts`` of ``pixels`` pixels in
+    all (``where``: which outputs, for the message) add up to more than 0; one sync."""
+    bad = int(torch.stack(list(counts)).sum()) if counts else 0
+    if bad:
+        raise UnpredictableOutputError(
+            f"model output holds NaN, +inf, or -inf in every class at {bad} of its {pixels} "
+            f"pixels ({where}): no class can be predicted there (a -inf logit alone, a masked "
+            "class, is fine)")
+
+
 def _model_device(model) -> Optional[torch.device]:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -283,22 +307,15 @@ class Predictor:
             if o.dim() != 4 or o.shape[0] != x.shape[0]:
                 raise ValueError(f"model output of shape {tuple(o.shape)} for input "
                                  f"{tuple(x.shape)}; expected B x K x h x w logits")
-            # the top logit of each pixel: NaN for a NaN anywhere, +inf for a +inf, -inf where
-            # every class is -inf; softmax would turn each into NaN and argmax into class 0.
-            # Counted on the device, checked once per call (_maps): no sync per forward pass
-            top = o.amax(dim=1) if o.shape[1] else o.sum(dim=1)
-            self._unpredictable.append((~torch.isfinite(top)).sum())
-            self._pixels += top.numel()
+            # counted on the device, checked once per call (_maps): no sync per forward pass
+            self._unpredictable.append(unpredictable_pixels(o))
+            self._pixels += o.shape[0] * o.shape[2] * o.shape[3]
         return [o.float() for o in outs]
 
     def _check_predictable(self) -> None:
-        """ValueError if a forward pass of this call gave a pixel no class can win."""
-        bad = int(torch.stack(self._unpredictable).sum()) if self._unpredictable else 0
-        if bad:
-            raise ValueError(f"model output holds NaN, +inf, or -inf in every class at {bad} of "
-                             f"its {self._pixels} pixels (over this call's forward passes): no "
-                             "class can be predicted there (a -inf logit alone, a masked "
-                             "class, is fine)")
+        """UnpredictableOutputError if a forward pass of this call gave a pixel no class can
+        win."""
+        check_predictable(self._unpredictable, self._pixels, "over this call's forward passes")
 
     def _num_heads_names(self, n):
         if self.heads is not None:

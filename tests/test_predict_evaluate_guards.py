@@ -456,6 +456,14 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
     (lambda c: c["data_config"].pop("std"), r"its 'data_config' entry is not a normalisation"),
     (lambda c: c.update(data_config={"mean": [0.5] * 3, "std": [0.2, 0, 0.2]}),
      r"its 'data_config' entry is not a normalisation \{mean: 3 numbers, std: 3 positive"),
+    (lambda c: c["data_config"].update(std=[0.2, 1e-300, 0.2]),
+     r"its 'data_config' entry is not a normalisation .*within float32's range"),
+    (lambda c: c["data_config"].update(mean=[0.5, 1e39, 0.5]),
+     r"its 'data_config' entry is not a normalisation .*within float32's range"),
+    (lambda c: c.update(data_config={"mean": ["0.5"] * 3, "std": ["0.2"] * 3}),
+     r"its 'data_config' entry is not a normalisation \{mean: 3 numbers"),
+    (lambda c: c.update(data_config={"mean": "abc", "std": "def"}),
+     r"its 'data_config' entry is not a normalisation \{mean: 3 numbers"),
     (lambda c: c.update(metrics="epoch 1"), r"its 'metrics' entry is not a list of per-epoch "
                                             r"records \(got 'epoch 1'\)"),
     (lambda c: c["metrics"][-1]["unsupervised"].update(mapping=["x", "y", "z"]),
@@ -486,7 +494,8 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"'iddc-checkpoint-1'\)"),
     (lambda c: c.pop("format"), r"edited.pt is not an IDDC checkpoint \(no format entry;"),
 ], ids=["no-config", "no-model", "no-model-no-classes", "model-not-tensors", "config-not-dict",
-        "depth-changed", "width-changed", "no-std", "zero-std", "metrics-text",
+        "depth-changed", "width-changed", "no-std", "zero-std", "std-zero-in-float32",
+        "mean-inf-in-float32", "numbers-as-text", "text-of-three", "metrics-text",
         "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
         "partial-steps-text", "config-text", "negative-epoch", "class-containers", "nan-weights",
         "integer-weights", "weights-report-none", "other-format", "no-format"])
@@ -510,6 +519,57 @@ def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
     assert err.startswith(f"python -m iddc.predict: error: checkpoint {path}") and \
         re.search(message, err) and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def _overflowing(head):
+    """An edit: the ``head`` 1x1 convolution's weights 3e38, finite (so the checkpoint loads)
+    but making +-inf logits, which argmax would score as class 0."""
+    def edit(ckpt):
+        ckpt["model"][f"{head}.weight"].fill_(3e38)
+    return edit
+
+
+@pytest.mark.parametrize("mode", ["resize", "sliding"])
+@pytest.mark.parametrize("head", ["classifier", "probe"])
+def test_evaluate_refuses_a_model_output_no_class_can_win(runs, tmp_path, capsys, head, mode):
+    """Each pixel of NaN, +inf or all -inf logits is an error naming the head and how many,
+    never a score (resize mode scored them as class 0); --json is not written."""
+    from iddc import cli
+    path = edited_checkpoint(runs, tmp_path, _overflowing(head))
+    scores = tmp_path / "scores.json"
+    argv = ["--checkpoint", str(path), "--eval-mode", mode, "--json", str(scores)]
+    name = "logits" if head == "classifier" else "probe"
+    message = (r"model output holds NaN, \+inf, or -inf in every class at [1-9]\d* of its "
+               rf"\d+ pixels \(the {name} head, over the evaluation's images\)"
+               if mode == "resize" else r"model output holds NaN, \+inf, or -inf in every class")
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(argv)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(evaluate.main, "python -m iddc.evaluate", argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not scores.exists()
+
+
+def test_the_kmeans_baseline_refuses_features_no_cluster_can_win(runs, monkeypatch):
+    """A backbone feature of +inf (an overflowing backbone) at a pixel k-means did not fit
+    (it refuses those it fits) makes NaN cosines there: an error, not cluster 0."""
+    model, cfg, ckpt = load_model(runs["labelled"])
+    real = model.features
+
+    def one_inf(x):
+        f = real(x)
+        f[0, :, 0, 0] = float("inf")
+        return f
+
+    monkeypatch.setattr(model, "features", one_inf)
+    source = build_source("folder", root=str(runs["root"] / "img"), split="val",
+                          label_root=str(runs["root"] / "lab"))
+    transform = evaluate.get_eval_mode("resize").make_transform(cfg, ckpt["data_config"], 8)
+    with pytest.raises(ValueError, match=r"holds NaN, \+inf, or -inf in every class at "
+                                         r"1 of its \d+ pixels \(the k-means baseline's"):
+        evaluate.kmeans_baseline(model, source, transform=transform, num_classes=3, restarts=1,
+                                 batch_size=len(source), max_points=8)
 
 
 def test_a_malformed_rng_state_is_a_checkpoint_error():
