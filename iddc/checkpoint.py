@@ -371,11 +371,14 @@ def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer
     for name, target in (("optimizer", optimizer), ("probe_optimizer", probe_optimizer),
                          ("scheduler", scheduler)):
         try:
-            target.load_state_dict(ckpt[name])
-            # load_state_dict takes any values: a wrong one failed at the first step or epoch,
-            # after the run's files had changed
-            why = (_scheduler_problem(target) if name == "scheduler"
-                   else _optimizer_problem(target))
+            # steps before loading: one torch cannot cast gets a message showing a generator
+            why = None if name == "scheduler" else _saved_steps_problem(ckpt[name])
+            if why is None:
+                target.load_state_dict(ckpt[name])
+                # load_state_dict takes any values: a wrong one failed at the first step or
+                # epoch, after the run's files had changed
+                why = (_scheduler_problem(target) if name == "scheduler"
+                       else _optimizer_problem(target))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {path}: its {name!r} entry does not fit this "
                                   f"run's ({type(err).__name__}: {err})") from err
@@ -384,14 +387,56 @@ def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer
                                   f"run's ({why}); it was edited or not written by iddc.train")
 
 
+#: optimiser state entries that are running averages of squares: never negative (Adam takes
+#: their square root)
+_SQUARES = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def _step_problem(step) -> Optional[str]:
+    """Why an optimiser's per-parameter step count is not a whole number >= 0, or None."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
+            return f"is a tensor of shape {list(step.shape)} and dtype {step.dtype}"
+        step = step.item()
+    if not (_is_finite_number(step) and step >= 0 and float(step).is_integer()):
+        return f"is {reprlib.repr(step)}"
+    return None
+
+
+def _state_tensor_problem(key: str, value: torch.Tensor, param) -> Optional[str]:
+    """Why a per-parameter optimiser tensor (exp_avg, ...) does not fit ``param``, or None."""
+    if value.dim() > 0 and value.shape != param.shape:  # 0-d: a count or scalar, as step
+        return f"has shape {list(value.shape)}, the parameter {list(param.shape)}"
+    if not bool(torch.isfinite(value).all()):
+        return "holds NaN or Inf"
+    if key in _SQUARES and bool((value < 0).any()):
+        return "holds negative values (a running average of squares)"
+    return None
+
+
+def _saved_steps_problem(state: Mapping) -> Optional[str]:
+    """Why a saved optimiser state's per-parameter steps are not whole numbers >= 0, or None
+    (checked before load_state_dict, which casts them; the rest is checked after it)."""
+    per_param = state.get("state") if isinstance(state, Mapping) else None
+    for index, entry in (per_param.items() if isinstance(per_param, Mapping) else ()):
+        if isinstance(entry, Mapping) and "step" in entry:
+            why = _step_problem(entry["step"])
+            if why is not None:
+                return f"parameter {index}: its 'step' {why}, not a whole number >= 0"
+    return None
+
+
 def _optimizer_problem(optimizer) -> Optional[str]:
-    """What of a loaded optimiser state the next step would fail on (or silently misuse), or
-    None: each per-parameter tensor of its parameter's shape, finite hyper-parameters, betas
-    in [0, 1)."""
+    """What of a loaded optimiser state the next step would fail on (or silently misuse, or
+    diverge from at once), or None: finite hyper-parameters (eps > 0: Adam divides by it where
+    a gradient was 0), betas in [0, 1), each per-parameter tensor finite, of its parameter's
+    shape, its averages of squares >= 0 (the steps: _saved_steps_problem)."""
     for g, group in enumerate(optimizer.param_groups):
         for key in ("lr", "eps", "weight_decay"):
             if key in group and not (_is_finite_number(group[key]) and group[key] >= 0):
                 return f"param group {g}: {key} is {reprlib.repr(group[key])}"
+        if "eps" in group and not group["eps"] > 0:
+            return f"param group {g}: eps is {reprlib.repr(group['eps'])}, not > 0"
         betas = group.get("betas")
         if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
                                       and all(_is_finite_number(b) and 0 <= b < 1
@@ -399,10 +444,10 @@ def _optimizer_problem(optimizer) -> Optional[str]:
             return f"param group {g}: betas are {reprlib.repr(betas)}, not two numbers in [0, 1)"
         for i, param in enumerate(group["params"]):
             for key, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 \
-                        and value.shape != param.shape:
-                    return (f"param group {g}, parameter {i}: its {key!r} has shape "
-                            f"{list(value.shape)}, the parameter {list(param.shape)}")
+                why = _state_tensor_problem(key, value, param) \
+                    if isinstance(value, torch.Tensor) else None
+                if why is not None:
+                    return f"param group {g}, parameter {i}: its {key!r} {why}"
     return None
 
 

@@ -1153,8 +1153,25 @@ def _first_state(opt_state: dict) -> dict:
      r"its 'scheduler' entry .*base_lrs are \[nan\], not one learning rate per param group"),
     (lambda c: c.update(weights_report=7), r"its 'weights_report' entry is not a record of the "
                                            r"backbone's weights"),
+    (lambda c: _first_state(c["optimizer"]).update(step=torch.tensor(-3.0)),
+     r"its 'optimizer' entry does not fit this run's \(parameter \d+: its 'step' is -3.0, not "
+     r"a whole number >= 0\)"),
+    (lambda c: _first_state(c["optimizer"]).update(step=torch.tensor(2.5)),
+     r"its 'step' is 2.5, not a whole number >= 0"),
+    (lambda c: _first_state(c["optimizer"]).update(step="two"),
+     r"its 'step' is 'two', not a whole number >= 0"),
+    (lambda c: _first_state(c["probe_optimizer"]).update(step=torch.ones(2)),
+     r"its 'probe_optimizer' entry .*its 'step' is a tensor of shape \[2\] and dtype "
+     r"torch.float32, not a whole number >= 0"),
+    (lambda c: c["optimizer"]["param_groups"][0].update(eps=0.0),
+     r"its 'optimizer' entry .*param group 0: eps is 0.0, not > 0"),
+    (lambda c: _first_state(c["optimizer"])["exp_avg_sq"].view(-1)[0].fill_(-1.0),
+     r"its 'exp_avg_sq' holds negative values \(a running average of squares\)"),
+    (lambda c: _first_state(c["optimizer"])["exp_avg"].view(-1)[-1].fill_(float("nan")),
+     r"its 'exp_avg' holds NaN or Inf"),
 ], ids=["optimizer-state-shape", "probe-betas", "lr-text", "scheduler-epoch-text",
-        "scheduler-nan-base", "weights-report-number"])
+        "scheduler-nan-base", "weights-report-number", "negative-step", "fractional-step",
+        "text-step", "step-of-two-values", "zero-eps", "negative-squares", "nan-momentum"])
 def test_a_resume_refuses_training_state_its_steps_would_fail_on(tmp_path, run_copy, edit,
                                                                  message):
     """load_state_dict takes these as they are; they failed at the first step or epoch (a
