@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -45,6 +46,7 @@ MAX_SHIFTS = 4096
 
 #: the largest float32: a weight beyond it is Inf in the loss's arithmetic
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def _weibull_with_gradient(x: torch.Tensor, shape: float, scale: float) -> tuple:
@@ -203,6 +205,15 @@ class IDDCConfig:
                 f"float32 (at most {FLOAT32_MAX:.4g}) with h={self.h!r} and the "
                 f"{self.regulariser!r} regulariser: the loss would be Inf or NaN; use smaller "
                 "weights")
+        if self.regulariser == "weibull" and reg_weight > 0 \
+                and reg_weight * reg_grad < FLOAT32_TINY:
+            # its mathematics, but surely not what was meant (a scale of 1e-40, a tiny weight)
+            warnings.warn(
+                f"weibull_shape={self.weibull_shape:.4g} and weibull_scale="
+                f"{self.weibull_scale:.4g}, weighted by lambda2 * reg_scale = {reg_weight:.4g}, "
+                f"give the Weibull regulariser a gradient of at most {reg_weight * reg_grad:.3g}"
+                " per class mass x in [1e-6, 1], below float32's smallest normal number: it "
+                "regularises nothing (regulariser='none' says so)", UserWarning, stacklevel=5)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "IDDCConfig":

@@ -1,5 +1,7 @@
 """`IDDCLoss` end to end: against the standalone reference objective, errors, presets, shifts."""
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -188,6 +190,8 @@ def test_the_largest_weights_let_through_give_a_finite_loss_and_gradient(setting
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+#: some of these warn that the regulariser does nothing (tested on its own, below)
+@pytest.mark.filterwarnings("ignore:.*regularises nothing:UserWarning")
 @pytest.mark.parametrize("shape, scale", [(0.3, 1e-38), (50.0, 0.5), (2.0, 5.0), (1e-300, 5.0),
                                           (0.3, 1e-40), (0.3, 1e300), (1.0, 1e300)],
                          ids=["tiny-scale", "steep", "shape-2", "tiny-shape", "subnormal-scale",
@@ -208,6 +212,31 @@ def test_extreme_but_finite_weibull_settings_give_a_finite_loss(shape, scale):
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("settings, warns", [
+    (dict(weibull_scale=1e-40), True), (dict(weibull_scale=1e300), True),
+    (dict(weibull_shape=2.0, weibull_scale=1e-9), True), (dict(lambda2=1e-300), True),
+    (dict(), False), (dict(weibull_shape=2.0, weibull_scale=5.0), False),
+    (dict(weibull_scale=1e-40, regulariser="none"), False),
+    (dict(weibull_scale=1e-40, lambda2=0.0), False),
+], ids=["subnormal-scale", "huge-scale", "steep-tiny-scale", "tiny-weight", "spec-default",
+        "shape-2", "no-regulariser", "no-weight"])
+def test_a_weibull_regulariser_whose_gradient_underflows_everywhere_warns(settings, warns):
+    """Its mathematics (accepted, finite), but a gradient below float32's smallest normal number
+    at every class mass regularises nothing: said once per setting."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = IDDCConfig(**settings)
+        config.check()  # the same settings, checked already: not said again
+    said = [w for w in caught if "regularises nothing" in str(w.message)]
+    assert len(said) == (1 if warns else 0), [str(w.message) for w in caught]
+    if warns:
+        assert re.search(r"weibull_shape=\S+ and weibull_scale=\S+, weighted by lambda2 \* "
+                         r"reg_scale = \S+, give the Weibull regulariser a gradient of at most",
+                         str(said[0].message))
+
+
+#: some of these warn that the regulariser does nothing (tested on its own, below)
+@pytest.mark.filterwarnings("ignore:.*regularises nothing:UserWarning")
 @pytest.mark.parametrize("shape, scale, lambda2", [(50.0, 0.2, 1e5), (100.0, 0.5, 1e9),
                                                    (1.1, 1e-30, 1e8), (5.0, 1e-6, 1e11),
                                                    (20.0, 0.1, 1e20)],
