@@ -79,7 +79,11 @@ def peak_extra_memory_cpu(backend: str, batch: int, side: int, dim: int, classes
 
 
 def record(benchmark, label: str, flops: int, ceiling: float, **extra):
-    """Attach time, rate and memory to the benchmark's extra_info and the summary table."""
+    """Attach time, rate and memory to the benchmark's extra_info and the summary table; None,
+    recording nothing, under ``--benchmark-disable`` (each case then runs once, untimed: a
+    smoke test)."""
+    if benchmark.stats is None:
+        return None
     seconds = benchmark.stats.stats.min
     info = dict(seconds=seconds, gflops=flops / seconds / 1e9, matmul_gflops=ceiling / 1e9,
                 fraction_of_matmul=flops / seconds / ceiling, **extra)

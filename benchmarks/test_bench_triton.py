@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, loss_flops, matmul_rate  # RESULTS: the table conftest prints
+from common import RESULTS, loss_flops, matmul_rate, record  # RESULTS: the table conftest prints
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="Triton GPU benchmarks need a CUDA device "
@@ -192,13 +192,9 @@ def test_pair_sums_gpu(benchmark, matmul_rates, size, impl):
             benchmark.pedantic(lambda: None, rounds=1, iterations=1)
             return
         benchmark.pedantic(step, rounds=5 if n <= 1000 else 3, iterations=1, warmup_rounds=1)
-        seconds = benchmark.stats.stats.min
-        info = dict(seconds=seconds, gflops=flops / seconds / 1e9, matmul_gflops=ceiling / 1e9,
-                    fraction_of_matmul=flops / seconds / ceiling, extra_peak_bytes=int(extra),
-                    oom=False, batch=B, n=n, dim=D, classes=K, precision=precision,
-                    deterministic=deterministic, device=torch.cuda.get_device_name(), **tuned)
-        benchmark.extra_info.update(info)
-        RESULTS.append((label, info))
+        record(benchmark, label, flops, ceiling, extra_peak_bytes=int(extra), oom=False,
+               batch=B, n=n, dim=D, classes=K, precision=precision,
+               deterministic=deterministic, device=torch.cuda.get_device_name(), **tuned)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
         torch.cuda.empty_cache()

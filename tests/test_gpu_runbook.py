@@ -114,3 +114,16 @@ def test_explicit_tiles_and_autotuned_ones_share_nblk(monkeypatch):
                                       config=cfg)
         shapes.add(tuple(psum.shape))
     assert shapes == {(2, 2, 3)}  # cdiv(40, 16) blocks whatever the tiles
+
+
+def test_benchmarks_run_once_untimed_with_benchmark_disable(tmp_path):
+    """`pytest benchmarks/ --benchmark-disable` (a smoke test of the benchmarks) runs each case
+    once, untimed: no timings are recorded, rather than every case failing on its missing
+    statistics."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join(BENCH, "test_bench_loss_cpu.py"), "-q",
+         "-k", "B8-N784 and streaming", "--benchmark-disable", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", proc.stdout)
+    assert "IDDC loss: forward + backward" not in proc.stdout  # no table of untimed rows
