@@ -84,23 +84,32 @@ def check_crc(path: str, what: str = "checkpoint", error: type = None) -> None:
     attribute bit, which no CRC covers, gave other scores at every load). A file that is no
     readable zip is left to torch.load: a legacy (pre-zip) checkpoint loads, a truncated or
     foreign one gets its error there."""
+    unreadable = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
+                  RuntimeError)  # RuntimeError: zipfile's own (an encrypted member)
     try:
-        with zipfile.ZipFile(path) as archive:
-            folders = [i.filename for i in archive.infolist() if i.is_dir() or
-                       i.external_attr & _MS_DOS_FOLDER]
-            bad = archive.testzip() if not folders else None
-    except zlib.error as err:  # a record's compression field changed: its bytes do not inflate
-        raise (error or CheckpointError)(
-            f"{what} {path} is corrupt: a record does not decompress ({err}); use an intact copy "
-            "of the file") from err
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
-            RuntimeError):  # RuntimeError: zipfile's own (an encrypted member)
+        archive = zipfile.ZipFile(path)
+    except unreadable:  # no zip directory: a legacy checkpoint, or not a checkpoint at all
         return
-    if folders:
-        raise (error or CheckpointError)(
-            f"{what} {path} is corrupt: its zip directory marks {folders[0]!r} as a folder, which "
-            "torch.save never writes (a changed byte there: the record would load as other "
-            "values); use an intact copy of the file")
+    with archive:
+        folders = [i.filename for i in archive.infolist() if i.is_dir() or
+                   i.external_attr & _MS_DOS_FOLDER]
+        if folders:
+            raise (error or CheckpointError)(
+                f"{what} {path} is corrupt: its zip directory marks {folders[0]!r} as a folder, "
+                "which torch.save never writes (a changed byte there: the record would load as "
+                "other values); use an intact copy of the file")
+        try:
+            bad = archive.testzip()
+        except zlib.error as err:  # a record's compression field changed: it does not inflate
+            raise (error or CheckpointError)(
+                f"{what} {path} is corrupt: a record does not decompress ({err}); use an intact "
+                "copy of the file") from err
+        except unreadable as err:
+            # the directory reads but a record does not (a changed byte in its local header:
+            # torch's reader, which trusts the directory, would load shifted bytes as it)
+            raise (error or CheckpointError)(
+                f"{what} {path} is corrupt: a record named in its zip directory cannot be read "
+                f"({type(err).__name__}: {err}); use an intact copy of the file") from err
     if bad is not None:
         raise (error or CheckpointError)(
             f"{what} {path} is corrupt: its {bad!r} fails its CRC check (its bytes changed "

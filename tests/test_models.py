@@ -282,6 +282,18 @@ def test_weights_file_with_changed_bytes_is_refused(tmp_path):
         load_backbone_weights(tiny_backbone(2), str(path))
 
 
+def test_weights_file_with_a_changed_local_header_is_refused(tmp_path):
+    """A local header's name length changed (no CRC covers it): torch loaded shifted bytes as
+    a tensor of the backbone, and the run trained on them without a word."""
+    from test_train import change_local_header_name_length
+    path = tmp_path / "flipped.pth"
+    torch.save(tiny_backbone(1).state_dict(), path)
+    change_local_header_name_length(path)
+    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: a record "
+                                           r"named in its zip directory cannot be read"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
 def test_weights_file_with_a_record_marked_as_a_folder_is_refused(tmp_path):
     """The zip directory's folder bit (no CRC covers it): torch's reader would hand the tensor
     back as uninitialised memory."""

@@ -525,6 +525,34 @@ def test_checkpoint_bytes_changed_on_disk_are_caught(tmp_path):
         ck.load(str(truncated))
 
 
+def change_local_header_name_length(path):
+    """Add 8192 to the name length in the local header of the member ending in /data/0 (its
+    directory record is unchanged): the zip reader's CRC check then fails to decode the name,
+    and torch's reader, which trusts the directory, loaded shifted bytes as the tensor."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 27] ^= 0x20
+    path.write_bytes(bytes(raw))
+
+
+def test_checkpoint_with_a_changed_local_header_is_caught(tmp_path):
+    """No CRC covers a local header; the check read it as "no zip" and let torch load other
+    values (evaluate scored them, exit 0)."""
+    from iddc import checkpoint as ck
+    path = tmp_path / "last.pt"
+    torch.save({"format": ck.FORMAT, "model": {"w": torch.arange(4096.0)},
+                "other": torch.ones(300)}, path)
+    change_local_header_name_length(path)
+    message = (r"last.pt is corrupt: a record named in its zip directory cannot be read "
+               r"\(UnicodeDecodeError: ")
+    with pytest.raises(CheckpointError, match=message):
+        ck.load(str(path))
+    with pytest.raises(CheckpointError, match=message):
+        evaluate.main(["--checkpoint", str(path)])
+
+
 def test_checkpoint_with_code_is_refused_unread(tmp_path, code_payload):
     from iddc.checkpoint import FORMAT
     payload, marker = code_payload
