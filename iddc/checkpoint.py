@@ -70,6 +70,26 @@ def unpickling_error_message(what: str, err: Exception) -> str:
     return f"could not read {what}: it is corrupt, truncated or not a PyTorch file ({detail})"
 
 
+def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
+    """torch.load of ``path`` as tensors and plain data only (``safe``: the classes allowed
+    besides), with ``error`` naming ``what`` for a file that cannot be read: one that pickles
+    code or foreign objects, one not readable for permissions, and (``kind`` saying what it
+    is not) any other failure of the reader, which a corrupt file can meet anywhere
+    (AssertionError, a safetensors error, ...)."""
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise error(unpickling_error_message(what, err)) from err
+    except PermissionError as err:
+        raise error(f"cannot read {what}: {err.strerror or err} (its permissions)") from err
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise error(f"could not read {what}: it is corrupt, truncated or not {kind} "
+                    f"({type(err).__name__}: {err})") from err
+
+
 #: the MS-DOS "folder" bit of a zip member's external attributes
 _MS_DOS_FOLDER = 0x10
 
@@ -125,17 +145,10 @@ def load(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     check_crc(path)
-    try:
-        # tensors and plain data only: unpickling a file never runs code from it. Checkpoints of
-        # earlier versions kept numpy's RNG state as an array: numpy arrays are plain data too.
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(unpickling_error_message(f"checkpoint {path}", err)) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
-            KeyError, IndexError, TypeError, ImportError) as err:
-        raise CheckpointError(f"could not read checkpoint {path}: it is corrupt, truncated or "
-                              f"not an IDDC checkpoint ({type(err).__name__}: {err})") from err
+    # unpickling a file never runs code from it. Checkpoints of earlier versions kept numpy's
+    # RNG state as an array: numpy arrays are plain data too.
+    ckpt = read_torch_file(path, f"checkpoint {path}", CheckpointError, _NUMPY_ARRAY_GLOBALS,
+                           "an IDDC checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) and "format" in ckpt \
             else "no format entry" if isinstance(ckpt, dict) else type(ckpt).__name__

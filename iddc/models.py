@@ -10,9 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -157,21 +155,12 @@ def _read_checkpoint(path: str):
         raise WeightsError(f"weights file not found: {path}")
     if not os.path.isfile(path):
         raise WeightsError(f"weights path is not a file: {path}")
-    from .checkpoint import check_crc
+    from .checkpoint import check_crc, read_torch_file
     check_crc(path, "weights file", WeightsError)  # a broken copy of a download: other weights
-    try:
-        # tensors and plain data only (never code from the file); DINO's full training
-        # checkpoints also pickle their argparse.Namespace of arguments, which is plain data
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        from .checkpoint import unpickling_error_message
-        raise WeightsError(unpickling_error_message(f"weights file {path}", err)) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
-            KeyError, IndexError, TypeError) as err:
-        first = err
-    raise WeightsError(f"could not read weights file {path}: it is corrupt, truncated or not a "
-                       f"PyTorch checkpoint ({type(first).__name__}: {first})") from first
+    # DINO's full training checkpoints also pickle their argparse.Namespace of arguments,
+    # which is plain data
+    return read_torch_file(path, f"weights file {path}", WeightsError, [argparse.Namespace],
+                           "a PyTorch checkpoint")
 
 
 def extract_backbone_state(obj, path: str = "the checkpoint") -> dict:
@@ -192,6 +181,9 @@ def extract_backbone_state(obj, path: str = "the checkpoint") -> dict:
     for key, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
+        if not isinstance(key, str):
+            raise WeightsError(f"{path} holds a tensor under the key {key!r}, not a tensor's "
+                               "name: it is not a state dict")
         k, changed = key, True
         while changed:
             changed = False
@@ -210,10 +202,37 @@ def check_finite(state: dict, what: str) -> None:
     """WeightsError naming the first tensor holding NaN or Inf: such a backbone would only ever
     produce NaN features (a damaged file, or one saved from a diverged run)."""
     for k, v in state.items():
+        if v.layout != torch.strided or v.is_meta:  # no values to check, or to load
+            raise WeightsError(f"{what}: tensor {k!r} is a {v.layout} tensor on the "
+                               f"{v.device.type} device, not a weight's values")
         if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
             raise WeightsError(f"{what}: tensor {k!r} holds {bad} NaN or Inf values (of "
                                f"{v.numel()}); the file is damaged or comes from a diverged run")
+
+
+@torch.no_grad()
+def check_features_finite(backbone: nn.Module, what: str) -> None:
+    """WeightsError unless the backbone's features of a seeded random image (normalised
+    pixels, at its own size) are finite: finite weights of extreme values (3e38, say) make
+    Inf or NaN features from any image."""
+    size = getattr(backbone.patch_embed, "img_size", None) or (224, 224)
+    image = torch.randn((1, 3) + tuple(size), generator=torch.Generator().manual_seed(0))
+    param = next(backbone.parameters(), None)
+    if param is not None:
+        image = image.to(device=param.device, dtype=param.dtype)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        feats = backbone.forward_features(image)
+    finally:
+        backbone.train(was_training)
+    if not bool(torch.isfinite(feats).all()):
+        largest = max((float(p.abs().max()) for p in backbone.parameters() if p.numel()),
+                      default=0.0)
+        raise WeightsError(f"{what}: the backbone's features of a test image hold NaN or Inf "
+                           f"(its weights reach {largest:.3g} in magnitude); the file is damaged "
+                           "or comes from a diverged run")
 
 
 #: state-dict keys (prefixes) on a timm ViT's path to its patch tokens: a file holding such a
@@ -226,7 +245,8 @@ FEATURE_PATH_PREFIXES = ("blocks.", "norm.", "norm_pre.", "patch_embed.", "pos_e
 def _check_pos_embed_tokens(file_pos: torch.Tensor, prefix: int, path: str) -> int:
     """The number of grid tokens in the file's positional embedding; WeightsError unless it is
     the backbone's `prefix` (class / register) tokens plus a square grid."""
-    tokens = file_pos.shape[1] - prefix if file_pos.dim() == 3 else -1
+    tokens = file_pos.shape[1] - prefix if file_pos.dim() == 3 and file_pos.shape[0] == 1 \
+        else -1
     side = int(round(max(tokens, 0) ** 0.5))
     if tokens <= 0 or side * side != tokens:
         raise WeightsError(
@@ -296,9 +316,21 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     if bad_shape:
         raise WeightsError(f"weights file {path} does not fit the backbone: shape mismatches "
                            f"(file vs model) {bad_shape}; is it the right architecture?")
+    # load_state_dict would cast them without a word: no weights file holds such weights
+    bad_dtype = next((k for k in own if own[k].is_floating_point() and
+                      not state[k].is_floating_point()), None)
+    if bad_dtype is not None:
+        raise WeightsError(f"weights file {path} does not fit the backbone: its tensor "
+                           f"{bad_dtype!r} is {state[bad_dtype].dtype}, not floating-point "
+                           "(a backbone's weights are)")
     if strict and unexpected:
         raise WeightsError(f"weights file {path}: unexpected keys {unexpected}")
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    # float64 values beyond float32's range are Inf once loaded; finite ones of 3e38 make Inf
+    # features: found here, not at the first step or evaluation, after the run folder is made
+    check_finite(backbone.state_dict(), f"weights file {path}, as the backbone's "
+                 f"{next(iter(own.values())).dtype}")
+    check_features_finite(backbone, f"weights file {path}")
     if unexpected:
         log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)
     return {"path": os.path.abspath(path), "loaded": len(state) - len(unexpected),

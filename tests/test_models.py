@@ -398,3 +398,80 @@ def test_a_timm_assert_without_backbone_kwargs_names_the_size_not_the_kwargs(mon
         models.create_backbone(ModelConfig())
     with pytest.raises(ValueError, match=r"model.backbone_kwargs \{'depth': 2.*\} do not fit"):
         models.create_backbone(ModelConfig(backbone_kwargs=dict(TINY)))
+
+
+def _edited(state, key_part, change):
+    """A copy of ``state`` with ``change(tensor)`` applied to the first tensor whose name
+    holds ``key_part``."""
+    key = next(k for k in state if key_part in k)
+    return {**state, key: change(state[key])}
+
+
+def _pos_embed_of_two_grids(state):
+    """pos_embed of a 64 px backbone (8 x 8 patches, resampled at load) for 2 images."""
+    pos = state["pos_embed"]
+    grid = torch.randn(2, 1 + 64, pos.shape[-1])
+    return {**state, "pos_embed": grid}
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # torch's, on load
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {**s, 5: torch.ones(3)}, r"holds a tensor under the key 5, not a tensor's name"),
+    (lambda s: {**s, ("blocks", 0): torch.ones(3)},
+     r"holds a tensor under the key \('blocks', 0\), not a tensor's name"),
+    (lambda s: _edited(s, "patch_embed.proj.weight", lambda t: t.to("meta")),
+     r"tensor 'patch_embed.proj.weight' is a torch.strided tensor on the meta device, not a "
+     r"weight's values"),
+    (lambda s: _edited(s, "blocks.0.mlp.fc1.weight", lambda t: t.to_sparse()),
+     r"tensor 'blocks.0.mlp.fc1.weight' is a torch.sparse_coo tensor on the cpu device"),
+    (_pos_embed_of_two_grids, r"its positional embedding \(2, 65, 32\) is not this backbone's "
+                              r"1 prefix \(class or register\) token\(s\) plus a square grid"),
+    (lambda s: _edited(s, "blocks.0.attn.qkv.weight", lambda t: (t * 100).long()),
+     r"does not fit the backbone: its tensor 'blocks.0.attn.qkv.weight' is torch.int64, not "
+     r"floating-point"),
+    (lambda s: _edited(s, "norm.weight", lambda t: t > 0),
+     r"its tensor '.*norm.weight' is torch.bool, not floating-point"),
+    (lambda s: _edited(s, "blocks.1.mlp.fc2.bias", lambda t: t.double().fill_(1e39)),
+     r"weights file .*edited.pth, as the backbone's torch.float32: tensor 'blocks.1.mlp.fc2.bias' "
+     r"holds 32 NaN or Inf values \(of 32\)"),
+    (lambda s: _edited(s, "patch_embed.proj.weight", lambda t: t.fill_(3e38)),
+     r"weights file .*edited.pth: the backbone's features of a test image hold NaN or Inf \(its "
+     r"weights reach 3e\+38 in magnitude\)"),
+], ids=["integer-key", "tuple-key", "meta-tensor", "sparse-tensor", "pos-embed-of-two",
+        "integer-weights", "bool-weights", "float64-beyond-float32", "finite-but-extreme"])
+def test_weights_file_contents_no_backbone_could_use_are_refused(tmp_path, edit, message):
+    """Each was a traceback (keys that are not names, meta or sparse tensors, a resampled
+    positional embedding of two images), weights cast without a word (integer, bool), or
+    a run folder made before the first step or evaluation failed on Inf features."""
+    path = tmp_path / "edited.pth"
+    torch.save(edit(tiny_backbone(1).state_dict()), path)
+    with pytest.raises(WeightsError, match=message):
+        load_backbone_weights(tiny_backbone(2), str(path))
+
+
+def test_a_weights_file_the_reader_fails_on_anywhere_is_a_weights_error(tmp_path, monkeypatch):
+    """A corrupt file can fail anywhere in torch's reader: a truncated .safetensors file (torch
+    picks that reader by its name), an AssertionError from a legacy pickle's changed byte, a
+    file without read permission (root reads any file, so that one is raised for it)."""
+    from safetensors.torch import save_file
+    path = tmp_path / "weights.safetensors"
+    save_file(tiny_backbone(1).state_dict(), str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(WeightsError, match=r"could not read weights file .*weights.safetensors: "
+                                           r"it is corrupt, truncated or not a PyTorch "
+                                           r"checkpoint \(SafetensorError"):
+        load_backbone_weights(tiny_backbone(2), str(path))
+    legacy = tmp_path / "legacy.pth"
+    torch.save(tiny_backbone(1).state_dict(), legacy, _use_new_zipfile_serialization=False)
+    for raised, message in [(AssertionError("storage key 3 not found"),
+                             r"corrupt, truncated or not a PyTorch checkpoint \(AssertionError: "
+                             r"storage key 3 not found\)"),
+                            (PermissionError(13, "Permission denied"),
+                             r"cannot read weights file .*legacy.pth: Permission denied \(its "
+                             r"permissions\)")]:
+        def fail(*args, raised=raised, **kwargs):
+            raise raised
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(WeightsError, match=message):
+            load_backbone_weights(tiny_backbone(2), str(legacy))

@@ -572,6 +572,22 @@ def test_missing_weights_via_cli(tmp_path, tiny_yaml):
                     "--out", str(tmp_path / "w")])
 
 
+def test_weights_making_inf_features_are_refused_before_the_run_folder(tmp_path, tiny_yaml):
+    """Finite weights of 3e38 passed the file's checks: the run folder was made, and the first
+    evaluation failed on the model's output without naming the file."""
+    from iddc.models import ModelConfig, WeightsError, create_backbone
+    backbone = create_backbone(ModelConfig(**TINY["model"]))
+    state = backbone.state_dict()
+    state["patch_embed.proj.weight"].fill_(3e38)
+    weights = tmp_path / "extreme.pth"
+    torch.save(state, weights)
+    with pytest.raises(WeightsError, match=r"weights file .*extreme.pth: the backbone's "
+                                           r"features of a test image hold NaN or Inf"):
+        train.main(["--config", tiny_yaml, "--weights", str(weights),
+                    "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
 def test_end_to_end_variant_trains_backbone_in_its_window(tmp_path, tiny_yaml):
     res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "e2e"), "--epochs", "5",
                       "--freeze-backbone", "false", "--backbone-lr-ratio", "0.1",
