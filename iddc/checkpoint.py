@@ -363,6 +363,13 @@ def load_weights(model, ckpt: dict, path: str) -> None:
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path}: its \"model\" entry is a "
                               f"{type(state).__name__}, not a model's tensors")
+    valueless = next((k for k, t in state.items() if isinstance(t, torch.Tensor)
+                      and (t.layout != torch.strided or t.is_meta)), None)
+    if valueless is not None:  # iddc.train saves dense tensors: no values to check or load
+        t = state[valueless]
+        raise CheckpointError(f"checkpoint {path}: its weights hold a {t.layout} tensor on the "
+                              f"{t.device.type} device ({valueless!r}), not a weight's values; "
+                              "it was edited or not written by iddc.train")
     name = nonfinite_tensor(state)
     if name is not None:
         raise CheckpointError(f"checkpoint {path}: its weights hold NaN or Inf (tensor "
@@ -383,6 +390,11 @@ def load_weights(model, ckpt: dict, path: str) -> None:
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its weights do not match its model config "
                               f"({_state_mismatch(expected, state) or err})") from err
+    name = nonfinite_tensor(model.state_dict())  # float64 values beyond float32's range
+    if name is not None:
+        raise CheckpointError(f"checkpoint {path}: its weights hold values beyond the model's "
+                              f"{expected[name].dtype} range (tensor {name!r}: Inf once "
+                              "loaded); it was edited or not written by iddc.train")
 
 
 def load_training_state(ckpt: dict, path: str, model, optimizer, probe_optimizer,

@@ -441,6 +441,7 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
                                                   "num_heads": 2}
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # torch's, on load
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.pop("config"), r"edited.pt has no 'config' entry"),
     (lambda c: c.pop("model"), r"edited.pt has no 'model' entry"),
@@ -483,6 +484,16 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
      r"its 'class_names' entry is not a list of names"),
     (lambda c: c["model"][next(k for k in c["model"] if k.startswith("head"))].fill_(
         float("nan")), r"its weights hold NaN or Inf \(tensor 'head\..*'\): the run diverged"),
+    (lambda c: c["model"].update({k: c["model"][k].to("meta") for k in c["model"]
+                                  if k.startswith("head")}),
+     r"its weights hold a torch.strided tensor on the meta device \('head\.\S+'\), not a "
+     r"weight's values"),
+    (lambda c: c["model"].update({k: c["model"][k].to_sparse() for k in c["model"]
+                                  if k.startswith("classifier.weight")}),
+     r"its weights hold a torch.sparse_coo tensor on the cpu device \('classifier.weight'\)"),
+    (lambda c: c["model"].update({"probe.bias": c["model"]["probe.bias"].double().fill_(1e39)}),
+     r"its weights hold values beyond the model's torch.float32 range \(tensor 'probe.bias': "
+     r"Inf once loaded\)"),
     (lambda c: c["model"].update({k: c["model"][k].round().long() for k in c["model"]
                                   if k.startswith("head")}),
      r"its weights do not match its model config \(\d+ tensor\(s\) not floating-point, e.g. "
@@ -498,6 +509,7 @@ def _set_depth(ckpt, depth=2, embed_dim=16):
         "mean-inf-in-float32", "numbers-as-text", "text-of-three", "metrics-text",
         "mapping-of-text", "mapping-a-number", "record-without-epoch", "scores-a-list",
         "partial-steps-text", "config-text", "negative-epoch", "class-containers", "nan-weights",
+        "meta-weights", "sparse-weights", "float64-beyond-float32",
         "integer-weights", "weights-report-none", "other-format", "no-format"])
 def test_a_checkpoint_with_missing_or_mismatched_contents_is_a_one_line_error(
         runs, tmp_path, capsys, edit, message):
