@@ -630,14 +630,26 @@ def absolute_saved_paths(saved: dict) -> dict:
     as they always were, and made absolute: an older run resumed with its own command (the same
     relative paths, now recorded absolute) then changes no setting."""
     out = copy.deepcopy(saved)
-    if isinstance(out.get("data"), dict):
-        out["data"] = _absolute_data_section(out["data"])
+    for section, values in out.items():
+        if isinstance(values, dict):
+            out[section] = _absolute_section(section, values)
     return out
 
 
-def _absolute_data_section(data: dict) -> dict:
-    """A data section's settings with their paths made absolute."""
-    return {name: _absolute_data_setting(name, value) for name, value in data.items()}
+def _absolute_section(section: str, values: dict) -> dict:
+    """A config section's settings with their paths made absolute."""
+    return {name: _absolute_setting(section, name, value) for name, value in values.items()}
+
+
+def _absolute_setting(section: str, name: str, value: Any) -> Any:
+    """A setting given now with its paths made absolute: the data section's, and the backbone's
+    weights file (a run resumed with the file spelled another way, ./w.pth or its absolute
+    path, is the same run)."""
+    if section == "data":
+        return _absolute_data_setting(name, value)
+    if (section, name) == ("model", "weights"):
+        return _absolute(value)
+    return value
 
 
 def _absolute_data_setting(name: str, value: Any) -> Any:
@@ -654,14 +666,13 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
     """{section: {field: value}} of what this command sets: the YAML file, then the flags, then
     --data-option (added to the YAML's data.options, else to ``options``), then --set."""
     explicit = load_yaml_file(args.config) if getattr(args, "config", None) else {}
-    if "data" in explicit:  # paths relative to the current folder are recorded absolute
-        explicit["data"] = _absolute_data_section(explicit["data"])
+    for section, values in explicit.items():  # paths relative to the current folder are
+        if isinstance(values, dict):  # recorded absolute
+            explicit[section] = _absolute_section(section, values)
     for dest, (section, name, _) in FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
-            if section == "data":
-                v = _absolute_data_setting(name, v)
-            explicit.setdefault(section, {})[name] = v
+            explicit.setdefault(section, {})[name] = _absolute_setting(section, name, v)
     items = getattr(args, "data_option", []) or []
     if items:
         given = absolute_data_options(parse_data_options(items))
@@ -676,9 +687,7 @@ def explicit_settings(args: argparse.Namespace, options: Optional[dict] = None) 
             raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
         value = _parse_value(val, f"--set {item!r}", _FIELD_TYPES.get(tuple(key.split(".", 1))))
         section, _, name = key.partition(".")
-        if section == "data":
-            value = _absolute_data_setting(name, value)
-        _nested_set(explicit, key, value)
+        _nested_set(explicit, key, _absolute_setting(section, name, value))
     return explicit
 
 

@@ -588,6 +588,32 @@ def test_weights_making_inf_features_are_refused_before_the_run_folder(tmp_path,
     assert not (tmp_path / "w").exists()
 
 
+def test_weights_path_is_recorded_absolute_and_resumes_however_spelled(tmp_path, tiny_yaml,
+                                                                      monkeypatch):
+    """A relative --weights was recorded as given: the run's own file spelled ./w.pth or as
+    its absolute path was refused on resume as a changed model setting; ~ was not expanded
+    (data paths are made absolute, ~ expanded)."""
+    from iddc.models import ModelConfig, create_backbone
+    (tmp_path / "home").mkdir()
+    torch.save(create_backbone(ModelConfig(**TINY["model"])).state_dict(),
+               tmp_path / "home" / "w.pth")
+    monkeypatch.chdir(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res = train.main(["--config", tiny_yaml, "--weights", "w.pth", "--epochs", "1",
+                      "--out", str(tmp_path / "run"), "--kmeans-baseline", "false"])
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["model"]["weights"] == str(tmp_path / "home" / "w.pth")
+    last = os.path.join(res["out"], "last.pt")
+    for epochs, spelled in ((2, "./w.pth"), (3, str(tmp_path / "home" / "w.pth")),
+                            (4, "~/w.pth")):
+        train.main(["--resume", last, "--weights", spelled, "--epochs", str(epochs)])
+    assert [e["epoch"] for e in read_metrics(res["out"]) if e["kind"] == "iddc"] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"model settings cannot change on resume \(model."
+                                         r"weights"):
+        train.main(["--resume", last, "--weights", str(tmp_path / "other.pth"),
+                    "--epochs", "5"])
+
+
 def test_end_to_end_variant_trains_backbone_in_its_window(tmp_path, tiny_yaml):
     res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "e2e"), "--epochs", "5",
                       "--freeze-backbone", "false", "--backbone-lr-ratio", "0.1",

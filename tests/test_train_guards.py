@@ -333,7 +333,7 @@ def test_flag_types_follow_the_field_types():
                                            "--kmeans-baseline", "false", "--weights", "w"]))
     assert cfg.data.eval_feature_cache_mb == 0.5
     assert cfg.train.lr == 1.0 and cfg.train.kmeans_baseline is False
-    assert cfg.model.weights == "w"
+    assert cfg.model.weights == os.path.abspath("w")  # recorded absolute, as data paths are
     with pytest.raises(SystemExit):  # argparse: "invalid int value"
         train.parse_args(["--epochs", "1.5"])
     with pytest.raises(ValueError, match="data.eval_feature_cache_mb must be a finite number"):
