@@ -235,6 +235,10 @@ class Config:
                             ("data.data_root", d.data_root), ("model.weights", self.model.weights)):
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{name} must not be empty (leave it out for the default)")
+        if self.model.weights and self.model.pretrained is True:  # the hub's, or the file's?
+            raise ValueError("model.weights (--weights) and model.pretrained (--pretrained) "
+                             "both give the backbone's weights: keep one (--pretrained false "
+                             "with a weights file)")
         name = t.name
         if isinstance(name, str) and (os.sep in name or (os.altsep and os.altsep in name)
                                       or name in (".", "..") or not name.isprintable()):

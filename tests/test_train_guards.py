@@ -1257,6 +1257,9 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--set", 'train.name="a\\nb"'], "train.name must be one folder name"),
     (["--lr", "1e39"], r"train.lr must be a finite number >= 0 \(at most float32's 3.4e\+38\)"),
     (["--weights", ""], "model.weights must not be empty"),
+    (["--weights", "w.pth", "--pretrained", "true"],
+     r"model.weights \(--weights\) and model.pretrained \(--pretrained\) both give the "
+     r"backbone's weights: keep one"),
     (["--kmeans-restarts", "1001"], "train.kmeans_restarts must be at most 1000, got 1001"),
     (["--kmeans-iters", "100000"], "train.kmeans_iters must be at most 10000, got 100000"),
     (["--data-option", "num_images=6", "--data-option", "num_images=4"],
@@ -1264,7 +1267,7 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--set", "data.options={num_images: 6, num_images: 4}"],
      "key 'num_images' given twice in one mapping"),
 ], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights",
-        "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice", "set-key-twice"])
+        "weights-and-pretrained", "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice", "set-key-twice"])
 def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, monkeypatch,
                                                            flags, message):
     monkeypatch.chdir(tmp_path)
