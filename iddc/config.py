@@ -630,9 +630,9 @@ def absolute_data_options(options: Any) -> Any:
 
 
 def absolute_saved_paths(saved: dict) -> dict:
-    """A saved run config (a dict) with its relative data paths read from the current folder,
-    as they always were, and made absolute: an older run resumed with its own command (the same
-    relative paths, now recorded absolute) then changes no setting."""
+    """A saved run config (a dict) with its relative paths (data, weights file) read from the
+    current folder, as they always were, and made absolute: an older run resumed with its own
+    command (the same relative paths, now recorded absolute) then changes no setting."""
     out = copy.deepcopy(saved)
     for section, values in out.items():
         if isinstance(values, dict):

@@ -293,6 +293,14 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
                            f"lacks, e.g. {foreign[:5]} (more blocks, layer scale, qkv bias or "
                            f"prefix tokens?); is it the right architecture (model.backbone, "
                            f"model.backbone_kwargs)?")
+    # load_state_dict (and the resampling) would cast them without a word: no weights file
+    # holds such weights
+    bad_dtype = next((k for k in own if own[k].is_floating_point() and
+                      not state[k].is_floating_point()), None)
+    if bad_dtype is not None:
+        raise WeightsError(f"weights file {path} does not fit the backbone: its tensor "
+                           f"{bad_dtype!r} is {state[bad_dtype].dtype}, not floating-point "
+                           "(a backbone's weights are)")
     resampled = False
     # another width is another architecture: left to the shape check below, which names it
     if "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape and \
@@ -316,13 +324,6 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     if bad_shape:
         raise WeightsError(f"weights file {path} does not fit the backbone: shape mismatches "
                            f"(file vs model) {bad_shape}; is it the right architecture?")
-    # load_state_dict would cast them without a word: no weights file holds such weights
-    bad_dtype = next((k for k in own if own[k].is_floating_point() and
-                      not state[k].is_floating_point()), None)
-    if bad_dtype is not None:
-        raise WeightsError(f"weights file {path} does not fit the backbone: its tensor "
-                           f"{bad_dtype!r} is {state[bad_dtype].dtype}, not floating-point "
-                           "(a backbone's weights are)")
     if strict and unexpected:
         raise WeightsError(f"weights file {path}: unexpected keys {unexpected}")
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)

@@ -475,3 +475,17 @@ def test_a_weights_file_the_reader_fails_on_anywhere_is_a_weights_error(tmp_path
         monkeypatch.setattr(torch, "load", fail)
         with pytest.raises(WeightsError, match=message):
             load_backbone_weights(tiny_backbone(2), str(legacy))
+
+
+def test_an_integer_positional_embedding_that_is_resampled_is_refused(tmp_path):
+    """Resampling made it float before the dtype check saw it: cast without a word."""
+    torch.manual_seed(0)
+    larger = models.create_backbone(ModelConfig(backbone="vit_small_patch8_224",
+                                                backbone_img_size=64, backbone_kwargs=TINY))
+    state = larger.state_dict()
+    state["pos_embed"] = (state["pos_embed"] * 100).round().long()
+    path = tmp_path / "int-pos.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"its tensor 'pos_embed' is torch.int64, not "
+                                           r"floating-point"):
+        load_backbone_weights(tiny_backbone(2), str(path))
