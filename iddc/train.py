@@ -40,6 +40,7 @@ from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import resolve_device
 from .files import file_identity, file_sha256, temp_file_of, try_lock, write_atomic, write_json
+from .inference import UnpredictableOutputError
 from .loss import IDDCLoss, NonFiniteInputError, fields_of, get_pair_sums, resolve_backend
 from .models import RANDOM_INIT_BANNER, build_model, run_data_config
 
@@ -707,13 +708,32 @@ def diverged(err, epoch: int, global_step: int, end_to_end: bool, out: str,
         return ValueError(f"at {where} the frozen backbone's features are not usable: "
                           f"{err.what}; its weights or an input image hold extreme values "
                           "(the learning rates do not reach a frozen backbone)")
+    return ValueError(f"training diverged at {where}: {err.what}; "
+                      f"{_restart_advice(end_to_end, out, resumed_from)}")
+
+
+def _restart_advice(end_to_end: bool, out: str, resumed_from: Optional[str]) -> str:
+    """What to do after a divergence: lower the learning rates, from the start or from a
+    checkpoint whose weights are finite."""
     rates = "--lr and --backbone-lr-ratio" if end_to_end else "--lr"
     candidates = [os.path.join(out, "last.pt")] + ([resumed_from] if resumed_from else [])
     finite = next((c for c in candidates if _finite_checkpoint(c)), None)
     resume = f", or --resume {finite} (its weights are finite) with them lowered" \
         if finite else ""
-    return ValueError(f"training diverged at {where}: {err.what}; lower {rates} and start "
-                      f"again{resume}")
+    return f"lower {rates} and start again{resume}"
+
+
+def unpredictable_evaluation(err: Exception, when: str, trained: bool, end_to_end: bool,
+                             out: str, resumed_from: Optional[str] = None) -> ValueError:
+    """The error of an evaluation whose model output no class can win (NaN or Inf logits):
+    after training steps, the last of them made the weights extreme (their loss was finite);
+    before any, the backbone's weights or an image hold extreme values."""
+    if not trained:
+        return ValueError(f"{when}: {err}; the backbone's weights or an evaluation image hold "
+                          "extreme values")
+    return ValueError(f"training diverged before {when}: {err} (the training loss was finite; "
+                      f"these weights' output is not); "
+                      f"{_restart_advice(end_to_end, out, resumed_from)}")
 
 
 #: the training statistics a metrics entry averages over an epoch's steps
@@ -1099,13 +1119,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     if not labelled_val:
         log.warning("WARNING: the val split has no labels: %s", unscored)
 
-    def scored(evaluation):
+    def scored(evaluation, when: str, trained: bool = True):
         """`evaluation()`, or None when the val split turns out to have nothing to score (label
         files holding only 255, or every image left out): then training goes on without
-        evaluation, as for a split without labels, rather than failing an epoch later."""
+        evaluation, as for a split without labels, rather than failing an epoch later. An
+        output no class can win is an error saying ``when`` (and, ``trained``, what to do)."""
         nonlocal labelled_val
         try:
             return evaluation()
+        except UnpredictableOutputError as err:
+            raise unpredictable_evaluation(err, when, trained, end_to_end, out,
+                                           run.resumed_from) from None
         except ev.NoLabelsError as err:
             labelled_val = False
             log.warning("WARNING: val split: %s; %s", err, unscored)
@@ -1131,7 +1155,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                 history.append(entry_of(km, None, "kmeans_baseline", weights_tag,
                                         {"seconds": round(time.time() - t0, 2)}))
                 log.info(ev.summary_line("k-means baseline", km))
-        res = scored(run_eval) if tc.eval_initial and labelled_val else None
+        res = scored(run_eval, "the untrained head's evaluation", trained=False) \
+            if tc.eval_initial and labelled_val else None
         if res is not None:
             history.append(entry_of(res, 0, "untrained_head", weights_tag))
             log.info(ev.summary_line("epoch 0 (untrained)", res))
@@ -1198,7 +1223,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     if run.pending_record is not None:
         # the epoch a Ctrl-C stopped at its very end: these are its weights
         owed = run.pending_record
-        res = scored(lambda: run_eval(keep=tc.vis_images)) if labelled_val else None
+        res = scored(lambda: run_eval(keep=tc.vis_images),
+                     f"epoch {owed['epoch']}'s evaluation") if labelled_val else None
         extra = {"train": owed["train"], **({"at_stop": True} if owed["at_stop"] else {})}
         history.append(entry_of(res or {}, owed["epoch"], "iddc", weights_tag, extra))
         if res is not None:
@@ -1333,7 +1359,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             res = pending = None
             if labelled_val and (scheduled or stop):
                 if not interrupt.requested:
-                    res = scored(lambda: run_eval(keep=tc.vis_images))
+                    res = scored(lambda: run_eval(keep=tc.vis_images),
+                                 f"epoch {epoch + 1}'s evaluation")
                 elif not mid_epoch:
                     # a Ctrl-C in the epoch's last step: the checkpoint first (a scheduler's
                     # SIGTERM leaves little time); --resume evaluates and records the epoch
@@ -1382,7 +1409,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         raise KeyboardInterrupt
 
     final = last_eval if last_eval is not None or not labelled_val \
-        else scored(lambda: run_eval(keep=tc.vis_images))
+        else scored(lambda: run_eval(keep=tc.vis_images), "the final evaluation")
     if final is not None:
         save_val_panel(final)
         if interrupt.requested:  # during the panel's write, which it let finish: all is saved

@@ -614,6 +614,27 @@ def test_weights_path_is_recorded_absolute_and_resumes_however_spelled(tmp_path,
                     "--epochs", "5"])
 
 
+def test_weights_a_step_made_extreme_are_a_divergence_at_the_evaluation(tmp_path, tiny_yaml):
+    """The one step's loss was finite, and its Adam update of lr 1e30 made the head's weights
+    extreme: the epoch's evaluation scored Inf logits as class 0; now the run stops saying it
+    diverged, and what to do, with no checkpoint of those weights."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"training diverged before epoch 1's evaluation: model "
+                                         r"output holds NaN, \+inf, or -inf in every class at "
+                                         r"[1-9]\d* of its \d+ pixels \(the logits head, over "
+                                         r"the evaluation's images\): .*\(the training loss was "
+                                         r"finite; these weights' output is not\); lower --lr "
+                                         r"and start again$"):
+        train.main(["--config", tiny_yaml, "--out", str(out), "--lr", "1e30", "--epochs", "1",
+                    "--set", "data.train_options={num_images: 4}", "--kmeans-baseline", "false"])
+    assert not (out / "last.pt").exists()
+    # before any step no learning rate is to blame
+    err = train.unpredictable_evaluation(ValueError("model output holds NaN"),
+                                         "the untrained head's evaluation", False, False, str(out))
+    assert str(err) == ("the untrained head's evaluation: model output holds NaN; the "
+                        "backbone's weights or an evaluation image hold extreme values")
+
+
 def test_end_to_end_variant_trains_backbone_in_its_window(tmp_path, tiny_yaml):
     res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "e2e"), "--epochs", "5",
                       "--freeze-backbone", "false", "--backbone-lr-ratio", "0.1",
