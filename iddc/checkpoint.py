@@ -70,6 +70,18 @@ def unpickling_error_message(what: str, err: Exception) -> str:
     return f"could not read {what}: it is corrupt, truncated or not a PyTorch file ({detail})"
 
 
+def _looks_like_safetensors(path: str) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte little-endian header
+    length, then the header's JSON."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(10)
+    except OSError:
+        return False
+    return len(head) == 10 and head[8:10] == b'{"' and \
+        0 < int.from_bytes(head[:8], "little") < 100 * 2 ** 20
+
+
 def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
     """torch.load of ``path`` as tensors and plain data only (``safe``: the classes allowed
     besides), with ``error`` naming ``what`` for a file that cannot be read: one that pickles
@@ -80,6 +92,9 @@ def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if _looks_like_safetensors(path):  # torch reads those by their name's suffix only
+            raise error(f"could not read {what}: it is a safetensors file under another name; "
+                        "name it *.safetensors") from err
         raise error(unpickling_error_message(what, err)) from err
     except PermissionError as err:
         raise error(f"cannot read {what}: {err.strerror or err} (its permissions)") from err

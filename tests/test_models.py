@@ -462,6 +462,14 @@ def test_a_weights_file_the_reader_fails_on_anywhere_is_a_weights_error(tmp_path
                                            r"it is corrupt, truncated or not a PyTorch "
                                            r"checkpoint \(SafetensorError"):
         load_backbone_weights(tiny_backbone(2), str(path))
+    renamed = tmp_path / "weights.pth"  # a safetensors file: torch reads it by its suffix
+    save_file(tiny_backbone(1).state_dict(), str(renamed))
+    with pytest.raises(WeightsError, match=r"could not read weights file .*weights.pth: it is a "
+                                           r"safetensors file under another name; name it "
+                                           r"\*.safetensors"):
+        load_backbone_weights(tiny_backbone(2), str(renamed))
+    renamed.rename(tmp_path / "weights2.safetensors")
+    load_backbone_weights(tiny_backbone(2), str(tmp_path / "weights2.safetensors"))
     legacy = tmp_path / "legacy.pth"
     torch.save(tiny_backbone(1).state_dict(), legacy, _use_new_zipfile_serialization=False)
     for raised, message in [(AssertionError("storage key 3 not found"),
