@@ -273,24 +273,23 @@ def _flip_a_tensor_byte(path):
     path.write_bytes(bytes(raw))
 
 
-def test_weights_file_with_changed_bytes_is_refused(tmp_path):
-    path = tmp_path / "flipped.pth"
-    torch.save(tiny_backbone(1).state_dict(), path)
-    _flip_a_tensor_byte(path)
-    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: its .* fails "
-                                           r"its CRC check"):
-        load_backbone_weights(tiny_backbone(2), str(path))
-
-
-def test_weights_file_with_a_changed_local_header_is_refused(tmp_path):
-    """A local header's name length changed (no CRC covers it): torch loaded shifted bytes as
-    a tensor of the backbone, and the run trained on them without a word."""
+def _change_local_header(path):
     from test_train import change_local_header_name_length
+    change_local_header_name_length(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_flip_a_tensor_byte, r"its .* fails its CRC check"),
+    (_change_local_header, r"a record named in its zip directory cannot be read"),
+], ids=["tensor-byte", "local-header-name-length"])
+def test_weights_file_with_changed_bytes_is_refused(tmp_path, change, message):
+    """A tensor's byte (its CRC fails) or a local header's name length (no CRC covers it):
+    torch loaded other, or shifted, bytes as a tensor of the backbone, and the run trained on
+    them without a word."""
     path = tmp_path / "flipped.pth"
     torch.save(tiny_backbone(1).state_dict(), path)
-    change_local_header_name_length(path)
-    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: a record "
-                                           r"named in its zip directory cannot be read"):
+    change(path)
+    with pytest.raises(WeightsError, match=r"weights file .*flipped.pth is corrupt: " + message):
         load_backbone_weights(tiny_backbone(2), str(path))
 
 
