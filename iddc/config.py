@@ -29,11 +29,10 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-import torch
 import yaml
 
 from .cli import path_arg
-from .devices import DEVICE_HELP
+from .devices import AUTOCAST_DTYPES, DEVICE_HELP
 from .files import write_atomic
 from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
@@ -294,8 +293,6 @@ class Config:
         write_atomic(path, lambda fh: fh.write(text), binary=False)
 
 
-#: train.autocast: the dtype of each setting (None: no autocast)
-AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
 #: {(section, field): its values} of the fields with a fixed set of them (see field_choices)
 FIELD_CHOICES = {("loss", "h"): H_VARIANTS, ("loss", "backend"): BACKENDS,
                  ("loss", "precision"): PRECISIONS, ("loss", "regulariser"): REGULARISERS,

@@ -1,7 +1,18 @@
-"""The one place a device name from the command line becomes a `torch.device`."""
+"""The one place a device name from the command line becomes a `torch.device`, and the one
+place an autocast setting (train.autocast, predict's and evaluate's --autocast) becomes a
+context on it."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
+
+from .cli import message
+
+#: an autocast setting: the dtype of each (None: no autocast). fp16 is left out: it needs loss
+#: scaling, which training does not do
+AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
 
 
 #: the --device flags' help: the names resolve_device takes
@@ -40,3 +51,23 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"--device {name}: there is one CPU device (cpu, or cpu:0); "
                          "--threads sets how many cores it uses")
     return dev
+
+
+def autocast_of(setting: str, device: torch.device):
+    """The context of an autocast setting on `device` (AUTOCAST_DTYPES; "off": none)."""
+    dtype = AUTOCAST_DTYPES[setting]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
+
+def check_autocast(setting: str, device: torch.device, name: str = "train.autocast") -> None:
+    """ValueError naming the setting (``name``) unless it works on `device` (e.g. bf16 on a
+    GPU without it): torch raises at the first use, after a run folder or outputs are made,
+    or only warns (MPS) and runs without it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with autocast_of(setting, device):
+                pass
+    except (RuntimeError, UserWarning) as err:
+        raise ValueError(f"{name} {setting!r} is not available on {device}: "
+                         f"{message(err)}") from None

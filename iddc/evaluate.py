@@ -30,7 +30,7 @@ from .cli import path_arg, prog_name
 from .data import IGNORE_INDEX
 from .data.layout import CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
-from .devices import DEVICE_HELP, resolve_device
+from .devices import AUTOCAST_DTYPES, DEVICE_HELP, autocast_of, check_autocast, resolve_device
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
                         sliding_predict_fn, token_count)
 from .inference import check_predictable, unpredictable_pixels
@@ -237,8 +237,9 @@ def checked_class_names(source, class_names, k: int):
 def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
              num_classes: Optional[int] = None, device="cpu", batch_size: int = 16,
              max_images: int = 0, class_names=None, keep: int = 0,
-             cache: Optional[FeatureCache] = None) -> dict:
-    """Unsupervised (Hungarian-matched) and linear-probe scores of ``model`` on ``source``.
+             cache: Optional[FeatureCache] = None, autocast: str = "off") -> dict:
+    """Unsupervised (Hungarian-matched) and linear-probe scores of ``model`` on ``source``,
+    its forward passes under ``autocast`` (devices.AUTOCAST_DTYPES: "off" or "bf16").
 
     Returns {"unsupervised": scores, "linear_probe": scores (None when ``num_classes`` is not
     the model's K: the probe predicts the model's classes), "samples": [...], "skipped": [...]}
@@ -268,11 +269,12 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
         for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
                                          patch, bound):
             x = x.to(device)
-            if use_cache:
-                feats = cache.get(tuple(idx), lambda: model.features(x))
-                out = predict_fn(model, x, feats=feats)
-            else:
-                out = predict_fn(model, x)
+            with autocast_of(autocast, x.device):
+                if use_cache:
+                    feats = cache.get(tuple(idx), lambda: model.features(x))
+                    out = predict_fn(model, x, feats=feats)
+                else:
+                    out = predict_fn(model, x)
             for head, counts in unpredictable.items():
                 counts.append(unpredictable_pixels(out[head]))
             pixels += out["logits"].shape[0] * out["logits"].shape[2] * out["logits"].shape[3]
@@ -537,6 +539,9 @@ def main(argv=None) -> dict:
                     help="score the first N images (0: all); default: the run's "
                          "data.max_val_images")
     ap.add_argument("--split", default="val", help="the split to score (default val)")
+    ap.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="off",
+                    help="the model's forward passes under torch.autocast: off (the default, "
+                         "float32, as training's evaluations score) or bf16")
     ap.add_argument("--json", default=None, type=path_arg, help="also write the scores to this JSON file")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --json file (never the checkpoint)")
@@ -545,6 +550,7 @@ def main(argv=None) -> dict:
     check_flags(args)
     given = parse_data_options(args.data_option)
     device = resolve_device(args.device)
+    check_autocast(args.autocast, device, "--autocast")
     model, cfg, ckpt = checkpoint.load_model(args.checkpoint, device)
     if args.json:
         # the run's own records are kept like its checkpoint, even with --overwrite
@@ -595,7 +601,8 @@ def main(argv=None) -> dict:
     try:
         res = evaluate(model, source, transform=transform, predict_fn=mode.predict_fn_for(cfg),
                        num_classes=ckpt["num_classes"], device=device,
-                       batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images)
+                       batch_size=cfg.data.eval_batch_size, max_images=cfg.data.max_val_images,
+                       autocast=args.autocast)
     except NoLabelsError as err:
         raise NoLabelsError(f"{args.split} split: {err}") from err
     res.pop("samples")
@@ -608,7 +615,8 @@ def main(argv=None) -> dict:
     res["evaluation"] = {"split": args.split, "dataset": cfg.data.dataset,
                          "data_root": cfg.data.data_root, "eval_mode": cfg.data.eval_mode,
                          "eval_size": cfg.data.eval_size,
-                         "max_images": cfg.data.max_val_images or None}
+                         "max_images": cfg.data.max_val_images or None,
+                         "autocast": args.autocast}
     if cfg.data.eval_mode == "sliding":
         res["evaluation"].update(window=cfg.data.sliding_window,
                                  stride=cfg.data.sliding_stride or None)

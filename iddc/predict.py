@@ -57,12 +57,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
-from .devices import DEVICE_HELP, resolve_device
+from .devices import AUTOCAST_DTYPES, DEVICE_HELP, check_autocast, resolve_device
 from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
                     write_atomic, write_json)
 from .inference import (DEFAULT_OVERLAP, DEFAULT_WINDOW, MODES, ImageTooLargeError, Predictor,
@@ -468,9 +469,11 @@ def run_modes(cfg, mode: Optional[str], window: Optional[int], stride: Optional[
 
 
 def predictors(model, key: str, dev, *, mode: str, short_side: int, given: bool,
-               window: Optional[int], stride: Optional[int], batch_size: int) -> tuple:
+               window: Optional[int], stride: Optional[int], batch_size: int,
+               amp_dtype: Optional[torch.dtype] = None) -> tuple:
     """The Predictor that checks and sizes images as evaluation does, and the one that segments
-    them once resized (`given`: `short_side` is the user's --short-side, not the run's)."""
+    them once resized (`given`: `short_side` is the user's --short-side, not the run's), its
+    forward passes under autocast to `amp_dtype` (None: none)."""
     window = DEFAULT_WINDOW if window is None else window
     predictor = Predictor(model, mode=mode, short_side=short_side, window=window,
                           stride=stride, batch_size=batch_size, heads=(key,), device=dev)
@@ -485,7 +488,7 @@ def predictors(model, key: str, dev, *, mode: str, short_side: int, given: bool,
     # this predictor neither resizes nor rounds again (the sides are patch multiples already)
     # and upsamples to each image's own size
     sized = Predictor(model, mode=mode, short_side=None, window=window, stride=stride,
-                      batch_size=batch_size, heads=(key,), device=dev)
+                      batch_size=batch_size, heads=(key,), device=dev, amp_dtype=amp_dtype)
     return predictor, sized
 
 
@@ -555,9 +558,10 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                   mode: Optional[str] = None, short_side: Optional[int] = None,
                   window: Optional[int] = None, stride: Optional[int] = None,
                   batch_size: int = 8, device: str = "auto", head: str = "clusters",
-                  alpha: float = 0.5, overwrite: bool = False) -> dict:
+                  alpha: float = 0.5, overwrite: bool = False, autocast: str = "off") -> dict:
     """Segment `inputs` with the model of `checkpoint_path`; write the files into `out_dir`
-    (refused if one exists, unless `overwrite`; never onto an input).
+    (refused if one exists, unless `overwrite`; never onto an input); the model's forward
+    passes under `autocast` (devices.AUTOCAST_DTYPES: "off" or "bf16").
 
     `mode`, `window`, `stride` (sliding mode only): None takes the run's evaluation's
     (data.eval_mode, data.sliding_window, data.sliding_stride: :func:`run_modes`).
@@ -575,6 +579,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
     from .models import run_data_config
 
     check_options(alpha, stride, mode, window)
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"--autocast must be one of {sorted(AUTOCAST_DTYPES)}, got "
+                         f"{autocast!r}")
     out = Path(out_dir)
     check_out_folder(out)
     paths = expand_inputs(inputs, out_dir)
@@ -593,6 +600,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                                           for suffix in IMAGE_OUTPUTS]
     check_outputs(outputs, paths + [Path(checkpoint_path)], "--out", overwrite)
     dev = resolve_device(device)
+    check_autocast(autocast, dev, "--autocast")
     model, cfg, ckpt = checkpoint.load_model(checkpoint_path, dev)
     mode_given = mode is not None
     mode, window, stride = run_modes(cfg, mode, window, stride)
@@ -610,7 +618,7 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
         short_side = int(cfg.data.eval_size)
     predictor, sized = predictors(model, key, dev, mode=mode, short_side=short_side,
                                   given=given, window=window, stride=stride,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, amp_dtype=AUTOCAST_DTYPES[autocast])
     names = cluster_names(ckpt, head, k)
     source = names_source(ckpt, head)
     if source is not None and not source["of_these_weights"]:
@@ -628,7 +636,8 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                  if mode == "sliding" else {})                            # or the defaults
         record = PredictionsRecord(json_path, dict(
             checkpoint=str(checkpoint_path), head=head, mode=mode, short_side=short_side,
-            num_ids=k, names=names, names_from=source), tiles, failed, overwrite)
+            autocast=autocast, num_ids=k, names=names, names_from=source), tiles, failed,
+            overwrite)
         try:
             with sigterm_as_interrupt():  # a scheduler's stop is recorded as Ctrl-C's is
                 record.save(running_note())  # before any other output
@@ -706,6 +715,10 @@ def main(argv=None) -> int:
     ap.add_argument("--head", choices=("clusters", "probe"), default="clusters",
                     help="the cluster head (default), or the linear probe's classes")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
+    ap.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="off",
+                    help="the model's forward passes under torch.autocast: off (the default, "
+                         "float32, as evaluation scores) or bf16 (faster on GPUs with bfloat16 "
+                         "and CPUs with AMX; a few pixels may change class)")
     args = ap.parse_args(argv)
     from .cli import is_user_error, message
     prog = ap.prog
@@ -714,7 +727,8 @@ def main(argv=None) -> int:
         res = predict_files(args.checkpoint, args.images, args.out, mode=args.mode,
                             short_side=args.short_side, window=args.window, stride=args.stride,
                             batch_size=args.batch_size, device=args.device, head=args.head,
-                            alpha=args.alpha, overwrite=args.overwrite)
+                            alpha=args.alpha, overwrite=args.overwrite,
+                            autocast=args.autocast)
     except Exception as err:  # the rule of iddc.cli: bad input is one line, a bug a traceback
         if not is_user_error(err):
             raise

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate as ev
 from .cli import message, path_arg, prog_name
-from .config import (AUTOCAST_DTYPES, RESOLVED_SECTION, Config, absolute_saved_paths,
-                     add_config_arguments, check_sizes, config_changes, explicit_settings,
-                     load_yaml_file, preset_backbone_warning, resolve_config)
+from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_arguments,
+                     check_sizes, config_changes, explicit_settings, load_yaml_file,
+                     preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
-from .devices import resolve_device
+from .devices import autocast_of, check_autocast, resolve_device
 from .files import file_identity, file_sha256, temp_file_of, try_lock, write_atomic, write_json
 from .inference import UnpredictableOutputError
 from .loss import IDDCLoss, NonFiniteInputError, fields_of, get_pair_sums, resolve_backend
@@ -884,26 +884,6 @@ class GracefulInterrupt:
                 return
             raise KeyboardInterrupt
         self.requested = True  # no logging here: a signal handler may interrupt the logger
-
-
-def autocast_of(setting: str, device: torch.device):
-    """The context of train.autocast on `device` (config.AUTOCAST_DTYPES; "off": none)."""
-    dtype = AUTOCAST_DTYPES[setting]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
-
-
-def check_autocast(setting: str, device: torch.device) -> None:
-    """ValueError unless train.autocast works on `device` (e.g. bf16 on a GPU without it):
-    torch raises at the first step, after the run folder is made, or only warns (MPS) and
-    trains without it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with autocast_of(setting, device):
-                pass
-    except (RuntimeError, UserWarning) as err:
-        raise ValueError(f"train.autocast {setting!r} is not available on {device}: "
-                         f"{message(err)}") from None
 
 
 def batches_until(loader, interrupt: GracefulInterrupt):

@@ -709,7 +709,7 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["evaluation"] == {"split": "val", "dataset": "folder", "data_root": str(img),
                                    "eval_mode": "sliding", "eval_size": 32, "max_images": None,
-                                   "window": 32, "stride": None}
+                                   "autocast": "off", "window": 32, "stride": None}
     assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
 
 
@@ -1234,3 +1234,39 @@ def test_the_running_record_follows_failed_images_too(runs, tmp_path, monkeypatc
     predict.predict_files(runs["labelled"], [str(s) for s in srcs], str(tmp_path / "out"),
                           batch_size=1)
     assert failed == [[], ["a.png"], ["a.png"], ["a.png"]]
+
+
+def test_predict_and_evaluate_run_under_bf16_autocast(runs, tmp_path, monkeypatch):
+    """--autocast bf16: the forward passes run in bfloat16 (the head's output is bfloat16),
+    the maps and scores stay close to float32's, and the outputs record the setting."""
+    from iddc import checkpoint
+    seen = []
+    real = checkpoint.load_model
+
+    def load_model(*args, **kwargs):
+        model, cfg, ckpt = real(*args, **kwargs)
+        model.classifier.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        return model, cfg, ckpt
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    photo = image(tmp_path / "a.png", size=(48, 40))
+    ids = {}
+    for setting in ("off", "bf16"):
+        seen.clear()
+        out = tmp_path / setting
+        assert run_predict(runs["labelled"], photo, "--out", out, "--autocast", setting) == 0
+        assert set(seen) == {torch.bfloat16 if setting == "bf16" else torch.float32}
+        assert json.loads((out / "predictions.json").read_text())["autocast"] == setting
+        ids[setting] = np.array(Image.open(out / "a_ids.png"))
+    assert (ids["off"] == ids["bf16"]).mean() > 0.9
+    scores = {}
+    for setting in ("off", "bf16"):
+        seen.clear()
+        res = evaluate.main(["--checkpoint", runs["labelled"], "--autocast", setting,
+                             "--json", str(tmp_path / f"{setting}.json")])
+        assert set(seen) == {torch.bfloat16 if setting == "bf16" else torch.float32}
+        assert json.loads((tmp_path / f"{setting}.json").read_text())["evaluation"][
+            "autocast"] == setting
+        scores[setting] = res["unsupervised"]["pixel_accuracy"]
+    assert abs(scores["off"] - scores["bf16"]) < 5.0
+    with pytest.raises(SystemExit):  # argparse names the choices
+        evaluate.main(["--checkpoint", runs["labelled"], "--autocast", "fp16"])
