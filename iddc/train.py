@@ -427,13 +427,24 @@ def resolve_resumed(args: argparse.Namespace, ckpt: dict) -> tuple[Config, list]
     settings changed). Its model settings cannot change: the checkpoint's tensors and
     optimiser state fit that model only."""
     saved = absolute_saved_paths(ckpt["config"])  # an older run's relative paths
-    cfg = resolve_config(args, saved=saved).validate().check_learning_rates(resumed=True)
-    changes = config_changes(Config.from_dict(saved), cfg)
-    of_model = [c for c in changes if c.startswith("model.")]
+    cfg = resolve_config(args, saved=saved)
+    # before the settings' own checks: a new backbone's patch size is no reason to refuse it
+    # when a resume cannot take another backbone at all
+    of_model = [c for c in config_changes(Config.from_dict(saved), cfg)
+                if c.startswith("model.")]
     if of_model:
         raise ValueError(f"--resume: model settings cannot change on resume ({'; '.join(of_model)}"
                          "): the checkpoint's weights fit its own model; start a new run "
                          "(without --resume) for another model")
+    cfg.validate().check_learning_rates(resumed=True)
+    changes = config_changes(Config.from_dict(saved), cfg)
+    of_start = [c for c in changes if c.split(" ", 1)[0] in NEW_RUN_FIELDS]
+    if of_start:  # they would be recorded in config.yaml, doing nothing
+        raise ValueError(f"--resume: {'; '.join(of_start)} only appl"
+                         f"{'ies' if len(of_start) == 1 else 'y'} to a new run's start (the "
+                         "k-means baseline and the untrained head's evaluation run before its "
+                         "first epoch), so a resume would not run them; drop "
+                         f"{'it' if len(of_start) == 1 else 'them'}")
     skip, saved_batch = int(ckpt.get("step_in_epoch", 0)), ckpt["config"]["train"]["batch_size"]
     steps = _steps(skip)
     if skip and cfg.train.batch_size != saved_batch:
@@ -563,6 +574,9 @@ def _steps(n: int) -> str:
 #: the settings that fix an epoch's order of training images
 ORDER_FIELDS = ("train.seed", "data.dataset", "data.data_root", "data.options",
                 "data.train_options")
+#: settings of what a new run does before its first epoch, which a resume never runs
+NEW_RUN_FIELDS = ("train.kmeans_baseline", "train.kmeans_iters", "train.kmeans_restarts",
+                  "train.kmeans_max_points", "train.eval_initial")
 
 
 def training_set_record(source) -> dict:
@@ -662,6 +676,8 @@ def main(argv=None) -> dict:
             requested = explicit_settings(args).get("train", {})
             lagging = lagging_folder(args.resume, resume, cfg, requested) \
                 if resume is not None else None
+            if lagging is not None:
+                check_finish_only(args.resume, resume, cfg, changes, lagging)
             run = prepare(cfg, resume, args.resume, lagging)
             if resume is not None:
                 out = resume_out_dir(args.resume, resume, cfg, requested)
@@ -793,6 +809,20 @@ def check_resumable(resume: dict, cfg: Config, lagging: Optional[str] = None) ->
     if why is not None and saved_pending_record(resume) is None:
         log.info("the run has nothing left to train, but its folder lags behind last.pt (%s): "
                  "this resume finishes the folder's files from it", lagging)
+
+
+def check_finish_only(path: str, resume: dict, cfg: Config, changes: list, lagging: str) -> None:
+    """Refuse settings given to a resume that only finishes a lagging folder's files from
+    last.pt (nothing left to train, no epoch's record owed): last.pt keeps its own settings, so
+    config.yaml would record settings no checkpoint has, and the next resume took it for a
+    user's edit."""
+    given = [c for c in changes if c.split(" ", 1)[0] not in ("train.out", "train.name")]
+    if given and saved_pending_record(resume) is None and \
+            nothing_to_train(resume, cfg) is not None:
+        raise ValueError(f"--resume {path}: the run has nothing left to train; this resume only "
+                         f"finishes its folder's files from last.pt ({lagging}), with last.pt's "
+                         f"settings: drop the settings given now ({'; '.join(given)}), or give "
+                         f"--epochs above {int(resume['epoch'])} to train further")
 
 
 def check_same_folder(out: str, identity: tuple) -> None:

@@ -1766,6 +1766,53 @@ def test_a_run_killed_after_its_last_save_is_finished_by_a_resume(tmp_path, fini
         train.main(["--resume", str(out / "last.pt")])
 
 
+@pytest.mark.parametrize("flags, change", [(["--eval-size", "40"], "data.eval_size 32 -> 40"),
+                                           (["--lr", "1e-3"], "train.lr 0.0005 -> 0.001")],
+                         ids=["eval-size", "lr"])
+def test_a_resume_that_only_finishes_a_lagging_folder_refuses_settings(tmp_path, finished_run,
+                                                                     flags, change):
+    """It finishes the files from last.pt, which keeps its own settings: config.yaml took the
+    new ones, and the next resume was refused as if a user had edited it. Refused now, the
+    folder untouched; an extension of the schedule still trains on."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    _metrics_one_epoch_short(out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"the run has nothing left to train; this resume only "
+                                         r"finishes its folder's files from last.pt \(.*\), "
+                                         r"with last.pt's settings: drop the settings given now "
+                                         rf"\({re.escape(change)}\), or give --epochs above 2"):
+        train.main(["--resume", str(out / "last.pt"), *flags])
+    assert snapshot(out) == before
+    res = train.main(["--resume", str(out / "last.pt"), "--epochs", "3", *flags])
+    assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, change", [
+    (["--kmeans-baseline", "true"], "train.kmeans_baseline False -> True"),
+    (["--eval-initial", "false"], "train.eval_initial True -> False"),
+    (["--kmeans-restarts", "3", "--kmeans-iters", "5"], "train.kmeans_iters 30 -> 5; "
+                                                         "train.kmeans_restarts 10 -> 3"),
+], ids=["kmeans", "eval-initial", "kmeans-settings"])
+def test_a_resume_refuses_settings_only_a_new_run_uses(run_copy, flags, change):
+    """The k-means baseline and the untrained head's evaluation run before a new run's first
+    epoch: on resume they were recorded in config.yaml and never ran."""
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match=rf"--resume: {re.escape(change)} only appl(y|ies) to a "
+                                         r"new run's start .* so a resume would not run th"):
+        resume(run_copy / "last.pt", *flags)
+    assert snapshot(run_copy) == before
+
+
+def test_a_resume_names_a_model_change_before_the_new_models_sizes(run_copy):
+    """A patch-16 backbone made the crop size of 24 the first complaint; fixing it only led
+    to "model settings cannot change"."""
+    with pytest.raises(ValueError, match=r"model settings cannot change on resume \(model."
+                                         r"backbone 'vit_small_patch8_224' -> "
+                                         r"'vit_small_patch16_224'\)"):
+        resume(run_copy / "last.pt", "--backbone", "vit_small_patch16_224")
+
+
 def test_a_lagging_run_resumed_into_another_folder_is_refused(tmp_path, finished_run):
     """Only the run's own folder is finished: a resume elsewhere has nothing to train."""
     out = tmp_path / "run"
