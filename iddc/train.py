@@ -785,7 +785,8 @@ def nothing_to_train(resume: dict, cfg: Config) -> Optional[str]:
     done, global_step = int(resume["epoch"]), int(resume["global_step"])
     partial = int(resume.get("step_in_epoch", 0))
     if tc.epochs <= done:  # a partial epoch is epoch done + 1
-        state = f"{done} epochs" + (f" and {partial} steps of epoch {done + 1}" if partial else "")
+        state = f"{done} epoch{'s' if done != 1 else ''}" + (
+            f" and {_steps(partial)} of epoch {done + 1}" if partial else "")
         return (f"--resume: the run has already trained {state}; train.epochs = {tc.epochs} "
                 "leaves nothing to train (raise --epochs to continue it)")
     if tc.max_steps and global_step >= tc.max_steps:

@@ -202,7 +202,10 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_yaml, training_elsewhere
     (["--eval-batch-size", "0"], "data.eval_batch_size must be an integer >= 1"),
     (["--kmeans-restarts", "0"], "train.kmeans_restarts must be an integer >= 1"),
     (["--t-pos", "1.5"], r"t_pos=1.5 lies outside \[-1, 1\]"),
-    (["--data-option", "nope=1"], r"data set 'synthetic': bad --data-option .*'nope'"),
+    (["--data-option", "nope=1"], r"data set 'synthetic': bad --data-option .*'nope'.* docs/"
+                                  r"datasets.md \(an option may also come from the config's "
+                                  r"data.options, train_options or val_options, .*--set "
+                                  r"data.train_options=\{\} clears those\)"),
     (["--sliding-stride", "300"], r"data.sliding_stride \(300\) must not exceed"),
     (["--seed", "-1"], r"train.seed must be an integer in 0..2\*\*32-1, got -1"),
     (["--seed", str(2 ** 32)], r"train.seed must be an integer in 0..2\*\*32-1"),

@@ -733,7 +733,7 @@ def test_resume_trains_with_this_commands_learning_rates(run_copy):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "1", "--max-steps", "0"], r"the run has already trained 1 epochs; "
+    (["--epochs", "1", "--max-steps", "0"], r"the run has already trained 1 epoch; "
                                             r"train.epochs = 1 leaves nothing to train"),
     ([], r"the run has already made 2 steps and train.max_steps = 2 \(a total\); raise "
          r"--max-steps, or pass --max-steps 0"),

@@ -32,8 +32,10 @@ def build_source(name: str, root=None, split: str = "train", **options) -> Segme
         if "unexpected keyword" not in str(err) and "unknown option" not in str(err):
             raise
         raise DataOptionError(f"data set {name!r}: bad --data-option ({err}); its options are "
-                              f"listed in {module}.{factory}'s docstring and docs/datasets.md"
-                              ) from err
+                              f"listed in {module}.{factory}'s docstring and docs/datasets.md "
+                              "(an option may also come from the config's data.options, "
+                              "train_options or val_options, a resumed run's own included: "
+                              "--set data.train_options={} clears those)") from err
 
 
 #: options whose value is text: ``--data-option KEY=VALUE`` keeps it as typed, not read as YAML
