@@ -682,7 +682,13 @@ def main(argv=None) -> dict:
             if resume is not None:
                 out = resume_out_dir(args.resume, resume, cfg, requested)
             else:
-                out = make_out_dir(cfg)
+                try:
+                    out = make_out_dir(cfg)
+                except FileExistsError as err:
+                    if args.config and args.out is None and cfg.train.out:  # e.g. a run's own
+                        raise FileExistsError(f"{err} (this output folder is train.out of "
+                                              f"--config {args.config})") from None
+                    raise
             cfg.train.out = out
             hold_run(out)
             in_place = resume is not None and resumes_in_place(out, args.resume)

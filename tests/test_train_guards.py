@@ -1276,6 +1276,22 @@ def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, 
     assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]
 
 
+def test_a_run_folder_named_by_a_config_file_says_so_when_taken(run_copy, tmp_path):
+    """A run's own config.yaml as --config (README: it works for a new run, given a new --out)
+    brings its train.out: the refusal named only --out, which was never given."""
+    copied = tmp_path / "copied.yaml"
+    copied.write_text((run_copy / "config.yaml").read_text())
+    before = snapshot(run_copy)
+    with pytest.raises(FileExistsError, match=r"already holds other files .*; choose another "
+                                              r"--out.* \(this output folder is train.out of "
+                                              r"--config .*copied.yaml\)"):
+        train.main(["--config", str(copied)])
+    assert snapshot(run_copy) == before
+    res = train.main(["--config", str(copied), "--out", str(tmp_path / "new"), "--epochs", "1",
+                      "--max-steps", "0"])
+    assert res["out"] == str(tmp_path / "new")
+
+
 def test_setting_bounds_are_inclusive_and_spec_defaults():
     """The bounds that refuse a setting accept the bound itself (a stride of the window's size,
     k-means' 10000 iterations and 1000 restarts), and the training defaults are SPEC's: head lr
