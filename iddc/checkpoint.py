@@ -405,7 +405,10 @@ def load_weights(model, ckpt: dict, path: str) -> None:
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its weights do not match its model config "
                               f"({_state_mismatch(expected, state) or err})") from err
-    name = nonfinite_tensor(model.state_dict())  # float64 values beyond float32's range
+    # float64 values beyond float32's range are Inf once loaded: only the tensors cast need a
+    # second look (`expected` shares the parameters' storage, so it holds the loaded values)
+    name = nonfinite_tensor({k: t for k, t in expected.items()
+                             if k in state and state[k].dtype != t.dtype})
     if name is not None:
         raise CheckpointError(f"checkpoint {path}: its weights hold values beyond the model's "
                               f"{expected[name].dtype} range (tensor {name!r}: Inf once "

@@ -327,10 +327,12 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     if strict and unexpected:
         raise WeightsError(f"weights file {path}: unexpected keys {unexpected}")
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-    # float64 values beyond float32's range are Inf once loaded; finite ones of 3e38 make Inf
-    # features: found here, not at the first step or evaluation, after the run folder is made
-    check_finite(backbone.state_dict(), f"weights file {path}, as the backbone's "
-                 f"{next(iter(own.values())).dtype}")
+    # float64 values beyond float32's range are Inf once loaded (`own` holds the loaded values:
+    # the state dict shares the parameters' storage), and only those cast needs a second look;
+    # finite ones of 3e38 make Inf features: found here, not at the first step or evaluation,
+    # after the run folder is made
+    check_finite({k: t for k, t in own.items() if state[k].dtype != t.dtype},
+                 f"weights file {path}, as the backbone's {next(iter(own.values())).dtype}")
     check_features_finite(backbone, f"weights file {path}")
     if unexpected:
         log.warning("weights %s: %d UNEXPECTED keys ignored: %s", path, len(unexpected), unexpected)

@@ -677,7 +677,7 @@ def main(argv=None) -> dict:
             lagging = lagging_folder(args.resume, resume, cfg, requested) \
                 if resume is not None else None
             if lagging is not None:
-                check_finish_only(args.resume, resume, cfg, changes, lagging)
+                check_finish_only(args.resume, resume, changes, lagging)
             run = prepare(cfg, resume, args.resume, lagging)
             if resume is not None:
                 out = resume_out_dir(args.resume, resume, cfg, requested)
@@ -818,14 +818,13 @@ def check_resumable(resume: dict, cfg: Config, lagging: Optional[str] = None) ->
                  "this resume finishes the folder's files from it", lagging)
 
 
-def check_finish_only(path: str, resume: dict, cfg: Config, changes: list, lagging: str) -> None:
+def check_finish_only(path: str, resume: dict, changes: list, lagging: str) -> None:
     """Refuse settings given to a resume that only finishes a lagging folder's files from
     last.pt (nothing left to train, no epoch's record owed): last.pt keeps its own settings, so
     config.yaml would record settings no checkpoint has, and the next resume took it for a
     user's edit."""
     given = [c for c in changes if c.split(" ", 1)[0] not in ("train.out", "train.name")]
-    if given and saved_pending_record(resume) is None and \
-            nothing_to_train(resume, cfg) is not None:
+    if given and saved_pending_record(resume) is None:  # (a lagging run has nothing to train)
         raise ValueError(f"--resume {path}: the run has nothing left to train; this resume only "
                          f"finishes its folder's files from last.pt ({lagging}), with last.pt's "
                          f"settings: drop the settings given now ({'; '.join(given)}), or give "
