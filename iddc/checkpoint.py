@@ -7,8 +7,9 @@ A checkpoint is a dict::
      "data_config": {"mean", "std"}, "weights_report": {...},
      "optimizer": ..., "probe_optimizer": ..., "scheduler": ..., "epoch": last finished epoch,
      "step_in_epoch": steps of the next epoch done (a mid-epoch stop; else 0), "epoch_stats":
-     that partial epoch's training statistics so far (else None), "train_set": the training
-     images that partial epoch's order was drawn over, {"size": their number, "fingerprint":
+     that partial epoch's training statistics so far (with "lr_steps", its [learning rate,
+     steps] runs; else None), "train_set": the training images that partial epoch's order
+     was drawn over, {"size": their number, "fingerprint":
      sha256 hex of their paths, or names, in index order} (train.training_set_record; else
      None; absent from checkpoints of earlier versions), "pending_record": the epoch a Ctrl-C
      in its last step left to evaluate and record ({"epoch", "train", "at_stop"}; else None),
@@ -279,6 +280,12 @@ def _position_problem(ckpt: dict) -> Optional[str]:
                                "statistic")
         if why is not None:
             return f"its 'epoch_stats' entry: {why}"
+        runs = stats.get("lr_steps")  # [rate, steps] runs (train.rates_of_steps)
+        if runs is not None and not (isinstance(runs, list) and all(
+                isinstance(run, (list, tuple)) and len(run) == 2 and _is_finite_number(run[0])
+                and run[0] >= 0 and _is_count(run[1]) for run in runs)):
+            return (f"its 'epoch_stats' entry: 'lr_steps' (got {reprlib.repr(runs)}) is not a "
+                    "list of [learning rate, steps] pairs")
     owed = ckpt.get("pending_record")
     if owed is not None:
         if not isinstance(owed, Mapping) or owed.get("epoch") != ckpt.get("epoch"):

@@ -768,10 +768,31 @@ def saved_epoch_stats(ckpt: dict) -> Optional[dict]:
     stats = ckpt.get("epoch_stats")
     try:
         sums = {key: float(stats["sums"][key]) for key in STAT_KEYS}
-        return {"sums": sums, "steps": int(stats["steps"]), "images": int(stats["images"]),
-                "seconds": float(stats["seconds"])}
+        got = {"sums": sums, "steps": int(stats["steps"]), "images": int(stats["images"]),
+               "seconds": float(stats["seconds"])}
     except (TypeError, KeyError, ValueError):
         return None
+    runs = stats.get("lr_steps")  # absent from checkpoints of versions before it
+    if runs is not None:
+        got["lr_steps"] = [[float(lr), int(n)] for lr, n in runs]
+    return got
+
+
+def rates_of_steps(carried: Optional[dict], lr: float, steps: int) -> Optional[list]:
+    """An epoch's learning rates as [rate, steps] runs in step order: those a resumed epoch
+    made before its stop (saved in last.pt), then ``steps`` at ``lr`` (a resume may change the
+    rate: --lr, --epochs, --poly-power). None when the carried steps' rates were not saved."""
+    if carried is None:
+        runs = []
+    elif "lr_steps" in carried:
+        runs = [list(run) for run in carried["lr_steps"]]
+    else:
+        return None
+    if runs and runs[-1][0] == lr:
+        runs[-1][1] += steps
+    elif steps:
+        runs.append([lr, steps])
+    return runs
 
 
 def saved_pending_record(ckpt: dict) -> Optional[dict]:
@@ -1299,6 +1320,14 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             n_steps, n_images, before = (carried["steps"], carried["images"],
                                          carried["seconds"]) if carried else (0, 0, 0.0)
             ran, t0 = 0, time.time()  # steps made by this process, and when it began them
+
+            def stats_so_far(seconds: float) -> dict:
+                """The epoch's statistics for a mid-epoch last.pt (--resume carries them)."""
+                got = {"sums": dict(sums), "steps": n_steps, "images": n_images,
+                       "seconds": seconds}
+                runs = rates_of_steps(carried, opt.param_groups[0]["lr"], ran)
+                return got if runs is None else {**got, "lr_steps": runs}
+
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        # None: no bar when stderr is not a terminal (CI logs, nohup)
                        disable=None if tc.progress else True, dynamic_ncols=True, file=sys.stderr) \
@@ -1347,9 +1376,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
                         and not interrupt.requested  # saved as the loop stops, as any stop
                         and time.monotonic() - saved_at >= 60 * tc.save_every_minutes):
                     # as a Ctrl-C here saves it: --resume continues with the next step
-                    save(epoch, skip + ran, {"sums": dict(sums), "steps": n_steps,
-                                             "images": n_images,
-                                             "seconds": before + time.time() - t0}, None)
+                    save(epoch, skip + ran, stats_so_far(before + time.time() - t0), None)
                     log.info("saved %s at step %d of epoch %d (train.save_every_minutes = %g)",
                              os.path.join(out, "last.pt"), skip + ran, epoch + 1,
                              tc.save_every_minutes)
@@ -1360,11 +1387,15 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if not mid_epoch:
                 sched.step()
             seconds = before + time.time() - t0
+            carry = stats_so_far(seconds) if mid_epoch else None  # (no decay step made)
             train_stats = {k_: round(v / max(n_steps, 1), 6) for k_, v in sums.items()}
             train_stats.update(steps=n_steps, images_per_s=round(n_images / max(seconds, 1e-9), 2),
                                seconds=round(seconds, 2), lr=epoch_lr)
             if skip and not carried:  # resumed from a checkpoint that did not save them
                 train_stats["from_step"] = skip
+            runs = rates_of_steps(carried, epoch_lr, ran)
+            if runs is not None and len(runs) > 1:  # a resume changed the rate mid-epoch
+                train_stats["lr_steps"] = runs
             log.info("epoch %d: %s", epoch + 1, train_stats)
             if train_src.skipped or val_src.skipped:
                 log.warning("corrupt samples skipped so far: %d train, %d val (see the warnings)",
@@ -1397,8 +1428,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             if not (mid_epoch and saved == (epoch, skip + ran, len(history))):
                 # (else a signal during a periodic save stopped the loop: that save holds it)
                 save(epoch if mid_epoch else epoch + 1, skip + ran if mid_epoch else 0,
-                     {"sums": sums, "steps": n_steps, "images": n_images, "seconds": seconds}
-                     if mid_epoch else None, pending)
+                     carry, pending)
             finished = not mid_epoch and epoch + 1 == tc.epochs
             if stop or interrupt.requested:  # also a Ctrl-C during the evaluation or the save
                 break

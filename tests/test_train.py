@@ -104,7 +104,25 @@ def test_resume_from_a_stop_mid_epoch_matches(tmp_path, tiny_yaml, stop_at, extr
         got = [e for e in read_metrics(part["out"]) if e["epoch"] == epoch][-1]["train"]
         for key in train.STAT_KEYS + ("steps", "lr"):
             assert got[key] == want[key], (epoch, key)
-        assert "from_step" not in got
+        assert "from_step" not in got and "lr_steps" not in got  # one rate: no runs listed
+
+
+def test_a_mid_epoch_resume_at_a_new_rate_records_both_rates(tmp_path, tiny_yaml):
+    """A resume with a new --lr in the middle of an epoch: that epoch's train.lr is the rate
+    of its last steps, and lr_steps lists the rate of each run of steps, the carried first
+    (train.lr alone said the whole epoch ran at the new rate)."""
+    common = ["--config", tiny_yaml, "--kmeans-baseline", "false", "--vis-images", "0",
+              "--eval-initial", "false", "--lr", "0.002"]
+    part = train.main(common + ["--out", str(tmp_path / "part"), "--max-steps", "1"])
+    path = os.path.join(part["out"], "last.pt")
+    assert torch.load(path, weights_only=True)["epoch_stats"]["lr_steps"] == [[0.002, 1]]
+    train.main(["--resume", path, "--max-steps", "0", "--lr", "0.001"])
+    first = [e for e in read_metrics(part["out"]) if e["epoch"] == 1][-1]["train"]
+    assert first["steps"] == 2 and first["lr"] == 0.001
+    assert first["lr_steps"] == [[0.002, 1], [0.001, 1]]
+    second = read_metrics(part["out"])[-1]
+    assert second["epoch"] == 2 and "lr_steps" not in second["train"]
+    assert second["train"]["lr"] == pytest.approx(0.001 * train.poly_factor(1, 2, 0.9))
 
 
 def test_resume_mid_epoch_from_a_checkpoint_without_its_statistics(tmp_path, tiny_yaml):

@@ -1208,8 +1208,15 @@ def edited_in_place(path, edit, check=None) -> dict:
      r"its 'pending_record' entry .* is not a record of epoch 1, the one it completed"),
     (lambda c: c.update(pending_record={"epoch": 1, "train": {"loss": "x"}}),
      r"its 'pending_record' entry: training statistic 'loss' is 'x'"),
+    (lambda c: c["epoch_stats"].update(lr_steps=[[5e-4, -1]]),
+     r"its 'epoch_stats' entry: 'lr_steps' \(got \[\[0.0005, -1\]\]\) is not a list of "
+     r"\[learning rate, steps\] pairs"),
+    (lambda c: c["epoch_stats"].update(lr_steps=[[float("inf"), 1]]),
+     r"its 'epoch_stats' entry: 'lr_steps' .* is not a list of"),
+    (lambda c: c["epoch_stats"].update(lr_steps="5e-4"),
+     r"its 'epoch_stats' entry: 'lr_steps' \(got '5e-4'\) is not a list of"),
 ], ids=["step-past-the-epoch", "nan-statistic", "statistics-a-list", "owed-record-of-another-epoch",
-        "owed-record-text"])
+        "owed-record-text", "rate-runs-negative-steps", "rate-runs-inf", "rate-runs-text"])
 def test_a_resume_refuses_a_position_or_statistics_that_do_not_fit(tmp_path, mid_epoch_copy,
                                                                     edit, message):
     """These went into metrics.json as they were (an epoch 99, a NaN loss) or resumed at a
