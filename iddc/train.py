@@ -1117,16 +1117,17 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     # a resume in place rewrites config.yaml: the notes a user wrote there as comment lines
     # stay (another folder's, a failed start's, are not this run's)
     notes = own_comment_lines(config_path, header) if in_place else ""
-    # no line wrapping: a long value's continuation line could read as a comment
-    config_text = header + notes + yaml.safe_dump(cfg_dict, sort_keys=False, width=float("inf"))
+
+    def text_of(settings: dict) -> str:  # no line wrapping: a continuation could read as a comment
+        return header + notes + yaml.safe_dump(settings, sort_keys=False, width=float("inf"))
+    config_text = text_of(cfg_dict)
     # which config.yaml texts are this run's own, for the next resume (a kill between last.pt
     # and config.yaml leaves the one found): any other is a user's edit
     config_record = {"found": file_sha256(config_path) if in_place else None,
                      "written": hashlib.sha256(config_text.encode("utf-8")).hexdigest()}
 
-    def write_config():
-        write_atomic(config_path, lambda fh: fh.write(config_text), binary=False,
-                     make_folder=False)
+    def write_config(text: str = config_text):
+        write_atomic(config_path, lambda fh: fh.write(text), binary=False, make_folder=False)
     # a resume's settings reach config.yaml with its first checkpoint: one that fails or is
     # killed before it leaves config.yaml describing last.pt, as before
     config_pending = resume is not None
@@ -1280,7 +1281,11 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
     elif run.record_only:  # a complete run whose folder lagged behind last.pt: its records
         with folder_kept(out, folder_id):
             write_json(os.path.join(out, "metrics.json"), history, make_folder=False)
-            write_config()  # last.pt's settings (a kill can come before their config.yaml)
+            # last.pt's settings (a kill can come before their config.yaml), train.out as it
+            # saved them: the folder's name then, as in a complete run's folder moved since
+            # (the folder's own name there made a later resume of it moved call it edited)
+            write_config(text_of({**cfg_dict, "train": {
+                **cfg_dict["train"], "out": resume["config"]["train"]["out"]}}))
             config_pending = False
 
     def save_val_panel(res: dict) -> None:

@@ -1836,6 +1836,27 @@ def test_a_resume_names_a_model_change_before_the_new_models_sizes(run_copy):
         resume(run_copy / "last.pt", "--backbone", "vit_small_patch16_224")
 
 
+def test_a_lagging_folder_moved_then_finished_resumes_again_once_moved_again(tmp_path,
+                                                                            finished_run):
+    """The finishing resume wrote config.yaml with the folder's new name as train.out, which
+    last.pt (not rewritten) does not know: once the folder moved again, a resume extending the
+    run was refused as a user's edit of config.yaml. It now writes last.pt's own train.out,
+    as a complete run's folder moved keeps it."""
+    saved = tmp_path / "saved"
+    shutil.copytree(finished_run, saved)
+    _metrics_one_epoch_short(saved)
+    moved = tmp_path / "moved"
+    os.rename(saved, moved)
+    train.main(["--resume", str(moved / "last.pt")])
+    recorded = torch.load(moved / "last.pt", weights_only=True)["config"]["train"]["out"]
+    assert yaml.safe_load((moved / "config.yaml").read_text())["train"]["out"] == recorded
+    again = tmp_path / "again"
+    os.rename(moved, again)
+    res = train.main(["--resume", str(again / "last.pt"), "--epochs", "3"])
+    assert res["out"] == str(again)
+    assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"] == [1, 2, 3]
+
+
 def test_a_lagging_run_resumed_into_another_folder_is_refused(tmp_path, finished_run):
     """Only the run's own folder is finished: a resume elsewhere has nothing to train."""
     out = tmp_path / "run"
