@@ -211,6 +211,23 @@ def test_evaluate_json_never_replaces_the_checkpoint_or_a_file(runs, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
+@pytest.mark.parametrize("target", ["img/0.png", "lab/5.png", "link-to-a-label"])
+def test_evaluate_json_never_replaces_an_image_or_label_it_scores(runs, tmp_path, target):
+    """--overwrite replaced a data set's image or label map with the scores' JSON (exit 0):
+    only the checkpoint and the run's records counted as inputs."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(runs["root"], data)
+    (data / "link-to-a-label").symlink_to(data / "lab" / "2.png")
+    before = snapshot(data)
+    with pytest.raises(ValueError, match=r"--json: the output\(s\) .* would replace input "
+                                         r"file\(s\); choose another --json"):
+        evaluate.main(["--checkpoint", runs["labelled"], "--data-root", str(data / "img"),
+                       "--data-option", f"label_root={data / 'lab'}", "--json",
+                       str(data / target), "--overwrite"])
+    assert snapshot(data) == before
+
+
 def test_evaluate_cli_refusal_is_one_line(runs, tmp_path):
     ckpt = tmp_path / "last.pt"  # a copy: the module's run must survive a regression
     ckpt.write_bytes(Path(runs["labelled"]).read_bytes())

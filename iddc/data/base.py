@@ -35,6 +35,11 @@ class SegmentationSource(ABC):
         """A short, file-system-safe identifier of the sample (its file stem)."""
         return f"{index:06d}"
 
+    def files(self) -> list:
+        """The files its samples are read from (images and label maps): what an output must
+        never replace (none for a source made in memory)."""
+        return []
+
 
 class DataOptionError(ValueError):
     """A data-set option (``--data-option KEY=VALUE``, a YAML ``data.options`` entry) or the

@@ -415,6 +415,9 @@ class FileSource(SegmentationSource):
     def path(self, index: int) -> Path:
         return self.images[index]
 
+    def files(self) -> list:
+        return self.images + (self.labels or [])
+
     def load(self, index: int):
         image, orientation = open_image_oriented(self.images[index])
         if orientation != 1:
@@ -476,6 +479,9 @@ class SkipCorrupt(SegmentationSource):
         self.has_labels = source.has_labels
         self.skipped_paths: list[str] = []  # this process only
         self._corrupt = self._new_flags()
+
+    def files(self) -> list:
+        return self.source.files()
 
     def _new_flags(self):
         # one shared byte per sample: a sample found corrupt by any loader worker, counted once
