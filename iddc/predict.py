@@ -62,7 +62,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
-from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, list_images, open_image
+from .data.layout import (IMAGE_EXTENSIONS, PREDICT_FOLDER_FILES, CorruptSampleError,
+                          list_images, open_image)
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP, check_autocast, resolve_device
 from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
                     write_atomic, write_json)
@@ -295,8 +296,7 @@ def _earlier_output(image: Path, top: Path, marks: dict) -> bool:
     folder = image.parent
     while folder != top and top in folder.parents:
         if folder not in marks:
-            marks[folder] = (folder / "predictions.json").is_file() and \
-                (folder / "legend.png").is_file()
+            marks[folder] = all((folder / n).is_file() for n in PREDICT_FOLDER_FILES)
         if marks[folder]:
             return True
         folder = folder.parent

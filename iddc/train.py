@@ -36,6 +36,7 @@ from .config import (RESOLVED_SECTION, Config, absolute_saved_paths, add_config_
                      check_sizes, config_changes, explicit_settings, load_yaml_file,
                      preset_backbone_warning, resolve_config)
 from .data import IGNORE_INDEX, build_source, build_source_for
+from .data import layout
 from .data.layout import skip_corrupt
 from .data.transforms import TwoViewTransform
 from .devices import autocast_of, check_autocast, resolve_device
@@ -102,7 +103,7 @@ def choose_backend(requested: str, device: torch.device, classes: Optional[int] 
 #: first epoch before its first save: see train.save_every_minutes), and may be reused. The
 #: process holds an exclusive lock on it until then (released when it stops, however it
 #: stops), so a live run is never reused; it also records "pid host" for the messages.
-STARTING_MARKER = ".iddc-starting"
+STARTING_MARKER = layout.STARTING_MARKER  # (the folder loader leaves such folders out)
 #: what a run writes before its first epoch
 START_FILES = {STARTING_MARKER, "train.log", "config.yaml", "metrics.json"}
 #: run folder -> the open, locked marker of the start this process is making there

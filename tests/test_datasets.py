@@ -399,6 +399,52 @@ def test_linked_folder_loop_lists_each_image_once(tmp_path):
     assert len(build_source("folder", root=tmp_path / "d", num_classes=2)) == 3
 
 
+@pytest.mark.parametrize("written, kept", [
+    (("predictions.json", "legend.png", "img0_seg.png", "img0_overlay.png"), False),
+    (("last.pt", "val_panel.png"), False),
+    ((".iddc-starting", "val_panel.png"), False),
+    (("legend.png", "photo.png"), True),  # no predictions.json: a user's own folder
+], ids=["predict-outputs", "run-folder", "run-starting", "not-iddc's"])
+def test_folder_data_set_leaves_out_folders_iddc_wrote(tmp_path, written, kept):
+    """predict --out <data root>/preds, then training on that root, trained on the seg,
+    overlay and legend PNGs too (3 images became 13), silently."""
+    make_folder(tmp_path / "d", n=3)
+    sub = tmp_path / "d" / "out"
+    sub.mkdir()
+    for name in written:
+        if name.endswith(".png"):
+            _rgb(sub / name, 8, 8)
+        else:
+            (sub / name).write_bytes(b"x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = build_source("folder", root=tmp_path / "d", num_classes=2)
+    shown = [str(w.message) for w in caught]
+    if kept:
+        assert len(source) == 3 + sum(n.endswith(".png") for n in written) and not shown
+    else:
+        assert len(source) == 3
+        what = "a predict call's outputs" if "legend.png" in written else "a training run's folder"
+        assert shown == [f"leaving out {sub}: {what}, not images of the data set"]
+
+
+def test_a_run_saved_inside_its_labelled_data_root_can_be_evaluated(tmp_path):
+    """--out inside the image folder: the run's val_panel.png then counted as an image without
+    a label file, and both iddc.evaluate of the run and any new training on that root failed
+    with a layout error."""
+    from iddc import evaluate, train
+    root = make_folder(tmp_path / "img", tmp_path / "lab", n=3)
+    flags = ["--dataset", "folder", "--data-root", str(root), "--data-option",
+             f"label_root={tmp_path / 'lab'}"] + TINY_TRAIN
+    res = train.main(flags + ["--out", str(root / "run"), "--vis-images", "2"])
+    assert (root / "run" / "val_panel.png").is_file()
+    with pytest.warns(UserWarning, match="leaving out .*run: a training run's folder"):
+        again = evaluate.main(["--checkpoint", str(root / "run" / "last.pt")])
+    assert again["unsupervised"] == res["metrics"][-1]["unsupervised"]
+    with pytest.warns(UserWarning, match="leaving out"):
+        assert len(build_source("folder", root=root, label_root=tmp_path / "lab")) == 3
+
+
 def test_folder_labels_beside_the_images_are_named_as_the_cause(tmp_path):
     make_folder(tmp_path / "d", n=2)
     with pytest.raises(LayoutError, match=r"every image under .* lies in the label folder"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from .base import IGNORE_INDEX, DataOptionError, SegmentationSource
+from .base import (IGNORE_INDEX, DataOptionError, InferredClassesWarning,
+                   SegmentationSource)
 
 # name -> "module:factory"; a factory is called as factory(root=..., split=..., **options)
 # and returns a SegmentationSource. Imported lazily so a missing optional piece never breaks
@@ -55,15 +56,17 @@ INFERS_NUM_CLASSES = {"folder"}
 
 
 def _probed(name: str, root, split: str, options: dict):
-    """The split as a data set that infers K builds it from its first label maps, or None
-    where it cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or
-    warns)."""
-    try:
-        with warnings.catch_warnings():  # its warnings are the scoring's to give
-            warnings.simplefilter("ignore")
-            return build_source(name, root=root, split=split, **options)
-    except Exception:
-        return None
+    """(the split as a data set that infers K builds it from its first label maps, or None
+    where it cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or warns);
+    the warnings its build gave but for those about its K, InferredClassesWarning: the model's
+    K is the one scored)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            source = build_source(name, root=root, split=split, **options)
+        except Exception:
+            source = None
+    return source, [w for w in caught if not issubclass(w.category, InferredClassesWarning)]
 
 
 def build_source_for(name: str, model_classes: int, /, root=None, split: str = "val",
@@ -82,9 +85,11 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
         and options.get("class_names") is None
     if fixed and infers:
-        probed = _probed(name, root, split, options)
+        probed, given = _probed(name, root, split, options)
         k = None if probed is None else int(probed.num_classes)
-        if k == model_classes:  # the usual case: built once
+        if k == model_classes:  # the usual case: built once, its listing's warnings given
+            for w in given:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return probed
         if k is not None and k > model_classes:  # scored all the same, but said
             warnings.warn(f"data set {name!r}: the {split} split's first label maps hold class "

@@ -41,6 +41,11 @@ class SegmentationSource(ABC):
         return []
 
 
+class InferredClassesWarning(UserWarning):
+    """A doubt about the K a data set inferred from its label maps (given only where that K
+    is the one used, not where a model's K is scored)."""
+
+
 class DataOptionError(ValueError):
     """A data-set option (``--data-option KEY=VALUE``, a YAML ``data.options`` entry) or the
     data root has a value the data set cannot take: the user's input, not the files, is wrong

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DataOptionError, int_option, take_subset
+from .base import IGNORE_INDEX, DataOptionError, InferredClassesWarning, int_option, take_subset
 from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
                      list_images, make_lut, missing_pairs, open_label, require_dir, require_root)
 
@@ -180,11 +180,11 @@ def _infer_num_classes(labels: list, label_dir: Path) -> int:
     rest = max((i for i in present if 0 <= i < top), default=-1) + 1
     if top - rest >= max(8, rest):
         fewer = max(rest, 2)
-        warnings.warn(
+        warnings.warn(InferredClassesWarning(
             f"folder: K = {top + 1} inferred from class id {top} ({count} pixel(s) in label "
             f"{where}), yet ids {rest}..{top - 1} appear in none of the first {PROBE_LABELS} "
             f"label maps; if {top} is a stray value pass --data-option num_classes={fewer} (ids "
-            f"from {fewer} on are then unlabelled, warned about), else num_classes={top + 1}",
+            f"from {fewer} on are then unlabelled, warned about), else num_classes={top + 1}"),
             stacklevel=2)
     return top + 1
 
@@ -232,7 +232,7 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     root = require_root(root, "folder")
     label_root = _path_option(label_root, "label_root")
     image_dir = _split_dir(root, split, labelled=label_root is not None)
-    images = list_images(image_dir)
+    images = list_images(image_dir, leave_out_outputs=True)
     label_dir = None
     class_names = _read_class_names(class_names)
     if label_root is not None:

@@ -136,18 +136,40 @@ def _not_regular(path: str) -> str:
     return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
+#: the file iddc.train keeps in a run folder while the run starts (train.STARTING_MARKER)
+STARTING_MARKER = ".iddc-starting"
+#: files that make a folder one iddc wrote: a training run's (its checkpoint, or the marker of
+#: its start) or a predict call's (both files)
+RUN_FOLDER_FILES = ("last.pt", STARTING_MARKER)
+PREDICT_FOLDER_FILES = ("predictions.json", "legend.png")
+
+
+def iddc_output_folder(folder) -> Optional[str]:
+    """What `folder` holds if iddc wrote it ("a training run's folder", "a predict call's
+    outputs"), else None."""
+    if any(os.path.isfile(os.path.join(folder, n)) for n in RUN_FOLDER_FILES):
+        return "a training run's folder"
+    if all(os.path.isfile(os.path.join(folder, n)) for n in PREDICT_FOLDER_FILES):
+        return "a predict call's outputs"
+    return None
+
+
 def list_images(folder, recursive: bool = True, suffix: str = "",
-                extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+                extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                leave_out_outputs: bool = False) -> list[Path]:
     """Sorted image files under `folder` whose names end with `suffix` + an image extension.
 
-    Hidden folders and lost+found are not entered. A folder that cannot be read is a
+    Hidden folders and lost+found are not entered, nor (`leave_out_outputs`) a folder below
+    `folder` that iddc wrote (a run's, a predict call's: iddc_output_folder), with a warning:
+    a run or predictions saved into a data set's folder must not become its images. A
+    folder that cannot be read is a
     LayoutError naming it; a name with an image extension
     that is not a regular file (after following links: a named pipe, socket, device, broken
     link or symlink loop, whose reading could hang or fail) is skipped with a warning naming
     it."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
-    found, seen, odd, unread = [], set(), [], []
+    found, seen, odd, unread, outputs = [], set(), [], [], []
     if recursive:
         walker = os.walk(folder, onerror=_unreadable_folder, followlinks=True)
     else:
@@ -165,6 +187,10 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
         seen.add(real)
         # hidden folders, and a file system's lost+found (root's own, unreadable to others)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
+        if leave_out_outputs:
+            written = {d: iddc_output_folder(os.path.join(dirpath, d)) for d in dirnames}
+            outputs += [(os.path.join(dirpath, d), what) for d, what in written.items() if what]
+            dirnames[:] = [d for d in dirnames if not written[d]]
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -177,6 +203,8 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                     odd.append(path)
             elif ext.lower() in UNREAD_IMAGE_EXTENSIONS and stem.endswith(suffix):
                 unread.append(os.path.join(dirpath, name))
+    for path, what in outputs:
+        warnings.warn(f"leaving out {path}: {what}, not images of the data set", stacklevel=2)
     if unread:
         kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in unread}))
         warnings.warn(f"skipping {len(unread)} image file(s) under {folder} in a format iddc "
