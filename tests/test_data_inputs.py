@@ -204,12 +204,28 @@ def test_wrong_type_of_label_root_names_the_option(tmp_path, value):
     ([None, "road"], r"None \(NoneType\) is not a class name"),
     ("no_such_names.txt", r"class_names='no_such_names.txt': cannot read the file "
                           r"no_such_names.txt \(No such file or directory\)"),
+    (["", "road"], r"folder: option class_names: '' is an empty name"),
+    ([" ", "road"], r"folder: option class_names: ' ' is an empty name"),
+    ([" road", "road"], r"class name\(s\) \['road'\] given more than once in class_names"),
 ])
 def test_bad_class_names_name_the_option(tmp_path, monkeypatch, value, match):
     monkeypatch.chdir(tmp_path)
     _rgb(tmp_path / "x.png")
     with pytest.raises(ValueError, match=match):
         build_source("folder", root=tmp_path, class_names=value)
+
+
+@pytest.mark.parametrize("text", ["# classes of my set\nsky\nroad\n", "\ufeffsky\nroad\n",
+                                  "sky\n  # the second\n\nroad\n", "\ufeff# header\nsky\nroad"],
+                         ids=["header-line", "bom", "comment-between", "bom-and-header"])
+def test_class_names_file_skips_comment_lines_and_a_bom(tmp_path, text):
+    """A header line was read as class 0's name ('# classes' in per_class_iou, every real class
+    under its neighbour's name, K one more than the labels hold); a BOM stayed in the first."""
+    _rgb(tmp_path / "x.png")
+    names = tmp_path / "names.txt"
+    names.write_text(text, encoding="utf-8")
+    source = build_source("folder", root=tmp_path, class_names=str(names))
+    assert source.class_names == ["sky", "road"] and source.num_classes == 2
 
 
 @pytest.mark.parametrize("options, match", [

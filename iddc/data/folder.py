@@ -101,21 +101,24 @@ def _path_option(value, name: str, dataset: str = "folder"):
 
 def _read_class_names(class_names) -> Optional[list]:
     """The class names as a list of text: given as a list, or read from a text file (one name
-    per line); a ValueError naming the option for another type, an unreadable file, a name
-    that is not text, or a name given twice (scores are keyed by name: a repeated one would
-    drop classes from per_class_iou)."""
+    per line; blank lines, lines starting with # and a BOM are not names); each stripped of
+    the spaces around it. A ValueError naming the option for another type, an unreadable file,
+    a name that is not text or is empty, or a name given twice (scores are keyed by name: a
+    repeated one would drop classes from per_class_iou)."""
     if class_names is None:
         return None
     if isinstance(class_names, (str, os.PathLike)):
         path = Path(class_names).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no name
         except (OSError, UnicodeDecodeError) as err:
             reason = getattr(err, "strerror", None) or err
             raise DataOptionError(f"folder: option class_names={str(class_names)!r}: cannot "
                                   f"read the file {path} ({reason}); expected a list ([sky, "
                                   f"road, ...]) or a text file with one name per line") from err
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        # a header or comment line taken for a name shifted every class's name by one
+        names = [line.strip() for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith("#")]
         where = f"in {path}"
     elif isinstance(class_names, (list, tuple)):
         names, where = [], "in class_names"
@@ -124,7 +127,10 @@ def _read_class_names(class_names) -> Optional[list]:
                 raise DataOptionError(f"folder: option class_names: {name!r} "
                                       f"({type(name).__name__}) is not a class name; expected "
                                       f"text")
-            names.append(str(name))
+            if not str(name).strip():
+                raise DataOptionError(f"folder: option class_names: {name!r} is an empty "
+                                      f"name; expected one name per class")
+            names.append(str(name).strip())
     else:
         raise DataOptionError(f"folder: option class_names={class_names!r} must be a list of "
                               f"names or the path of a text file (one name per line), got "
