@@ -46,6 +46,9 @@ KMEANS_MAX_ITERS = 10_000
 KMEANS_MAX_RESTARTS = 1_000
 #: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
 FLOAT32_MAX = 3.4028234663852886e38
+#: the largest learning rate Adam (beta1 = 0.9, as training uses) can take: its first step
+#: size is lr / (1 - beta1) = 10 x lr, a float32 (beyond: a traceback in the first step)
+ADAM_LR_MAX = FLOAT32_MAX * (1 - 0.9)
 
 #: Presets of this package's own settings, next to SPEC section 3's (iddc.loss.PRESETS).
 #: "synthetic-random-vits8": the embedded default (synthetic scenes, RANDOMLY initialised
@@ -228,6 +231,18 @@ class Config:
                     or not value >= 0 or value > FLOAT32_MAX:
                 raise ValueError(f"{name} must be a finite number >= 0 (at most float32's "
                                  f"{FLOAT32_MAX:.3g}), got {value!r}")
+        rates = [("train.lr", t.lr), ("train.probe_lr", t.probe_lr)]
+        if self.model.freeze_backbone is False:  # end-to-end: the backbone's rate too
+            rates.append(("train.lr x train.backbone_lr_ratio", t.lr * t.backbone_lr_ratio))
+        for name, value in rates:
+            if value > ADAM_LR_MAX:
+                raise ValueError(f"{name} must be at most {ADAM_LR_MAX:.3g}, got {value:.3g}: "
+                                 f"Adam's first step is 10x the rate, beyond float32's "
+                                 f"{FLOAT32_MAX:.3g}")
+        for name, options in (("data.options", d.options), ("data.train_options",
+                                                            d.train_options),
+                              ("data.val_options", d.val_options)):
+            check_option_names(options, name)
         if not 0 <= t.seed < 2 ** 32:  # numpy's seed range: named here, not by numpy
             raise ValueError(f"train.seed must be an integer in 0..2**32-1, got {t.seed!r}")
         for name, value in (("train.out", t.out), ("train.name", t.name),
@@ -589,7 +604,17 @@ def parse_data_options(items) -> dict:
             raise ValueError(f"--data-option {key} given twice ({key}={options[key]!r} and "
                              f"{item!r}); give it once")
         options[key] = data_option_value(key, value, f"--data-option {item!r}")
+    check_option_names(options, "--data-option")
     return options
+
+
+def check_option_names(options: Any, where: str) -> None:
+    """ValueError for a data-set option that names what a command sets itself (the data root,
+    the split): a TypeError of the builder's call otherwise."""
+    from .data import RESERVED_OPTIONS
+    for key in RESERVED_OPTIONS:
+        if isinstance(options, dict) and key in options:
+            raise ValueError(f"{where}: {key} is not a data-set option; {RESERVED_OPTIONS[key]}")
 
 
 def data_option_value(key: str, text: str, option: str) -> Any:
@@ -710,6 +735,9 @@ def resolve_config(args: argparse.Namespace, saved: Optional[dict] = None) -> Co
     explicit = explicit_settings(args, (saved or {}).get("data", {}).get("options"))
     preset = explicit.get("train", {}).get("preset")
     dataset = explicit.get("data", {}).get("dataset", DataConfig.dataset)
+    for name, value in (("train.preset", preset), ("data.dataset", dataset)):
+        if value is not None and not isinstance(value, str):  # looked up before validate()
+            raise ValueError(f"{name} must be text (a name), got {value!r}")
     random_init = not explicit.get("model", {}).get("weights") and \
         not explicit.get("model", {}).get("pretrained")
     if saved is None and preset is None and dataset in DEFAULT_PRESETS and random_init:

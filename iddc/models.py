@@ -60,12 +60,14 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     unless ``cfg.pretrained``; named as :func:`timm_name` resolves it, so its pretrained config
     (the input normalisation) is DINO's. Raises WeightsError if pretrained weights cannot be
     fetched."""
-    kwargs = dict(num_classes=0, img_size=cfg.backbone_img_size, dynamic_img_size=True)
+    kwargs = dict(num_classes=0, img_size=cfg.backbone_img_size, dynamic_img_size=True,
+                  in_chans=3)
     reserved = sorted(set(kwargs) & set(cfg.backbone_kwargs or {}))
     if reserved:  # each would silently override what iddc relies on
         raise ValueError(f"model.backbone_kwargs must not set {reserved}: iddc sets them "
                          "(img_size: use --backbone-img-size; num_classes 0: no classifier; "
-                         "dynamic_img_size: any crop size)")
+                         "dynamic_img_size: any crop size; in_chans 3: every image is read "
+                         "as RGB)")
     kwargs.update(cfg.backbone_kwargs or {})
     name = timm_name(cfg.backbone)
     try:

@@ -278,8 +278,19 @@ def test_subset_keeps_the_first_n(three_sources, name):
     ("folder-unlabelled", "class_names=[a]", r"folder: 1 class name\(s\) given; K, their number, "
                                              r"must be >= 2"),
     ("folder-unlabelled", "subset=1", "folder .*: images without labels need num_classes"),
+    ("folder", "split=val", r"--data-option: split is not a data-set option; the split is "
+                            r"chosen by the command"),
+    ("synthetic", "root=/x", r"--data-option: root is not a data-set option; the data set's "
+                             r"folder is --data-root"),
+    ("cocostuff27", "num_classes=27", r"data set 'cocostuff27': bad --data-option "
+                                      r"\(cocostuff27: unknown option\(s\) \['num_classes'\]; "
+                                      r"its options are \['curated', 'curated_list', "
+                                      r"'image_ext', 'subset'\] \(its classes are fixed\)\)"),
+    ("cocostuff171", "lut=[1]", r"data set 'cocostuff171': bad --data-option \(cocostuff171: "
+                                r"unknown option\(s\) \['lut'\]"),
 ], ids=["subset", "class-names", "num-images", "imbalance", "unknown-option",
-        "names-for-other-k", "one-name", "no-k"])
+        "names-for-other-k", "one-name", "no-k", "split", "root", "coco-num-classes",
+        "coco-lut"])
 def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dataset, option,
                                                            message):
     """A bad option value is the command line's mistake: one line on stderr and status 2 (as
@@ -289,7 +300,7 @@ def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dat
     for k in range(2):
         _rgb(tmp_path / f"a{k}.png")
     root = [str(tmp_path), "--data-option", "num_classes=2"] if dataset == "folder" else \
-        [str(tmp_path)] if dataset == "folder-unlabelled" else []
+        [str(tmp_path)] if dataset == "folder-unlabelled" or dataset.startswith("coco") else []
     with pytest.raises(SystemExit) as stop:
         run(layout.main, "python -m iddc.data.layout",
             [dataset.split("-")[0], *root, "--data-option", option, "--split", "train"])
@@ -297,6 +308,20 @@ def test_layout_checker_bad_option_value_is_an_input_error(tmp_path, capsys, dat
     assert stop.value.code == 2 and out.out == ""
     assert re.match(f"python -m iddc.data.layout: error: {message}", out.err), out.err
     assert len(out.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("section", ["options", "train_options", "val_options"])
+def test_a_config_data_option_naming_the_split_or_root_is_refused(tmp_path, section):
+    """YAML data options split / root ended in a TypeError of the builder's call ("got
+    multiple values for keyword argument 'split'"), in training and evaluate alike."""
+    from iddc.config import Config
+    cfg = Config()
+    setattr(cfg.data, section, {"split": "val"})
+    with pytest.raises(ValueError, match=rf"data.{section}: split is not a data-set option"):
+        cfg.validate()
+    setattr(cfg.data, section, {"root": "/x"})
+    with pytest.raises(ValueError, match=rf"data.{section}: root is not a data-set option"):
+        cfg.validate()
 
 
 # ----------------------------------------------------------------------------- 20a: num_classes

@@ -179,6 +179,8 @@ def test_pretrained_failure_is_explained(monkeypatch):
      r"model.backbone_kwargs must not set \['img_size'\]: .*use --backbone-img-size"),
     (ModelConfig(backbone_kwargs={**TINY, "num_classes": 5, "dynamic_img_size": False}),
      r"must not set \['dynamic_img_size', 'num_classes'\]"),
+    (ModelConfig(backbone_kwargs={**TINY, "in_chans": 1}),
+     r"must not set \['in_chans'\]: .*in_chans 3: every image is read as RGB"),
     (ModelConfig(backbone_kwargs={**TINY, "embed_dim": 16, "num_heads": 3}),
      r"model.backbone_kwargs \{.*\} do not fit backbone 'vit_small_patch8_224': dim should be "
      r"divisible by num_heads"),
@@ -186,7 +188,7 @@ def test_pretrained_failure_is_explained(monkeypatch):
      r"model.backbone_kwargs \{.*'num_heads': 0.*\} do not fit backbone .*: integer modulo by "
      r"zero"),
 ], ids=["resnet", "swin", "unknown-kwarg", "img-size-kwarg", "reserved-kwargs",
-        "heads-not-dividing-width", "no-heads"])
+        "one-channel", "heads-not-dividing-width", "no-heads"])
 def test_backbones_and_kwargs_iddc_cannot_use_are_named(cfg, message):
     """A non-ViT backbone or a keyword timm refuses was a timm TypeError traceback (a value its
     asserts or arithmetic refuse, an AssertionError or ZeroDivisionError one); img_size in the

@@ -1273,8 +1273,23 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
      r"--data-option num_images given twice \(num_images=6 and 'num_images=4'\); give it once"),
     (["--set", "data.options={num_images: 6, num_images: 4}"],
      "key 'num_images' given twice in one mapping"),
+    # Adam's first step is 10x the rate: a traceback in the first step, after the folder
+    (["--lr", "4e37"], r"train.lr must be at most 3.4e\+37, got 4e\+37: Adam's first step "
+                       r"is 10x the rate, beyond float32's 3.4e\+38"),
+    (["--probe-lr", "1e38"], r"train.probe_lr must be at most 3.4e\+37"),
+    (["--freeze-backbone", "false", "--lr", "1", "--backbone-lr-ratio", "1e38"],
+     r"train.lr x train.backbone_lr_ratio must be at most 3.4e\+37, got 1e\+38"),
+    (["--set", "data.val_options={split: train}"], r"data.val_options: split is not a data-set "
+                                                   r"option; the split is chosen by the command"),
+    (["--set", "data.dataset=[synthetic]"], r"data.dataset must be text \(a name\), got "
+                                            r"\['synthetic'\]"),
+    (["--set", "train.preset={a: 1}"], r"train.preset must be text \(a name\), got \{'a': 1\}"),
+    (["--set", "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2, in_chans: 1}"],
+     r"model.backbone_kwargs must not set \['in_chans'\]"),
 ], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights",
-        "weights-and-pretrained", "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice", "set-key-twice"])
+        "weights-and-pretrained", "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice",
+        "set-key-twice", "lr-adam-step", "probe-lr-adam-step", "backbone-lr-adam-step",
+        "split-option", "dataset-a-list", "preset-a-mapping", "one-channel-backbone"])
 def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, monkeypatch,
                                                            flags, message):
     monkeypatch.chdir(tmp_path)

@@ -51,6 +51,13 @@ TEXT_OPTIONS = ("curated_list", "image_ext")
 LIST_OR_PATH_OPTIONS = ("class_names",)
 
 
+#: names the commands give every data set themselves, never an option: how to set each
+RESERVED_OPTIONS = {
+    "root": "the data set's folder is --data-root (data.data_root)",
+    "split": "the split is chosen by the command: training reads train and val, "
+             "iddc.evaluate the one --split names",
+}
+
 #: data sets that infer K from a split's own label maps when the options give none
 INFERS_NUM_CLASSES = {"folder"}
 

@@ -194,11 +194,27 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
                       warn_orientation=False)
 
 
+#: the options of both COCO-Stuff data sets (_build's other arguments are each set's own: its
+#: K, LUT and names, which an option must not replace)
+OPTIONS = ("curated", "curated_list", "image_ext", "subset")
+
+
+def _options(options: dict, dataset: str) -> dict:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:  # build_source names it as a bad --data-option
+        raise TypeError(f"{dataset}: unknown option(s) {unknown}; its options are "
+                        f"{list(OPTIONS)} (its classes are fixed)")
+    return options
+
+
 def build_cocostuff27(root=None, split: str = "train", **options) -> FileSource:
     """COCO-Stuff-27. Options: curated (True), curated_list (file name), image_ext, subset."""
-    return _build(root, split, LUT27, 27, COARSE_NAMES, "cocostuff27", **options)
+    return _build(root, split, LUT27, 27, COARSE_NAMES, "cocostuff27",
+                  **_options(options, "cocostuff27"))
 
 
 def build_cocostuff171(root=None, split: str = "train", **options) -> FileSource:
-    """COCO-Stuff-171: every annotated fine class, fine ids in order -> 0..170."""
-    return _build(root, split, LUT171, 171, FINE171_NAMES, "cocostuff171", **options)
+    """COCO-Stuff-171: every annotated fine class, fine ids in order -> 0..170 (the options of
+    COCO-Stuff-27)."""
+    return _build(root, split, LUT171, 171, FINE171_NAMES, "cocostuff171",
+                  **_options(options, "cocostuff171"))
