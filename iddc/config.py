@@ -461,6 +461,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.1 reads 1:30 as base 60 (90) and 010 as octal (8): a time typed as minutes
+    # and seconds, or a zero-padded count, would be another number without a word
+    def construct_yaml_int(self, node):
+        text = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in text:
+            self._ambiguous(node, "a base-60 number")
+        if len(text) > 1 and text[0] == "0" and text[1] not in "xXbB":
+            self._ambiguous(node, "an octal number")
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        if ":" in str(node.value):
+            self._ambiguous(node, "a base-60 number")
+        return super().construct_yaml_float(node)
+
+    def _ambiguous(self, node, what: str):
+        value = yaml.SafeLoader.construct_yaml_int(self, node) if "int" in node.tag else \
+            yaml.SafeLoader.construct_yaml_float(self, node)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value} reads as {what} in YAML 1.1 ({value:g}: write the "
+                        f"number meant in decimal digits, or quote it as text)", node.start_mark)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float",
+                                 _UniqueKeyLoader.construct_yaml_float)
+
 
 def _safe_load(stream) -> Any:
     return yaml.load(stream, Loader=_UniqueKeyLoader)

@@ -775,6 +775,30 @@ def test_a_runs_config_yaml_is_a_valid_config(run_copy, tmp_path):
                                                    "name": "run-1e3"}}
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("save_every_minutes: 1:30", r"1:30 reads as a base-60 number in YAML 1.1 \(90: write the "
+                                 r"number meant in decimal digits, or quote it as text\) at line "
+                                 r"1, column 29"),
+    ("epochs: 010", r"010 reads as an octal number in YAML 1.1 \(8: write"),
+    ("poly_power: 0:54.5", r"0:54.5 reads as a base-60 number in YAML 1.1 \(54.5: write"),
+], ids=["minutes-and-seconds", "zero-padded", "base-60-float"])
+def test_yaml_numbers_of_another_base_are_refused(tmp_path, text, shown):
+    """save_every_minutes: 1:30 was 90 minutes, epochs: 010 was 8 epochs (YAML 1.1), without a
+    word; on the command line (--set) as in a file. Hexadecimal (0x10) is meant as typed."""
+    from iddc.config import load_yaml_file
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"train: {{{text}}}\n")
+    with pytest.raises(ValueError, match=rf"config file .*exp.yaml is not valid YAML: {shown}"):
+        load_yaml_file(str(path))
+    key, value = text.split(": ")
+    with pytest.raises(ValueError, match=rf"--set 'train.{key}={value}': '{value}' is not a valid "
+                                         rf"YAML value \({shown.split(' at line')[0]}"):
+        train.main(["--set", f"train.{key}={value}", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    path.write_text("train: {seed: 0x10, epochs: 0, threads: 1_0}\n")
+    assert load_yaml_file(str(path)) == {"train": {"seed": 16, "epochs": 0, "threads": 10}}
+
+
 def interrupted_run(monkeypatch, argv, at_call: int, signame: str = "SIGINT") -> None:
     """train.main(argv) with `signame` sent to this process during loss call `at_call` (a
     step; the tiny config makes 2 an epoch): it must end with KeyboardInterrupt."""
