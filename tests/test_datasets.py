@@ -311,7 +311,12 @@ def test_folder_unlabelled_and_labelled(tmp_path):
     with pytest.warns(UserWarning, match=r"img0.png holds \d+ pixel\(s\) with class ids 2, 3, "
                                          r"outside 0..1 \(num_classes=2\)"):
         assert set(np.unique(lab2.load(0)[1])) <= {0, 1, 255}
-    (tmp_path / "labels" / "img1.png").unlink()
+    (tmp_path / "labels" / "img1.png").rename(tmp_path / "labels" / "img1.PNG")
+    with pytest.raises(LayoutError, match=r"without their label file, e.g. .*labels/img1.png.* "
+                                          r"\(found img1.PNG: the label files have another "
+                                          r"extension\)"):
+        build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels")
+    (tmp_path / "labels" / "img1.PNG").unlink()
     with pytest.raises(LayoutError, match=r"without their label file, e.g. .*labels/img1.png"):
         build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels")
     with pytest.raises(LayoutError, match=r"missing folder .*nolabels: expected the folder of"):

@@ -219,13 +219,14 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     return sorted(found)
 
 
-def _found_nearby(path: Path) -> str:
-    """A hint where a missing image is found after all (a few stats): under another image
-    extension, or one folder deeper (an archive unpacked into a folder of its own name)."""
+def _found_nearby(path: Path, what: str = "images") -> str:
+    """A hint where a missing image (or label file) is found after all (a few stats): under
+    another image extension, or one folder deeper (an archive unpacked into a folder of its
+    own name)."""
     for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
         other = path.with_suffix(ext)
         if other != path and other.is_file():
-            return f" (found {other.name}: the images have another extension)"
+            return f" (found {other.name}: the {what} have another extension)"
     deeper = path.parent / path.parent.name / path.name
     if deeper.is_file():
         return f" (found it one folder deeper, {deeper}: unpacked into a folder of its own?)"
@@ -245,7 +246,7 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
         shown = "; ".join(f"{l} (for image {i})" for i, l in missing_labels[:limit])
         raise LayoutError(
             f"{len(missing_labels)} image(s) without their label file, e.g. {shown}: "
-            f"expected {what_label}")
+            f"expected {what_label}{_found_nearby(Path(missing_labels[0][1]), 'label files')}")
 
 
 # ----------------------------------------------------------------------------- decoding
