@@ -280,21 +280,33 @@ def _position_problem(ckpt: dict) -> Optional[str]:
                                "statistic")
         if why is not None:
             return f"its 'epoch_stats' entry: {why}"
-        runs = stats.get("lr_steps")  # [rate, steps] runs (train.rates_of_steps)
-        if runs is not None and not (isinstance(runs, list) and all(
-                isinstance(run, (list, tuple)) and len(run) == 2 and _is_finite_number(run[0])
-                and run[0] >= 0 and _is_count(run[1]) for run in runs)):
-            return (f"its 'epoch_stats' entry: 'lr_steps' (got {reprlib.repr(runs)}) is not a "
-                    "list of [learning rate, steps] pairs")
+        why = _rate_runs_problem(stats)
+        if why is not None:
+            return f"its 'epoch_stats' entry: {why}"
     owed = ckpt.get("pending_record")
     if owed is not None:
         if not isinstance(owed, Mapping) or owed.get("epoch") != ckpt.get("epoch"):
             return (f"its 'pending_record' entry (got {reprlib.repr(owed)}) is not a record of "
                     f"epoch {ckpt.get('epoch')!r}, the one it completed")
-        why = _numbers_problem(owed.get("train"), "training statistic")
+        train = owed.get("train")
+        why = _numbers_problem({k: v for k, v in train.items() if k != "lr_steps"}
+                               if isinstance(train, Mapping) else train, "training statistic")
+        if why is None and isinstance(train, Mapping):
+            why = _rate_runs_problem(train)
         if why is not None:
             return f"its 'pending_record' entry: {why}"
     return None
+
+
+def _rate_runs_problem(stats: Mapping) -> Optional[str]:
+    """Why the "lr_steps" of an epoch's statistics (train.rates_of_steps: [rate, steps] runs)
+    are not a list of such pairs, or None (also when absent)."""
+    runs = stats.get("lr_steps")
+    if runs is None or (isinstance(runs, list) and all(
+            isinstance(run, (list, tuple)) and len(run) == 2 and _is_finite_number(run[0])
+            and run[0] >= 0 and _is_count(run[1]) for run in runs)):
+        return None
+    return f"'lr_steps' (got {reprlib.repr(runs)}) is not a list of [learning rate, steps] pairs"
 
 
 def check_entries(ckpt: dict, path: str) -> None:

@@ -820,6 +820,22 @@ def interrupted_run(monkeypatch, argv, at_call: int, signame: str = "SIGINT") ->
         monkeypatch.setattr(IDDCLoss, "forward", real_forward)
 
 
+def test_an_owed_record_of_an_epoch_at_two_rates_resumes(tmp_path, tiny_yaml, monkeypatch):
+    """A mid-epoch resume at a new --lr stopped (Ctrl-C) in that epoch's last step: last.pt's
+    owed record holds the epoch's lr_steps, which the next resume refused as a statistic that
+    is not a finite number (calling the run's statistics diverged)."""
+    out = tmp_path / "run"
+    train.main(["--config", tiny_yaml, "--out", str(out), "--max-steps", "1"] + QUICK)
+    interrupted_run(monkeypatch, ["--resume", str(out / "last.pt"), "--max-steps", "0",
+                                  "--lr", "0.001"], 1)
+    owed = torch.load(out / "last.pt", weights_only=True)["pending_record"]
+    assert owed["train"]["lr_steps"] == [[0.0005, 1], [0.001, 1]]
+    res = train.main(["--resume", str(out / "last.pt")])
+    first = [e for e in res["metrics"] if e.get("epoch") == 1 and e["kind"] == "iddc"][-1]
+    assert first["train"]["lr_steps"] == [[0.0005, 1], [0.001, 1]]
+    assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"][-1] == 2
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path, tiny_yaml,
                                                                monkeypatch, signame):
@@ -1451,7 +1467,8 @@ def test_warnings_of_the_data_set_reach_train_log(tmp_path, num_classes):
                           "--epochs", "1", "--max-steps", "2"] + QUICK)
     line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines()
                 if message in x)
-    assert " UserWarning: folder" in line
+    kind = "UserWarning" if num_classes else "InferredClassesWarning"  # (a UserWarning too)
+    assert f" {kind}: folder" in line
     assert res["metrics"] and warnings.showwarning is before  # restored after the run
 
 
