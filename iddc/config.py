@@ -47,7 +47,7 @@ KMEANS_MAX_RESTARTS = 1_000
 #: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
 FLOAT32_MAX = 3.4028234663852886e38
 #: the largest learning rate Adam (beta1 = 0.9, as training uses) can take: its first step
-#: size is lr / (1 - beta1) = 10 x lr, a float32 (beyond: a traceback in the first step)
+#: computes lr / (1 - beta1) = 10 x lr as a float32 (beyond: a traceback in that step)
 ADAM_LR_MAX = FLOAT32_MAX * (1 - 0.9)
 
 #: Presets of this package's own settings, next to SPEC section 3's (iddc.loss.PRESETS).
@@ -237,8 +237,8 @@ class Config:
         for name, value in rates:
             if value > ADAM_LR_MAX:
                 raise ValueError(f"{name} must be at most {ADAM_LR_MAX:.3g}, got {value:.3g}: "
-                                 f"Adam's first step is 10x the rate, beyond float32's "
-                                 f"{FLOAT32_MAX:.3g}")
+                                 f"Adam's first step scales the rate by 1 / (1 - beta1) = 10, "
+                                 f"which must stay within float32's {FLOAT32_MAX:.3g}")
         for name, options in (("data.options", d.options), ("data.train_options",
                                                             d.train_options),
                               ("data.val_options", d.val_options)):
@@ -480,7 +480,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         value = yaml.SafeLoader.construct_yaml_int(self, node) if "int" in node.tag else \
             yaml.SafeLoader.construct_yaml_float(self, node)
         raise yaml.constructor.ConstructorError(
-            None, None, f"{node.value} reads as {what} in YAML 1.1 ({value:g}: write the "
+            None, None, f"{node.value} reads as {what} in YAML 1.1 ({value!r}: write the "
                         f"number meant in decimal digits, or quote it as text)", node.start_mark)
 
 

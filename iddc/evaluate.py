@@ -596,7 +596,7 @@ def main(argv=None) -> dict:
     # the checkpoint fixes K: a folder's val split is not probed for its own
     source = build_source_for(cfg.data.dataset, int(ckpt["num_classes"]),
                               root=cfg.data.data_root, split=args.split, fixed=True, **options)
-    if args.json:  # nor the images and label maps it scores, even with --overwrite
+    if args.json and os.path.lexists(args.json):  # nor an image or label map it scores
         check_outputs([args.json], source.files(), "--json", overwrite=True)
     data_config = run_data_config(ckpt, model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)

@@ -62,8 +62,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .cli import message, path_arg, prog_name, sigterm_as_interrupt
-from .data.layout import (IMAGE_EXTENSIONS, PREDICT_FOLDER_FILES, CorruptSampleError,
-                          list_images, open_image)
+from .data.layout import (IMAGE_EXTENSIONS, PREDICT_IMAGE_OUTPUTS, CorruptSampleError,
+                          is_predict_output, list_images, open_image)
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP, check_autocast, resolve_device
 from .files import (check_outputs, check_writable, name_max, temp_file_of, try_lock,
                     write_atomic, write_json)
@@ -76,7 +76,7 @@ log = logging.getLogger("iddc")
 ROW = 14          # legend row height, px
 SWATCH = 11
 #: the files written per image: <stem><suffix>
-IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
+IMAGE_OUTPUTS = PREDICT_IMAGE_OUTPUTS
 #: write errors that every later write would meet too (full or read-only disk): they stop the
 #: call; any other error writing an image's files fails that image alone
 STOPPING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -274,7 +274,7 @@ def _folder_images(path: Path, out_dir: Optional[str], marks: dict) -> tuple:
     for f in found:
         if out_inside and _inside(f, out_real):
             under_out.append(f)
-        elif _earlier_output(f, path, marks):
+        elif is_predict_output(f, path, marks):
             earlier.append(f)
         else:
             kept.append(f)
@@ -285,22 +285,6 @@ def _folder_images(path: Path, out_dir: Optional[str], marks: dict) -> tuple:
             f"no images under {path} but those in the --out folder {out_dir} (left out: "
             "outputs go there)")
     return kept, under_out, earlier
-
-
-def _earlier_output(image: Path, top: Path, marks: dict) -> bool:
-    """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into a
-    folder below `top` (one that holds that call's predictions.json and legend.png: photos
-    beside them are kept); `marks` caches each folder's answer."""
-    if image.name != "legend.png" and not image.name.endswith(IMAGE_OUTPUTS):
-        return False
-    folder = image.parent
-    while folder != top and top in folder.parents:
-        if folder not in marks:
-            marks[folder] = all((folder / n).is_file() for n in PREDICT_FOLDER_FILES)
-        if marks[folder]:
-            return True
-        folder = folder.parent
-    return False
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:

@@ -1286,7 +1286,8 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
             # saved them: the folder's name then, as in a complete run's folder moved since
             # (the folder's own name there made a later resume of it moved call it edited)
             write_config(text_of({**cfg_dict, "train": {
-                **cfg_dict["train"], "out": resume["config"]["train"]["out"]}}))
+                **cfg_dict["train"], "out": (resume["config"].get("train") or {}).get(
+                    "out", cfg_dict["train"]["out"])}}))
             config_pending = False
 
     def save_val_panel(res: dict) -> None:

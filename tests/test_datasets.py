@@ -314,7 +314,8 @@ def test_folder_unlabelled_and_labelled(tmp_path):
     (tmp_path / "labels" / "img1.png").rename(tmp_path / "labels" / "img1.PNG")
     with pytest.raises(LayoutError, match=r"without their label file, e.g. .*labels/img1.png.* "
                                           r"\(found img1.PNG: the label files have another "
-                                          r"extension\)"):
+                                          r"extension; rename each <stem>.png, saved as PNG "
+                                          r"\(a JPEG's lossy compression changes ids\)\)"):
         build_source("folder", root=tmp_path / "imgs", label_root=tmp_path / "labels")
     (tmp_path / "labels" / "img1.PNG").unlink()
     with pytest.raises(LayoutError, match=r"without their label file, e.g. .*labels/img1.png"):
@@ -404,15 +405,20 @@ def test_linked_folder_loop_lists_each_image_once(tmp_path):
     assert len(build_source("folder", root=tmp_path / "d", num_classes=2)) == 3
 
 
-@pytest.mark.parametrize("written, kept", [
-    (("predictions.json", "legend.png", "img0_seg.png", "img0_overlay.png"), False),
-    (("last.pt", "val_panel.png"), False),
-    ((".iddc-starting", "val_panel.png"), False),
-    (("legend.png", "photo.png"), True),  # no predictions.json: a user's own folder
-], ids=["predict-outputs", "run-folder", "run-starting", "not-iddc's"])
-def test_folder_data_set_leaves_out_folders_iddc_wrote(tmp_path, written, kept):
+@pytest.mark.parametrize("written, left_out, shown", [
+    (("predictions.json", "legend.png", "img0_seg.png", "img0_overlay.png", "photo.png"), 3,
+     r"leaving out 3 image\(s\) an iddc.predict call wrote \(beside its predictions.json and "
+     r"legend.png\), e.g. .*out/legend.png: not images of the data set"),
+    (("last.pt", "train.log", "val_panel.png"), 1,
+     r"leaving out .*out: a training run's folder, not images of the data set"),
+    ((".iddc-starting", "val_panel.png"), 1, r"leaving out .*out: a training run's folder"),
+    (("legend.png", "photo.png", "x_seg.png"), 0, None),  # no predictions.json: a user's own
+    (("last.pt", "photo.png"), 0, None),  # last.pt alone: another tool's name too
+], ids=["predict-outputs", "run-folder", "run-starting", "no-predict-record", "last-pt-alone"])
+def test_folder_data_set_leaves_out_what_iddc_wrote(tmp_path, written, left_out, shown):
     """predict --out <data root>/preds, then training on that root, trained on the seg,
-    overlay and legend PNGs too (3 images became 13), silently."""
+    overlay and legend PNGs too (3 images became 13), silently; a run's val_panel.png too.
+    Photos beside a predict call's outputs stay, as predict keeps them."""
     make_folder(tmp_path / "d", n=3)
     sub = tmp_path / "d" / "out"
     sub.mkdir()
@@ -424,13 +430,13 @@ def test_folder_data_set_leaves_out_folders_iddc_wrote(tmp_path, written, kept):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = build_source("folder", root=tmp_path / "d", num_classes=2)
-    shown = [str(w.message) for w in caught]
-    if kept:
-        assert len(source) == 3 + sum(n.endswith(".png") for n in written) and not shown
+    assert len(source) == 3 + sum(n.endswith(".png") for n in written) - left_out
+    if shown is None:
+        assert not caught
     else:
-        assert len(source) == 3
-        what = "a predict call's outputs" if "legend.png" in written else "a training run's folder"
-        assert shown == [f"leaving out {sub}: {what}, not images of the data set"]
+        assert len(caught) == 1 and re.match(shown, str(caught[0].message))
+    if "photo.png" in written:
+        assert sub / "photo.png" in source.images
 
 
 def test_a_run_saved_inside_its_labelled_data_root_can_be_evaluated(tmp_path):

@@ -1315,7 +1315,8 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
      "key 'num_images' given twice in one mapping"),
     # Adam's first step is 10x the rate: a traceback in the first step, after the folder
     (["--lr", "4e37"], r"train.lr must be at most 3.4e\+37, got 4e\+37: Adam's first step "
-                       r"is 10x the rate, beyond float32's 3.4e\+38"),
+                       r"scales the rate by 1 / \(1 - beta1\) = 10, which must stay within "
+                       r"float32's 3.4e\+38"),
     (["--probe-lr", "1e38"], r"train.probe_lr must be at most 3.4e\+37"),
     (["--freeze-backbone", "false", "--lr", "1", "--backbone-lr-ratio", "1e38"],
      r"train.lr x train.backbone_lr_ratio must be at most 3.4e\+37, got 1e\+38"),

@@ -138,20 +138,34 @@ def _not_regular(path: str) -> str:
 
 #: the file iddc.train keeps in a run folder while the run starts (train.STARTING_MARKER)
 STARTING_MARKER = ".iddc-starting"
-#: files that make a folder one iddc wrote: a training run's (its checkpoint, or the marker of
-#: its start) or a predict call's (both files)
-RUN_FOLDER_FILES = ("last.pt", STARTING_MARKER)
+#: the files that mark a folder as one iddc.predict call's outputs (predict.PREDICT_FOLDER_FILES)
 PREDICT_FOLDER_FILES = ("predictions.json", "legend.png")
+#: the images that call writes per input, beside those files
+PREDICT_IMAGE_OUTPUTS = ("_seg.png", "_overlay.png", "_ids.png")
 
 
-def iddc_output_folder(folder) -> Optional[str]:
-    """What `folder` holds if iddc wrote it ("a training run's folder", "a predict call's
-    outputs"), else None."""
-    if any(os.path.isfile(os.path.join(folder, n)) for n in RUN_FOLDER_FILES):
-        return "a training run's folder"
-    if all(os.path.isfile(os.path.join(folder, n)) for n in PREDICT_FOLDER_FILES):
-        return "a predict call's outputs"
-    return None
+def is_run_folder(folder) -> bool:
+    """Whether iddc.train wrote `folder`: the marker of a run's start, or its checkpoint with
+    its log or config.yaml (last.pt alone is a name other tools use too)."""
+    def has(name):
+        return os.path.isfile(os.path.join(folder, name))
+    return has(STARTING_MARKER) or (has("last.pt") and (has("train.log") or has("config.yaml")))
+
+
+def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
+    """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into a
+    folder below `top` (one that holds that call's predictions.json and legend.png: photos
+    beside them are kept); `marks` caches each folder's answer."""
+    if image.name != "legend.png" and not image.name.endswith(PREDICT_IMAGE_OUTPUTS):
+        return False
+    folder = image.parent
+    while folder != top and top in folder.parents:
+        if folder not in marks:
+            marks[folder] = all((folder / n).is_file() for n in PREDICT_FOLDER_FILES)
+        if marks[folder]:
+            return True
+        folder = folder.parent
+    return False
 
 
 def list_images(folder, recursive: bool = True, suffix: str = "",
@@ -159,10 +173,10 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                 leave_out_outputs: bool = False) -> list[Path]:
     """Sorted image files under `folder` whose names end with `suffix` + an image extension.
 
-    Hidden folders and lost+found are not entered, nor (`leave_out_outputs`) a folder below
-    `folder` that iddc wrote (a run's, a predict call's: iddc_output_folder), with a warning:
-    a run or predictions saved into a data set's folder must not become its images. A
-    folder that cannot be read is a
+    Hidden folders and lost+found are not entered. With `leave_out_outputs`, neither are run
+    folders below `folder` (is_run_folder), and the images a predict call wrote there
+    (is_predict_output) are left out, with a warning: a run or predictions saved into a data
+    set's folder must not become its images. A folder that cannot be read is a
     LayoutError naming it; a name with an image extension
     that is not a regular file (after following links: a named pipe, socket, device, broken
     link or symlink loop, whose reading could hang or fail) is skipped with a warning naming
@@ -188,9 +202,9 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
         # hidden folders, and a file system's lost+found (root's own, unreadable to others)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
         if leave_out_outputs:
-            written = {d: iddc_output_folder(os.path.join(dirpath, d)) for d in dirnames}
-            outputs += [(os.path.join(dirpath, d), what) for d, what in written.items() if what]
-            dirnames[:] = [d for d in dirnames if not written[d]]
+            runs = [d for d in dirnames if is_run_folder(os.path.join(dirpath, d))]
+            outputs += [os.path.join(dirpath, d) for d in runs]
+            dirnames[:] = [d for d in dirnames if d not in runs]
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -203,8 +217,17 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                     odd.append(path)
             elif ext.lower() in UNREAD_IMAGE_EXTENSIONS and stem.endswith(suffix):
                 unread.append(os.path.join(dirpath, name))
-    for path, what in outputs:
-        warnings.warn(f"leaving out {path}: {what}, not images of the data set", stacklevel=2)
+    for path in outputs:
+        warnings.warn(f"leaving out {path}: a training run's folder, not images of the data "
+                      f"set", stacklevel=2)
+    if leave_out_outputs:
+        marks: dict = {}
+        predicted = [p for p in found if is_predict_output(p, folder, marks)]
+        if predicted:
+            warnings.warn(f"leaving out {len(predicted)} image(s) an iddc.predict call wrote "
+                          f"(beside its predictions.json and legend.png), e.g. {predicted[0]}: "
+                          f"not images of the data set", stacklevel=2)
+            found = [p for p in found if p not in set(predicted)]
     if unread:
         kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in unread}))
         warnings.warn(f"skipping {len(unread)} image file(s) under {folder} in a format iddc "
@@ -219,14 +242,18 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     return sorted(found)
 
 
-def _found_nearby(path: Path, what: str = "images") -> str:
+#: what to do about label maps found under another extension: their name is fixed
+LABEL_RENAME = "; rename each <stem>.png, saved as PNG (a JPEG's lossy compression changes ids)"
+
+
+def _found_nearby(path: Path, what: str = "images", advice: str = "") -> str:
     """A hint where a missing image (or label file) is found after all (a few stats): under
     another image extension, or one folder deeper (an archive unpacked into a folder of its
     own name)."""
     for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
         other = path.with_suffix(ext)
         if other != path and other.is_file():
-            return f" (found {other.name}: the {what} have another extension)"
+            return f" (found {other.name}: the {what} have another extension{advice})"
     deeper = path.parent / path.parent.name / path.name
     if deeper.is_file():
         return f" (found it one folder deeper, {deeper}: unpacked into a folder of its own?)"
@@ -244,9 +271,11 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
     missing_labels = [(str(i), str(l)) for i, l in pairs if l is not None and not l.is_file()]
     if missing_labels:
         shown = "; ".join(f"{l} (for image {i})" for i, l in missing_labels[:limit])
+        hint = _found_nearby(Path(missing_labels[0][1]), "label files", LABEL_RENAME)
         raise LayoutError(
             f"{len(missing_labels)} image(s) without their label file, e.g. {shown}: "
-            f"expected {what_label}{_found_nearby(Path(missing_labels[0][1]), 'label files')}")
+            f"expected {what_label}{hint}")
+
 
 
 # ----------------------------------------------------------------------------- decoding
