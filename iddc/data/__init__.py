@@ -63,10 +63,10 @@ INFERS_NUM_CLASSES = {"folder"}
 
 
 def _probed(name: str, root, split: str, options: dict):
-    """(the split as a data set that infers K builds it from its first label maps, or None
-    where it cannot tell (a corrupt map, an id beyond 255: scoring leaves those out or warns);
-    the warnings its build gave but for those about its K, InferredClassesWarning: the model's
-    K is the one scored)."""
+    """(source, warnings): the split as a data set that infers K builds it from its first
+    label maps, or None where it cannot tell (a corrupt map, an id beyond 255: scoring leaves
+    those out or warns); and the warnings of that build but those about its K
+    (InferredClassesWarning: the model's K is the one scored)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -227,7 +227,8 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
             warnings.warn(f"leaving out {len(predicted)} image(s) an iddc.predict call wrote "
                           f"(beside its predictions.json and legend.png), e.g. {predicted[0]}: "
                           f"not images of the data set", stacklevel=2)
-            found = [p for p in found if p not in set(predicted)]
+            left_out = set(predicted)  # built once: a data set lists thousands of images
+            found = [p for p in found if p not in left_out]
     if unread:
         kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in unread}))
         warnings.warn(f"skipping {len(unread)} image file(s) under {folder} in a format iddc "
