@@ -302,11 +302,17 @@ def _rate_runs_problem(stats: Mapping) -> Optional[str]:
     """Why the "lr_steps" of an epoch's statistics (train.rates_of_steps: [rate, steps] runs)
     are not a list of such pairs, or None (also when absent)."""
     runs = stats.get("lr_steps")
-    if runs is None or (isinstance(runs, list) and all(
+    if runs is None:
+        return None
+    if not (isinstance(runs, list) and all(
             isinstance(run, (list, tuple)) and len(run) == 2 and _is_finite_number(run[0])
             and run[0] >= 0 and _is_count(run[1]) for run in runs)):
-        return None
-    return f"'lr_steps' (got {reprlib.repr(runs)}) is not a list of [learning rate, steps] pairs"
+        return f"'lr_steps' (got {reprlib.repr(runs)}) is not a list of [learning rate, steps] pairs"
+    steps = stats.get("steps")  # the runs cover every step of the epoch so far
+    if _is_count(steps) and sum(run[1] for run in runs) != steps:
+        return (f"'lr_steps' (got {reprlib.repr(runs)}) counts "
+                f"{sum(run[1] for run in runs)} steps, not the {steps} of 'steps'")
+    return None
 
 
 def check_entries(ckpt: dict, path: str) -> None:

@@ -46,6 +46,7 @@ KMEANS_MAX_ITERS = 10_000
 KMEANS_MAX_RESTARTS = 1_000
 #: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 #: the largest learning rate Adam (beta1 = 0.9, as training uses) can take: its first step
 #: computes lr / (1 - beta1) = 10 x lr as a float32 (beyond: a traceback in that step)
 ADAM_LR_MAX = FLOAT32_MAX * (1 - 0.9)
@@ -235,6 +236,10 @@ class Config:
         if self.model.freeze_backbone is False:  # end-to-end: the backbone's rate too
             rates.append(("train.lr x train.backbone_lr_ratio", t.lr * t.backbone_lr_ratio))
         for name, value in rates:
+            if 0 < value < FLOAT32_TINY:  # a slip of the exponent (1e-320 for 1e-3)
+                raise ValueError(f"{name} must be 0 or at least float32's smallest normal "
+                                 f"number {FLOAT32_TINY:.3g}, got {value!r}: Adam's steps at "
+                                 "that rate round to nothing in float32, so nothing trains")
             if value > ADAM_LR_MAX:
                 raise ValueError(f"{name} must be at most {ADAM_LR_MAX:.3g}, got {value:.3g}: "
                                  f"Adam's first step scales the rate by 1 / (1 - beta1) = 10, "

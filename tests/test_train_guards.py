@@ -1255,8 +1255,12 @@ def edited_in_place(path, edit, check=None) -> dict:
      r"its 'epoch_stats' entry: 'lr_steps' .* is not a list of"),
     (lambda c: c["epoch_stats"].update(lr_steps="5e-4"),
      r"its 'epoch_stats' entry: 'lr_steps' \(got '5e-4'\) is not a list of"),
+    (lambda c: c["epoch_stats"].update(lr_steps=[[5e-4, 1], [1e-3, 1]]),
+     r"its 'epoch_stats' entry: 'lr_steps' \(got \[\[0.0005, 1\], \[0.001, 1\]\]\) counts 2 "
+     r"steps, not the 1 of 'steps'"),
 ], ids=["step-past-the-epoch", "nan-statistic", "statistics-a-list", "owed-record-of-another-epoch",
-        "owed-record-text", "rate-runs-negative-steps", "rate-runs-inf", "rate-runs-text"])
+        "owed-record-text", "rate-runs-negative-steps", "rate-runs-inf", "rate-runs-text",
+        "rate-runs-miscounted"])
 def test_a_resume_refuses_a_position_or_statistics_that_do_not_fit(tmp_path, mid_epoch_copy,
                                                                     edit, message):
     """These went into metrics.json as they were (an epoch 99, a NaN loss) or resumed at a
@@ -1327,10 +1331,15 @@ def test_diverged_names_the_cause_and_a_finite_checkpoint(tmp_path, run_copy):
     (["--set", "train.preset={a: 1}"], r"train.preset must be text \(a name\), got \{'a': 1\}"),
     (["--set", "model.backbone_kwargs={depth: 1, embed_dim: 16, num_heads: 2, in_chans: 1}"],
      r"model.backbone_kwargs must not set \['in_chans'\]"),
+    # an exponent slip: trained nothing, said nothing
+    (["--lr", "1e-320"], r"train.lr must be 0 or at least float32's smallest normal number "
+                         r"1.18e-38, got 1e-320: Adam's steps at that rate round to nothing"),
+    (["--probe-lr", "1e-40"], r"train.probe_lr must be 0 or at least float32's smallest"),
 ], ids=["name-path", "name-dotdot", "name-newline", "lr-beyond-float32", "empty-weights",
         "weights-and-pretrained", "kmeans-restarts-1001", "kmeans-iters-1e5", "data-option-twice",
         "set-key-twice", "lr-adam-step", "probe-lr-adam-step", "backbone-lr-adam-step",
-        "split-option", "dataset-a-list", "preset-a-mapping", "one-channel-backbone"])
+        "split-option", "dataset-a-list", "preset-a-mapping", "one-channel-backbone",
+        "lr-denormal", "probe-lr-denormal"])
 def test_more_bad_settings_are_refused_before_a_run_folder(tmp_path, tiny_yaml, monkeypatch,
                                                            flags, message):
     monkeypatch.chdir(tmp_path)

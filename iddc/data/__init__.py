@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
+from typing import Optional
 
 from .base import (IGNORE_INDEX, DataOptionError, InferredClassesWarning,
                    SegmentationSource)
@@ -62,6 +64,15 @@ RESERVED_OPTIONS = {
 INFERS_NUM_CLASSES = {"folder"}
 
 
+def _module_of(filename: str) -> Optional[str]:
+    """The name of the imported module whose source is ``filename`` (None: warn_explicit then
+    names it after the file, which a -W filter of the module would not match)."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) == filename:
+            return module.__name__
+    return None
+
+
 def _probed(name: str, root, split: str, options: dict):
     """(source, warnings): the split as a data set that infers K builds it from its first
     label maps, or None where it cannot tell (a corrupt map, an id beyond 255: scoring leaves
@@ -95,8 +106,9 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
         probed, given = _probed(name, root, split, options)
         k = None if probed is None else int(probed.num_classes)
         if k == model_classes:  # the usual case: built once, its listing's warnings given
-            for w in given:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            for w in given:  # under the module that gave it (what a -W filter names)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       module=_module_of(w.filename))
             return probed
         if k is not None and k > model_classes:  # scored all the same, but said
             warnings.warn(f"data set {name!r}: the {split} split's first label maps hold class "
