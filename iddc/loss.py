@@ -63,7 +63,7 @@ def weibull_is_finite(shape: float, scale: float) -> bool:
     """Whether the Weibull regulariser and its gradient stay finite in float32 for every
     normalised class mass x in [1e-6, 1 + 1e-6] (SPEC's x = m_c / max m + 1e-6): its factors
     are monotone in x, so an overflow shows at one of the two ends (checked once per pair)."""
-    ends = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32)
+    ends = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32, device="cpu")
     value, grad = _weibull_with_gradient(ends, shape, scale)
     return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
 
@@ -85,11 +85,11 @@ def regulariser_bounds(kind: str, shape: float, scale: float) -> tuple:
         return 0.0, 0.0
     if kind == "entropy":
         return 1.0 / math.e, 1.0 - math.log(1e-6)
-    x = torch.logspace(-6.0, math.log10(1.0 + 1e-6), 4001, dtype=torch.float64)
+    x = torch.logspace(-6.0, math.log10(1.0 + 1e-6), 4001, dtype=torch.float64, device="cpu")
     if shape > 1:  # W's maximum, where the grid may straddle it
         mode = scale * ((shape - 1) / shape) ** (1 / shape)
         x = torch.cat([x, torch.tensor([min(max(mode, 1e-6), 1.0 + 1e-6)],
-                                       dtype=torch.float64)])
+                                       dtype=torch.float64, device="cpu")])
     value, grad = _weibull_with_gradient(x, shape, scale)
     return float(value.abs().max()), float(grad.abs().max())
 

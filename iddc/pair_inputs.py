@@ -141,9 +141,10 @@ def comparison_threshold(t: float, dtype: torch.dtype, below: bool) -> float:
         return math.inf if not below else -math.inf
     if dtype == torch.float64 or math.isinf(t):
         return t
-    t_d = torch.tensor(t, dtype=torch.float64).to(dtype)
+    # on the CPU whatever torch's default device (a scalar read back: no transfer, no sync)
+    t_d = torch.tensor(t, dtype=torch.float64, device="cpu").to(dtype)
     if below and float(t_d) < t:
-        t_d = torch.nextafter(t_d, torch.tensor(math.inf, dtype=dtype))
+        t_d = torch.nextafter(t_d, torch.tensor(math.inf, dtype=dtype, device="cpu"))
     elif not below and float(t_d) > t:
-        t_d = torch.nextafter(t_d, torch.tensor(-math.inf, dtype=dtype))
+        t_d = torch.nextafter(t_d, torch.tensor(-math.inf, dtype=dtype, device="cpu"))
     return float(t_d)

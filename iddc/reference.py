@@ -203,4 +203,5 @@ def iddc_loss_reference(feats_a, feats_b, logits_a, logits_b, shifts: Sequence[i
     reg = regulariser(p_a, regulariser_kind, weibull_shape, weibull_scale)
     loss = pos + lambda1 * neg + lambda2 * reg_scale * reg
     return {"loss": loss, "pos": pos, "neg": neg, "reg": reg, "pos_count": pos_count,
-            "neg_counts": torch.stack(neg_counts) if neg_counts else torch.zeros(0, dtype=torch.long)}
+            "neg_counts": torch.stack(neg_counts) if neg_counts
+            else torch.zeros(0, dtype=torch.long, device=p_a.device)}

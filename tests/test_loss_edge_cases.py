@@ -293,7 +293,10 @@ def test_a_config_set_back_to_its_checked_values_in_another_type_is_checked_agai
 
 @pytest.mark.parametrize("backend, fullgraph, compiler", [
     ("reference", True, "aot_eager"), ("reference", True, "inductor"),
-    ("reference", False, "aot_eager"), ("streaming", False, "aot_eager")],
+    ("reference", False, "aot_eager"), ("streaming", False, "aot_eager")]
+    # the launch is a graph break (Dynamo failed inside Triton's interpreter)
+    + ([("triton", False, "aot_eager"), ("triton", False, "eager")] if "triton" in BACKENDS
+       else []),
     ids=lambda v: str(v) if not isinstance(v, bool) else ("fullgraph" if v else "breaks"))
 def test_torch_compile_matches_eager(backend, fullgraph, compiler):
     """torch.compile of the loss gives eager's terms and gradients. With fullgraph=True (no
@@ -595,3 +598,32 @@ def test_thresholds_at_plus_minus_one_select_no_pair_despite_rounding(backend, d
         out = iddc_loss(fa, fb, za, zb, shifts=(1,), backend=backend, t_pos=0.999,
                         t_neg=-0.999, regulariser="none")
         assert int(out.pos_count) == 2 * 9 * 6 and out.neg_counts.tolist() == [2 * 9 * 9], d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("regulariser", ["weibull", "entropy", "none"])
+def test_torch_default_device_is_not_used(backend, regulariser):
+    """The loss's scalar helpers (a threshold rounded to the dtype, the Weibull bounds) were
+    made on torch's default device: with torch.set_default_device("cuda") every call moved
+    scalars to the GPU and back (a sync), and with "meta" it failed. The inputs' device is
+    the only one used."""
+    gen = torch.Generator().manual_seed(23)
+    fa, fb = torch.randn(3, 8, 4, 5, generator=gen), torch.randn(3, 8, 3, 5, generator=gen)
+    za = torch.randn(3, 5, 4, 5, generator=gen).requires_grad_()
+    zb = torch.randn(3, 5, 3, 5, generator=gen).requires_grad_()
+    # settings of this case alone: no Weibull bound of theirs was cached on the CPU before
+    settings = dict(backend=backend, regulariser=regulariser, t_pos=0.2718281, t_neg=0.0314159,
+                    weibull_shape=1.0 + 1 / 7 + BACKENDS.index(backend) / 100,
+                    weibull_scale=4.0 + 1 / 7)
+    torch.set_default_device("meta")
+    try:
+        got = IDDCLoss(**settings)(fa, fb, za, zb, shifts=(1, 2))
+        empty = IDDCLoss(**settings)(fa, fb, za, zb, shifts=())  # no negative counts
+    finally:
+        torch.set_default_device(None)
+    got_grads = torch.autograd.grad(got.loss, (za, zb))
+    want = IDDCLoss(**settings)(fa, fb, za, zb, shifts=(1, 2))
+    want_grads = torch.autograd.grad(want.loss, (za, zb))
+    assert got.loss.device.type == "cpu" and empty.neg_counts.device.type == "cpu"
+    for g, w in zip([got.loss, *got_grads], [want.loss, *want_grads]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
