@@ -930,6 +930,32 @@ def test_predict_leaves_out_earlier_calls_outputs_below_a_folder_given(runs, tmp
         predict.expand_inputs([str(photos)])
 
 
+def test_predict_into_its_own_input_folder_then_again(runs, tmp_path, caplog):
+    """--out naming the photos folder itself: its outputs landed beside the photos, and the
+    next call took them for inputs (refused: 'would replace input file(s)', legend.png among
+    them; into another --out: 21 images segmented for 5 photos); a folder data set counted
+    them too (only outputs below its root were left out)."""
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    image(photos / "y.png", 2)
+    assert run_predict(runs["labelled"], photos, "--out", photos) == 0
+    written = sorted(p.name for p in photos.iterdir())
+    assert "legend.png" in written and "x_seg.png" in written
+    caplog.clear()
+    assert run_predict(runs["labelled"], photos, "--out", tmp_path / "second") == 0
+    record = json.loads((tmp_path / "second" / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["x", "y"]
+    assert "an earlier iddc.predict call wrote" in caplog.text
+    # the same call again replaces its own outputs (with --overwrite), the photos untouched
+    before = {n: (photos / n).read_bytes() for n in ("x.png", "y.png")}
+    assert run_predict(runs["labelled"], photos, "--out", photos, "--overwrite") == 0
+    assert sorted(p.name for p in photos.iterdir()) == written
+    assert {n: (photos / n).read_bytes() for n in before} == before
+    with pytest.warns(UserWarning, match=r"leaving out \d+ image\(s\) an iddc.predict call"):
+        source = build_source("folder", root=photos, num_classes=2)
+    assert sorted(p.name for p in source.images) == ["x.png", "y.png"]
+
+
 def test_predict_segments_a_file_given_twice_once(runs, tmp_path, caplog):
     photos = tmp_path / "photos"
     x = image(photos / "a" / "x.png", 1)

@@ -153,13 +153,14 @@ def is_run_folder(folder) -> bool:
 
 
 def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
-    """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into a
-    folder below `top` (one that holds that call's predictions.json and legend.png: photos
-    beside them are kept); `marks` caches each folder's answer."""
+    """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into
+    `top` or a folder below it (one that holds that call's predictions.json and legend.png:
+    photos beside them are kept; top itself too: predict --out may name its input folder);
+    `marks` caches each folder's answer."""
     if image.name != "legend.png" and not image.name.endswith(PREDICT_IMAGE_OUTPUTS):
         return False
     folder = image.parent
-    while folder != top and top in folder.parents:
+    while folder == top or top in folder.parents:
         if folder not in marks:
             marks[folder] = all((folder / n).is_file() for n in PREDICT_FOLDER_FILES)
         if marks[folder]:
