@@ -387,11 +387,20 @@ def load_model(path: str, device="cpu"):
     return model.to(device).eval(), cfg, ckpt
 
 
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or in float32 for float8 (a quantised file), which has no isfinite or comparison."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def nonfinite_count(t: torch.Tensor) -> torch.Tensor:
+    """How many values of floating-point or complex `t` are NaN or Inf (a 0-d tensor)."""
+    return (~torch.isfinite(_comparable(t))).sum()
+
+
 def nonfinite_tensor(state: Mapping) -> Optional[str]:
     """The name of the first floating-point tensor of `state` holding NaN or Inf, or None."""
     for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
-                torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(nonfinite_count(t)):
             return name
     return None
 
@@ -484,9 +493,9 @@ def _state_tensor_problem(key: str, value: torch.Tensor, param) -> Optional[str]
     """Why a per-parameter optimiser tensor (exp_avg, ...) does not fit ``param``, or None."""
     if value.dim() > 0 and value.shape != param.shape:  # 0-d: a count or scalar, as step
         return f"has shape {list(value.shape)}, the parameter {list(param.shape)}"
-    if not bool(torch.isfinite(value).all()):
+    if (value.is_floating_point() or value.is_complex()) and bool(nonfinite_count(value)):
         return "holds NaN or Inf"
-    if key in _SQUARES and bool((value < 0).any()):
+    if key in _SQUARES and bool((_comparable(value) < 0).any()):
         return "holds negative values (a running average of squares)"
     return None
 

@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from .checkpoint import nonfinite_count
+
 log = logging.getLogger("iddc")
 
 #: wrappers around the backbone's state dict in DINO / generic training checkpoints
@@ -207,8 +209,8 @@ def check_finite(state: dict, what: str) -> None:
         if v.layout != torch.strided or v.is_meta:  # no values to check, or to load
             raise WeightsError(f"{what}: tensor {k!r} is a {v.layout} tensor on the "
                                f"{v.device.type} device, not a weight's values")
-        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
+        bad = int(nonfinite_count(v)) if v.is_floating_point() or v.is_complex() else 0
+        if bad:
             raise WeightsError(f"{what}: tensor {k!r} holds {bad} NaN or Inf values (of "
                                f"{v.numel()}); the file is damaged or comes from a diverged run")
 
@@ -229,11 +231,16 @@ def check_features_finite(backbone: nn.Module, what: str) -> None:
         feats = backbone.forward_features(image)
     finally:
         backbone.train(was_training)
-    if not bool(torch.isfinite(feats).all()):
+    finite = bool(torch.isfinite(feats).all())
+    # the loss normalises each pixel's feature: a norm beyond the dtype's range is Inf there
+    if not finite or not bool(torch.isfinite(torch.linalg.vector_norm(feats, dim=-1)).all()):
         largest = max((float(p.abs().max()) for p in backbone.parameters() if p.numel()),
                       default=0.0)
-        raise WeightsError(f"{what}: the backbone's features of a test image hold NaN or Inf "
-                           f"(its weights reach {largest:.3g} in magnitude); the file is damaged "
+        held = "hold NaN or Inf" if not finite else \
+            (f"are finite, but a pixel's feature norm overflows {feats.dtype} (features up to "
+             f"{float(feats.abs().max()):.3g})")
+        raise WeightsError(f"{what}: the backbone's features of a test image {held} (its "
+                           f"weights reach {largest:.3g} in magnitude); the file is damaged "
                            "or comes from a diverged run")
 
 
@@ -280,6 +287,9 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     check_finite(state, f"weights file {path}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    if not state:  # a file of a projection head alone (dropped above)
+        raise WeightsError(f"weights file {path} holds only projection-head tensors (head.*: "
+                           f"{dropped[:5]}), none of the backbone's")
     if len(unexpected) == len(state):
         raise WeightsError(f"weights file {path}: none of its {len(state)} keys match the backbone "
                            f"(first keys: {list(state)[:5]})")
@@ -306,7 +316,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict: bool = False) 
     resampled = False
     # another width is another architecture: left to the shape check below, which names it
     if "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape and \
-            state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+            state["pos_embed"].shape[-1:] == own["pos_embed"].shape[-1:]:  # (a 0-d one: not)
         from timm.layers import resample_abs_pos_embed
         prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
         grid = backbone.patch_embed.grid_size

@@ -438,8 +438,22 @@ def _pos_embed_of_two_grids(state):
     (lambda s: _edited(s, "patch_embed.proj.weight", lambda t: t.fill_(3e38)),
      r"weights file .*edited.pth: the backbone's features of a test image hold NaN or Inf \(its "
      r"weights reach 3e\+38 in magnitude\)"),
+    # finite features whose norms overflow: the run folder was made, the first step failed
+    (lambda s: _edited(s, "norm.weight", lambda t: t.fill_(1e38)),
+     r"weights file .*edited.pth: the backbone's features of a test image are finite, but a "
+     r"pixel's feature norm overflows torch.float32 \(features up to .*e\+38\)"),
+    (lambda s: {**s, "pos_embed": torch.tensor(1.0)},  # an IndexError
+     r"weights file .*edited.pth does not fit the backbone: .*pos_embed"),
+    (lambda s: {"head.weight": torch.ones(3, 32), "head.bias": torch.ones(3)},
+     r"weights file .*edited.pth holds only projection-head tensors \(head.\*: \['head.bias', "
+     r"'head.weight'\]\), none of the backbone's"),  # said "none of its 0 keys match"
+    (lambda s: _edited(s, "blocks.0.attn.proj.weight",  # float8: isfinite was a traceback
+                       lambda t: t.index_fill(0, torch.tensor([1]), float("nan")).to(
+                           torch.float8_e4m3fn)),
+     r"tensor 'blocks.0.attn.proj.weight' holds 32 NaN or Inf values \(of 1024\)"),
 ], ids=["integer-key", "tuple-key", "meta-tensor", "sparse-tensor", "pos-embed-of-two",
-        "integer-weights", "bool-weights", "float64-beyond-float32", "finite-but-extreme"])
+        "integer-weights", "bool-weights", "float64-beyond-float32", "finite-but-extreme",
+        "feature-norm-overflow", "zero-d-pos-embed", "projection-head-alone", "float8-nan"])
 def test_weights_file_contents_no_backbone_could_use_are_refused(tmp_path, edit, message):
     """Each was a traceback (keys that are not names, meta or sparse tensors, a resampled
     positional embedding of two images), weights cast without a word (integer, bool), or
@@ -498,3 +512,16 @@ def test_an_integer_positional_embedding_that_is_resampled_is_refused(tmp_path):
     with pytest.raises(WeightsError, match=r"its tensor 'pos_embed' is torch.int64, not "
                                            r"floating-point"):
         load_backbone_weights(tiny_backbone(2), str(path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz],
+                         ids=str)
+def test_float8_weights_load_as_their_values(tmp_path, dtype):
+    """A quantised weights file: the finite check was a traceback (no isfinite for float8);
+    it loads as its values cast to float32, as float16 files do."""
+    state = {k: v.to(dtype) for k, v in tiny_backbone(1).state_dict().items()}
+    torch.save(state, tmp_path / "fp8.pth")
+    target = tiny_backbone(2)
+    assert load_backbone_weights(target, str(tmp_path / "fp8.pth"))["missing"] == []
+    for k, v in state.items():
+        assert torch.equal(target.state_dict()[k], v.float()), k
