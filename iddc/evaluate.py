@@ -588,8 +588,9 @@ def main(argv=None) -> dict:
                     "started elsewhere", ", ".join(relative), os.getcwd())
     if args.data_root:  # absolute, as a run records its own: --json says which folder
         cfg.data.data_root = os.path.abspath(os.path.expanduser(args.data_root))
+    stride = None
     if cfg.data.eval_mode == "sliding":  # before validate(): the error names the flags
-        check_window(cfg.data.sliding_window, cfg.data.sliding_stride, model.patch_size)
+        stride = check_window(cfg.data.sliding_window, cfg.data.sliding_stride, model.patch_size)
     cfg.validate()
     mode = get_eval_mode(cfg.data.eval_mode)
     # not wrapped in skip_corrupt: evaluate() leaves a corrupt sample out (load_or_skip)
@@ -620,8 +621,8 @@ def main(argv=None) -> dict:
                          "max_images": cfg.data.max_val_images or None,
                          "autocast": args.autocast}
     if cfg.data.eval_mode == "sliding":
-        res["evaluation"].update(window=cfg.data.sliding_window,
-                                 stride=cfg.data.sliding_stride or None)
+        # the stride used (a default one is the window's: recorded, not null)
+        res["evaluation"].update(window=cfg.data.sliding_window, stride=stride)
     if res["skipped"]:
         log.warning("%d sample(s) left out of the scores (corrupt or too large, see the "
                     "warnings): %s", len(res["skipped"]),

@@ -350,7 +350,8 @@ def test_predict_defaults_to_the_runs_eval_mode_window_and_stride(runs, tmp_path
 
 def test_evaluate_window_of_ones_own_takes_its_own_default_stride(runs, tmp_path):
     """--window without --stride on a run evaluated with its own stride: that stride was for
-    the run's window (8 px of 16 here); the new window takes its default, as predict does."""
+    the run's window (8 px of 16 here); the new window takes its default, as predict does,
+    and --json records the stride used, as predictions.json does (it recorded null)."""
     def sliding(ckpt):
         ckpt["config"]["data"].update(eval_mode="sliding", sliding_window=16, sliding_stride=8)
 
@@ -358,7 +359,7 @@ def test_evaluate_window_of_ones_own_takes_its_own_default_stride(runs, tmp_path
     img, lab = make_folder(tmp_path / "d", n=2)
     flags = ["--checkpoint", str(ckpt), "--data-root", str(img), "--data-option",
              f"label_root={lab}"]
-    for extra, want in [([], (16, 8)), (["--window", "24"], (24, None)),
+    for extra, want in [([], (16, 8)), (["--window", "24"], (24, 16)),
                         (["--window", "24", "--stride", "12"], (24, 12))]:
         json_path = tmp_path / f"scores{len(extra)}.json"
         evaluate.main(flags + extra + ["--json", str(json_path)])
