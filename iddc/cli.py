@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, Optional, Sequence
 
 #: the console scripts setup.py installs: script -> the module whose main() it runs
@@ -87,6 +88,7 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if os.environ.get("IDDC_TRACEBACK") == "1":
         return main(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warnings(prog)
     try:
         return main(argv)
     except Exception as err:
@@ -97,6 +99,27 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        warnings.formatwarning = previous
+
+
+#: this package's folder: warnings raised from its modules are its messages to the user
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_line_warnings(prog: str) -> Callable:
+    """A warnings.formatwarning that prints this package's warnings as one line, ``<prog>:
+    warning: <message>`` (the category named unless a plain UserWarning), rather than the
+    file, line and source line of the call (``found = list_images(path)``); other libraries'
+    warnings keep Python's format (where they came from helps there)."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if not os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+            return default(message, category, filename, lineno, line)
+        kind = "warning" if category is UserWarning else category.__name__
+        return f"{prog}: {kind}: {message}\n"
+    return format_warning
 
 
 @contextlib.contextmanager

@@ -957,6 +957,32 @@ def test_predict_into_its_own_input_folder_then_again(runs, tmp_path, caplog):
     assert sorted(p.name for p in source.images) == ["x.png", "y.png"]
 
 
+def test_the_tools_print_their_warnings_as_one_line(runs, tmp_path):
+    """A broken link among the photos printed Python's warning format: the file and line of
+    predict.py, then the source line `found = list_images(path)`."""
+    import warnings
+    from iddc import cli
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    (photos / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    shown, before = [], warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, \
+            line=None: shown.append(warnings.formatwarning(message, category, filename, lineno,
+                                                           line))
+        cli.run(predict.main, "python -m iddc.predict",
+                ["--checkpoint", str(runs["labelled"]), str(photos), "--out",
+                 str(tmp_path / "out")])
+    assert [w for w in shown if "broken.png" in w] == [
+        f"python -m iddc.predict: warning: skipping {photos / 'broken.png'}: a broken link, not "
+        "an image file\n"]
+    assert warnings.formatwarning is before
+    # another library's warning keeps Python's format (its file helps there)
+    theirs = cli._one_line_warnings("prog")("theirs", UserWarning, "/elsewhere/lib.py", 3)
+    assert theirs.startswith("/elsewhere/lib.py:3: UserWarning: theirs")
+
+
 def test_predict_segments_a_file_given_twice_once(runs, tmp_path, caplog):
     photos = tmp_path / "photos"
     x = image(photos / "a" / "x.png", 1)
