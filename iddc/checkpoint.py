@@ -83,6 +83,25 @@ def _looks_like_safetensors(path: str) -> bool:
         0 < int.from_bytes(head[:8], "little") < 100 * 2 ** 20
 
 
+#: how torch.save's legacy (pre-zip) format starts, per pickle protocol: a pickle of its magic
+#: number (protocol 2 by default)
+_LEGACY_TORCH_HEADS = {p: pickle.dumps(0x1950a86a20f9469cfc6c, protocol=p) for p in (2, 3, 4, 5)}
+
+
+def _pickle_kind(path: str) -> tuple:
+    """("plain" or "legacy", protocol) for a file that starts as a pickle, plain or torch.save's
+    legacy format; (None, 0) for any other (torch.save's zip starts "PK")."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(max(len(h) for h in _LEGACY_TORCH_HEADS.values()))
+    except OSError:
+        return None, 0
+    if len(head) < 2 or head[0] != 0x80 or head[1] not in _LEGACY_TORCH_HEADS:
+        return None, 0
+    legacy = head.startswith(_LEGACY_TORCH_HEADS[head[1]])
+    return ("legacy" if legacy else "plain"), head[1]
+
+
 def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
     """torch.load of ``path`` as tensors and plain data only (``safe``: the classes allowed
     besides), with ``error`` naming ``what`` for a file that cannot be read: one that pickles
@@ -96,6 +115,15 @@ def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
         if _looks_like_safetensors(path):  # torch reads those by their name's suffix only
             raise error(f"could not read {what}: it is a safetensors file under another name; "
                         "name it *.safetensors") from err
+        kind_of, protocol = _pickle_kind(path)
+        if kind_of == "plain":
+            raise error(f"could not read {what}: it is a plain pickle (pickle.dump, protocol "
+                        f"{protocol}), not a file torch.save wrote; save its state dict with "
+                        "torch.save") from err
+        if kind_of == "legacy" and protocol > 3:  # torch's weights-only reader has no frames
+            raise error(f"could not read {what}: it is torch.save's legacy (pre-zip) format "
+                        f"at pickle protocol {protocol}, which torch's safe reader cannot "
+                        "read; save it again with torch.save's default format") from err
         raise error(unpickling_error_message(what, err)) from err
     except PermissionError as err:
         raise error(f"cannot read {what}: {err.strerror or err} (its permissions)") from err

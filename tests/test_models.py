@@ -525,3 +525,30 @@ def test_float8_weights_load_as_their_values(tmp_path, dtype):
     assert load_backbone_weights(target, str(tmp_path / "fp8.pth"))["missing"] == []
     for k, v in state.items():
         assert torch.equal(target.state_dict()[k], v.float()), k
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's, on a pickle of protocol 4 or 5
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_plain_pickle_is_named_as_one(tmp_path, protocol):
+    """pickle.dump of a state dict was 'corrupt, truncated or not a PyTorch file (Unsupported
+    operand 149)', or at protocol 2 'holds objects other than tensors'; torch.save's legacy
+    format (a pickle too) still loads."""
+    import pickle
+    state = tiny_backbone(1).state_dict()
+    with open(tmp_path / "w.pkl", "wb") as fh:
+        pickle.dump(state, fh, protocol=protocol)
+    with pytest.raises(WeightsError, match=rf"weights file .*w.pkl: it is a plain pickle "
+                                           rf"\(pickle.dump, protocol {protocol}\), not a file "
+                                           r"torch.save wrote; save its state dict with"):
+        load_backbone_weights(tiny_backbone(2), str(tmp_path / "w.pkl"))
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False,
+               pickle_protocol=protocol)
+    target = tiny_backbone(2)
+    if protocol > 3:  # torch's weights-only reader has no pickle frames: said so
+        with pytest.raises(WeightsError, match=rf"legacy.pth: it is torch.save's legacy "
+                                               rf"\(pre-zip\) format at pickle protocol "
+                                               rf"{protocol}, which torch's safe reader cannot"):
+            load_backbone_weights(target, str(tmp_path / "legacy.pth"))
+        return
+    load_backbone_weights(target, str(tmp_path / "legacy.pth"))
+    assert torch.equal(target.pos_embed, state["pos_embed"])
