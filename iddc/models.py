@@ -242,6 +242,10 @@ def check_features_finite(backbone: nn.Module, what: str) -> None:
         raise WeightsError(f"{what}: the backbone's features of a test image {held} (its "
                            f"weights reach {largest:.3g} in magnitude); the file is damaged "
                            "or comes from a diverged run")
+    if feats.shape[1] > 1 and bool((feats == feats[:, :1]).all()):  # (all-zero weights)
+        log.warning("WARNING: %s: the backbone gives every token of a test image the same "
+                    "feature, so no pixel pair can be told apart and nothing can be learnt; "
+                    "are its weights all zero, or the file a placeholder?", what)
 
 
 #: state-dict keys (prefixes) on a timm ViT's path to its patch tokens: a file holding such a

@@ -552,3 +552,16 @@ def test_a_plain_pickle_is_named_as_one(tmp_path, protocol):
         return
     load_backbone_weights(target, str(tmp_path / "legacy.pth"))
     assert torch.equal(target.pos_embed, state["pos_embed"])
+
+
+def test_weights_giving_every_token_one_feature_are_warned_about(tmp_path, iddc_log):
+    """An all-zero weights file was taken without a word; training on it kept pos at 0."""
+    state = {k: torch.zeros_like(v) for k, v in tiny_backbone(1).state_dict().items()}
+    torch.save(state, tmp_path / "zeros.pth")
+    load_backbone_weights(tiny_backbone(2), str(tmp_path / "zeros.pth"))
+    assert [m for m in iddc_log if "zeros.pth: the backbone gives every token of a test image "
+            "the same feature" in m]
+    iddc_log.clear()
+    torch.save(tiny_backbone(1).state_dict(), tmp_path / "real.pth")
+    load_backbone_weights(tiny_backbone(2), str(tmp_path / "real.pth"))
+    assert not [m for m in iddc_log if "same feature" in m]
