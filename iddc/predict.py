@@ -30,9 +30,9 @@ out-of-memory killer, leaves that record, not an earlier call's).
 --short-side must be at least the backbone's patch size (or 0). A file given more than once
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
-folder, and so are the files an earlier call wrote into any folder below it (legend.png and
-<stem>_seg/_overlay/_ids.png beside its predictions.json); a file there named on its own is an
-input like any other.
+folder, and so are the files an earlier call wrote into a folder given or any folder below
+it (legend.png and <stem>_seg/_overlay/_ids.png beside its predictions.json); a file there
+named on its own is an input like any other.
 
 Nothing is overwritten by accident: before anything is written, every output path is
 computed, and the call is refused if one exists (``--overwrite`` replaces them) or is one of
@@ -223,8 +223,9 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
     real path): where it lies inside a folder given, its images (earlier calls' outputs) are
     left out of that folder's; a file in it named on its own, or the images of --out given as
-    a folder itself, are inputs. The files an earlier call wrote into a folder below a folder
-    given (legend.png, <stem>_seg.png, ..., beside its predictions.json) are left out too."""
+    a folder itself, are inputs. The files an earlier call wrote into a folder given or one
+    below it (legend.png, <stem>_seg.png, ..., beside its predictions.json: layout's
+    is_predict_output) are left out too."""
     out, seen, repeated, left_out = [], set(), [], 0
     earlier_outputs, marks = [], {}
     for p in paths:

@@ -2,6 +2,7 @@
 the corrupt-sample policy. Trees are tiny and generated in tmp_path."""
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -405,6 +406,27 @@ def test_linked_folder_loop_lists_each_image_once(tmp_path):
     assert len(build_source("folder", root=tmp_path / "d", num_classes=2)) == 3
 
 
+def test_a_folder_data_set_keeps_images_named_as_predict_outputs_it_did_not_write(tmp_path):
+    """Another tool's predictions.json beside a user's legend.png left out every *_seg.png
+    and legend.png of the whole folder, and a predict call's folder those in the folders
+    below it."""
+    make_folder(tmp_path / "d", n=2)
+    root = tmp_path / "d"
+    for name in ("legend.png", "road_seg.png", "sub/tree_ids.png"):
+        (root / name).parent.mkdir(exist_ok=True)
+        _rgb(root / name, 8, 8)
+    (root / "predictions.json").write_text(json.dumps({"detections": []}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(build_source("folder", root=root, num_classes=2)) == 2 + 3
+    # iddc's record there: its legend and seg maps are left out, not those in sub/
+    (root / "predictions.json").write_text(json.dumps({"checkpoint": "r/last.pt", "num_ids": 2,
+                                                       "images": {}, "failed": {}}))
+    with pytest.warns(UserWarning, match=r"leaving out 2 image\(s\) an iddc.predict call"):
+        source = build_source("folder", root=root, num_classes=2)
+    assert root / "sub" / "tree_ids.png" in source.images and len(source) == 2 + 1
+
+
 @pytest.mark.parametrize("written, left_out, shown", [
     (("predictions.json", "legend.png", "img0_seg.png", "img0_overlay.png", "photo.png"), 3,
      r"leaving out 3 image\(s\) an iddc.predict call wrote \(beside its predictions.json and "
@@ -425,6 +447,9 @@ def test_folder_data_set_leaves_out_what_iddc_wrote(tmp_path, written, left_out,
     for name in written:
         if name.endswith(".png"):
             _rgb(sub / name, 8, 8)
+        elif name == "predictions.json":  # what every record of iddc.predict holds
+            (sub / name).write_text(json.dumps({"checkpoint": "run/last.pt", "num_ids": 2,
+                                                "images": {"img0": {}}, "failed": {}}))
         else:
             (sub / name).write_bytes(b"x")
     with warnings.catch_warnings(record=True) as caught:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import multiprocessing
 import os
 import stat
@@ -152,21 +153,38 @@ def is_run_folder(folder) -> bool:
     return has(STARTING_MARKER) or (has("last.pt") and (has("train.log") or has("config.yaml")))
 
 
+#: the entries every predictions.json of iddc.predict holds (another tool's file of that name
+#: does not make its folder a predict call's)
+PREDICT_RECORD_KEYS = ("checkpoint", "images", "failed", "num_ids")
+
+
+def is_predict_folder(folder: Path) -> bool:
+    """Whether `folder` holds one iddc.predict call's outputs: its legend.png, and its
+    predictions.json (read: a mapping with PREDICT_RECORD_KEYS)."""
+    if not all((folder / n).is_file() for n in PREDICT_FOLDER_FILES):
+        return False
+    try:
+        with open(folder / "predictions.json", encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON: not predict's
+        return False
+    return isinstance(record, dict) and all(k in record for k in PREDICT_RECORD_KEYS)
+
+
 def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
     """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into
-    `top` or a folder below it (one that holds that call's predictions.json and legend.png:
-    photos beside them are kept; top itself too: predict --out may name its input folder);
-    `marks` caches each folder's answer."""
+    `top` or a folder below it: one beside that call's predictions.json and legend.png
+    (is_predict_folder; photos there are kept; `top` itself too, as predict --out may name
+    its input folder). A call writes its outputs flat into its folder, so only the image's
+    own folder is looked at; `marks` caches each folder's answer."""
     if image.name != "legend.png" and not image.name.endswith(PREDICT_IMAGE_OUTPUTS):
         return False
     folder = image.parent
-    while folder == top or top in folder.parents:
-        if folder not in marks:
-            marks[folder] = all((folder / n).is_file() for n in PREDICT_FOLDER_FILES)
-        if marks[folder]:
-            return True
-        folder = folder.parent
-    return False
+    if folder != top and top not in folder.parents:
+        return False
+    if folder not in marks:
+        marks[folder] = is_predict_folder(folder)
+    return marks[folder]
 
 
 def list_images(folder, recursive: bool = True, suffix: str = "",
