@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import reprlib
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -109,7 +110,10 @@ def read_torch_file(path: str, what: str, error: type, safe: list, kind: str):
     is not) any other failure of the reader, which a corrupt file can meet anywhere
     (AssertionError, a safetensors error, ...)."""
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(safe), warnings.catch_warnings():
+            # torch's note of a pickle protocol other than 2: the file loads, or the error
+            # below names what it is
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if _looks_like_safetensors(path):  # torch reads those by their name's suffix only
@@ -335,11 +339,12 @@ def _rate_runs_problem(stats: Mapping) -> Optional[str]:
     if not (isinstance(runs, list) and all(
             isinstance(run, (list, tuple)) and len(run) == 2 and _is_finite_number(run[0])
             and run[0] >= 0 and _is_count(run[1]) for run in runs)):
-        return f"'lr_steps' (got {reprlib.repr(runs)}) is not a list of [learning rate, steps] pairs"
-    steps = stats.get("steps")  # the runs cover every step of the epoch so far
-    if _is_count(steps) and sum(run[1] for run in runs) != steps:
-        return (f"'lr_steps' (got {reprlib.repr(runs)}) counts "
-                f"{sum(run[1] for run in runs)} steps, not the {steps} of 'steps'")
+        return (f"'lr_steps' (got {reprlib.repr(runs)}) is not a list of [learning rate, "
+                "steps] pairs")
+    steps, counted = stats.get("steps"), sum(run[1] for run in runs)
+    if _is_count(steps) and counted != steps:  # the runs cover every step of the epoch so far
+        return (f"'lr_steps' (got {reprlib.repr(runs)}) counts {counted} steps, not the "
+                f"{steps} of 'steps'")
     return None
 
 

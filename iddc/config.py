@@ -36,7 +36,7 @@ from .devices import AUTOCAST_DTYPES, DEVICE_HELP
 from .files import write_atomic
 from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
 from .loss import PRESETS as LOSS_PRESETS
-from .loss import BACKENDS, IDDCConfig
+from .loss import BACKENDS, FLOAT32_MAX, FLOAT32_TINY, IDDCConfig
 from .pair_inputs import H_VARIANTS, PRECISIONS
 from .reference import REGULARISERS
 from .models import ModelConfig, patch_size_of
@@ -44,9 +44,6 @@ from .models import ModelConfig, patch_size_of
 #: the most k-means iterations and initialisations a run may ask for (30 and 10 by default)
 KMEANS_MAX_ITERS = 10_000
 KMEANS_MAX_RESTARTS = 1_000
-#: float32's largest finite value: a learning rate beyond it overflows the optimiser's state
-FLOAT32_MAX = 3.4028234663852886e38
-FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 #: the largest learning rate Adam (beta1 = 0.9, as training uses) can take: its first step
 #: computes lr / (1 - beta1) = 10 x lr as a float32 (beyond: a traceback in that step)
 ADAM_LR_MAX = FLOAT32_MAX * (1 - 0.9)

@@ -48,9 +48,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"--device {name}: only cpu, cuda and mps devices are supported")
     elif dev.index not in (None, 0):  # torch takes "cpu:1" as the one CPU device: a slip
-        raise ValueError(f"--device {name}: there is one CPU device (cpu, or cpu:0), whatever "
-                         "the cores (iddc.train's --threads, or OMP_NUM_THREADS, sets how many "
-                         "it uses)")
+        raise ValueError(f"--device {name}: there is one CPU device (cpu, or cpu:0); "
+                         "iddc.train's --threads, or OMP_NUM_THREADS, sets how many cores it "
+                         "uses")
     return dev
 
 

@@ -218,8 +218,9 @@ def check_finite(state: dict, what: str) -> None:
 @torch.no_grad()
 def check_features_finite(backbone: nn.Module, what: str) -> None:
     """WeightsError unless the backbone's features of a seeded random image (normalised
-    pixels, at its own size) are finite: finite weights of extreme values (3e38, say) make
-    Inf or NaN features from any image."""
+    pixels, at its own size) are finite, and so are their per-token norms (the loss
+    normalises them): finite weights of extreme values (3e38, say) make Inf or NaN features
+    from any image. A warning where every token gets the same feature (all-zero weights)."""
     size = getattr(backbone.patch_embed, "img_size", None) or (224, 224)
     image = torch.randn((1, 3) + tuple(size), generator=torch.Generator().manual_seed(0))
     param = next(backbone.parameters(), None)

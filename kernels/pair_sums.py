@@ -619,8 +619,8 @@ def lanes_fit_int32(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.stride(-1) * max(t.shape[-1] - 1, 0) >= 2 ** 31 else t
 
 
-# torch.compile: a graph break around the launch (Dynamo failed inside Triton's interpreter);
-# the kernels are one fused launch already
+# torch.compile: a graph break around the launch, by design (Dynamo failed inside Triton's
+# interpreter; not tried on CUDA); the kernels are one fused launch already
 @torch.compiler.disable
 def triton_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor, p_b: torch.Tensor,
                      shifts: Sequence[int] = (), *, t_pos: float, t_neg: float, h: str = "exp",

@@ -233,13 +233,15 @@ def test_class_names_file_skips_comment_lines_and_a_bom(tmp_path, text):
     ({"curated_list": 2024}, "option curated_list=2024 must be a file name"),
     # a path named one list for both splits (val read the train list's ids)
     ({"curated_list": "/lists/train.txt"}, r"option curated_list='/lists/train.txt' must be "
-                                           r"a file name \(in curated/train2017/ of the data "
-                                           r"root, one per split\), not a path"),
+                                           r"a file name in curated/train2017/ of the data "
+                                           r"root \(one list per split\), not an absolute path "
+                                           r"or one with '..'"),
     ({"curated_list": "../train.txt"}, "must be a file name"),
     ({"curated_list": ".."}, "must be a file name"),
+    ({"curated_list": ""}, "must be a file name"),
     ({"image_ext": 5}, "option image_ext=5 must be a file extension"),
-], ids=["curated-a-number", "list-a-number", "list-an-absolute-path", "list-a-relative-path",
-        "list-dotdot", "ext-a-number"])
+], ids=["curated-a-number", "list-a-number", "list-an-absolute-path", "list-climbing-out",
+        "list-dotdot", "list-empty", "ext-a-number"])
 def test_coco_option_types(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         build_source("cocostuff27", root=tmp_path, **options)

@@ -253,6 +253,18 @@ def test_coco_curated_list_with_a_bom_and_uncurated_extension_case(tmp_path):
     assert src.load(0)[1].shape == (40, 48)
 
 
+def test_coco_curated_list_in_a_subfolder_of_each_split_is_read(tmp_path):
+    """A relative path below curated/<split>2017/ still names one list per split (accepted),
+    unlike an absolute one (refused, tests/test_data_inputs.py)."""
+    root = make_coco(tmp_path, n=(3, 2))
+    for split, keep in (("train", 2), ("val", 1)):
+        folder = root / "curated" / f"{split}2017"
+        ids = (folder / cocostuff.CURATED_LIST).read_text().split()
+        (folder / "mine").mkdir()
+        (folder / "mine" / "few.txt").write_text("\n".join(ids[:keep]) + "\n")
+        assert len(cocostuff.build_cocostuff27(root, split, curated_list="mine/few.txt")) == keep
+
+
 def test_coco_images_of_another_extension_or_one_folder_deeper_are_pointed_at(tmp_path):
     import shutil
     root = make_coco(tmp_path, n=(2, 1))

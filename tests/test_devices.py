@@ -8,8 +8,8 @@ from iddc.devices import resolve_device
 @pytest.mark.parametrize("name, message", [
     ("gpu", r"--device 'gpu' is not a device; expected 'auto', 'cpu', 'cuda'"),
     ("meta", "--device meta: only cpu, cuda and mps devices are supported"),
-    ("cpu:1", r"--device cpu:1: there is one CPU device \(cpu, or cpu:0\), whatever the cores "
-              r"\(iddc.train.s --threads, or OMP_NUM_THREADS, sets how many it uses\)"),
+    ("cpu:1", r"--device cpu:1: there is one CPU device \(cpu, or cpu:0\); iddc.train's "
+              r"--threads, or OMP_NUM_THREADS, sets how many cores it uses"),
 ], ids=["unknown", "meta", "cpu-index"])
 def test_bad_device_names_are_refused_by_name(name, message):
     with pytest.raises(ValueError, match=message):

@@ -527,7 +527,7 @@ def test_float8_weights_load_as_their_values(tmp_path, dtype):
         assert torch.equal(target.state_dict()[k], v.float()), k
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's, on a pickle of protocol 4 or 5
+@pytest.mark.filterwarnings("error")  # torch's note of the protocol is not shown
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_a_plain_pickle_is_named_as_one(tmp_path, protocol):
     """pickle.dump of a state dict was 'corrupt, truncated or not a PyTorch file (Unsupported

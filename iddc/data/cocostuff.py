@@ -151,14 +151,15 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
     check_split(split)
     if not isinstance(curated, bool):  # curated=0 or "no" in YAML quotes: a slip
         raise DataOptionError(f"{dataset}: option curated={curated!r} must be true or false")
-    # a path (absolute, or with a folder) would name one list for both splits: val scored
-    # on the train list's images, or refused as missing, far from the cause
-    if curated_list is not None and not (isinstance(curated_list, str) and curated_list
-                                         and PurePath(curated_list).name == curated_list
-                                         and curated_list != ".."):
+    # an absolute path, or one climbing out with "..", would name one list for both splits:
+    # val scored on the train list's images, or refused as missing, far from the cause
+    if curated_list is not None and not (
+            isinstance(curated_list, str) and PurePath(curated_list).name
+            and not PurePath(curated_list).is_absolute()
+            and ".." not in PurePath(curated_list).parts):
         raise DataOptionError(f"{dataset}: option curated_list={curated_list!r} must be a "
-                              f"file name (in curated/{split}2017/ of the data root, one per "
-                              "split), not a path")
+                              f"file name in curated/{split}2017/ of the data root (one list "
+                              "per split), not an absolute path or one with '..'")
     if not (isinstance(image_ext, str) and image_ext.strip(".")):
         raise DataOptionError(f"{dataset}: option image_ext={image_ext!r} must be a file "
                               f"extension, e.g. .jpg")
