@@ -222,7 +222,7 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     given more than once (the same real path: named and inside a folder given, or through a
     link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
     real path): where it lies inside a folder given, its images (earlier calls' outputs) are
-    left out of that folder's; a file in it named on its own, or the images of --out given as
+    left out of that folder's; a file in it named on its own, or the photos of --out given as
     a folder itself, are inputs. The files an earlier call wrote into a folder given or one
     below it (legend.png, <stem>_seg.png, ..., beside its predictions.json: layout's
     is_predict_output) are left out too."""

@@ -727,7 +727,7 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["evaluation"] == {"split": "val", "dataset": "folder", "data_root": str(img),
                                    "eval_mode": "sliding", "eval_size": 32, "max_images": None,
-                                   "autocast": "off", "window": 32, "stride": None}
+                                   "autocast": "off", "window": 32, "stride": 22}
     assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
 
 
@@ -900,8 +900,13 @@ def test_predict_leaves_its_out_folder_out_of_a_folder_input(runs, tmp_path, cap
     assert run_predict(runs["labelled"], photos, out / "legend.png", "--out", out,
                        "--overwrite") == 2  # named on its own: an input, never replaced
     assert snapshot(out) == before
-    # --out given as the folder, or one inside it: its images are the inputs asked for
-    assert len(predict.expand_inputs([str(out)], str(out))) == 7
+    # --out given as the folder: its photos are the inputs asked for, not the outputs there
+    with pytest.raises(FileNotFoundError, match=r"no images under .*preds but those earlier "
+                                                r"iddc.predict calls wrote"):
+        predict.expand_inputs([str(out)], str(out))
+    image(out / "z.png", 3)
+    assert predict.expand_inputs([str(out)], str(out)) == [out / "z.png"]
+    (out / "z.png").unlink()
     # photos/preds holds an earlier call's outputs: left out whatever the --out
     assert len(predict.expand_inputs([str(photos)], str(photos))) == 2
     image(tmp_path / "only" / "preds" / "p_seg.png")
