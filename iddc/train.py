@@ -302,7 +302,9 @@ def setup_logging() -> _EarlyRecords:
 
 def log_to_file(path: str, early: _EarlyRecords) -> logging.Handler:
     """From now on also log to `path`, starting with the records kept so far."""
-    fh = logging.FileHandler(path)
+    # UTF-8 whatever the locale; a file name that is not (its undecodable bytes, as Python
+    # gives them) is written escaped, not a logging error that loses the record
+    fh = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.removeHandler(early)
     for record in early.records:

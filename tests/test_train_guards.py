@@ -1988,3 +1988,18 @@ def test_a_resume_killed_before_its_config_yaml_is_finished_with_it(tmp_path, fi
     assert "its config.yaml holds the settings from before" in (out / "train.log").read_text()
     with pytest.raises(ValueError, match="leaves nothing to train"):
         train.main(["--resume", str(out / "last.pt")])
+
+
+def test_train_log_takes_a_file_name_that_is_not_utf8(tmp_path, capsys):
+    """A label named with latin-1 bytes (caf\\xe9.png: Python gives it as 'caf\\udce9.png')
+    warned about: train.log's handler raised UnicodeEncodeError (a 30-line '--- Logging
+    error ---' on stderr) and the record was lost."""
+    early = train._EarlyRecords()
+    handler = train.log_to_file(str(tmp_path / "train.log"), early)
+    try:
+        train.log.warning("corrupt sample %s", os.fsdecode(b"lab/caf\xe9.png"))
+    finally:
+        train.log.removeHandler(handler)
+        handler.close()
+    assert "Logging error" not in capsys.readouterr().err
+    assert "corrupt sample lab/caf\\udce9.png" in (tmp_path / "train.log").read_text("utf-8")
