@@ -215,6 +215,18 @@ def test_bad_class_names_name_the_option(tmp_path, monkeypatch, value, match):
         build_source("folder", root=tmp_path, class_names=value)
 
 
+@pytest.mark.parametrize("kind, what", [("fifo", r"a named pipe \(FIFO\)"), ("folder", "a folder")])
+def test_class_names_from_a_pipe_or_a_folder_is_refused(tmp_path, kind, what):
+    """A named pipe hung the reader (nothing writing to it), and bash's <(...) was read by
+    the train split only, the val split then told of '0 class name(s) given'."""
+    _rgb(tmp_path / "img" / "x.png")
+    names = tmp_path / "names"
+    os.mkfifo(names) if kind == "fifo" else names.mkdir()
+    with pytest.raises(ValueError, match=rf"folder: option class_names='{names}': {names} is "
+                                         rf"{what}; expected a text file with one name per line"):
+        build_source("folder", root=tmp_path / "img", class_names=str(names))
+
+
 @pytest.mark.parametrize("text", ["# classes of my set\nsky\nroad\n", "\ufeffsky\nroad\n",
                                   "sky\n  # the second\n\nroad\n", "\ufeff# header\nsky\nroad"],
                          ids=["header-line", "bom", "comment-between", "bom-and-header"])

@@ -35,7 +35,8 @@ import numpy as np
 
 from .base import IGNORE_INDEX, DataOptionError, InferredClassesWarning, int_option, take_subset
 from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
-                     list_images, make_lut, missing_pairs, open_label, require_dir, require_root)
+                     list_images, make_lut, missing_pairs, not_regular, open_label, require_dir,
+                     require_root)
 
 PROBE_LABELS = 16  # label maps read to infer num_classes
 
@@ -109,6 +110,10 @@ def _read_class_names(class_names) -> Optional[list]:
         return None
     if isinstance(class_names, (str, os.PathLike)):
         path = Path(class_names).expanduser()
+        if path.exists() and not path.is_file():  # a pipe would hang, or be read once only
+            raise DataOptionError(f"folder: option class_names={str(class_names)!r}: {path} "
+                                  f"is {not_regular(str(path))}; expected a text file with "
+                                  "one name per line (read once per split)")
         try:
             text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no name
         except (OSError, UnicodeDecodeError) as err:

@@ -124,15 +124,16 @@ def _unreadable_folder(err: OSError):
                       f"folder of images readable by this user") from err
 
 
-def _not_regular(path: str) -> str:
-    """What the non-regular file `path` is, for the warning that skips it."""
+def not_regular(path: str) -> str:
+    """What the non-regular file `path` is, for the message that skips or refuses it."""
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
         if err.errno == errno.ELOOP:  # links that lead back to themselves, not a missing target
             return "a symlink loop"
         return "a broken link" if err.errno == errno.ENOENT else f"unreadable ({err.strerror})"
-    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
     return next((what for test, what in kinds if test(mode)), "not a regular file")
 
@@ -254,7 +255,7 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
                       f"does not read ({kinds}), e.g. {unread[0]}; convert them to PNG or JPEG "
                       f"to include them", stacklevel=2)
     for path in odd[:5]:
-        warnings.warn(f"skipping {path}: {_not_regular(path)}, not an image file",
+        warnings.warn(f"skipping {path}: {not_regular(path)}, not an image file",
                       stacklevel=2)
     if len(odd) > 5:
         warnings.warn(f"skipping {len(odd) - 5} more non-regular file(s) under {folder}",
