@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import metrics
 from .cli import path_arg, prog_name
 from .data import IGNORE_INDEX
-from .data.layout import CorruptSampleError, SkipCorrupt
+from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP, autocast_of, check_autocast, resolve_device
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
@@ -507,6 +507,10 @@ def check_flags(args) -> None:
                              ("--max-val-images", args.max_val_images, 0)]:
         if value is not None:
             check_at_least(flag, value, low)
+    # scores are JSON: an image's name is a slip (--overwrite would replace a label map)
+    if args.json and os.path.splitext(args.json)[1].lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--json {args.json}: names an image file; the scores are written as "
+                         "JSON: give a .json path")
 
 
 def main(argv=None) -> dict:

@@ -262,7 +262,10 @@ def test_coco_curated_list_in_a_subfolder_of_each_split_is_read(tmp_path):
         ids = (folder / cocostuff.CURATED_LIST).read_text().split()
         (folder / "mine").mkdir()
         (folder / "mine" / "few.txt").write_text("\n".join(ids[:keep]) + "\n")
-        assert len(cocostuff.build_cocostuff27(root, split, curated_list="mine/few.txt")) == keep
+        source = cocostuff.build_cocostuff27(root, split, curated_list="mine/few.txt")
+        assert len(source) == keep
+        # among the files an output must not replace (evaluate --json --overwrite did)
+        assert folder / "mine" / "few.txt" in source.files()
 
 
 def test_coco_images_of_another_extension_or_one_folder_deeper_are_pointed_at(tmp_path):

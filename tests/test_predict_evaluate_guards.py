@@ -211,20 +211,31 @@ def test_evaluate_json_never_replaces_the_checkpoint_or_a_file(runs, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("target", ["img/0.png", "lab/5.png", "link-to-a-label"])
-def test_evaluate_json_never_replaces_an_image_or_label_it_scores(runs, tmp_path, target):
+ONTO_AN_INPUT = r"--json: the output\(s\) .* would replace input file\(s\); choose another --json"
+AN_IMAGE_NAME = r"--json .*: names an image file; the scores are written as JSON"
+
+
+@pytest.mark.parametrize("target, message", [
+    ("img/0.png", AN_IMAGE_NAME), ("lab/5.png", AN_IMAGE_NAME), ("link-to-a-label", ONTO_AN_INPUT),
+    ("names.txt", ONTO_AN_INPUT), ("elsewhere/9.PNG", AN_IMAGE_NAME)],
+    ids=["image", "label", "link-to-a-label", "class-names-file", "another-png"])
+def test_evaluate_json_never_replaces_a_file_of_the_data_set(runs, tmp_path, target, message):
     """--overwrite replaced a data set's image or label map with the scores' JSON (exit 0):
-    only the checkpoint and the run's records counted as inputs."""
+    only the checkpoint and the run's records counted as inputs; then the class-names file
+    it read (and a curated list, a label map of the other split), still."""
     import shutil
     data = tmp_path / "data"
     shutil.copytree(runs["root"], data)
     (data / "link-to-a-label").symlink_to(data / "lab" / "2.png")
+    (data / "names.txt").write_text("a\nb\nc\n")
+    (data / "elsewhere").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(data / "elsewhere" / "9.PNG")
     before = snapshot(data)
-    with pytest.raises(ValueError, match=r"--json: the output\(s\) .* would replace input "
-                                         r"file\(s\); choose another --json"):
+    with pytest.raises(ValueError, match=message):
         evaluate.main(["--checkpoint", runs["labelled"], "--data-root", str(data / "img"),
-                       "--data-option", f"label_root={data / 'lab'}", "--json",
-                       str(data / target), "--overwrite"])
+                       "--data-option", f"label_root={data / 'lab'}", "--data-option",
+                       f"class_names={data / 'names.txt'}", "--json", str(data / target),
+                       "--overwrite"])
     assert snapshot(data) == before
 
 

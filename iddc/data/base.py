@@ -36,8 +36,9 @@ class SegmentationSource(ABC):
         return f"{index:06d}"
 
     def files(self) -> list:
-        """The files its samples are read from (images and label maps): what an output must
-        never replace (none for a source made in memory)."""
+        """The files its samples are read from (images and label maps) and the others it was
+        built from (a curated list, a class-names file): what an output must never replace
+        (none for a source made in memory)."""
         return []
 
 

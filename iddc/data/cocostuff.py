@@ -178,7 +178,9 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
             "pass curated=false to use every image of the split")
         ids = take_subset(read_curated_list(list_path), subset, dataset)
         images = [image_dir / f"{i}{image_ext}" for i in ids]
+        read_from = [list_path]
     else:  # every image of the folder (any case of the extension, no hidden files)
+        read_from = []
         images = list_images(image_dir, recursive=False, extensions=(image_ext,))
         if not images:
             nested = image_dir / image_dir.name
@@ -197,7 +199,7 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
                       stored_ids="the fine ids 0..181 and 255 of the stuffthingmaps (a "
                                  "stuff-only pixelmap, 0 and 92..183, is not one)",
                       # COCO's maps follow the stored pixels of its EXIF-tagged photos
-                      warn_orientation=False)
+                      warn_orientation=False, read_from=read_from)
 
 
 #: the options of both COCO-Stuff data sets (_build's other arguments are each set's own: its

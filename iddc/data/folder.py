@@ -245,6 +245,8 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     image_dir = _split_dir(root, split, labelled=label_root is not None)
     images = list_images(image_dir, leave_out_outputs=True)
     label_dir = None
+    read_from = [Path(class_names).expanduser()] if isinstance(class_names, (str, os.PathLike)) \
+        else []
     class_names = _read_class_names(class_names)
     if label_root is not None:
         label_dir = _split_dir(require_dir(Path(label_root).expanduser(), "the folder of label "
@@ -264,9 +266,11 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
     num_classes = _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
     if labels is None:
         return FileSource(images, None, num_classes=num_classes, class_names=class_names,
-                          description=f"folder {split} ({image_dir}, unlabelled)")
+                          description=f"folder {split} ({image_dir}, unlabelled)",
+                          read_from=read_from)
     # ids outside 0..num_classes-1 are treated as unlabelled (and warned about once)
     lut = make_lut({k: k for k in range(num_classes)})
     return FileSource(images, labels, lut=lut, num_classes=num_classes,
                       class_names=class_names, unexpected_ids_from=num_classes,
-                      description=f"folder {split} ({image_dir}, labels {label_dir})")
+                      description=f"folder {split} ({image_dir}, labels {label_dir})",
+                      read_from=read_from)

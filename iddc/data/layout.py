@@ -458,18 +458,22 @@ class FileSource(SegmentationSource):
                  lut: Optional[np.ndarray] = None, num_classes: int = 0,
                  class_names: Optional[Sequence[str]] = None, description: str = "data set",
                  unexpected_ids_from: Optional[int] = None, stored_ids: Optional[str] = None,
-                 ignore_stored: bool = True, warn_orientation: bool = True):
+                 ignore_stored: bool = True, warn_orientation: bool = True,
+                 read_from: Sequence[Path] = ()):
         """`unexpected_ids_from`: stored label ids from this one up are a mistake in the data
         rather than a convention of it (often labels of another kind); they are unlabelled, as
         the LUT says, and the first label file holding any is warned about. IGNORE_INDEX is
         not among them unless `ignore_stored` is False (a data set whose maps never hold it).
         `stored_ids`: what the valid stored ids are, for the warning (default: 0..first-1, as
         num_classes). `warn_orientation`: warn about the first image with an EXIF
-        orientation (off for a data set whose labels are known to follow the stored pixels)."""
+        orientation (off for a data set whose labels are known to follow the stored pixels).
+        `read_from`: the other files it was built from (a curated list, a class-names file),
+        which files() names too."""
         if labels is not None and len(labels) != len(images):
             raise ValueError("images and labels must have the same length")
         self.images = [Path(p) for p in images]
         self.labels = None if labels is None else [Path(p) for p in labels]
+        self.read_from = [Path(p) for p in read_from]
         self.lut = lut
         self.num_classes = num_classes
         self.class_names = None if class_names is None else list(class_names)
@@ -495,7 +499,7 @@ class FileSource(SegmentationSource):
         return self.images[index]
 
     def files(self) -> list:
-        return self.images + (self.labels or [])
+        return self.images + (self.labels or []) + self.read_from
 
     def load(self, index: int):
         image, orientation = open_image_oriented(self.images[index])
