@@ -603,6 +603,10 @@ def main(argv=None) -> dict:
                               root=cfg.data.data_root, split=args.split, fixed=True, **options)
     if args.json and os.path.lexists(args.json):  # nor an image or label map it scores
         check_outputs([args.json], source.files(), "--json", overwrite=True)
+    if options.get("subset") is not None and "subset" not in given:  # the run's, unseen
+        log.warning("the run's data option subset=%s applies: the first %d image(s) of the "
+                    "%s split are scored (--data-option subset=null scores all)",
+                    options["subset"], len(source), args.split)
     data_config = run_data_config(ckpt, model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:
@@ -619,11 +623,14 @@ def main(argv=None) -> dict:
         res["partial_epoch"] = partial
     res["checkpoint"] = os.path.abspath(args.checkpoint)
     # what was scored, so that two result files can be told apart
+    limit = cfg.data.max_val_images
     res["evaluation"] = {"split": args.split, "dataset": cfg.data.dataset,
                          "data_root": cfg.data.data_root, "eval_mode": cfg.data.eval_mode,
                          "eval_size": cfg.data.eval_size,
-                         "max_images": cfg.data.max_val_images or None,
-                         "autocast": args.autocast}
+                         "max_images": limit or None,
+                         # how many were scored: a run's subset option or a limit applies
+                         "images": min(len(source), limit or len(source)) - len(res["skipped"]),
+                         "data_options": options, "autocast": args.autocast}
     if cfg.data.eval_mode == "sliding":
         # the stride used (a default one is the window's: recorded, not null)
         res["evaluation"].update(window=cfg.data.sliding_window, stride=stride)

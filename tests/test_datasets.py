@@ -596,6 +596,26 @@ def _train(tmp_path, dataset, root, *extra):
     return res, last
 
 
+def test_evaluate_of_a_run_with_a_subset_says_how_many_images_it_scores(tmp_path, iddc_log):
+    """The run's subset=2 applied to its re-evaluation too (as the run scored), but nothing
+    said so: 2 of 6 val images scored, the JSON not saying how many."""
+    import json
+    from iddc import evaluate
+    root = make_coco(tmp_path / "coco", n=(4, 6), size=(40, 36))
+    res, _ = _train(tmp_path, "cocostuff27", root, "--data-option", "subset=2")
+    flags = ["--checkpoint", res["out"] + "/last.pt", "--json", str(tmp_path / "s.json")]
+    iddc_log.clear()
+    evaluate.main(flags)
+    assert "the run's data option subset=2 applies: the first 2 image(s) of the val split are " \
+           "scored (--data-option subset=null scores all)" in iddc_log
+    saved = json.loads((tmp_path / "s.json").read_text())["evaluation"]
+    assert saved["images"] == 2 and saved["data_options"] == {"subset": 2}
+    iddc_log.clear()
+    evaluate.main(flags + ["--overwrite", "--data-option", "subset=null"])
+    assert json.loads((tmp_path / "s.json").read_text())["evaluation"]["images"] == 6
+    assert not [m for m in iddc_log if "subset" in m]
+
+
 @pytest.mark.parametrize("dataset, k", [("cocostuff27", 27), ("cocostuff171", 171)])
 def test_train_and_evaluate_cocostuff(tmp_path, dataset, k):
     from iddc import evaluate

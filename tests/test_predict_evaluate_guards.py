@@ -738,6 +738,7 @@ def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["evaluation"] == {"split": "val", "dataset": "folder", "data_root": str(img),
                                    "eval_mode": "sliding", "eval_size": 32, "max_images": None,
+                                   "images": 3, "data_options": {"label_root": str(lab)},
                                    "autocast": "off", "window": 32, "stride": 22}
     assert saved["checkpoint"] == os.path.abspath(runs["labelled"])
 
