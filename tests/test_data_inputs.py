@@ -5,6 +5,7 @@ hang or a silently different data set."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -177,6 +178,27 @@ def test_class_names_a_list_or_a_file():
 def test_path_option_without_a_value_is_refused(item):
     with pytest.raises(ValueError, match="needs a value"):
         parse_data_options([item])
+
+
+@pytest.mark.parametrize("val_ids, status, shown", [
+    ((1, 5), 1, r"val: LAYOUT ERROR: .*the val split has 6 classes, the model 4"),
+    ((1, 1), 0, r"val: 2 images, K = 4"),  # fewer shown: the training split's K
+    ((255, 255), 0, r"val: 2 images, K = 4"),  # none shown: the same (training refused it)
+], ids=["more-classes", "fewer-classes", "no-class-shown"])
+def test_the_layout_checker_gives_the_val_split_trainings_k(tmp_path, capsys, val_ids, status,
+                                                             shown):
+    """It reported val K = 6 (status 0) for a layout training refused, K = 2 where training
+    scores K = 4, and a LAYOUT ERROR for a val split training (now) takes."""
+    _labelled(tmp_path / "img" / "train", tmp_path / "lab" / "train")
+    for k, value in enumerate(val_ids):
+        _rgb(tmp_path / "img" / "val" / f"v{k}.png", 8, 6)
+        _label(tmp_path / "lab" / "val" / f"v{k}.png", value)
+        if value == 255:  # no id at all, not even _label's corner 0
+            Image.fromarray(np.full((6, 8), 255, np.uint8)).save(
+                tmp_path / "lab" / "val" / f"v{k}.png")
+    code, out, err = _layout_cli(["folder", str(tmp_path / "img"), "--data-option",
+                                  f"label_root={tmp_path / 'lab'}"], capsys)
+    assert code == status and "train: 3 images, K = 4" in out and re.search(shown, out), out
 
 
 def test_folder_named_like_a_number_is_a_label_root(tmp_path, monkeypatch, capsys):

@@ -649,6 +649,23 @@ def test_train_and_evaluate_folder(tmp_path):
     assert len(last["unsupervised"]["per_class_iou"]) == 4 and last["unsupervised"]["pixels"] > 0
 
 
+def test_a_val_split_whose_first_maps_are_unlabelled_takes_the_training_k(tmp_path):
+    """The val split's first 16 label maps all 255 (its labelled images sorted later): K
+    could not be inferred from them, and training stopped ('hold no class ids: pass
+    num_classes') though the training split had set K = 4. evaluate scored it already."""
+    make_folder(tmp_path / "img" / "train", tmp_path / "lab" / "train", n=2, num_classes=4)
+    make_folder(tmp_path / "img" / "val", tmp_path / "lab" / "val", n=17, size=(8, 8))
+    for k in set(range(17)) - {9}:  # img9 sorts last (img0, img1, img10, ...): labelled
+        _label(tmp_path / "lab" / "val" / f"img{k}.png", np.full((8, 8 + k), 255, np.uint8))
+    with pytest.raises(ValueError, match=r"labels in .*val hold no class ids \(in the first 16 "
+                                         r"maps\): pass num_classes"):
+        build_source("folder", root=tmp_path / "img", split="val", label_root=tmp_path / "lab")
+    _, last = _train(tmp_path, "folder", tmp_path / "img", "--data-option",
+                     f"label_root={tmp_path / 'lab'}")
+    assert len(last["unsupervised"]["per_class_iou"]) == 4
+    assert last["unsupervised"]["pixels"] > 0  # img9's
+
+
 def test_train_on_unlabelled_folder(tmp_path):
     from iddc import evaluate
     make_folder(tmp_path / "imgs", None, n=4, size=(40, 34))

@@ -6,8 +6,8 @@ import sys
 import warnings
 from typing import Optional
 
-from .base import (IGNORE_INDEX, DataOptionError, InferredClassesWarning,
-                   SegmentationSource)
+from .base import (IGNORE_INDEX, ClassesNotInferredError, DataOptionError,
+                   InferredClassesWarning, SegmentationSource)
 
 # name -> "module:factory"; a factory is called as factory(root=..., split=..., **options)
 # and returns a SegmentationSource. Imported lazily so a missing optional piece never breaks
@@ -117,7 +117,13 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
                           "set the model was trained on?", stacklevel=2)
         return build_source(name, root=root, split=split,
                             **{**options, "num_classes": model_classes})
-    source = build_source(name, root=root, split=split, **options)
+    try:
+        source = build_source(name, root=root, split=split, **options)
+    except ClassesNotInferredError:  # its first maps unlabelled: the training split's K
+        if not infers:
+            raise
+        return build_source(name, root=root, split=split, **{**options,
+                                                              "num_classes": model_classes})
     k = int(source.num_classes)
     if k == model_classes:
         return source

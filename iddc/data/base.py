@@ -47,6 +47,11 @@ class InferredClassesWarning(UserWarning):
     is the one used, not where a model's K is scored)."""
 
 
+class ClassesNotInferredError(ValueError):
+    """A data set that infers K from its label maps found none to infer it from (no class id
+    in the maps it reads, or a corrupt one): another split's K, or num_classes, must set it."""
+
+
 class DataOptionError(ValueError):
     """A data-set option (``--data-option KEY=VALUE``, a YAML ``data.options`` entry) or the
     data root has a value the data set cannot take: the user's input, not the files, is wrong

@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DataOptionError, InferredClassesWarning, int_option, take_subset
+from .base import (IGNORE_INDEX, ClassesNotInferredError, DataOptionError, InferredClassesWarning,
+                   int_option, take_subset)
 from .layout import (SPLITS, CorruptSampleError, FileSource, LayoutError, check_split,
                      list_images, make_lut, missing_pairs, not_regular, open_label, require_dir,
                      require_root)
@@ -171,14 +172,15 @@ def _infer_num_classes(labels: list, label_dir: Path) -> int:
         try:
             arr = open_label(path)
         except CorruptSampleError as err:  # a user's file, not a bug: no traceback
-            raise ValueError(f"folder: cannot infer num_classes from the labels: {err}; fix "
-                             f"the file or pass num_classes") from err
+            raise ClassesNotInferredError(f"folder: cannot infer num_classes from the labels: "
+                                          f"{err}; fix the file or pass num_classes") from err
         ids, counts = np.unique(arr[arr != IGNORE_INDEX], return_counts=True)
         present.update(int(i) for i in ids)
         if ids.size and int(ids[-1]) > top:
             top, where, count = int(ids[-1]), path, int(counts[-1])
     if top < 0:
-        raise LayoutError(f"labels in {label_dir} hold no class ids: pass num_classes")
+        raise ClassesNotInferredError(f"labels in {label_dir} hold no class ids (in the first "
+                                      f"{PROBE_LABELS} maps): pass num_classes")
     if top == 0:
         raise ValueError(f"folder: the first {PROBE_LABELS} labels in {label_dir} only hold "
                          f"class id 0 (K = 1): pass num_classes (>= 2)")

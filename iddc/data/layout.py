@@ -685,7 +685,7 @@ def main(argv=None) -> int:
     """python -m iddc.data.layout DATASET [ROOT] [--split S] [--decode N|all]
     [--data-option KEY=VALUE ...] (options read as iddc.train reads them)"""
     from ..cli import prog_name
-    from . import DATASETS, build_source
+    from . import DATASETS, build_source, build_source_for
     # the module's own classes (under `python -m` this file also runs as __main__)
     from .layout import LayoutError as layout_error, scan as scan_source
 
@@ -707,10 +707,14 @@ def main(argv=None) -> int:
         ap.error(f"the data set {args.dataset!r} needs its ROOT folder")
     from ..config import parse_data_options
     options = parse_data_options(args.data_option)  # as iddc.train and iddc.evaluate read them
-    bad = 0
+    bad, train_k = 0, None
     for split in args.split or SPLITS:
         try:
-            src = build_source(args.dataset, root=args.root, split=split, **options)
+            if split == "val" and train_k is not None:  # K as training sets it: the train split's
+                src = build_source_for(args.dataset, train_k, root=args.root, split=split,
+                                       **options)
+            else:
+                src = build_source(args.dataset, root=args.root, split=split, **options)
         except DataOptionError:  # the command line is wrong, not the files: one line, status 2
             raise
         except (layout_error, ValueError) as err:
@@ -718,6 +722,7 @@ def main(argv=None) -> int:
             bad += 1
             continue
         print(f"{split}: {len(src)} images, K = {src.num_classes}")
+        train_k = src.num_classes if split == "train" else train_k
         limit = args.decode
         if limit != 0:
             corrupt = scan_source(src, limit, args.workers)
