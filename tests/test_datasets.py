@@ -253,6 +253,26 @@ def test_coco_curated_list_with_a_bom_and_uncurated_extension_case(tmp_path):
     assert src.load(0)[1].shape == (40, 48)
 
 
+def test_coco_messages_name_the_likely_cause(tmp_path):
+    """A curated list in UTF-16 without a BOM was 'names image <NUL> twice'; curated=false
+    with .jpeg images 'no *.jpg images' without a hint; a data root with a stray space in
+    its option a bare 'does not exist'."""
+    root = make_coco(tmp_path, n=(2, 1))
+    lst = root / "curated" / "val2017" / cocostuff.CURATED_LIST
+    lst.write_bytes(lst.read_text().encode("utf-16-le"))
+    with pytest.raises(LayoutError, match=r"holds NUL characters \(UTF-16 text\?\): save it "
+                                          r"as UTF-8"):
+        cocostuff.build_cocostuff27(root, "val")
+    for p in (root / "images" / "train2017").iterdir():
+        p.rename(p.with_suffix(".jpeg"))
+    with pytest.raises(LayoutError, match=r"no \*.jpg images in .*train2017: expected <id>.jpg "
+                                          r"\(it holds .jpeg images: pass image_ext=.jpeg\)"):
+        cocostuff.build_cocostuff27(root, "train", curated=False)
+    with pytest.raises(LayoutError, match=r"data root .* does not exist or is not a folder "
+                                          r"\(note the space\(s\) around the path as given\)"):
+        cocostuff.build_cocostuff27(str(root) + " ", "train")
+
+
 def test_coco_curated_list_in_a_subfolder_of_each_split_is_read(tmp_path):
     """A relative path below curated/<split>2017/ still names one list per split (accepted),
     unlike an absolute one (refused, tests/test_data_inputs.py)."""

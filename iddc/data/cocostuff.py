@@ -130,6 +130,9 @@ def read_curated_list(path: Path) -> list[str]:
     except UnicodeDecodeError as err:
         raise LayoutError(f"curated list {path} is not UTF-8 text ({err.reason} at byte "
                           f"{err.start}): expected one image id per line") from None
+    if "\x00" in text:  # UTF-16 without its BOM decodes as UTF-8 with a NUL per character
+        raise LayoutError(f"curated list {path} holds NUL characters (UTF-16 text?): save it "
+                          "as UTF-8, one image id per line")
     ids, line_of = [], {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -184,8 +187,11 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
         images = list_images(image_dir, recursive=False, extensions=(image_ext,))
         if not images:
             nested = image_dir / image_dir.name
+            others = sorted({p.suffix.lower() for p in list_images(image_dir, recursive=False)})
             hint = f" (there is a folder {nested}: unpacked into a folder of its own?)" \
-                if nested.is_dir() else ""
+                if nested.is_dir() else \
+                f" (it holds {', '.join(others)} images: pass image_ext={others[0]})" \
+                if others else ""
             raise LayoutError(f"no *{image_ext} images in {image_dir}: expected "
                               f"<id>{image_ext}{hint}")
         images = take_subset(images, subset, dataset)

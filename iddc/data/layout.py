@@ -88,14 +88,21 @@ def require_root(root, dataset: str) -> Path:
                               f"{type(root).__name__}")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise LayoutError(f"{dataset}: data root {path} does not exist or is not a folder")
+        raise LayoutError(f"{dataset}: data root {path} does not exist or is not a "
+                          f"folder{_spaces_hint(root)}")
     return _readable(path)
 
 
+def _spaces_hint(path) -> str:
+    """A note of the spaces around a path's text (a stray one in an option is easy to miss)."""
+    text = os.fspath(path)
+    return " (note the space(s) around the path as given)" if text != text.strip() else ""
+
+
 def require_dir(path, what: str) -> Path:
-    path = Path(path)
+    given, path = path, Path(path)
     if not path.is_dir():
-        raise LayoutError(f"missing folder {path}: expected {what}")
+        raise LayoutError(f"missing folder {path}: expected {what}{_spaces_hint(given)}")
     return _readable(path)
 
 
