@@ -517,7 +517,7 @@ def main(argv=None) -> dict:
     from . import checkpoint
     from .data import build_source_for
     from .models import run_data_config
-    from .config import parse_data_options
+    from .config import absolute_data_options, parse_data_options
     from .files import check_outputs, check_writable, write_json
 
     ap = argparse.ArgumentParser(prog=prog_name("iddc.evaluate"),
@@ -546,7 +546,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="off",
                     help="the model's forward passes under torch.autocast: off (the default, "
                          "float32, as training's evaluations score) or bf16")
-    ap.add_argument("--json", default=None, type=path_arg, help="also write the scores to this JSON file")
+    ap.add_argument("--json", default=None, type=path_arg,
+                    help="also write the scores to this JSON file")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --json file (never the checkpoint)")
     args = ap.parse_args(argv)
@@ -603,10 +604,12 @@ def main(argv=None) -> dict:
                               root=cfg.data.data_root, split=args.split, fixed=True, **options)
     if args.json and os.path.lexists(args.json):  # nor an image or label map it scores
         check_outputs([args.json], source.files(), "--json", overwrite=True)
+    limit = cfg.data.max_val_images
+    scored = min(len(source), limit or len(source))  # before any left out as corrupt
     if options.get("subset") is not None and "subset" not in given:  # the run's, unseen
         log.warning("the run's data option subset=%s applies: the first %d image(s) of the "
                     "%s split are scored (--data-option subset=null scores all)",
-                    options["subset"], len(source), args.split)
+                    options["subset"], scored, args.split)
     data_config = run_data_config(ckpt, model.backbone)
     transform = mode.make_transform(cfg, data_config, model.patch_size)
     try:
@@ -623,14 +626,15 @@ def main(argv=None) -> dict:
         res["partial_epoch"] = partial
     res["checkpoint"] = os.path.abspath(args.checkpoint)
     # what was scored, so that two result files can be told apart
-    limit = cfg.data.max_val_images
     res["evaluation"] = {"split": args.split, "dataset": cfg.data.dataset,
                          "data_root": cfg.data.data_root, "eval_mode": cfg.data.eval_mode,
                          "eval_size": cfg.data.eval_size,
                          "max_images": limit or None,
                          # how many were scored: a run's subset option or a limit applies
-                         "images": min(len(source), limit or len(source)) - len(res["skipped"]),
-                         "data_options": options, "autocast": args.autocast}
+                         "images": scored - len(res["skipped"]),
+                         # paths absolute, as data_root: which files were scored
+                         "data_options": absolute_data_options(options),
+                         "autocast": args.autocast}
     if cfg.data.eval_mode == "sliding":
         # the stride used (a default one is the window's: recorded, not null)
         res["evaluation"].update(window=cfg.data.sliding_window, stride=stride)

@@ -144,7 +144,8 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     """The backbone's own input normalisation (mean, std) from its pretrained config: ImageNet's
     for the DINO backbones (SPEC section 4), which :func:`create_backbone` names by their tag."""
     cfg = timm.data.resolve_data_config({}, model=backbone)
-    return {"mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
+    return {"mean": tuple(float(v) for v in cfg["mean"]),
+            "std": tuple(float(v) for v in cfg["std"])}
 
 
 def run_data_config(ckpt: Optional[dict], backbone: nn.Module) -> dict:

@@ -17,7 +17,8 @@ import torch
 
 #: the h variants of SPEC section 2 (iddc.reference implements them)
 H_VARIANTS = ("exp", "linear", "log")
-#: the Triton backend's dot-product precisions (the other backends compute in the inputs' dtype, at least float32)
+#: the Triton backend's dot-product precisions (the other backends compute in the inputs'
+#: dtype, at least float32)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 #: the most classes the Triton kernels hold on chip (``auto`` takes streaming beyond it)
 TRITON_MAX_CLASSES = 256

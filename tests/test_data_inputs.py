@@ -244,9 +244,16 @@ def test_class_names_from_a_pipe_or_a_folder_is_refused(tmp_path, kind, what):
     _rgb(tmp_path / "img" / "x.png")
     names = tmp_path / "names"
     os.mkfifo(names) if kind == "fifo" else names.mkdir()
+    if kind == "fifo":  # a reader that waits is let go after 10 s (the test fails, not hangs)
+        import threading
+        let_go = threading.Timer(10, lambda: open(names, "w").close())
+        let_go.daemon = True
+        let_go.start()
     with pytest.raises(ValueError, match=rf"folder: option class_names='{names}': {names} is "
                                          rf"{what}; expected a text file with one name per line"):
         build_source("folder", root=tmp_path / "img", class_names=str(names))
+    if kind == "fifo":
+        let_go.cancel()
 
 
 @pytest.mark.parametrize("text", ["# classes of my set\nsky\nroad\n", "\ufeffsky\nroad\n",

@@ -441,6 +441,12 @@ def test_linked_folder_loop_lists_each_image_once(tmp_path):
     assert len(build_source("folder", root=tmp_path / "d", num_classes=2)) == 3
 
 
+#: the head of a predictions.json as iddc.predict writes it (its settings, then the images)
+PREDICT_RECORD = {"checkpoint": "run/last.pt", "head": "clusters", "mode": "resize",
+                  "short_side": 320, "num_ids": 2, "names": ["a", "b"], "images": {"img0": {}},
+                  "failed": {}}
+
+
 def test_a_folder_data_set_keeps_images_named_as_predict_outputs_it_did_not_write(tmp_path):
     """Another tool's predictions.json beside a user's legend.png left out every *_seg.png
     and legend.png of the whole folder, and a predict call's folder those in the folders
@@ -450,13 +456,14 @@ def test_a_folder_data_set_keeps_images_named_as_predict_outputs_it_did_not_writ
     for name in ("legend.png", "road_seg.png", "sub/tree_ids.png"):
         (root / name).parent.mkdir(exist_ok=True)
         _rgb(root / name, 8, 8)
-    (root / "predictions.json").write_text(json.dumps({"detections": []}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert len(build_source("folder", root=root, num_classes=2)) == 2 + 3
+    for other in ({"detections": []},  # and one whose keys lie past the head read (64 KB)
+                  {"detections": list(range(20000)), **PREDICT_RECORD}):
+        (root / "predictions.json").write_text(json.dumps(other))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(build_source("folder", root=root, num_classes=2)) == 2 + 3
     # iddc's record there: its legend and seg maps are left out, not those in sub/
-    (root / "predictions.json").write_text(json.dumps({"checkpoint": "r/last.pt", "num_ids": 2,
-                                                       "images": {}, "failed": {}}))
+    (root / "predictions.json").write_text(json.dumps(PREDICT_RECORD, indent=1))
     with pytest.warns(UserWarning, match=r"leaving out 2 image\(s\) an iddc.predict call"):
         source = build_source("folder", root=root, num_classes=2)
     assert root / "sub" / "tree_ids.png" in source.images and len(source) == 2 + 1
@@ -483,8 +490,7 @@ def test_folder_data_set_leaves_out_what_iddc_wrote(tmp_path, written, left_out,
         if name.endswith(".png"):
             _rgb(sub / name, 8, 8)
         elif name == "predictions.json":  # what every record of iddc.predict holds
-            (sub / name).write_text(json.dumps({"checkpoint": "run/last.pt", "num_ids": 2,
-                                                "images": {"img0": {}}, "failed": {}}))
+            (sub / name).write_text(json.dumps(PREDICT_RECORD))
         else:
             (sub / name).write_bytes(b"x")
     with warnings.catch_warnings(record=True) as caught:

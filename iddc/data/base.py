@@ -48,8 +48,8 @@ class InferredClassesWarning(UserWarning):
 
 
 class ClassesNotInferredError(ValueError):
-    """A data set that infers K from its label maps found none to infer it from (no class id
-    in the maps it reads, or a corrupt one): another split's K, or num_classes, must set it."""
+    """A data set that infers K from its label maps found no class id in the maps it reads:
+    another split's K, or num_classes, must set it."""
 
 
 class DataOptionError(ValueError):

@@ -172,8 +172,8 @@ def _infer_num_classes(labels: list, label_dir: Path) -> int:
         try:
             arr = open_label(path)
         except CorruptSampleError as err:  # a user's file, not a bug: no traceback
-            raise ClassesNotInferredError(f"folder: cannot infer num_classes from the labels: "
-                                          f"{err}; fix the file or pass num_classes") from err
+            raise ValueError(f"folder: cannot infer num_classes from the labels: {err}; fix "
+                             f"the file or pass num_classes") from err
         ids, counts = np.unique(arr[arr != IGNORE_INDEX], return_counts=True)
         present.update(int(i) for i in ids)
         if ids.size and int(ids[-1]) > top:

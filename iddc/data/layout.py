@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import multiprocessing
 import os
+import re
 import stat
 import struct
 import warnings
@@ -161,22 +161,29 @@ def is_run_folder(folder) -> bool:
     return has(STARTING_MARKER) or (has("last.pt") and (has("train.log") or has("config.yaml")))
 
 
-#: the entries every predictions.json of iddc.predict holds (another tool's file of that name
-#: does not make its folder a predict call's)
-PREDICT_RECORD_KEYS = ("checkpoint", "images", "failed", "num_ids")
+#: entries every predictions.json of iddc.predict holds, before its images (another tool's file
+#: of that name does not make its folder a predict call's)
+PREDICT_RECORD_KEYS = ("checkpoint", "head", "mode", "num_ids")
+
+
+#: how much of a predictions.json is read to tell whose it is (a large call's record, or
+#: another tool's file, may be hundreds of MB)
+PREDICT_RECORD_HEAD = 64 * 1024
 
 
 def is_predict_folder(folder: Path) -> bool:
     """Whether `folder` holds one iddc.predict call's outputs: its legend.png, and its
-    predictions.json (read: a mapping with PREDICT_RECORD_KEYS)."""
+    predictions.json, a JSON object whose first PREDICT_RECORD_HEAD bytes hold the settings
+    iddc.predict writes before its images (PREDICT_RECORD_KEYS)."""
     if not all((folder / n).is_file() for n in PREDICT_FOLDER_FILES):
         return False
     try:
-        with open(folder / "predictions.json", encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError, RecursionError):  # unreadable, not JSON: not predict's
+        with open(folder / "predictions.json", encoding="utf-8", errors="replace") as fh:
+            head = fh.read(PREDICT_RECORD_HEAD)
+    except OSError:  # unreadable: not predict's to claim
         return False
-    return isinstance(record, dict) and all(k in record for k in PREDICT_RECORD_KEYS)
+    return head.lstrip().startswith("{") and all(
+        re.search(rf'"{key}"\s*:', head) for key in PREDICT_RECORD_KEYS)
 
 
 def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
@@ -715,7 +722,7 @@ def main(argv=None) -> int:
     from ..config import parse_data_options
     options = parse_data_options(args.data_option)  # as iddc.train and iddc.evaluate read them
     bad, train_k = 0, None
-    for split in args.split or SPLITS:
+    for split in [s for s in SPLITS if s in (args.split or SPLITS)]:  # train's K first
         try:
             if split == "val" and train_k is not None:  # K as training sets it: the train split's
                 src = build_source_for(args.dataset, train_k, root=args.root, split=split,
