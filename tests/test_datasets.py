@@ -819,6 +819,23 @@ def test_exif_orientation_of_a_folder_image_is_warned_once(tmp_path, ext):
         assert source.load(1)[0].size == (48, 40)
 
 
+def test_a_label_drawn_on_a_turned_photo_names_the_orientation(tmp_path):
+    """Phone photos stored turned (EXIF 6) with labels drawn as shown: every sample was 'label
+    is 40x48 but its image is 48x40', the orientation (warned once, far above) not named."""
+    _rgb(tmp_path / "img" / "a.jpg", 48, 40)
+    _tag_orientation(tmp_path / "img" / "a.jpg")
+    _label(tmp_path / "lab" / "a.png", np.zeros((48, 40), np.uint8))  # as shown: 40 wide
+    source = build_source("folder", root=tmp_path / "img", label_root=tmp_path / "lab",
+                          num_classes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the orientation warning
+        with pytest.raises(CorruptSampleError, match=r"label is 40x48 \(WxH\) but its image "
+                                                     r".*a.jpg is 48x40; the image is stored "
+                                                     r"turned \(EXIF orientation 6: rotated 90 "
+                                                     r"degrees clockwise when shown\)"):
+            source.load(0)
+
+
 def _split_folder(root: Path, val_n: int, top_in_val_from: int, val_top: int = 2):
     """img/{train,val} + lab/{train,val}: train maps hold ids 0..2; val maps hold 0..1, and
     id `val_top` only from val image `top_in_val_from` on (past the 16 maps K is inferred from)."""

@@ -525,10 +525,15 @@ class FileSource(SegmentationSource):
         self._warn_unexpected_ids(stored, self.labels[index])
         label = apply_lut(stored, self.lut)
         if label.shape != (image.height, image.width):
+            # a label drawn on the displayed image of a photo stored rotated (EXIF 5-8)
+            turned = orientation in (5, 6, 7, 8) and label.shape == (image.width, image.height)
+            why = (f"; the image is stored turned (EXIF orientation {orientation}: "
+                   f"{ORIENTATIONS[orientation]} when shown) and the label follows the shown "
+                   "image: apply the orientation to the image files") if turned else ""
             raise CorruptSampleError(
                 self.labels[index],
                 f"label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                f"{self.images[index]} is {image.width}x{image.height}")
+                f"{self.images[index]} is {image.width}x{image.height}{why}")
         return image, label
 
     def _warn_orientation(self, path: Path, orientation: int) -> None:
