@@ -328,6 +328,31 @@ def test_cityscapes_layout_mistakes(tmp_path):
         cityscapes.build(empty, "val")
 
 
+def test_cityscapes_layout_errors_say_what_was_found_instead(tmp_path):
+    """Only the trainIds maps copied, gtCoarse in place of gtFine, the images unpacked one
+    folder too deep: each was a bare 'missing'."""
+    import shutil
+    make_cityscapes(tmp_path / "a", n=(1, 1))
+    for lab in (tmp_path / "a" / "gtFine").rglob("*_labelIds.png"):
+        lab.rename(lab.with_name(lab.name.replace("_labelIds", "_trainIds")))
+    with pytest.raises(LayoutError, match=r"without their label file.*\(found "
+                                          r"aachen_000000_000019_gtFine_trainIds.png instead: "
+                                          r"iddc reads the labelIds maps"):
+        cityscapes.build(tmp_path / "a", "train")
+    make_cityscapes(tmp_path / "b", n=(1, 1))
+    shutil.move(tmp_path / "b" / "gtFine", tmp_path / "b" / "gtCoarse")
+    with pytest.raises(LayoutError, match=r"missing folder .*gtFine/val: expected .*\(there is "
+                                          r".*gtCoarse/val: the coarse annotations; the layout "
+                                          r"needs gtFine\)"):
+        cityscapes.build(tmp_path / "b", "val")
+    make_cityscapes(tmp_path / "c" / "leftImg8bit", n=(1, 1))  # leftImg8bit/leftImg8bit/...
+    shutil.move(tmp_path / "c" / "leftImg8bit" / "gtFine", tmp_path / "c" / "gtFine")
+    with pytest.raises(LayoutError, match=r"missing folder .*c/leftImg8bit/train: .*\(there is "
+                                          r".*leftImg8bit/leftImg8bit/train: unpacked into a "
+                                          r"folder of its own\?\)"):
+        cityscapes.build(tmp_path / "c", "train")
+
+
 # ----------------------------------------------------------------------------- folder
 def test_folder_unlabelled_and_labelled(tmp_path):
     make_folder(tmp_path / "imgs", tmp_path / "labels", n=3, num_classes=4)

@@ -28,6 +28,22 @@ IMAGE_SUFFIX = "_leftImg8bit"
 LABEL_SUFFIX = "_gtFine_labelIds"
 
 
+#: the other maps gtFine holds beside the labelIds (a layout of those alone is a copy that
+#: kept the wrong ones)
+OTHER_MAPS = ("_trainIds", "_color", "_instanceIds")
+
+
+def _found_instead(root, top: str, split: str) -> str:
+    """A note of what lies where ``root/top/split`` was expected: an unpacking one folder too
+    deep, or gtCoarse in place of gtFine."""
+    if (root / top / top / split).is_dir():
+        return f" (there is {root / top / top / split}: unpacked into a folder of its own?)"
+    if top == "gtFine" and (root / "gtCoarse" / split).is_dir():
+        return (f" (there is {root / 'gtCoarse' / split}: the coarse annotations; the layout "
+                "needs gtFine)")
+    return ""
+
+
 def build(root=None, split: str = "train", subset=None, **options) -> FileSource:
     """Cityscapes-27 for `split` ("train" or "val"); `subset`: only the first n images."""
     if options:
@@ -35,9 +51,11 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
     check_split(split)
     root = require_root(root, "cityscapes")
     image_dir = require_dir(root / "leftImg8bit" / split,
-                            "<city>/*_leftImg8bit.png (from leftImg8bit_trainvaltest.zip)")
+                            "<city>/*_leftImg8bit.png (from leftImg8bit_trainvaltest.zip)"
+                            + _found_instead(root, "leftImg8bit", split))
     label_dir = require_dir(root / "gtFine" / split,
-                            "<city>/*_gtFine_labelIds.png (from gtFine_trainvaltest.zip)")
+                            "<city>/*_gtFine_labelIds.png (from gtFine_trainvaltest.zip)"
+                            + _found_instead(root, "gtFine", split))
     found = list_images(image_dir, suffix=IMAGE_SUFFIX)
     images = [p for p in found if p.suffix.lower() == ".png"]
     others = [p for p in found if p.suffix.lower() != ".png"]
@@ -54,8 +72,14 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
         rel = img.relative_to(image_dir)
         stem = img.name[:-len(IMAGE_SUFFIX + img.suffix)]
         labels.append(label_dir / rel.parent / f"{stem}{LABEL_SUFFIX}.png")
+    absent = next((p for p in labels if not p.is_file()), None)
+    other = None if absent is None else next(
+        (absent.with_name(absent.name.replace("_labelIds", kind)) for kind in OTHER_MAPS
+         if absent.with_name(absent.name.replace("_labelIds", kind)).is_file()), None)
     missing_pairs(list(zip(images, labels)),
-                  f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image")
+                  f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image"
+                  + (f" (found {other.name} instead: iddc reads the labelIds maps, which "
+                     "gtFine_trainvaltest.zip holds beside them)" if other else ""))
     # labelIds maps hold 0..33 (the -1 licence plate is never drawn): 255 or an id beyond 33
     # is another kind of map, e.g. trainIds (0..18, 255) saved under the labelIds name
     return FileSource(images, labels, lut=LUT, num_classes=len(CLASS_NAMES),
