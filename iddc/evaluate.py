@@ -432,7 +432,8 @@ def kmeans_baseline(model, source, *, transform, num_classes: int, device="cpu",
 def summary_line(name: str, entry: dict) -> str:
     u, p = entry.get("unsupervised"), entry.get("linear_probe")
     if u is None:
-        return f"{name:<22s} not evaluated (no labelled validation pixels)"
+        # no labels, labels of 255 only, or every image left out (corrupt): the warning says
+        return f"{name:<22s} not evaluated (no validation pixel could be scored; see the warning)"
     s = f"{name:<22s} unsupervised: acc {u['pixel_accuracy']:5.1f}  mIoU {u['miou']:5.1f}"
     if p:
         s += f" | linear probe: acc {p['pixel_accuracy']:5.1f}  mIoU {p['miou']:5.1f}"
