@@ -62,6 +62,13 @@ def _drop_nan(w):
     torch.nan_to_num_(w, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
+def _without_values(t: torch.Tensor) -> bool:
+    """Whether `t` is traced rather than computed (torch.compile or torch.export tracing, a
+    FakeTensor): a value read from it would be a data-dependent guard that fails."""
+    from torch._subclasses.fake_tensor import is_fake
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def _positive_tile(f, c, u_l, u_r, p_l_neg, p_r, t_pos: float, h: str, nan_possible: bool):
     """Fill f with the masked weight and c with g/alpha; return (value sum, count, alpha).
 
@@ -153,7 +160,9 @@ def _walk(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h, need_a, need_b, tile_elem
     # CPU (no sync there); elsewhere the tiles are always cleaned (an elementwise pass, no sync).
     # A sum is NaN or Inf if any feature is (or, harmlessly, if it overflows); isfinite itself
     # would allocate a copy of u
-    nan_possible = u_a.device.type != "cpu" or not bool(torch.isfinite(u_a.sum() + u_b.sum()))
+    # (traced, as by torch.export or under FakeTensorMode, there is no value to read: cleaned)
+    nan_possible = u_a.device.type != "cpu" or _without_values(u_a) \
+        or not bool(torch.isfinite(u_a.sum() + u_b.sum()))
     sums = torch.zeros(terms, dtype=acc, device=u_a.device)
     counts = torch.zeros(terms, dtype=torch.int64, device=u_a.device)
     # gradient of each term's sum: negatives reach p_a on both sides, the positive reaches p_b

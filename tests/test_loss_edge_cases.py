@@ -627,3 +627,25 @@ def test_torch_default_device_is_not_used(backend, regulariser):
     assert got.loss.device.type == "cpu" and empty.neg_counts.device.type == "cpu"
     for g, w in zip([got.loss, *got_grads], [want.loss, *want_grads]):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "streaming"])
+def test_torch_export_and_fake_tensors_trace_the_loss(backend):
+    """streaming read a value on the CPU (its NaN probe of the features) even with
+    check_finite=False: torch.export failed on a data-dependent guard, FakeTensorMode on
+    aten._local_scalar_dense. Traced, it cleans every tile instead (the same values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    loss_fn = IDDCLoss(backend=backend, check_finite=False, t_pos=0.3, t_neg=0.1)
+
+    class Loss(torch.nn.Module):
+        def forward(self, fa, fb, za, zb):
+            return loss_fn(fa, fb, za, zb, shifts=(1,)).loss
+
+    gen = torch.Generator().manual_seed(29)
+    fa, fb = torch.randn(2, 8, 3, 4, generator=gen), torch.randn(2, 8, 4, 3, generator=gen)
+    za, zb = torch.randn(2, 3, 3, 4, generator=gen), torch.randn(2, 3, 4, 3, generator=gen)
+    exported = torch.export.export(Loss(), (fa, fb, za, zb))
+    torch.testing.assert_close(exported.module()(fa, fb, za, zb), Loss()(fa, fb, za, zb),
+                               rtol=1e-6, atol=1e-7)
+    with FakeTensorMode() as mode:
+        assert Loss()(*(mode.from_tensor(t) for t in (fa, fb, za, zb))).shape == ()
