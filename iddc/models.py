@@ -233,9 +233,10 @@ def check_features_finite(backbone: nn.Module, what: str) -> None:
         feats = backbone.forward_features(image)
     finally:
         backbone.train(was_training)
-    finite = bool(torch.isfinite(feats).all())
     # the loss normalises each pixel's feature: a norm beyond the dtype's range is Inf there
-    if not finite or not bool(torch.isfinite(torch.linalg.vector_norm(feats, dim=-1)).all()):
+    # (a NaN or Inf feature makes its norm NaN or Inf too: one check for both)
+    if not bool(torch.isfinite(torch.linalg.vector_norm(feats, dim=-1)).all()):
+        finite = bool(torch.isfinite(feats).all())
         largest = max((float(p.abs().max()) for p in backbone.parameters() if p.numel()),
                       default=0.0)
         held = "hold NaN or Inf" if not finite else \

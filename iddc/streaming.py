@@ -23,6 +23,7 @@ import math
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .first_order import autocast_off, first_order_only, forward_mode_unsupported, weighted_sum
 from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
@@ -65,7 +66,6 @@ def _drop_nan(w):
 def _without_values(t: torch.Tensor) -> bool:
     """Whether `t` is traced rather than computed (torch.compile or torch.export tracing, a
     FakeTensor): a value read from it would be a data-dependent guard that fails."""
-    from torch._subclasses.fake_tensor import is_fake
     return torch.compiler.is_compiling() or is_fake(t)
 
 

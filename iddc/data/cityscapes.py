@@ -8,6 +8,7 @@ gtFine_trainvaltest.zip:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from .base import take_subset
 from .layout import (FileSource, LayoutError, check_split, list_images, make_lut,
@@ -44,6 +45,14 @@ def _found_instead(root, top: str, split: str) -> str:
     return ""
 
 
+def _other_map(label: Path) -> str:
+    """A note of another gtFine map found where the labelIds map `label` is missing."""
+    kinds = (label.with_name(label.name.replace("_labelIds", kind)) for kind in OTHER_MAPS)
+    other = next((p for p in kinds if p.is_file()), None)
+    return (f" (found {other.name} instead: iddc reads the labelIds maps, which "
+            "gtFine_trainvaltest.zip holds beside them)") if other else ""
+
+
 def build(root=None, split: str = "train", subset=None, **options) -> FileSource:
     """Cityscapes-27 for `split` ("train" or "val"); `subset`: only the first n images."""
     if options:
@@ -72,14 +81,9 @@ def build(root=None, split: str = "train", subset=None, **options) -> FileSource
         rel = img.relative_to(image_dir)
         stem = img.name[:-len(IMAGE_SUFFIX + img.suffix)]
         labels.append(label_dir / rel.parent / f"{stem}{LABEL_SUFFIX}.png")
-    absent = next((p for p in labels if not p.is_file()), None)
-    other = None if absent is None else next(
-        (absent.with_name(absent.name.replace("_labelIds", kind)) for kind in OTHER_MAPS
-         if absent.with_name(absent.name.replace("_labelIds", kind)).is_file()), None)
     missing_pairs(list(zip(images, labels)),
-                  f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image"
-                  + (f" (found {other.name} instead: iddc reads the labelIds maps, which "
-                     "gtFine_trainvaltest.zip holds beside them)" if other else ""))
+                  f"a *{LABEL_SUFFIX}.png in {label_dir}/<city>/ for every image",
+                  label_hint=_other_map)
     # labelIds maps hold 0..33 (the -1 licence plate is never drawn): 255 or an id beyond 33
     # is another kind of map, e.g. trainIds (0..18, 255) saved under the labelIds name
     return FileSource(images, labels, lut=LUT, num_classes=len(CLASS_NAMES),

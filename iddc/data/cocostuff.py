@@ -26,8 +26,8 @@ from pathlib import Path, PurePath
 from typing import Optional
 
 from .base import IGNORE_INDEX, DataOptionError, take_subset
-from .layout import (FileSource, LayoutError, check_split, list_images, make_lut, missing_pairs,
-                     require_dir, require_file, require_root)
+from .layout import (IMAGE_EXTENSIONS, FileSource, LayoutError, check_split, list_images,
+                     make_lut, missing_pairs, require_dir, require_file, require_root)
 
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 
@@ -187,7 +187,8 @@ def _build(root, split: str, lut, num_classes: int, names, dataset: str,
         images = list_images(image_dir, recursive=False, extensions=(image_ext,))
         if not images:
             nested = image_dir / image_dir.name
-            others = sorted({p.suffix.lower() for p in list_images(image_dir, recursive=False)})
+            others = sorted({p.suffix.lower() for p in image_dir.iterdir()
+                             if p.suffix.lower() in IMAGE_EXTENSIONS})
             hint = f" (there is a folder {nested}: unpacked into a folder of its own?)" \
                 if nested.is_dir() else \
                 f" (it holds {', '.join(others)} images: pass image_ext={others[0]})" \

@@ -39,7 +39,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -296,8 +296,9 @@ def _found_nearby(path: Path, what: str = "images", advice: str = "") -> str:
 
 
 def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
-                  limit: int = 5) -> None:
-    """Raise a LayoutError naming the first missing images/labels of `pairs`, if any."""
+                  limit: int = 5, label_hint: Optional[Callable[[Path], str]] = None) -> None:
+    """Raise a LayoutError naming the first missing images/labels of `pairs`, if any;
+    `label_hint(first missing label)` adds a data set's own note of what lies there instead."""
     missing_images = [str(i) for i, _ in pairs if not i.is_file()]
     if missing_images:
         raise LayoutError(
@@ -307,6 +308,8 @@ def missing_pairs(pairs: Sequence[tuple[Path, Optional[Path]]], what_label: str,
     if missing_labels:
         shown = "; ".join(f"{l} (for image {i})" for i, l in missing_labels[:limit])
         hint = _found_nearby(Path(missing_labels[0][1]), "label files", LABEL_RENAME)
+        if label_hint is not None:
+            hint += label_hint(Path(missing_labels[0][1]))
         raise LayoutError(
             f"{len(missing_labels)} image(s) without their label file, e.g. {shown}: "
             f"expected {what_label}{hint}")
