@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,13 +50,21 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
-def _weibull_with_gradient(x: torch.Tensor, shape: float, scale: float) -> tuple:
-    """The Weibull density at the points `x` and its derivative there, elementwise."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = reference.weibull_density(x, shape, scale)
-        grad, = torch.autograd.grad(value.sum(), x)
-    return value.detach(), grad
+def _weibull_with_gradient(x: np.ndarray, shape: float, scale: float) -> tuple:
+    """The Weibull density at the points `x` and its derivative there, elementwise in x's dtype
+    by the operations reference.weibull_density and torch's autograd of it do (each Python number
+    rounded to that dtype first, so an overflow, or an Inf times 0, shows as it would in the
+    loss). Plain numpy, not autograd: a config is then checked alike under inference_mode,
+    FakeTensorMode or a torch.func transform, where a tensor probe failed."""
+    dt = x.dtype.type
+    k, lam = shape, scale
+    with np.errstate(all="ignore"):
+        log_z = np.log(x) - dt(math.log(lam))
+        e = np.exp(dt(k) * log_z)
+        value = np.exp(dt(math.log(k) - math.log(lam)) + dt(k - 1) * log_z - e)
+        # the backward: exp's is grad * result, log's grad / x, log_z's two uses summed
+        grad = (value * dt(k - 1) + (-value * e) * dt(k)) / x
+    return value, grad
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,9 +72,9 @@ def weibull_is_finite(shape: float, scale: float) -> bool:
     """Whether the Weibull regulariser and its gradient stay finite in float32 for every
     normalised class mass x in [1e-6, 1 + 1e-6] (SPEC's x = m_c / max m + 1e-6): its factors
     are monotone in x, so an overflow shows at one of the two ends (checked once per pair)."""
-    ends = torch.tensor([1e-6, 1.0 + 1e-6], dtype=torch.float32, device="cpu")
+    ends = np.array([1e-6, 1.0 + 1e-6], dtype=np.float32)
     value, grad = _weibull_with_gradient(ends, shape, scale)
-    return bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
+    return bool(np.isfinite(value).all() and np.isfinite(grad).all())
 
 
 #: per h: the most a pair's penalty w h(c) can be (w <= 1, c in [0, 1]) and the most |h'(c)|
@@ -85,13 +94,12 @@ def regulariser_bounds(kind: str, shape: float, scale: float) -> tuple:
         return 0.0, 0.0
     if kind == "entropy":
         return 1.0 / math.e, 1.0 - math.log(1e-6)
-    x = torch.logspace(-6.0, math.log10(1.0 + 1e-6), 4001, dtype=torch.float64, device="cpu")
+    x = np.logspace(-6.0, math.log10(1.0 + 1e-6), 4001, dtype=np.float64)
     if shape > 1:  # W's maximum, where the grid may straddle it
         mode = scale * ((shape - 1) / shape) ** (1 / shape)
-        x = torch.cat([x, torch.tensor([min(max(mode, 1e-6), 1.0 + 1e-6)],
-                                       dtype=torch.float64, device="cpu")])
+        x = np.append(x, min(max(mode, 1e-6), 1.0 + 1e-6))
     value, grad = _weibull_with_gradient(x, shape, scale)
-    return float(value.abs().max()), float(grad.abs().max())
+    return float(np.abs(value).max()), float(np.abs(grad).max())
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 
 from iddc import PRESETS, IDDCLoss, iddc_loss
 from iddc.reference import weibull_density
-from iddc.loss import (FLOAT32_MAX, PAIR_TERM_BOUNDS, IDDCConfig, draw_shifts, regulariser_bounds,
-                       resolve_backend)
+from iddc.loss import (FLOAT32_MAX, PAIR_TERM_BOUNDS, IDDCConfig, _weibull_with_gradient,
+                       draw_shifts, regulariser_bounds, resolve_backend)
 from iddc.reference import iddc_loss_reference, pair_sums
 from iddc.testing import RTOL, assert_rel_close, rtol_for, random_logits, sign_feature_maps
 
@@ -269,6 +269,85 @@ def test_weibull_density_is_the_closed_form():
         torch.testing.assert_close(weibull_density(x, k, lam), want, rtol=1e-12, atol=0)
         torch.testing.assert_close(weibull_density(x.float(), k, lam), want.float(),
                                    rtol=1e-5, atol=1e-30)
+
+
+_PROBE_VALUES = [1e-300, 1e-40, 0.01, 0.3, 1.0, 1.0001, 2.0, 5.0, 100.0, 1e30, 1e300]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["fp32", "fp64"])
+def test_weibull_config_probe_is_autograd_of_the_density(dtype):
+    """The config's Weibull probe is numpy (see below); over settings tame and extreme, it gives
+    what torch's autograd of reference.weibull_density does: the same overflows and NaNs, and
+    the same values to rounding (libm's exp and log may differ in the last place)."""
+    x = np.array([1e-6, 1e-3, 0.37, 1.0 + 1e-6], dtype=dtype)
+    rtol = {np.float32: 1e-4, np.float64: 1e-10}[dtype]
+    for k in _PROBE_VALUES:
+        for lam in _PROBE_VALUES:
+            value, grad = _weibull_with_gradient(x, k, lam)
+            xt = torch.from_numpy(x).requires_grad_(True)
+            want = weibull_density(xt, k, lam)
+            want_grad, = torch.autograd.grad(want.sum(), xt)
+            for got, ref in ((value, want.detach().numpy()), (grad, want_grad.numpy())):
+                assert got.dtype == dtype
+                np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref),
+                                              err_msg=f"k={k}, lam={lam}")
+                ok = np.isfinite(ref)
+                np.testing.assert_allclose(got[ok], ref[ok], rtol=rtol, atol=0,
+                                           err_msg=f"k={k}, lam={lam}")
+
+
+def _in_fake_tensor_mode(build):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return build()
+
+
+def _in_func_grad(build):
+    made = []
+    torch.func.grad(lambda x: (made.append(build()), (x * 2).sum())[1])(torch.ones(3))
+    return made[0]
+
+
+def _in_vmap(build):
+    made = []
+    torch.func.vmap(lambda x: (made.append(build()), x * 2)[1])(torch.ones(2, 3))
+    return made[0]
+
+
+def _in_inference_mode(build):
+    with torch.inference_mode():
+        return build()
+
+
+@pytest.mark.parametrize("context", [
+    pytest.param(_in_inference_mode, id="inference_mode"),
+    pytest.param(_in_fake_tensor_mode, id="FakeTensorMode"),
+    pytest.param(_in_func_grad, id="torch.func.grad"),
+    pytest.param(_in_vmap, id="torch.func.vmap"),
+])
+def test_a_new_weibull_setting_is_checked_inside_any_torch_mode(context):
+    """Checking a (weibull_shape, weibull_scale) pair seen for the first time inside
+    inference_mode, FakeTensorMode or a torch.func transform (an IDDCLoss built there, or the
+    functional iddc_loss, which builds one per call) failed: the probe took autograd's gradient
+    of tensors. Refusals still name the problem there."""
+    shape = 0.3 + torch.rand(()).item() * 1e-3  # a pair no earlier test cached
+    config = context(lambda: IDDCConfig(weibull_shape=shape, weibull_scale=4.5))
+    assert config.weibull_shape == shape
+    with pytest.raises(ValueError, match="overflow float32"):
+        context(lambda: IDDCConfig(weibull_shape=shape, weibull_scale=1e-300))
+
+
+def test_the_functional_loss_runs_under_inference_mode_with_a_new_weibull_setting():
+    fa, fb = torch.randn(2, 2, 16, 5, 5).unbind(0)
+    za, zb = torch.randn(2, 2, 3, 5, 5).unbind(0)
+    shape = 0.3 + torch.rand(()).item() * 1e-3
+    want = iddc_loss(fa, fb, za, zb, shifts=(1,), weibull_shape=shape, weibull_scale=4.4,
+                     backend="reference").loss
+    with torch.inference_mode():
+        got = iddc_loss(fa, fb, za, zb, shifts=(1,), weibull_shape=shape + 1e-4,
+                        weibull_scale=4.4)
+    assert torch.isfinite(got.loss) and not got.loss.requires_grad
+    assert float(got.loss) == pytest.approx(float(want), rel=1e-3)
 
 
 def _spec_weibull(m, k=0.3, lam=5.0):
