@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .first_order import autocast_off
 from .pair_inputs import H_VARIANTS, check_pair_sums_inputs, common_dtype, comparison_threshold
 
 #: weight floor of a positive pair: max(f, POS_WEIGHT_FLOOR)
@@ -97,12 +98,18 @@ def pair_sums(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos: float, t_neg:
         sums: (1 + S,) tensor, sums[0] the positive term's sum, sums[1 + s] shift s's.
         counts: (1 + S,) int64 tensor of selected pairs, same order.
 
-    Computed in the inputs' promoted dtype, at least float32 (16-bit inputs are upcast). Bad
-    inputs raise ValueError
+    Computed in the inputs' promoted dtype, at least float32 (16-bit inputs are upcast), inside
+    a torch.autocast region too. Bad inputs raise ValueError
     (:func:`iddc.pair_inputs.check_pair_sums_inputs`, shared by every backend).
     """
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
-    u_a, u_b, p_a, p_b = common_dtype(u_a.detach(), u_b.detach(), p_a, p_b)  # u: constants
+    with autocast_off(u_a.device):  # a bf16 einsum would select other pairs
+        # u: constants
+        return _pair_sums(*common_dtype(u_a.detach(), u_b.detach(), p_a, p_b), shifts, t_pos,
+                          t_neg, h)
+
+
+def _pair_sums(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h):
     sums, counts = [], []
     s, n = pair_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)
     sums.append(s)
@@ -130,7 +137,12 @@ def pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts: Sequence[int], *, t_pos:
                             t_neg: float, h: str = "exp"):
     """The authors' formulation of :func:`pair_sums`: einsum, then boolean-mask gathers."""
     shifts = check_pair_sums_inputs(u_a, u_b, p_a, p_b, shifts, t_pos=t_pos, t_neg=t_neg, h=h)
-    u_a, u_b, p_a, p_b = common_dtype(u_a.detach(), u_b.detach(), p_a, p_b)
+    with autocast_off(u_a.device):
+        return _pair_sums_masked_gather(*common_dtype(u_a.detach(), u_b.detach(), p_a, p_b),
+                                        shifts, t_pos, t_neg, h)
+
+
+def _pair_sums_masked_gather(u_a, u_b, p_a, p_b, shifts, t_pos, t_neg, h):
     terms = [_gather_term(u_a, u_b, p_a, p_b, positive=True, threshold=t_pos, h=h)]
     for r in shifts:
         terms.append(_gather_term(u_a, torch.roll(u_a, -int(r), 0), p_a,

@@ -238,6 +238,38 @@ def test_autocast_does_not_change_the_selected_pairs(backend):
     torch.testing.assert_close(_terms(mixed), _terms(eager), rtol=1e-6, atol=0)
 
 
+def _pair_sums_functions():
+    from iddc.reference import pair_sums_masked_gather
+    from iddc.streaming import streaming_pair_sums
+    found = {"reference": pair_sums, "masked_gather": pair_sums_masked_gather,
+             "streaming": streaming_pair_sums}
+    if _triton_available():
+        from iddc_kernels import triton_pair_sums
+        found["triton"] = triton_pair_sums
+    return found
+
+
+@pytest.mark.parametrize("name", list(_pair_sums_functions()))
+def test_pair_sums_called_directly_under_autocast_are_float32(name):
+    """Every backend's pair sums called directly (not through IDDCLoss) inside a bf16 autocast
+    region: float32 sums and the eager counts, as documented (the reference's and the authors'
+    einsums were autocast to bf16: other pairs, bf16 sums)."""
+    fn = _pair_sums_functions()[name]
+    gen = torch.Generator().manual_seed(13)
+    u_a = torch.nn.functional.normalize(torch.randn(3, 29, 16, generator=gen), dim=-1)
+    u_b = torch.nn.functional.normalize(torch.randn(3, 23, 16, generator=gen), dim=-1)
+    p_a = torch.softmax(torch.randn(3, 29, 5, generator=gen), -1)
+    p_b = torch.softmax(torch.randn(3, 23, 5, generator=gen), -1)
+    u_a, u_b, p_a, p_b = (t.to(DEVICE) for t in (u_a, u_b, p_a, p_b))
+    kw = dict(t_pos=0.05, t_neg=0.0, h="exp")
+    want_sums, want_counts = fn(u_a, u_b, p_a, p_b, (1, 2), **kw)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        sums, counts = fn(u_a, u_b, p_a, p_b, (1, 2), **kw)
+    assert sums.dtype == torch.float32
+    assert counts.tolist() == want_counts.tolist()
+    torch.testing.assert_close(sums, want_sums, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_backward_inside_autocast_keeps_float32_gradients(backend):
     """backward() called inside the autocast region: the fused backends' scaling of their saved
