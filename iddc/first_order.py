@@ -74,3 +74,13 @@ def forward_mode_unsupported(backend: str):
         f"the {backend} backend supports reverse-mode gradients only (backward, torch.func.grad "
         "or vjp); for forward-mode AD (torch.func.jvp, jacfwd, forward-over-reverse Hessians) "
         "use IDDCLoss(backend='reference')")
+
+
+def vmap_unsupported(backend: str):
+    """The vmap rule of a saved-gradient backend: its walk over the pairs has none (torch's own
+    error asked the user to implement one, for jacfwd too, which vmaps its jvp), so it raises,
+    naming the way."""
+    raise RuntimeError(
+        f"the {backend} backend cannot run under torch.func.vmap (it has no batching rule): "
+        "use IDDCLoss(backend='reference', check_finite=False) for vmap of the loss, or loop "
+        "over the batch; torch.func.grad, vjp and jacrev work with every backend")

@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .first_order import autocast_off, first_order_only, forward_mode_unsupported, weighted_sum
+from .first_order import (autocast_off, first_order_only, forward_mode_unsupported,
+                          vmap_unsupported, weighted_sum)
 from .pair_inputs import check_pair_sums_inputs, common_dtype, comparison_threshold
 from .reference import LOG_EPS, POS_WEIGHT_FLOOR
 
@@ -241,6 +242,10 @@ class StreamingPairSums(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *_):
         forward_mode_unsupported("streaming")
+
+    @staticmethod
+    def vmap(info, in_dims, *_):
+        vmap_unsupported("streaming")
 
 
 def streaming_pair_sums(u_a: torch.Tensor, u_b: torch.Tensor, p_a: torch.Tensor,

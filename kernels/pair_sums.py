@@ -38,7 +38,7 @@ import triton.language as tl
 __all__ = ["triton_pair_sums", "TritonPairSums"]
 
 from iddc.first_order import (autocast_off, first_order_only, forward_mode_unsupported,
-                              weighted_sum)
+                              vmap_unsupported, weighted_sum)
 from iddc.pair_inputs import (PRECISIONS, TRITON_MAX_BATCH, TRITON_MAX_CLASSES,
                               check_pair_sums_inputs, comparison_threshold,
                               triton_interpret_requested)
@@ -607,6 +607,10 @@ class TritonPairSums(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *_):
         forward_mode_unsupported("triton")
+
+    @staticmethod
+    def vmap(info, in_dims, *_):
+        vmap_unsupported("triton")
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

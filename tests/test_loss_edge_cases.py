@@ -441,6 +441,34 @@ def test_forward_mode_ad_matches_reverse_or_raises(backend):
     torch.testing.assert_close(derivative.float(), (grad * tangent).sum(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("transform", ["jacfwd", "hessian", "vmap"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_transforms_that_batch_or_go_forward_name_the_way(backend, transform):
+    """jacfwd and hessian (vmap over forward-mode AD) and vmap of the loss through a
+    saved-gradient backend: the project's message naming the reference, not torch's "you
+    tried to vmap over StreamingPairSums ... implement the vmap staticmethod"; the reference
+    computes them."""
+    gen = torch.Generator().manual_seed(24)
+    fa, fb = (torch.randn(2, 8, 3, 3, generator=gen).to(DEVICE) for _ in range(2))
+    za, zb = (torch.randn(2, 3, 3, 3, generator=gen).to(DEVICE) for _ in range(2))
+
+    def loss(za, backend=backend):
+        return iddc_loss(fa, fb, za, zb, shifts=(1,), t_pos=0.1, t_neg=-0.1, backend=backend,
+                         check_finite=False).loss
+    run = {"jacfwd": lambda f: torch.func.jacfwd(f)(za),
+           "hessian": lambda f: torch.func.hessian(f)(za),
+           "vmap": lambda f: torch.func.vmap(f)(torch.stack([za, za + 1]))}[transform]
+    message = (f"the {backend} backend cannot run under torch.func.vmap.*backend='reference'"
+               if transform == "vmap" else
+               f"the {backend} backend supports reverse-mode gradients only.*backend='reference'")
+    with pytest.raises(RuntimeError, match=message):
+        run(loss)
+    want = run(lambda z: loss(z, "reference"))
+    assert torch.isfinite(want).all()
+    if transform == "jacfwd":
+        torch.testing.assert_close(want.float(), torch.func.grad(loss)(za), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_meta_tensors(backend):
     """Meta tensors (shape inference, FLOP counting): reference and streaming give meta
