@@ -34,7 +34,8 @@ import yaml
 from .cli import path_arg
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP
 from .files import write_atomic
-from .inference import MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, token_count
+from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, sliding_pixels,
+                        token_count)
 from .loss import PRESETS as LOSS_PRESETS
 from .loss import BACKENDS, FLOAT32_MAX, FLOAT32_TINY, IDDCConfig
 from .pair_inputs import H_VARIANTS, PRECISIONS
@@ -393,7 +394,7 @@ def check_sizes(data: DataConfig, patch: int) -> None:
         whole_patches("data.sliding_window", data.sliding_window, "window",
                       " (eval mode 'sliding')")
         h, w = resized_shape(1, 1, data.eval_size, patch)
-        if h * w > MAX_SLIDING_PIXELS:
+        if sliding_pixels(h, w, data.sliding_window) > MAX_SLIDING_PIXELS:
             raise ValueError(f"data.eval_size {data.eval_size}: every resized val image would "
                              f"be more than sliding mode's limit of {MAX_SLIDING_PIXELS} px (its "
                              "window sums hold K values per pixel); use a smaller --eval-size")

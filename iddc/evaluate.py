@@ -31,8 +31,9 @@ from .data import IGNORE_INDEX
 from .data.layout import IMAGE_EXTENSIONS, CorruptSampleError, SkipCorrupt
 from .data.transforms import EvalTransform
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP, autocast_of, check_autocast, resolve_device
-from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, check_at_least, check_window,
-                        sliding_predict_fn, token_count)
+from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, SLIDING_OPTIONS, check_at_least,
+                        check_window, size_fixes, sliding_pixels, sliding_predict_fn,
+                        token_count, tokens_fit)
 from .inference import check_predictable, unpredictable_pixels
 from .inference import upsample_argmax as inference_upsample_argmax
 
@@ -100,12 +101,16 @@ class EvalMode:
             return self.predict_fn
         bound = functools.partial(self.predict_fn, **opts)
         bound.__dict__.update(self.predict_fn.__dict__)  # its flags (whole_image, ...)
+        if hasattr(self.predict_fn, "pixels_held"):  # a function of the options too
+            bound.pixels_held = functools.partial(self.predict_fn.pixels_held, **opts)
         return bound
 
 
 EVAL_MODES = {"resize": EvalMode(make_resize_transform, predict_whole)}
-#: predict_fns whose sums hold K values per resized pixel (bounded by MAX_SLIDING_PIXELS)
-sliding_predict_fn.pixel_bounded = True
+#: predict_fns whose sums hold K values per pixel (bounded by MAX_SLIDING_PIXELS): how many
+#: pixels an (h, w) input's sums cover, given the predict_fn's options
+sliding_predict_fn.pixels_held = \
+    lambda h, w, window=SLIDING_OPTIONS["window"], **_: sliding_pixels(h, w, window)
 #: the same resized input covered by 224 px windows overlapping by 75 px, softmax maps averaged
 #: (iddc.inference; window/stride from data.sliding_window / data.sliding_stride)
 EVAL_MODES["sliding"] = EvalMode(
@@ -158,56 +163,78 @@ def sample_name(source, index: int) -> str:
         return f"sample {index}"
 
 
-def too_large(source, index: int, size, patch_size: int) -> Optional[str]:
+def _fixes(transform, image_size, fits) -> list:
+    """The --eval-size that would let an image of PIL size (W, H) through, as a list of one
+    hint (empty: none of at least the patch size does; unknown transform: the general hint)."""
+    multiple = getattr(transform, "multiple", None)
+    if multiple is None or image_size is None:
+        return ["a smaller --eval-size"]
+    return size_fixes(image_size[1], image_size[0], int(multiple), None, fits, "--eval-size")
+
+
+def too_large(source, index: int, size, patch_size: int, transform=None,
+              image_size=None) -> Optional[str]:
     """Why sample ``index`` cannot go through the backbone whole, or None: its input of
     ``size`` (H, W) would be more than MAX_TOKENS tokens, one forward pass that would hang or
     run out of memory (an extreme aspect ratio: the shorter-side resize has no bound on the
-    long side)."""
+    long side). ``image_size``: the image's PIL (W, H), for an --eval-size that fits."""
     h, w = int(size[0]), int(size[1])
     tokens = token_count(h, w, int(patch_size))
     if tokens <= MAX_TOKENS:
         return None
+    fixes = ["--eval-mode sliding (bounded windows)"] + _fixes(
+        transform, image_size, tokens_fit(int(patch_size), MAX_TOKENS))
     return (f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
             f"eval size) it would be {tokens} backbone tokens of {patch_size} px patches in one "
             f"forward pass, more than the limit of {MAX_TOKENS} (attention's time and memory "
-            "grow with their square); --eval-mode sliding (bounded windows) or a smaller "
-            "--eval-size scores it")
+            f"grow with their square); {' or '.join(fixes)} scores it")
 
 
-def too_many_pixels(source, index: int, size, max_pixels: int) -> Optional[str]:
+def too_many_pixels(source, index: int, size, pixels_held: Callable[[int, int], int],
+                    transform=None, image_size=None) -> Optional[str]:
     """Why sample ``index``, resized to ``size`` (H, W), is too large for the sliding mode's
-    sums (K float32 values per pixel), or None."""
+    sums (K float32 values per pixel of the image padded to the window: ``pixels_held``), or
+    None."""
     h, w = int(size[0]), int(size[1])
-    if h * w <= max_pixels:
+    held = pixels_held(h, w)
+    if held <= MAX_SLIDING_PIXELS:
         return None
+    fixes = _fixes(transform, image_size, lambda h, w: pixels_held(h, w) <= MAX_SLIDING_PIXELS)
+    fix = f"{fixes[0]} scores it" if fixes else \
+        "no --eval-size of at least the patch size fits it (crop it)"
     return (f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
-            f"eval size) it would be {h * w} px, more than sliding mode's limit of {max_pixels} "
-            "(its window sums hold K values per pixel); a smaller --eval-size scores it")
+            f"eval size) its window sums would cover {held} px (padded to the window), more "
+            f"than sliding mode's limit of {MAX_SLIDING_PIXELS} (K values per pixel); {fix}")
 
 
 def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
                     skipped: Optional[list] = None, patch_size: Optional[int] = None,
-                    max_pixels: Optional[int] = None):
+                    pixels_held: Optional[Callable[[int, int], int]] = None):
     """Yield (indices, images B x 3 x H x W, labels B x H x W): consecutive same-size images
     among the first ``max_images``. Corrupt samples are left out (see :func:`load_or_skip`),
     and, with ``patch_size`` (the backbone runs on whole images), those too large for one
-    forward pass (:func:`too_large`), with ``max_pixels`` (sliding windows: K sums per pixel)
-    those resized to more pixels: warned and appended to ``skipped``."""
+    forward pass (:func:`too_large`), with ``pixels_held`` (sliding windows: the pixels of
+    K-value sums an (h, w) input holds) those beyond MAX_SLIDING_PIXELS: warned and appended
+    to ``skipped``. With ``pixels_held`` a batch also holds at most MAX_SLIDING_PIXELS of sums
+    (at least one image): a batch's sums, and the B x K x H x W maps made of them, are held
+    at once."""
     n = len(source) if not max_images else min(max_images, len(source))
     idx, xs, ys = [], [], []
+    held = 0
     for i in range(n):
         sample = load_or_skip(source, i, skipped)
         if sample is None:
             continue
         x = y = None
-        if patch_size or max_pixels:
+        if patch_size or pixels_held:
             if hasattr(transform, "output_size"):  # known before the (costly) resize
                 size = transform.output_size(*sample[0].size)
             else:
                 x, y = transform(*sample)
                 size = x.shape[-2:]
-            why = too_large(source, i, size, patch_size) if patch_size else \
-                too_many_pixels(source, i, size, max_pixels)
+            why = too_large(source, i, size, patch_size, transform, sample[0].size) \
+                if patch_size else \
+                too_many_pixels(source, i, size, pixels_held, transform, sample[0].size)
             if why:
                 warnings.warn(f"leaving out {why}", stacklevel=2)
                 if skipped is not None:
@@ -215,9 +242,12 @@ def iterate_batches(source, transform, batch_size: int, max_images: int = 0,
                 continue
         if x is None:
             x, y = transform(*sample)
-        if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size):
+        pixels = pixels_held(*x.shape[-2:]) if pixels_held else 0
+        if xs and (x.shape != xs[0].shape or y.shape != ys[0].shape or len(xs) == batch_size
+                   or held + pixels > MAX_SLIDING_PIXELS):
             yield idx, torch.stack(xs), torch.stack(ys)
-            idx, xs, ys = [], [], []
+            idx, xs, ys, held = [], [], [], 0
+        held += pixels
         idx.append(i)
         xs.append(x)
         ys.append(y)
@@ -265,9 +295,8 @@ def evaluate(model, source, *, transform, predict_fn: PredictFn = predict_whole,
         use_cache = cache is not None and getattr(predict_fn, "accepts_feats", False)
         whole = getattr(predict_fn, "whole_image", False)
         patch = getattr(model, "patch_size", None) if whole else None
-        bound = MAX_SLIDING_PIXELS if getattr(predict_fn, "pixel_bounded", False) else None
         for idx, x, y in iterate_batches(source, transform, batch_size, max_images, skipped,
-                                         patch, bound):
+                                         patch, getattr(predict_fn, "pixels_held", None)):
             x = x.to(device)
             with autocast_of(autocast, x.device):
                 if use_cache:

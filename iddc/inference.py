@@ -124,16 +124,56 @@ def token_count(height: int, width: int, multiple: int) -> int:
     return -(-height // multiple) * -(-width // multiple)
 
 
-def largest_short_side(height: int, width: int, multiple: int,
-                       max_tokens: int = MAX_TOKENS) -> Optional[int]:
-    """The largest shorter side that resizes an H x W image to at most `max_tokens` tokens
-    (None if none does)."""
-    ratio = max(height, width) / min(height, width)
-    side = int(multiple * (max_tokens / ratio) ** 0.5) + multiple
-    while side >= 1 and token_count(*resized_shape(height, width, side, multiple),
-                                    multiple) > max_tokens:
-        side -= 1
-    return side if side >= 1 else None
+def sliding_pixels(height: int, width: int, window: int) -> int:
+    """Pixels whose window sums sliding mode holds (K values each) for an image resized to
+    H x W: a side shorter than the window is padded up to it."""
+    return max(height, window) * max(width, window)
+
+
+def largest_short_side(height: int, width: int, multiple: int, fits: Callable[[int, int], bool],
+                       minimum: int = 1) -> Optional[int]:
+    """The largest shorter side, at least `minimum`, whose resize of an H x W image (sides
+    rounded to `multiple`) `fits`: a predicate of the resized (h, w) that fails as they grow
+    (tokens, pixels). None if `minimum` does not fit. A CLI's shorter side must be at least
+    the patch size: `minimum` keeps a suggestion one the flag takes."""
+    def ok(side: int) -> bool:
+        return fits(*resized_shape(height, width, side, multiple))
+    if not ok(minimum):
+        return None
+    lo, hi = minimum, 2 * minimum
+    while ok(hi):  # the resized sides grow with the side: it stops (capped for a predicate
+        lo, hi = hi, 2 * hi  # that never fails)
+        if hi > 1 << 40:
+            return lo
+    while hi - lo > 1:  # ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def tokens_fit(multiple: int, max_tokens: int = MAX_TOKENS) -> Callable[[int, int], bool]:
+    """Whether an input of (h, w) px is at most `max_tokens` tokens of `multiple` px patches."""
+    return lambda h, w: token_count(h, w, multiple) <= max_tokens
+
+
+def sliding_fits(window: int) -> Callable[[int, int], bool]:
+    """Whether sliding mode's sums for an input of (h, w) px stay within MAX_SLIDING_PIXELS
+    (read at the call: tests lower it)."""
+    return lambda h, w: sliding_pixels(h, w, window) <= MAX_SLIDING_PIXELS
+
+
+def size_fixes(height: int, width: int, multiple: int, short_side: Optional[int],
+               fits: Callable[[int, int], bool], flag: str = "--short-side") -> list:
+    """The shorter sides that would let an H x W image through: `flag` N or less (N at least
+    the patch, as the CLIs require), or predict's --short-side 0 (its own size) where only
+    that does. Empty if neither does."""
+    side = largest_short_side(height, width, multiple, fits, minimum=multiple)
+    if side is not None:
+        return [f"{flag} {side} or less"]
+    if flag == "--short-side" and short_side is not None \
+            and fits(*resized_shape(height, width, None, multiple)):
+        return ["--short-side 0 (its own size)"]
+    return []
 
 
 def _resize_image(x: torch.Tensor, size) -> torch.Tensor:
@@ -255,30 +295,35 @@ class Predictor:
     def check_size(self, height: int, width: int) -> None:
         """ImageTooLargeError unless an H x W image fits: in one forward pass of at most
         `max_tokens` tokens (resize mode; no limit for a model without patches, `multiple`
-        1), or resized to at most MAX_SLIDING_PIXELS pixels (sliding mode: bounded windows,
-        but K sums per resized pixel)."""
+        1), or resized, and padded to the window, to at most MAX_SLIDING_PIXELS pixels
+        (sliding mode: bounded windows, but K sums per pixel). The message suggests a shorter
+        side that fits (at least the patch, as predict's --short-side must be)."""
         h, w = resized_shape(height, width, self.short_side, self.multiple)
         resized = f"resized to {h} x {w} px (shorter side {self.short_side})" \
             if self.short_side is not None else "at its own size"
         if self.mode == "sliding":
-            if h * w > MAX_SLIDING_PIXELS:
-                raise ImageTooLargeError(
-                    f"image of {height} x {width} px (H x W) {resized} would be {h * w} px, "
-                    f"more than sliding mode's limit of {MAX_SLIDING_PIXELS} (its window sums "
-                    "hold K values per pixel); a smaller shorter side (predict's --short-side, "
-                    "evaluate's --eval-size) takes it")
+            fits = sliding_fits(self.window)
+            if fits(h, w):
+                return
+            fixes = size_fixes(height, width, self.multiple, self.short_side, fits)
+            fix = f"use {fixes[0]}" if fixes else \
+                f"no shorter side of at least {self.multiple} px fits it: crop it"
+            raise ImageTooLargeError(
+                f"image of {height} x {width} px (H x W) {resized} would hold window sums over "
+                f"{sliding_pixels(h, w, self.window)} px (padded to the {self.window} px "
+                f"window), more than sliding mode's limit of {MAX_SLIDING_PIXELS} (K values per "
+                f"pixel); {fix}")
+        fits = tokens_fit(self.multiple, self.max_tokens)
+        if fits(h, w) or self.multiple == 1:  # no patches: no ViT's attention
             return
-        tokens = token_count(h, w, self.multiple)
-        if tokens <= self.max_tokens or self.multiple == 1:  # no patches: no ViT's attention
-            return
-        side = largest_short_side(height, width, self.multiple, self.max_tokens)
-        fix = (f"use --short-side {side} or less, or --mode sliding" if side else
-               "use --mode sliding")
+        fix = ", or ".join(size_fixes(height, width, self.multiple, self.short_side, fits)
+                           + ["--mode sliding"])
         raise ImageTooLargeError(
-            f"image of {height} x {width} px (H x W) {resized} would be {tokens} backbone "
-            f"tokens of {self.multiple} px patches in one forward pass, more than the limit of "
-            f"{self.max_tokens} (attention's time and memory grow with their square); {fix} "
-            f"(bounded windows; its memory still grows with the resized image's area)")
+            f"image of {height} x {width} px (H x W) {resized} would be "
+            f"{token_count(h, w, self.multiple)} backbone tokens of {self.multiple} px patches "
+            f"in one forward pass, more than the limit of {self.max_tokens} (attention's time "
+            f"and memory grow with their square); use {fix} (bounded windows; its memory still "
+            f"grows with the resized image's area)")
 
     # ------------------------------------------------------------------ model call
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -407,8 +452,8 @@ class Predictor:
             return [list(range(len(images)))]
         groups, current, pixels = [], [], 0
         for i, im in enumerate(images):
-            h, w = resized_shape(im.shape[-2], im.shape[-1], self.short_side, self.multiple)
-            n = max(h, self.window) * max(w, self.window)
+            n = sliding_pixels(*resized_shape(im.shape[-2], im.shape[-1], self.short_side,
+                                              self.multiple), self.window)
             if current and pixels + n > MAX_SLIDING_PIXELS:
                 groups.append(current)
                 current, pixels = [], 0

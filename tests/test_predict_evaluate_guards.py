@@ -3,6 +3,7 @@ checked with errors naming the flag, and evaluation scores every good image exac
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -655,12 +656,19 @@ def test_predict_skips_an_image_too_large_for_resize_mode(runs, tmp_path, capsys
 
 
 def test_largest_short_side_is_the_bound():
-    from iddc.inference import largest_short_side, resized_shape, token_count
+    from iddc.inference import (largest_short_side, resized_shape, sliding_pixels, token_count,
+                                tokens_fit)
     for h, w, p in [(2, 2100, 8), (10, 4000, 8), (4000, 10, 16), (1, 20000, 8), (300, 500, 8)]:
-        side = largest_short_side(h, w, p, 16384)
+        side = largest_short_side(h, w, p, tokens_fit(p, 16384))
         assert token_count(*resized_shape(h, w, side, p), p) <= 16384
         assert token_count(*resized_shape(h, w, side + 1, p), p) > 16384
-    assert largest_short_side(2, 2100, 8) == 31
+        fits = lambda a, b: sliding_pixels(a, b, 224) <= 1 << 23  # noqa: E731
+        side = largest_short_side(h, w, p, fits)
+        assert fits(*resized_shape(h, w, side, p)) and not fits(*resized_shape(h, w, side + 1, p))
+    assert largest_short_side(2, 2100, 8, tokens_fit(8)) == 31
+    # 1 x 20000 fits 16384 tokens only below the 8 px patch (6): no suggestion a flag takes
+    assert largest_short_side(1, 20000, 8, tokens_fit(8)) == 6
+    assert largest_short_side(1, 20000, 8, tokens_fit(8), minimum=8) is None
 
 
 def test_predictor_refuses_an_image_too_large_before_any_work(runs):
@@ -693,9 +701,10 @@ def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, mon
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ImageTooLargeError, match=r"image of 2 x 50 px \(H x W\) resized to 32 x "
-                                                 r"800 px \(shorter side 32\) would be 25600 px, "
-                                                 r"more than sliding mode's limit of 2000 .*"
-                                                 r"predict's --short-side, evaluate's --eval-size"):
+                                                 r"800 px \(shorter side 32\) would hold window "
+                                                 r"sums over 25600 px \(padded to the 32 px "
+                                                 r"window\), more than sliding mode's limit of "
+                                                 r"2000 .*; use --short-side 0 \(its own size\)"):
         Predictor(model, mode="sliding", short_side=32, window=32).segment(
             [torch.randn(3, 20, 28), torch.randn(3, 2, 50)])
     assert not calls  # refused before any work
@@ -709,6 +718,52 @@ def test_sliding_mode_refuses_a_window_or_an_image_too_large(runs, tmp_path, mon
     assert "1 too large for --mode sliding" in capsys.readouterr().out
     record = json.loads((out / "predictions.json").read_text())
     assert list(record["images"]) == ["a"] and "sliding mode's limit" in record["failed"][str(strip)]
+
+
+def test_the_sliding_limit_counts_the_padding_to_the_window(runs, monkeypatch):
+    """Sliding mode pads a side shorter than the window up to it, and its sums cover the
+    padded image: the limit counts those pixels (a 1 x 20000 strip at shorter side 32 is
+    32 x 640000 px but 224 x 640000 padded: a 15 GB attempt). The message suggests a shorter
+    side the flag takes, at least the patch, or --short-side 0 (its own size) where only that
+    fits."""
+    from iddc import inference
+    from iddc.inference import ImageTooLargeError
+    model = load_model(runs["labelled"])[0]
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    predictor = Predictor(model, mode="sliding", short_side=32, window=224)
+    with pytest.raises(ImageTooLargeError, match=r"image of 1 x 20000 px \(H x W\) resized to "
+                                                 r"32 x 640000 px .* window sums over 143360000 "
+                                                 r"px \(padded to the 224 px window\), more than "
+                                                 r"sliding mode's limit of 67108864 .*; use "
+                                                 r"--short-side 14 or less$"):
+        predictor.check_size(1, 20000)
+    Predictor(model, mode="sliding", short_side=14, window=224).check_size(1, 20000)
+    with pytest.raises(ImageTooLargeError):
+        Predictor(model, mode="sliding", short_side=15, window=224).check_size(1, 20000)
+    monkeypatch.setattr(inference, "MAX_SLIDING_PIXELS", 40 * 40 + 1)
+    with pytest.raises(ImageTooLargeError, match=r"window sums over 20480 px \(padded to the 32 px "
+                                                 r"window\).*; use --short-side 0 \(its own "
+                                                 r"size\)$"):
+        Predictor(model, mode="sliding", short_side=32, window=32).segment([torch.randn(3, 2, 40)])
+    with pytest.raises(ImageTooLargeError, match=r"no shorter side of at least 8 px fits it: "
+                                                 r"crop it$"):
+        Predictor(model, mode="sliding", short_side=32, window=32).segment([torch.randn(3, 2, 60)])
+    assert not calls
+    got = Predictor(model, mode="sliding", short_side=None, window=32).segment(
+        [torch.randn(3, 2, 40)])
+    assert got[0].shape == (2, 40)
+
+
+def test_resize_mode_suggests_its_own_size_below_the_patch(runs):
+    """A strip that fits one forward pass only at a shorter side below the patch (which
+    --short-side refuses) is pointed at --short-side 0 and sliding, not at --short-side 6."""
+    from iddc.inference import ImageTooLargeError
+    model = load_model(runs["labelled"])[0]
+    with pytest.raises(ImageTooLargeError, match=r"use --short-side 0 \(its own size\), or "
+                                                 r"--mode sliding \("):
+        Predictor(model, short_side=32).check_size(1, 20000)
+    Predictor(model, short_side=None).check_size(1, 20000)
 
 
 def test_evaluate_leaves_out_an_image_too_large_for_resize_mode(runs, tmp_path):
@@ -766,12 +821,56 @@ def test_sliding_evaluation_leaves_out_an_image_too_large_for_its_sums(runs, tmp
     flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
              f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
     with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 32 x 4800 px .* "
-                                         r"153600 px, more than sliding mode's limit of 100000 "
-                                         r".*a smaller --eval-size scores it"):
+                                         r"window sums would cover 153600 px \(padded to the "
+                                         r"window\), more than sliding mode's limit of 100000 "
+                                         r".*; --eval-size 20 or less scores it"):
         res = evaluate.main(flags)
     assert res["skipped"] == [str(strip)] and res["unsupervised"]["pixels"] == 2 * SIZE * SIZE
+    # the suggestion holds
+    assert evaluate.main(flags + ["--eval-size", "20"])["skipped"] == []
     monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 200_000)  # within it: scored
     assert evaluate.main(flags)["unsupervised"]["pixels"] == 2 * SIZE * SIZE + 32 * 4800
+
+
+def test_sliding_evaluation_counts_the_padding_to_the_window(runs, tmp_path, monkeypatch):
+    """At an eval size below the window, each side shorter than it is padded up to it and the
+    sums cover the padded image: a strip resized to 16 x 2400 px holds 32 x 2400 px of sums
+    with a 32 px window (it was scored against the unpadded 38400 px and, at full size, tried
+    to allocate the padded image's sums). The hint is an --eval-size that fits."""
+    img, lab = make_folder(tmp_path / "d", n=2)
+    strip = image(img / "strip.png", size=(300, 2))
+    Image.fromarray(np.ones((2, 300), np.uint8)).save(lab / "strip.png")
+    monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 50_000)
+    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+             f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
+    with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 16 x 2400 px .* "
+                                         r"cover 76800 px \(padded to the window\).*; "
+                                         r"--eval-size 10 or less scores it"):
+        res = evaluate.main(flags + ["--eval-size", "16"])
+    assert res["skipped"] == [str(strip)]
+    assert evaluate.main(flags + ["--eval-size", "10"])["skipped"] == []
+
+
+def test_sliding_evaluation_batches_hold_at_most_the_limit_of_sums(runs, tmp_path, monkeypatch):
+    """A sliding evaluation's batch holds its images' sums (K values per padded pixel, per
+    head) and the B x K x H x W maps made of them at once: with the limit lowered to two
+    images' sums, batches of 16 are cut to 2, and the scores are those of batches of 1."""
+    img, lab = make_folder(tmp_path / "d", n=5)
+    monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 2 * SIZE * SIZE)
+    source = build_source("folder", root=img, split="val", label_root=lab, num_classes=3)
+    model, cfg, ckpt = load_model(runs["labelled"])
+    transform = evaluate.get_eval_mode("sliding").make_transform(cfg, ckpt["data_config"], 8)
+    held = functools.partial(evaluate.sliding_predict_fn.pixels_held, window=SIZE)
+    sizes = [len(idx) for idx, _, _ in evaluate.iterate_batches(source, transform, 16,
+                                                                pixels_held=held)]
+    assert sizes == [2, 2, 1]
+    sizes = [len(idx) for idx, _, _ in evaluate.iterate_batches(source, transform, 16)]
+    assert sizes == [5]
+    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+             f"label_root={lab}", "--eval-mode", "sliding", "--window", str(SIZE)]
+    got = evaluate.main(flags)
+    monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", SIZE * SIZE)
+    assert evaluate.main(flags)["unsupervised"] == got["unsupervised"]
 
 
 def test_an_evaluation_set_of_images_all_too_large_says_so(runs, tmp_path):
