@@ -31,7 +31,8 @@ out-of-memory killer, leaves that record, not an earlier call's).
 (by its real path, e.g. named and inside a folder given) is segmented once. Where --out lies
 inside a folder given, the images under --out (earlier calls' outputs) are left out of that
 folder, and so are the files an earlier call wrote into a folder given or any folder below
-it (legend.png and <stem>_seg/_overlay/_ids.png beside its predictions.json); a file there
+it (legend.png and <stem>_seg/_overlay/_ids.png beside its predictions.json, less a photo
+named like one that the record lists as its input); a file there
 named on its own is an input like any other.
 
 Nothing is overwritten by accident: before anything is written, every output path is

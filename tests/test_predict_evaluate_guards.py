@@ -1073,6 +1073,28 @@ def test_predict_into_its_own_input_folder_then_again(runs, tmp_path, caplog):
     assert sorted(p.name for p in source.images) == ["x.png", "y.png"]
 
 
+def test_a_photo_named_like_an_output_stays_an_input_of_later_calls(runs, tmp_path, caplog):
+    """A user's photo named a_seg.png, predicted into its own folder: the next calls dropped
+    it as an output of the first (its predictions.json lists it as an input, and a_seg.png
+    among no image's files), warning that iddc wrote it. Its own outputs are still left out."""
+    photos = tmp_path / "photos"
+    image(photos / "a_seg.png", 1)
+    image(photos / "b.png", 2)
+    assert run_predict(runs["labelled"], photos, "--out", photos) == 0
+    first = json.loads((photos / "predictions.json").read_text())
+    assert sorted(first["images"]) == ["a_seg", "b"]
+    assert run_predict(runs["labelled"], photos, "--out", tmp_path / "second") == 0
+    record = json.loads((tmp_path / "second" / "predictions.json").read_text())
+    assert sorted(record["images"]) == ["a_seg", "b"]  # not a_seg_seg, b_seg, ...
+    assert "leaving out 7 image(s) an earlier iddc.predict call wrote" in caplog.text
+    with pytest.warns(UserWarning, match=r"leaving out 7 image\(s\) an iddc.predict call"):
+        source = build_source("folder", root=photos, num_classes=2)
+    assert sorted(p.name for p in source.images) == ["a_seg.png", "b.png"]
+    # a record that cannot be read whole (a call still writing it) leaves it out, as before
+    (photos / "predictions.json").write_text(json.dumps(first)[:-40])
+    assert predict.expand_inputs([str(photos)]) == [photos / "b.png"]
+
+
 def test_the_tools_print_their_warnings_as_one_line(runs, tmp_path):
     """A broken link among the photos printed Python's warning format: the file and line of
     predict.py, then the source line `found = list_images(path)`."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import multiprocessing
 import os
 import re
@@ -186,20 +187,56 @@ def is_predict_folder(folder: Path) -> bool:
         re.search(rf'"{key}"\s*:', head) for key in PREDICT_RECORD_KEYS)
 
 
+#: the largest predictions.json read whole for the photos it names (see recorded_photos)
+PREDICT_RECORD_MAX = 256 << 20
+
+
+def recorded_photos(folder: Path) -> frozenset:
+    """Names of files in predict folder `folder` that its predictions.json records as inputs
+    of that call and not as files it wrote: photos named like outputs (a_seg.png given as an
+    image, predict --out its own folder). An input recorded by an absolute path counts only
+    if it lies in `folder`. Empty where the record cannot be read whole."""
+    path = folder / "predictions.json"
+    try:
+        if path.stat().st_size > PREDICT_RECORD_MAX:
+            return frozenset()
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError, RecursionError):  # a call still writing it, another tool's
+        return frozenset()
+    images = record.get("images") if isinstance(record, dict) else None
+    if not isinstance(images, dict):
+        return frozenset()
+    inputs, written = set(), set()
+    here = os.path.realpath(folder)
+    for entry in images.values():
+        if not isinstance(entry, dict):
+            continue
+        given = entry.get("input")
+        if isinstance(given, str) and given and (
+                not os.path.isabs(given) or os.path.realpath(os.path.dirname(given)) == here):
+            inputs.add(os.path.basename(given))
+        files = entry.get("files")
+        if isinstance(files, list):
+            written.update(f for f in files if isinstance(f, str))
+    return frozenset(inputs - written)
+
+
 def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
     """Whether `image` is a file a predict call wrote (legend.png, <stem>_seg.png, ...) into
     `top` or a folder below it: one beside that call's predictions.json and legend.png
     (is_predict_folder; photos there are kept; `top` itself too, as predict --out may name
     its input folder). A call writes its outputs flat into its folder, so only the image's
-    own folder is looked at; `marks` caches each folder's answer."""
+    own folder is looked at; `marks` caches each folder's answer. A photo named like an
+    output that the call's record names as its input is kept (:func:`recorded_photos`)."""
     if image.name != "legend.png" and not image.name.endswith(PREDICT_IMAGE_OUTPUTS):
         return False
     folder = image.parent
     if folder != top and top not in folder.parents:
         return False
     if folder not in marks:
-        marks[folder] = is_predict_folder(folder)
-    return marks[folder]
+        marks[folder] = recorded_photos(folder) if is_predict_folder(folder) else None
+    return marks[folder] is not None and image.name not in marks[folder]
 
 
 def list_images(folder, recursive: bool = True, suffix: str = "",
