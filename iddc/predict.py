@@ -18,7 +18,8 @@ resize`` (shorter side ``--short-side``, default: the run's eval size) or ``--mo
 where they would do nothing). The default mode is the run's eval mode (data.eval_mode), and
 in a run evaluated in sliding mode the default window and stride are its own
 (data.sliding_window, data.sliding_stride), so the maps show what was scored. Images are read
-lazily and predicted ``--batch-size`` at a time; an unreadable image, or one that resize mode
+lazily and predicted ``--batch-size`` at a time; an unreadable image (in a folder given, a
+name of an image that is a FIFO or a broken link too: never opened), or one that resize mode
 would make larger than iddc.inference.MAX_TOKENS backbone tokens (an extreme aspect ratio),
 is reported and skipped (exit code 1 at the end), it never stops the others; so is one whose
 output names would be too long for the file system, or whose files fail to be written (a full
@@ -218,7 +219,8 @@ def _inside(path, folder_real: str) -> bool:
     return os.path.commonpath([where, folder_real]) == folder_real
 
 
-def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[Path]:
+def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None,
+                  skipped: Optional[dict] = None) -> list[Path]:
     """Image files, folders expanded (recursively, sorted); a missing path is an error. A file
     given more than once (the same real path: named and inside a folder given, or through a
     link) is listed once, where it first appears. `out_dir` (predict's --out, compared as a
@@ -226,13 +228,15 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     left out of that folder's; a file in it named on its own, or the photos of --out given as
     a folder itself, are inputs. The files an earlier call wrote into a folder given or one
     below it (legend.png, <stem>_seg.png, ..., beside its predictions.json: layout's
-    is_predict_output) are left out too."""
+    is_predict_output) are left out too. A name in a folder with an image extension that is
+    not a regular file (a FIFO, a broken link) is warned about and, where `skipped` is given,
+    recorded there (path -> why)."""
     out, seen, repeated, left_out = [], set(), [], 0
     earlier_outputs, marks = [], {}
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found, under_out, earlier = _folder_images(path, out_dir, marks)
+            found, under_out, earlier = _folder_images(path, out_dir, marks, skipped)
             left_out += len(under_out)
             earlier_outputs += earlier
         elif path.is_file():
@@ -261,11 +265,12 @@ def expand_inputs(paths: Sequence[str], out_dir: Optional[str] = None) -> list[P
     return out
 
 
-def _folder_images(path: Path, out_dir: Optional[str], marks: dict) -> tuple:
+def _folder_images(path: Path, out_dir: Optional[str], marks: dict,
+                   skipped: Optional[dict] = None) -> tuple:
     """(kept, under --out, written by an earlier call): the images of folder input `path`,
     less those under `out_dir` where it lies inside `path`, and less those an earlier call
     wrote (:func:`_earlier_output`); a FileNotFoundError when none is kept."""
-    found = list_images(path)
+    found = list_images(path, skipped=skipped)
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     real = os.path.realpath(path)
@@ -570,9 +575,9 @@ def predict_files(checkpoint_path: str, inputs: Sequence[str], out_dir: str, *,
                          f"{autocast!r}")
     out = Path(out_dir)
     check_out_folder(out)
-    paths = expand_inputs(inputs, out_dir)
+    failed: dict = {}  # a FIFO or broken link in a folder given: unreadable, as a corrupt file
+    paths = expand_inputs(inputs, out_dir, failed)
     stems = _unique_stems(paths)
-    failed: dict = {}
     unwritten: list = []
     too_long = names_too_long(stems, out)
     for i, reason in too_long.items():  # failed now: nothing is ever written for them

@@ -988,6 +988,27 @@ def test_predict_refuses_a_pipe_given_as_a_file(tmp_path):
         predict.expand_inputs([str(fifo)])
 
 
+def test_predict_reports_a_pipe_or_broken_link_in_a_folder_as_unreadable(runs, tmp_path,
+                                                                          capsys):
+    """A FIFO or a broken link with an image name inside a folder given: skipped with a
+    warning (never opened), and now also reported as unreadable, recorded in
+    predictions.json's "failed" and exit status 1, as a corrupt image is (it exited 0)."""
+    photos = tmp_path / "photos"
+    image(photos / "x.png", 1)
+    os.mkfifo(photos / "pipe.png")
+    (photos / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping .*pipe.png: a named pipe"), \
+            pytest.warns(UserWarning, match="skipping .*broken.png: a broken link"):
+        assert run_predict(runs["labelled"], photos, "--out", out) == 1
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    record = json.loads((out / "predictions.json").read_text())
+    assert list(record["images"]) == ["x"]
+    assert record["failed"] == {
+        str(photos / "broken.png"): "a broken link, not an image file",
+        str(photos / "pipe.png"): "a named pipe (FIFO), not an image file"}
+
+
 # ----------------------------------------------------------------------------- fuzz pass
 def test_predict_leaves_its_out_folder_out_of_a_folder_input(runs, tmp_path, caplog):
     """--out inside an input folder: a second call segmented the first call's outputs (and

@@ -241,7 +241,8 @@ def is_predict_output(image: Path, top: Path, marks: dict) -> bool:
 
 def list_images(folder, recursive: bool = True, suffix: str = "",
                 extensions: Iterable[str] = IMAGE_EXTENSIONS,
-                leave_out_outputs: bool = False) -> list[Path]:
+                leave_out_outputs: bool = False,
+                skipped: Optional[dict] = None) -> list[Path]:
     """Sorted image files under `folder` whose names end with `suffix` + an image extension.
 
     Hidden folders and lost+found are not entered. With `leave_out_outputs`, neither are run
@@ -251,7 +252,7 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
     LayoutError naming it; a name with an image extension
     that is not a regular file (after following links: a named pipe, socket, device, broken
     link or symlink loop, whose reading could hang or fail) is skipped with a warning naming
-    it."""
+    it, and recorded in `skipped` (path -> why) where given: predict reports it as unreadable."""
     folder = Path(folder)
     exts = tuple(e.lower() for e in extensions)
     found, seen, odd, unread, outputs = [], set(), [], [], []
@@ -305,9 +306,12 @@ def list_images(folder, recursive: bool = True, suffix: str = "",
         warnings.warn(f"skipping {len(unread)} image file(s) under {folder} in a format iddc "
                       f"does not read ({kinds}), e.g. {unread[0]}; convert them to PNG or JPEG "
                       f"to include them", stacklevel=2)
-    for path in odd[:5]:
-        warnings.warn(f"skipping {path}: {not_regular(path)}, not an image file",
-                      stacklevel=2)
+    for i, path in enumerate(odd):
+        why = f"{not_regular(path)}, not an image file"
+        if skipped is not None:
+            skipped[path] = why
+        if i < 5:
+            warnings.warn(f"skipping {path}: {why}", stacklevel=2)
     if len(odd) > 5:
         warnings.warn(f"skipping {len(odd) - 5} more non-regular file(s) under {folder}",
                       stacklevel=2)
