@@ -224,6 +224,10 @@ def check_writable(path: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".tmp-writable-", dir=folder)
     except OSError as err:
-        raise OSError(err.errno, err.strerror, folder) from err
+        why = err.strerror
+        if err.errno == errno.ENOENT:  # the folder exists: a file system that makes no files
+            why = f"no file can be made in this existing folder ({why}; a virtual file " \
+                "system such as /proc or /sys?)"
+        raise OSError(err.errno, why, folder) from err
     os.close(fd)
     os.unlink(probe)

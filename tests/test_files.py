@@ -162,6 +162,14 @@ def test_check_writable_of_folders_not_made_yet(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Read-only file system") as err:
         files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))
     assert err.value.filename == str(tmp_path)
+
+    def makes_no_files(*args, dir=None, **kwargs):  # what /proc answers
+        raise OSError(errno.ENOENT, "No such file or directory", os.path.join(dir, "x"))
+    monkeypatch.setattr(files, "tempfile", types.SimpleNamespace(mkstemp=makes_no_files))
+    with pytest.raises(OSError, match=r"no file can be made in this existing folder \(No such "
+                                      r"file or directory; a virtual file system") as err:
+        files.check_writable(str(tmp_path / "new" / "deeper" / "scores.json"))
+    assert err.value.filename == str(tmp_path)
     monkeypatch.setattr(files, "tempfile", tempfile)
 
 
