@@ -141,10 +141,16 @@ def test_float_image_in_unit_range_scaled(tmp_path):
     assert np.asarray(open_image(path))[0, :, 1].tolist() == [0, 128, 255, 64]
 
 
-@pytest.mark.parametrize("values", [[0.0, 300.0], [0.0, float("nan")], [-1.0, 0.5]])
-def test_float_image_out_of_range_refused(tmp_path, values):
+@pytest.mark.parametrize("values, message", [
+    ([0.0, 300.0], r"holds values 0.0..300.0; expected 0.0..1.0"),
+    ([-1.0, 0.5], r"holds values -1.0..0.5; expected 0.0..1.0"),
+    # min and max of NaN are NaN: "values nan..nan" said nothing
+    ([0.0, float("nan"), 0.5], r"holds NaN at 1 of its 3 pixels; expected values in 0.0..1.0"),
+    ([float("nan")] * 2, r"holds NaN at 2 of its 2 pixels"),
+], ids=["above", "below", "some-nan", "all-nan"])
+def test_float_image_out_of_range_refused(tmp_path, values, message):
     path = _grey(tmp_path / "f.tif", np.array([values], np.float32))
-    with pytest.raises(CorruptSampleError, match=r"f.tif: image of mode F holds values"):
+    with pytest.raises(CorruptSampleError, match=r"f.tif: image of mode F " + message):
         open_image(path)
 
 

@@ -377,8 +377,13 @@ def _to_8bit(img: Image.Image, path) -> Image.Image:
     """A 16-bit or float grey image as 8-bit "L", scaled by its mode's range (_WIDE_MODES)."""
     lo, hi, factor = _WIDE_MODES[img.mode]
     arr = np.asarray(img)
+    nan = int(np.isnan(arr).sum()) if arr.dtype.kind == "f" else 0
+    if nan:  # min and max would be NaN too: name them instead
+        raise CorruptSampleError(
+            path, f"image of mode {img.mode} holds NaN at {nan} of its {arr.size} pixels; "
+                  f"expected values in {lo}..{hi} to scale it to 8 bits")
     vmin, vmax = arr.min(), arr.max()
-    if not (vmin >= lo and vmax <= hi):  # also false for NaN
+    if not (vmin >= lo and vmax <= hi):
         raise CorruptSampleError(
             path, f"image of mode {img.mode} holds values {vmin}..{vmax}; expected {lo}..{hi} "
                   f"to scale it to 8 bits")
