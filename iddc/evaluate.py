@@ -199,7 +199,7 @@ def too_many_pixels(source, index: int, size, pixels_held: Callable[[int, int], 
     held = pixels_held(h, w)
     if held <= MAX_SLIDING_PIXELS:
         return None
-    fixes = _fixes(transform, image_size, lambda h, w: pixels_held(h, w) <= MAX_SLIDING_PIXELS)
+    fixes = _fixes(transform, image_size, lambda a, b: pixels_held(a, b) <= MAX_SLIDING_PIXELS)
     fix = f"{fixes[0]} scores it" if fixes else \
         "no --eval-size of at least the patch size fits it (crop it)"
     return (f"{sample_name(source, index)}: resized to {h} x {w} px (H x W; shorter side: the "
