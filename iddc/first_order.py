@@ -34,7 +34,9 @@ def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     w = weights.to(acc)
     out = stacked[0].to(acc) * w[0]
     for t in range(1, stacked.shape[0]):
-        out.addcmul_(stacked[t].to(acc), w[t])
+        # not in place: torch.func has no batching rule for addcmul_ (jacrev warned of a slow
+        # fallback); the same kernel, the same bits
+        out = torch.addcmul(out, stacked[t].to(acc), w[t])
     return out.to(stacked.dtype)
 
 

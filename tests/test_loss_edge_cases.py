@@ -409,7 +409,8 @@ def test_torch_func_jacrev_matches_grad(backend):
         return iddc_loss(fa, fb, za, zb, shifts=(1,), t_pos=0.1, t_neg=-0.1,
                          backend=backend).loss
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's batching-fallback notice
+        # torch's "performance drop ... batching rule for aten::addcmul_" notice was shown
+        warnings.simplefilter("error", UserWarning)
         jac = torch.func.jacrev(loss)(za)
     grad = torch.func.grad(loss)(za)
     assert grad.abs().max() > 0
