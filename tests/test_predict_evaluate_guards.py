@@ -809,17 +809,23 @@ def test_evaluate_json_records_a_relative_data_root_as_absolute(runs, tmp_path, 
     assert saved["evaluation"]["data_root"] == str(img.resolve()) == os.path.abspath("d/img")
 
 
+def _strip_for_sliding(runs, tmp_path):
+    """(a 300 x 2 px labelled strip beside two images, evaluate's flags for them in sliding
+    mode with a 32 px window)."""
+    img, lab = make_folder(tmp_path / "d", n=2)
+    strip = image(img / "strip.png", size=(300, 2))
+    Image.fromarray(np.ones((2, 300), np.uint8)).save(lab / "strip.png")
+    return strip, ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
+                   f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
+
+
 def test_sliding_evaluation_leaves_out_an_image_too_large_for_its_sums(runs, tmp_path,
                                                                        monkeypatch):
     """Beyond MAX_SLIDING_PIXELS (lowered here) an image is left out of a sliding evaluation,
     warned and named, as resize mode leaves out one beyond MAX_TOKENS: it was an
     ImageTooLargeError that ended the evaluation, and a training run with it."""
-    img, lab = make_folder(tmp_path / "d", n=2)
-    strip = image(img / "strip.png", size=(300, 2))  # resized to 32 x 4800 px
-    Image.fromarray(np.ones((2, 300), np.uint8)).save(lab / "strip.png")
+    strip, flags = _strip_for_sliding(runs, tmp_path)  # resized to 32 x 4800 px
     monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 100_000)
-    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
-             f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
     with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 32 x 4800 px .* "
                                          r"window sums would cover 153600 px \(padded to the "
                                          r"window\), more than sliding mode's limit of 100000 "
@@ -837,12 +843,8 @@ def test_sliding_evaluation_counts_the_padding_to_the_window(runs, tmp_path, mon
     sums cover the padded image: a strip resized to 16 x 2400 px holds 32 x 2400 px of sums
     with a 32 px window (it was scored against the unpadded 38400 px and, at full size, tried
     to allocate the padded image's sums). The hint is an --eval-size that fits."""
-    img, lab = make_folder(tmp_path / "d", n=2)
-    strip = image(img / "strip.png", size=(300, 2))
-    Image.fromarray(np.ones((2, 300), np.uint8)).save(lab / "strip.png")
+    strip, flags = _strip_for_sliding(runs, tmp_path)
     monkeypatch.setattr(evaluate, "MAX_SLIDING_PIXELS", 50_000)
-    flags = ["--checkpoint", runs["labelled"], "--data-root", str(img), "--data-option",
-             f"label_root={lab}", "--eval-mode", "sliding", "--window", "32"]
     with pytest.warns(UserWarning, match=rf"leaving out {strip}: resized to 16 x 2400 px .* "
                                          r"cover 76800 px \(padded to the window\).*; "
                                          r"--eval-size 10 or less scores it"):
