@@ -32,6 +32,7 @@ from typing import Any, Optional
 import yaml
 
 from .cli import path_arg
+from .data.layout import not_regular
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP
 from .files import write_atomic
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, sliding_pixels,
@@ -531,6 +532,9 @@ def load_yaml_file(path: str) -> dict:
     A run's own config.yaml works as a --config: its "resolved" section (what the run found:
     device, backend, K, weights) is a record, not settings, and is left out. Numbers YAML 1.1
     leaves as text (1e-3) become floats, as on the command line."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        # a named pipe would block the open until some program writes it: a hang
+        raise ValueError(f"config file {path} is {not_regular(path)}, not a YAML file")
     try:
         with open(path, encoding="utf-8") as fh:
             loaded = _safe_load(fh) or {}

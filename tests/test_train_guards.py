@@ -1427,6 +1427,29 @@ def test_an_empty_or_too_deep_config_file_is_refused(tmp_path, capsys):
             load_yaml_file(str(twice))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_a_config_that_is_a_named_pipe_or_device_is_refused_not_read(tmp_path, capsys):
+    # opening a FIFO blocks until a writer comes (a hang); /dev/zero never ends
+    from iddc.config import load_yaml_file
+    fifo = tmp_path / "settings.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"config file .*settings.yaml is a named pipe \(FIFO\), "
+                                         "not a YAML file"):
+        load_yaml_file(str(fifo))
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match="/dev/zero is a character device, not a YAML"):
+            load_yaml_file("/dev/zero")
+    from iddc.cli import run as cli_run
+    with pytest.raises(SystemExit) as stop:
+        cli_run(train.main, "python -m iddc.train",
+                ["--config", str(fifo), "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m iddc.train: error: config file ") and err.count("\n") == 1
+    assert "is a named pipe (FIFO), not a YAML file" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_num_workers_far_beyond_the_cpus_is_capped(tmp_path, tiny_yaml, iddc_log):
     res = train.main(["--config", tiny_yaml, "--out", str(tmp_path / "run"), "--epochs", "1",
                       "--num-workers", "100000"] + QUICK)
