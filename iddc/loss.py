@@ -528,7 +528,10 @@ class IDDCLoss(nn.Module):
             neg = means[1:].mean() if len(shifts) else means.new_zeros(())
             reg = reference.regulariser(p_a, cfg.regulariser, cfg.weibull_shape,
                                         cfg.weibull_scale)
-            loss = pos + cfg.lambda1 * neg + cfg.lambda2 * cfg.reg_scale * reg
+            # alpha, not a Python float times a 0-d tensor: forward-mode AD (torch.func.jvp)
+            # made that product's tangent float64 (pytorch/functorch#1073)
+            loss = torch.add(torch.add(pos, neg, alpha=cfg.lambda1), reg,
+                             alpha=cfg.lambda2 * cfg.reg_scale)
         return IDDCOutput(loss=loss, pos=pos, neg=neg, reg=reg, pos_count=counts[0],
                           neg_counts=counts[1:], shifts=shifts)
 

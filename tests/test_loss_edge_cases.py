@@ -437,9 +437,11 @@ def test_forward_mode_ad_matches_reverse_or_raises(backend):
                                                "gradients only.*backend='reference'"):
             torch.func.jvp(loss, (za,), (tangent,))
         return
-    _, derivative = torch.func.jvp(loss, (za,), (tangent,))
+    value, derivative = torch.func.jvp(loss, (za,), (tangent,))
+    # in the loss's dtype (a Python float times a 0-d tensor made it float64: functorch#1073)
+    assert value.dtype == derivative.dtype == torch.float32
     grad = torch.func.grad(loss)(za)
-    torch.testing.assert_close(derivative.float(), (grad * tangent).sum(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(derivative, (grad * tangent).sum(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("transform", ["jacfwd", "hessian", "vmap"])
