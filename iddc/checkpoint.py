@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .files import write_atomic
+from .files import not_regular, write_atomic
 
 FORMAT = "iddc-checkpoint-1"
 
@@ -190,6 +190,8 @@ def load(path: str) -> dict:
         inside = os.path.join(path, "last.pt")
         hint = f"; did you mean {inside}?" if os.path.isfile(inside) else ""
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
+    if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would block
+        raise CheckpointError(f"checkpoint {path} is {not_regular(path)}, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     check_crc(path)

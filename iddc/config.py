@@ -32,9 +32,8 @@ from typing import Any, Optional
 import yaml
 
 from .cli import path_arg
-from .data.layout import not_regular
 from .devices import AUTOCAST_DTYPES, DEVICE_HELP
-from .files import write_atomic
+from .files import not_regular, write_atomic
 from .inference import (MAX_SLIDING_PIXELS, MAX_TOKENS, resized_shape, sliding_pixels,
                         token_count)
 from .loss import PRESETS as LOSS_PRESETS

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -231,3 +232,17 @@ def check_writable(path: str) -> None:
         raise OSError(err.errno, why, folder) from err
     os.close(fd)
     os.unlink(probe)
+
+
+def not_regular(path: str) -> str:
+    """What the non-regular file `path` is, for the message that skips or refuses it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # links that lead back to themselves, not a missing target
+            return "a symlink loop"
+        return "a broken link" if err.errno == errno.ENOENT else f"unreadable ({err.strerror})"
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")

@@ -475,6 +475,17 @@ def test_corrupt_checkpoint(tmp_path):
         evaluate.main(["--checkpoint", str(tmp_path / "none.pt")])
     with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         evaluate.main(["--checkpoint", str(tmp_path)])
+    # there, but not a file to read: named as what it is (a FIFO's open would block)
+    broken = tmp_path / "broken.pt"
+    broken.symlink_to(tmp_path / "gone.pt")
+    cases = [(broken, "a broken link")]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.pt")
+        cases.append((tmp_path / "pipe.pt", r"a named pipe \(FIFO\)"))
+    for path, what in cases:
+        with pytest.raises(CheckpointError, match=f"checkpoint .*{path.name} is {what}, not a "
+                                                  "checkpoint file"):
+            train.main(["--resume", str(path)])
 
 
 def _central_entry_offset(raw: bytes, suffix: str) -> int:

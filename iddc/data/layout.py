@@ -31,12 +31,10 @@ a float label map is refused.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import multiprocessing
 import os
 import re
-import stat
 import struct
 import warnings
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..files import not_regular
 from .base import IGNORE_INDEX, DataOptionError, SegmentationSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
@@ -130,20 +129,6 @@ def _unreadable_folder(err: OSError):
     folder silently left out of the data set."""
     raise LayoutError(f"cannot read folder {err.filename}: {err.strerror or err}; expected a "
                       f"folder of images readable by this user") from err
-
-
-def not_regular(path: str) -> str:
-    """What the non-regular file `path` is, for the message that skips or refuses it."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as err:
-        if err.errno == errno.ELOOP:  # links that lead back to themselves, not a missing target
-            return "a symlink loop"
-        return "a broken link" if err.errno == errno.ENOENT else f"unreadable ({err.strerror})"
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-             (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 #: the file iddc.train keeps in a run folder while the run starts (train.STARTING_MARKER)
