@@ -84,7 +84,10 @@ def _without_worker_traceback(text: str) -> str:
 
 
 def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
-    """Call ``main(argv)``; report a user error on stderr and exit with status 2."""
+    """Call ``main(argv)``; report a user error on stderr and exit with status 2, a Ctrl-C
+    with status 130. ``argv`` None: the process's command line, this being the program, so a
+    further Ctrl-C while the process shuts down exits at once, quietly."""
+    whole_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if os.environ.get("IDDC_TRACEBACK") == "1":
         return main(argv)
@@ -98,9 +101,28 @@ def run(main: Callable, prog: str, argv: Optional[Sequence[str]] = None):
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        if whole_program:
+            _exit_on_next_interrupt()
         raise SystemExit(130) from None
     finally:
         warnings.formatwarning = previous
+
+
+def _exit_at_once(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)
+
+
+def _exit_on_next_interrupt() -> None:
+    """After an interruption was reported: a second Ctrl-C during the interpreter's shutdown
+    (its atexit hooks, joining threads) ends the process with status 130 at once, where Python
+    would print a KeyboardInterrupt traceback from the code it cut. Every file iddc writes is
+    written whole or not at all (files.write_atomic), so nothing is left half written."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _exit_at_once)
 
 
 #: this package's folder: warnings raised from its modules are its messages to the user

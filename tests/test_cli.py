@@ -173,3 +173,35 @@ def test_help_names_the_devices_and_the_registered_eval_modes(monkeypatch, capsy
         assert stop.value.code == 0 and DEVICE_HELP in out, tool.__name__
         if tool is evaluate:
             assert "--eval-mode {resize,sliding,tiles} default: the run's data.eval_mode" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_while_the_program_shuts_down_exits_quietly(tmp_path):
+    """The first Ctrl-C is reported ("interrupted", status 130); a second one that comes while
+    Python shuts down (an atexit hook, here one that waits) ends it at once with no
+    KeyboardInterrupt traceback from the hook it cut ("Exception ignored in atexit callback")."""
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import atexit, os, signal, sys, time\n"
+        "from iddc import cli\n"
+        "def hook():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "    print('the hook was not cut', file=sys.stderr)\n"
+        "def main(argv):\n"
+        "    atexit.register(hook)\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.run(main, 'tool')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130 and done.stderr == "tool: interrupted\n", done.stderr
+    # called with its own argv (a test, another program embedding it): the process's handler
+    # is left alone
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+
+    def stopped(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        cli.run(stopped, "tool", [])
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is before
