@@ -390,6 +390,9 @@ def not_own_last_pt(path: str, ckpt: dict) -> Optional[str]:
             # a stop between writing last.pt and metrics.json: one epoch behind
             or on_disk == history[:-1]):
         return None
+    if on_disk is None:  # missing or unreadable: nothing shows whose folder it is
+        return (f"the run was saved in {recorded or 'another folder'}, and this folder holds no "
+                "readable metrics.json to show it is the run's own")
     return "the folder's metrics.json is not this run's"
 
 
@@ -701,6 +704,10 @@ def main(argv=None) -> dict:
             fh = log_to_file(os.path.join(out, "train.log"), early)
             try:
                 return _run(cfg, out, resume, run, t_start, in_place=in_place)
+            except KeyboardInterrupt as err:
+                if not isinstance(err, SavedStop):  # before the epochs, or a forced stop
+                    log.warning("%s", unsaved_stop(out, args.resume))
+                raise
             except Exception as err:
                 log_failure(fh, err)
                 raise
@@ -712,6 +719,24 @@ def main(argv=None) -> dict:
         if fh is not None:
             log.removeHandler(fh)
             fh.close()
+
+
+class SavedStop(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) the epochs' loop answered: it saved and said what the folder holds."""
+
+
+def unsaved_stop(out: str, resumed_from: Optional[str]) -> str:
+    """What a Ctrl-C that came before the run's loop could save (the first evaluation, the
+    k-means baseline) or that forced a save to stop leaves for the user to do."""
+    last = os.path.join(out, "last.pt")
+    if os.path.isfile(last):
+        return (f"interrupted: {last} holds the run as it was last saved; continue it with "
+                f"--resume {last}")
+    if resumed_from is not None:
+        return (f"interrupted before this resume's first checkpoint: nothing was saved in {out}; "
+                f"{resumed_from} still holds the run (--resume it again)")
+    return (f"interrupted before the run's first checkpoint: nothing of it is saved (its folder "
+            f"{out} is left reusable); the same command starts it again")
 
 
 def _finite_checkpoint(path: str) -> bool:
@@ -1461,7 +1486,7 @@ def _run(cfg: Config, out: str, resume: Optional[dict], run: Prepared, t_start: 
         else:
             log.warning("interrupted: %s holds the run at step %d; continue it with --resume "
                         "%s", last, global_step, last)
-        raise KeyboardInterrupt
+        raise SavedStop
 
     final = last_eval if last_eval is not None or not labelled_val \
         else scored(lambda: run_eval(keep=tc.vis_images), "the final evaluation")

@@ -103,6 +103,13 @@ def test_resume_refuses_a_folder_that_is_not_the_runs_own(tmp_path, tiny_yaml, r
     shutil.copy(run_copy / "last.pt", lone / "last.pt")
     (lone / "config.yaml").write_text("my: own config\n")
     lone_before = snapshot(lone)
+    with pytest.raises(FileExistsError, match=r"\(the run was saved in .*run.*, and this folder "
+                                              "holds no readable metrics.json to show it is the "
+                                              r"run's own\)"):
+        resume(lone / "last.pt")
+    assert snapshot(lone) == lone_before
+    (lone / "metrics.json").write_text('[{"epoch": 0, "kind": "someone else\'s"}]')
+    lone_before = snapshot(lone)
     with pytest.raises(FileExistsError, match="metrics.json is not this run's"):
         resume(lone / "last.pt")
     assert snapshot(lone) == lone_before
@@ -834,6 +841,45 @@ def test_an_owed_record_of_an_epoch_at_two_rates_resumes(tmp_path, tiny_yaml, mo
     first = [e for e in res["metrics"] if e.get("epoch") == 1 and e["kind"] == "iddc"][-1]
     assert first["train"]["lr_steps"] == [[0.0005, 1], [0.001, 1]]
     assert [e["epoch"] for e in res["metrics"] if e["kind"] == "iddc"][-1] == 2
+
+
+def test_a_ctrl_c_before_the_first_checkpoint_says_nothing_is_saved(tmp_path, tiny_yaml,
+                                                                   monkeypatch, iddc_log):
+    """Ctrl-C during the untrained head's evaluation (before the epochs' loop installs its
+    handler): the run says nothing of it is saved and that the same command starts it again
+    (it said only "interrupted"); the same command then does. A resume stopped there names the
+    checkpoint that still holds the run."""
+    from iddc import evaluate as ev
+    real, calls = ev.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    out = tmp_path / "run"
+    argv = ["--config", tiny_yaml, "--out", str(out), "--max-steps", "1"] + QUICK
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    said = f"interrupted before the run's first checkpoint: nothing of it is saved (its folder " \
+           f"{out} is left reusable); the same command starts it again"
+    assert said in iddc_log and said in (out / "train.log").read_text()
+    assert not (out / "last.pt").exists()
+    train.main(argv)
+    assert (out / "last.pt").exists()
+    calls.clear()
+    iddc_log.clear()
+    for flags, said in [([], f"interrupted: {out / 'last.pt'} holds the run as it was last "
+                             f"saved; continue it with --resume {out / 'last.pt'}"),
+                        (["--out", str(tmp_path / "elsewhere")],
+                         "interrupted before this resume's first checkpoint: nothing was saved "
+                         f"in {tmp_path / 'elsewhere'}; {out / 'last.pt'} still holds the run "
+                         "(--resume it again)")]:
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            resume(out / "last.pt", *flags)
+        assert said in iddc_log, iddc_log
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
