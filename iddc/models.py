@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import nonfinite_count
+from .files import not_regular
 
 log = logging.getLogger("iddc")
 
@@ -156,10 +157,10 @@ def run_data_config(ckpt: Optional[dict], backbone: nn.Module) -> dict:
 
 
 def _read_checkpoint(path: str):
-    if not os.path.exists(path):
-        raise WeightsError(f"weights file not found: {path}")
+    if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would block
+        raise WeightsError(f"weights file {path} is {not_regular(path)}, not a weights file")
     if not os.path.isfile(path):
-        raise WeightsError(f"weights path is not a file: {path}")
+        raise WeightsError(f"weights file not found: {path}")
     from .checkpoint import check_crc, read_torch_file
     check_crc(path, "weights file", WeightsError)  # a broken copy of a download: other weights
     # DINO's full training checkpoints also pickle their argparse.Namespace of arguments,

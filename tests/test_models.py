@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -121,6 +123,15 @@ def test_pos_embed_resampled_when_grid_differs(tmp_path, iddc_log):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(WeightsError, match="weights file not found: .*nothere.pth"):
         build_model(tiny_cfg(weights=str(tmp_path / "nothere.pth")), num_classes=3)
+    # there but not a file: named as what it is (it said "not found" for a broken link)
+    (tmp_path / "link.pth").symlink_to(tmp_path / "gone.pth")
+    cases = [("link.pth", "a broken link"), (".", "a folder")]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.pth")
+        cases.append(("pipe.pth", r"a named pipe \(FIFO\)"))
+    for name, what in cases:
+        with pytest.raises(WeightsError, match=f"weights file .* is {what}, not a weights file"):
+            build_model(tiny_cfg(weights=str(tmp_path / name)), num_classes=3)
 
 
 def test_corrupt_weights_file(tmp_path):
