@@ -187,6 +187,14 @@ class IDDCConfig:
         self._checked_as = self._as_checked()  # not a field: eq, asdict and YAML ignore it
         return self
 
+    def __getstate__(self) -> dict:
+        # the check's memo holds each field's type, and a function's type does not pickle: a
+        # loss with a callable backend could not be saved, deep-copied or sent to a worker.
+        # Dropped, an unpickled config is checked again on its first call.
+        state = dict(self.__dict__)
+        state.pop("_checked_as", None)
+        return state
+
     def _as_checked(self) -> tuple:
         """The fields' values with their types (True == 1, so a bool set in place for a
         number is still checked)."""
@@ -363,7 +371,16 @@ def check_finite_views(views: "FlatViews", feats_a, feats_b, logits_a, logits_b)
         return
     flags = torch.stack([torch.isfinite(t).all()
                          for t in (views.norm_a, views.norm_b, views.p_a, views.p_b)])
-    if bool(flags.all()):
+    try:
+        finite = bool(flags.all())
+    except RuntimeError as err:  # torch.func.vmap cannot branch on the values it batches
+        if "vmap" not in str(err):
+            raise
+        raise RuntimeError("IDDCLoss's finite check reads its inputs' values back to raise a "
+                           "clear error, a data-dependent branch torch.func.vmap cannot take: "
+                           "pass check_finite=False under vmap (a NaN or Inf input then makes "
+                           "a NaN loss)") from err
+    if finite:
         return
     ok = flags.tolist()  # error path only: a second sync to say which
     for name, feats, good in (("feats_a", feats_a, ok[0]), ("feats_b", feats_b, ok[1])):

@@ -473,6 +473,45 @@ def test_transforms_that_batch_or_go_forward_name_the_way(backend, transform):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_with_the_finite_check_names_check_finite(backend):
+    """vmap of the loss with check_finite=True: the message says to pass check_finite=False
+    (it was torch's "data-dependent control flow ... please file an issue", naming neither)."""
+    gen = torch.Generator().manual_seed(25)
+    fa, fb = (torch.randn(2, 8, 3, 3, generator=gen).to(DEVICE) for _ in range(2))
+    za, zb = (torch.randn(2, 3, 3, 3, generator=gen).to(DEVICE) for _ in range(2))
+    loss = IDDCLoss(backend=backend, t_pos=0.1, t_neg=-0.1)
+    with pytest.raises(RuntimeError, match=r"pass check_finite=False under vmap"):
+        torch.func.vmap(lambda z: loss(fa, fb, z, zb, shifts=(1,)).loss)(torch.stack([za, za]))
+
+
+@pytest.mark.parametrize("copy_of", ["pickle", "deepcopy", "torch.save"])
+def test_a_loss_with_a_callable_backend_pickles(copy_of, tmp_path):
+    """A loss whose backend is a function pickles, deep-copies and saves as one with a named
+    backend does (the config's check memo held the function's type, which pickle cannot
+    find: "Can't pickle <class 'function'>"); the copy computes the same and still checks its
+    fields."""
+    import copy
+    import pickle
+    gen = torch.Generator().manual_seed(26)
+    fa, fb = (torch.randn(2, 8, 3, 4, generator=gen) for _ in range(2))
+    za, zb = (torch.randn(2, 3, 3, 4, generator=gen) for _ in range(2))
+    loss = torch.nn.Sequential(IDDCLoss(backend=pair_sums, t_pos=0.1, t_neg=-0.1))
+    if copy_of == "pickle":
+        other = pickle.loads(pickle.dumps(loss))
+    elif copy_of == "deepcopy":
+        other = copy.deepcopy(loss)
+    else:
+        torch.save(loss, tmp_path / "loss.pt")
+        other = torch.load(tmp_path / "loss.pt", weights_only=False)
+    assert other[0].config.backend is pair_sums
+    want, got = (m[0](fa, fb, za, zb, shifts=(1,)) for m in (loss, other))
+    assert torch.equal(want.loss, got.loss) and torch.equal(want.neg_counts, got.neg_counts)
+    other[0].config.t_pos = 2.0
+    with pytest.raises(ValueError, match=r"t_pos=2.0 lies outside \[-1, 1\]"):
+        other[0](fa, fb, za, zb, shifts=(1,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_meta_tensors(backend):
     """Meta tensors (shape inference, FLOP counting): reference and streaming give meta
     terms of the right shapes (no finite check: there are no values); triton refuses them."""
