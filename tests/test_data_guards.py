@@ -57,6 +57,48 @@ def test_folder_label_root_with_one_split_folder_is_refused(tmp_path):
                      num_classes=2)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_folder_split_labels_with_an_unsplit_image_root_are_refused(tmp_path, split):
+    """label_root with train/ and val/, an image root with neither (the folder of one split
+    passed as the root, as README suggests, with the labels' parent): the val split scored
+    the train images against the val labels of the same stems, silently."""
+    for s in ("train", "val"):
+        _rgb(tmp_path / "imgs" / s / "a.png")
+        _grey(tmp_path / "labels" / s / "a.png", np.full((6, 8), s == "val", np.uint8))
+    with pytest.raises(LayoutError, match=rf"label_root .*labels has train/ and val/ but the "
+                                          rf"image root .*imgs/train has not: .* the {split} "
+                                          rf"split scored against the labels in .*labels/{split}"):
+        build_source("folder", root=tmp_path / "imgs" / "train", split=split,
+                     label_root=tmp_path / "labels")
+    # the one split's labels with the one split's images: as before
+    src = build_source("folder", root=tmp_path / "imgs" / "train", split=split,
+                       label_root=tmp_path / "labels" / "train", num_classes=2)
+    assert [(p.parent.name, q.parent.name) for p, q in zip(src.images, src.labels)] == \
+        [("train", "train")]
+
+
+def test_folder_split_images_sharing_one_unsplit_label_folder(tmp_path):
+    """Images in train/ and val/, labels in one flat folder: two images of one stem, one per
+    split, would both be scored against one label file (the labels of one split passed as
+    label_root), refused naming both; unique stems across the splits are a valid layout."""
+    for s in ("train", "val"):
+        _rgb(tmp_path / "imgs" / s / "a.png")
+    _rgb(tmp_path / "imgs" / "val" / "b.png")
+    _grey(tmp_path / "labels" / "a.png", np.zeros((6, 8), np.uint8))
+    _grey(tmp_path / "labels" / "b.png", np.zeros((6, 8), np.uint8))
+    for split, other in (("train", "val"), ("val", "train")):
+        with pytest.raises(LayoutError, match=rf"imgs/{split}/a.png \({split}\) and .*imgs/"
+                                              rf"{other}/a.png \({other}\) would both be scored "
+                                              rf"against .*labels/a.png"):
+            build_source("folder", root=tmp_path / "imgs", split=split,
+                         label_root=tmp_path / "labels", num_classes=2)
+    (tmp_path / "imgs" / "train" / "a.png").rename(tmp_path / "imgs" / "train" / "c.png")
+    _grey(tmp_path / "labels" / "c.png", np.zeros((6, 8), np.uint8))
+    val = build_source("folder", root=tmp_path / "imgs", split="val",
+                       label_root=tmp_path / "labels", num_classes=2)
+    assert [q.name for q in val.labels] == ["a.png", "b.png"]
+
+
 def test_folder_split_folders_never_mix(tmp_path):
     _rgb(tmp_path / "train" / "t.png")
     _rgb(tmp_path / "val" / "v.png")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from iddc.data import build_source
 from iddc.data import cityscapes, cocostuff
-from iddc.data.layout import CorruptSampleError, LayoutError, SkipCorrupt, skip_corrupt
+from iddc.data.layout import CorruptSampleError, LayoutError, SkipCorrupt, open_label, skip_corrupt
 
 # The published PiCIE/STEGO fine (0..181) -> coarse (0..26) table, as 182 numbers.
 REFERENCE_27 = [int(v) for v in """
@@ -451,7 +451,6 @@ def test_decompression_bomb_is_a_corrupt_sample(tmp_path, monkeypatch):
     with pytest.raises(CorruptSampleError, match=r"t00000000001.jpg: cannot decode image .*"
                                                  r"decompression bomb"):
         src.load(1)
-    from iddc.data.layout import open_label
     with pytest.raises(CorruptSampleError, match="cannot decode label"):
         open_label(root / "annotations" / "train2017" / "t00000000001.png")
 
@@ -583,6 +582,18 @@ def test_corrupt_label_and_size_mismatch(tmp_path):
     with pytest.raises(CorruptSampleError, match=r"label file holds JPEG data, whose lossy "
                                                  r"compression changes class ids"):
         src.load(0)
+    # other lossy codecs under the .png name: their ids were read, changed at the edges
+    for fmt, kw, named in (("TIFF", {"compression": "jpeg"}, "JPEG-compressed TIFF"),
+                           ("JPEG2000", {"quality_mode": "rates", "quality_layers": [20]},
+                            "JPEG2000"),
+                           ("AVIF", {}, "AVIF")):
+        Image.fromarray(ids).save(lab, format=fmt, **kw)
+        with pytest.raises(CorruptSampleError, match=rf"label file holds {named} data, whose "
+                                                     r"lossy compression changes class ids"):
+            src.load(0)
+    # a lossless TIFF is read as stored
+    Image.fromarray(ids % 3).save(lab, format="TIFF", compression="tiff_lzw")
+    np.testing.assert_array_equal(open_label(lab), ids % 3)
 
 
 def test_all_corrupt_stops(tmp_path):

@@ -225,6 +225,36 @@ def _resolve_num_classes(num_classes, class_names, labels, image_dir, label_dir)
     return k
 
 
+def _check_split_pairing(images: list, root: Path, image_dir: Path, label_base: Path,
+                         label_dir: Path, split: str) -> None:
+    """LayoutError where one side is split into train/ and val/ and the other is not, and so
+    a split's images would meet another split's labels: the scores would be of wrong pairs,
+    with no size mismatch to show it where the images are alike and the stems repeat."""
+    images_split, labels_split = image_dir != root, label_dir != label_base
+    if labels_split and not images_split:
+        raise LayoutError(
+            f"label_root {label_base} has train/ and val/ but the image root {root} has not: "
+            f"both splits would take every image under {root}, the {split} split scored "
+            f"against the labels in {label_dir}; pass the images' folder that holds train/ "
+            f"and val/ as the root, or the one split's labels ({label_dir}) as label_root")
+    if images_split and not labels_split:
+        other = next(s for s in SPLITS if s != split)
+        other_dir = root / other
+        mine = {_label_for(p, image_dir, label_dir): p for p in images}
+        with warnings.catch_warnings():  # its skipped files are named when it is built
+            warnings.simplefilter("ignore")
+            others = _outside(list_images(other_dir, leave_out_outputs=True), label_dir)
+        for p in others:
+            label = _label_for(p, other_dir, label_dir)
+            if label in mine:
+                raise LayoutError(
+                    f"{mine[label]} ({split}) and {p} ({other}) would both be scored against "
+                    f"{label}: the image root {root} has train/ and val/ but label_root "
+                    f"{label_base} has not, so both splits read one folder of labels; split "
+                    f"the labels into train/ and val/ as the images are, or give the images "
+                    f"unique names")
+
+
 def _labels_for(images: list, image_dir: Path, label_dir: Path) -> list:
     """The label file of every image; LayoutError for shared or missing ones."""
     labels = [_label_for(p, image_dir, label_dir) for p in images]
@@ -251,8 +281,9 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
         else []
     class_names = _read_class_names(class_names)
     if label_root is not None:
-        label_dir = _split_dir(require_dir(Path(label_root).expanduser(), "the folder of label "
-                                           "PNGs (one <image stem>.png per image)"), split)
+        label_base = require_dir(Path(label_root).expanduser(), "the folder of label PNGs (one "
+                                 "<image stem>.png per image)")
+        label_dir = _split_dir(label_base, split)
         # label PNGs must not be taken for images when they live under the image folder
         found = len(images)
         images = _outside(images, label_dir)
@@ -260,6 +291,7 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
             raise LayoutError(f"every image under {image_dir} lies in the label folder "
                               f"{label_dir}: keep the images and the label PNGs in separate "
                               "folders (label_root is the folder of labels only)")
+        _check_split_pairing(images, Path(root), image_dir, label_base, label_dir, split)
     if not images:
         raise LayoutError(f"no images under {image_dir}: expected image files "
                           f"({', '.join(('.jpg', '.png', '...'))})")

@@ -428,8 +428,20 @@ def open_image_oriented(path, exif_transpose: bool = False) -> tuple[Image.Image
         raise CorruptSampleError(path, f"cannot decode image ({err})") from err
 
 
-#: image formats whose compression is lossy: never a label map's
-LOSSY_FORMATS = ("JPEG", "MPO")
+#: image formats whose compression is lossy (JPEG 2000 and AVIF as a rule, with a lossless
+#: mode rarely used): never a label map's. A lossy WebP decodes as RGB, refused as such.
+LOSSY_FORMATS = ("JPEG", "MPO", "JPEG2000", "AVIF", "HEIF")
+#: TIFF compressions that are JPEG's
+LOSSY_TIFF_COMPRESSIONS = ("jpeg", "tiff_jpeg")
+
+
+def _lossy_data(img: Image.Image) -> Optional[str]:
+    """What lossy data `img` holds ("JPEG", "JPEG-compressed TIFF"), or None."""
+    if img.format in LOSSY_FORMATS:
+        return img.format
+    if img.format == "TIFF" and img.info.get("compression") in LOSSY_TIFF_COMPRESSIONS:
+        return "JPEG-compressed TIFF"
+    return None
 
 
 def _low_bit_grey(img: Image.Image) -> int:
@@ -450,9 +462,10 @@ def open_label(path) -> np.ndarray:
     """An H x W integer label array as stored (no mapping); CorruptSampleError on failure."""
     try:
         with Image.open(path) as img:
-            if img.format in LOSSY_FORMATS:  # its ids would be blurred into others
+            lossy = _lossy_data(img)
+            if lossy:  # its ids would be blurred into others
                 raise CorruptSampleError(
-                    path, f"label file holds {img.format} data, whose lossy compression "
+                    path, f"label file holds {lossy} data, whose lossy compression "
                           "changes class ids at every edge; expected a PNG")
             if img.mode in ("RGB", "RGBA"):
                 raise CorruptSampleError(
