@@ -940,3 +940,22 @@ def test_folder_val_built_with_a_fixed_k_is_not_probed(tmp_path):
         build_source_for("folder", 3, fixed=True, num_classes=4, **opts)
     with pytest.raises(ValueError, match=r"has 2 classes, the model 3 \(set by its options\)"):
         build_source_for("folder", 3, fixed=True, class_names=["a", "b"], **opts)
+
+
+@pytest.mark.parametrize("given", [{}, {"num_classes": 4}, {"num_classes": 300}],
+                         ids=["inferred", "num_classes", "the-models"])
+def test_a_model_of_more_classes_than_labels_hold_is_refused_as_such(tmp_path, given):
+    """A model of 300 clusters scored against label maps (ids 0..254), its num_classes given or
+    not (a run records its own): one message saying it
+    cannot be (the mismatch's hint was num_classes=300, which the data set then refused as
+    beyond 2..255); an unlabelled folder builds with the model's K as before."""
+    from iddc.data import build_source_for
+    root = _split_folder(tmp_path / "f", val_n=2, top_in_val_from=0, val_top=3)
+    with pytest.raises(ValueError, match=r"'folder': the model has 300 classes, more than label "
+                                         r"maps hold \(ids 0..254, 255 = unlabelled\): it cannot "
+                                         r"be scored against labels"):
+        build_source_for("folder", 300, fixed=True, root=root / "img", split="val",
+                         label_root=str(root / "lab"), **given)
+    unlabelled = build_source_for("folder", 300, fixed=True, root=root / "img", split="val",
+                                  num_classes=300)
+    assert unlabelled.num_classes == 300 and not unlabelled.has_labels

@@ -100,6 +100,16 @@ def build_source_for(name: str, model_classes: int, /, root=None, split: str = "
     that infers K is built with the model's K instead (a stray id or a corrupt map among its
     first maps would otherwise stop the evaluation); ids >= K are unlabelled, warned about when
     loaded, and first maps that show more classes than K are warned about once."""
+    if model_classes > IGNORE_INDEX:  # rare: a labelled split's build with K is refused, and
+        # the mismatch's hint would be to set num_classes to K: say what cannot be done
+        probed, _ = _probed(name, root, split, {k: v for k, v in options.items()
+                                                if k not in ("num_classes", "class_names")})
+        if probed is not None and probed.has_labels:
+            raise ValueError(f"data set {name!r}: the model has {model_classes} classes, more "
+                             f"than label maps hold (ids 0..{IGNORE_INDEX - 1}, {IGNORE_INDEX} = "
+                             f"unlabelled): it cannot be scored against labels; iddc.predict "
+                             f"segments with it, or train a model of at most {IGNORE_INDEX} "
+                             f"classes to score")
     infers = name in INFERS_NUM_CLASSES and options.get("num_classes") is None \
         and options.get("class_names") is None
     if fixed and infers:
