@@ -3,6 +3,7 @@ the corrupt-sample policy. Trees are tiny and generated in tmp_path."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -145,6 +146,9 @@ def test_coco_layout_and_registry(tmp_path):
     ("no_images", r"missing folder .*images/train2017: expected the COCO train2017 images"),
     ("no_annotations", r"missing folder .*annotations/train2017: expected the COCO-Stuff"),
     ("no_curated", r"missing file .*curated/train2017/Coco164kFull_Stuff_Coarse_7.txt"),
+    ("fifo_curated", r"Coco164kFull_Stuff_Coarse_7.txt is a named pipe \(FIFO\): expected the "
+                     r"curated image-id list"),
+    ("folder_curated", r"Coco164kFull_Stuff_Coarse_7.txt is a folder: expected the curated"),
     ("empty_curated", r"curated list .* is empty"),
     ("binary_curated", r"curated list .*Coco164kFull_Stuff_Coarse_7.txt is not UTF-8 text "
                        r"\(invalid start byte at byte 0\)"),
@@ -164,6 +168,10 @@ def test_coco_layout_mistakes(tmp_path, mistake, match):
         (root / "annotations").rename(root / "annotation")
     elif mistake == "no_curated":
         (root / "curated" / "train2017" / cocostuff.CURATED_LIST).unlink()
+    elif mistake in ("fifo_curated", "folder_curated"):  # a pipe was "missing file" (no hang)
+        (root / "curated" / "train2017" / cocostuff.CURATED_LIST).unlink()
+        make = os.mkfifo if mistake == "fifo_curated" else os.mkdir
+        make(root / "curated" / "train2017" / cocostuff.CURATED_LIST)
     elif mistake == "empty_curated":
         (root / "curated" / "train2017" / cocostuff.CURATED_LIST).write_text("\n")
     elif mistake == "binary_curated":

@@ -120,6 +120,8 @@ def _readable(folder: Path) -> Path:
 def require_file(path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
+        if os.path.lexists(path):  # a pipe would hang its reading, a folder cannot be read
+            raise LayoutError(f"{path} is {not_regular(str(path))}: expected {what}")
         raise LayoutError(f"missing file {path}: expected {what}")
     return path
 
