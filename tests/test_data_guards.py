@@ -544,6 +544,27 @@ def test_layout_decode_counts(capsys):
     assert "decoded" not in capsys.readouterr().out
 
 
+def test_layout_decode_names_a_val_split_without_labelled_pixels(tmp_path, capsys):
+    """A val split whose label maps are all 255 passed the checker (status 0), and iddc.evaluate
+    then refused it ("no labelled pixels"): decoded whole it is a NO LABELS line and status 1;
+    decoded in part, a warning (the rest may hold labels)."""
+    from iddc.data import layout
+    for split, value in (("train", 1), ("val", 255)):
+        for k in range(2):
+            _rgb(tmp_path / "imgs" / split / f"{split}{k}.png")
+            _grey(tmp_path / "labels" / split / f"{split}{k}.png", np.full((6, 8), value, np.uint8))
+    args = ["folder", str(tmp_path / "imgs"), "--data-option", f"label_root={tmp_path / 'labels'}",
+            "--data-option", "num_classes=2"]
+    assert layout.main([*args, "--decode", "all"]) == 1
+    out = capsys.readouterr().out
+    assert "val: NO LABELS: none of the 2 decoded label maps has a labelled pixel (every id is " \
+           "255 or >= K = 2); iddc.evaluate refuses a split with none" in out
+    assert "train: decoded 2 samples, 0 corrupt\nval:" in out  # the train split's are fine
+    assert layout.main([*args, "--decode", "1"]) == 0
+    assert "val: WARNING: none of the 1 decoded label maps has a labelled pixel" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bad", ["-1", "x"])
 def test_layout_workers_must_be_a_count(bad, capsys):
     """--workers -1 was silently one thread; 0, as 1, decodes one file at a time."""

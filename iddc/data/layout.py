@@ -702,10 +702,12 @@ def skip_corrupt(source: SegmentationSource, max_consecutive: int = 64) -> Segme
 
 
 # ----------------------------------------------------------------------------- checking a tree
-def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int = 8) -> list:
+def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int = 8,
+         labelled: Optional[list] = None) -> list:
     """Decode the first `limit` samples (all when None) in threads; [(index, error)] of the
     corrupt ones. The opt-in full readability check that construction does not do. `workers`:
-    decoding threads, >= 0 (0 and 1: one at a time)."""
+    decoding threads, >= 0 (0 and 1: one at a time). `labelled`, where given, gets each
+    readable sample's count of labelled pixels (not 255 once mapped)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if workers < 0:  # not silently one thread
@@ -715,7 +717,9 @@ def scan(source: SegmentationSource, limit: Optional[int] = None, workers: int =
 
     def one(i):
         try:
-            source.load(i)
+            _, label = source.load(i)
+            if labelled is not None and label is not None:
+                labelled.append(int((np.asarray(label) != IGNORE_INDEX).sum()))
             return None
         except CorruptSampleError as err:
             return i, str(err)
@@ -793,12 +797,22 @@ def main(argv=None) -> int:
         train_k = src.num_classes if split == "train" else train_k
         limit = args.decode
         if limit != 0:
-            corrupt = scan_source(src, limit, args.workers)
+            labelled: list = []
+            corrupt = scan_source(src, limit, args.workers, labelled)
             checked = len(src) if limit is None else min(limit, len(src))
             print(f"{split}: decoded {checked} samples, {len(corrupt)} corrupt")
             for i, err in corrupt[:20]:
                 print(f"  [{i}] {err}")
             bad += bool(corrupt)
+            if src.has_labels and labelled and not any(labelled):
+                # every id 255 (or beyond K): a val split with none cannot be scored at all
+                whole = checked == len(src) and not corrupt
+                refused = split == "val" and whole
+                print(f"{split}: {'NO LABELS' if refused else 'WARNING'}: none of the "
+                      f"{len(labelled)} decoded label maps has a labelled pixel (every id is "
+                      f"{IGNORE_INDEX} or >= K = {src.num_classes})"
+                      + ("; iddc.evaluate refuses a split with none" if refused else ""))
+                bad += refused
     return 1 if bad else 0
 
 
