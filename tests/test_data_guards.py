@@ -112,18 +112,23 @@ def test_folder_split_folders_never_mix(tmp_path):
 
 
 @pytest.mark.parametrize("names", [("training", "validation"), ("Train", "Val"),
-                                   ("train2", "valid"), ("test",)],
-                         ids=["ade20k", "capitalised", "valid", "test-only"])
+                                   ("train2", "valid"), ("test",), ("train2017", "val2017"),
+                                   ("train-2014", "Val_2014"), ("trainer", "valid")],
+                         ids=["ade20k", "capitalised", "valid", "test-only", "coco",
+                              "numbered", "one-like"])
 def test_folder_with_other_split_names_is_refused(tmp_path, names):
-    """ADE20K's images/{training,validation}: not train/ and val/, so both splits would be the
-    whole folder and the held-out scores those of training images."""
+    """ADE20K's images/{training,validation} or COCO's {train2017,val2017} (these passed: the
+    names were matched exactly): not train/ and val/, so both splits would be the whole
+    folder and the held-out scores those of training images."""
+    from iddc.data.folder import SPLIT_LIKE
     for name in names:
         _rgb(tmp_path / "img" / name / f"{name}.png")
         _grey(tmp_path / "lab" / name / f"{name}.png", np.zeros((6, 8), np.uint8))
-    like = [n for n in names if n != "train2"]
+    like = sorted(n for n in names if SPLIT_LIKE.fullmatch(n))
+    assert [n for n in names if n not in like] == (["trainer"] if "trainer" in names else [])
     for split in ("train", "val"):
-        with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {like[0]}/.* but not "
-                                              r"train/ and val/.*rename \(or link\)"):
+        with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {re.escape('/, '.join(like))}/ "
+                                              r"but not train/ and val/.*rename \(or link\)"):
             build_source("folder", root=tmp_path / "img", split=split,
                          label_root=tmp_path / "lab", num_classes=2)
     # unlabelled (training only, never scored): the whole folder, as before

@@ -10,7 +10,7 @@ sub-folder of label_root, when it has both); with neither, split is ignored and 
 is used. Only one of the two is refused (LayoutError naming the missing one): the other split
 would be the whole folder, so held-out scores would be computed on training images. So is a
 labelled root with neither but with sub-folders named like other splits (`training/`,
-`validation/`, `Val/`, `valid/`, `test/`, ...: SPLIT_LIKE_NAMES, any case); an unlabelled one,
+`validation/`, `Val/`, `valid/`, `test/`, COCO's `train2017/`, ...: SPLIT_LIKE, any case); an unlabelled one,
 never scored, uses the whole folder.
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
@@ -27,6 +27,7 @@ under the image root are left out of the images by real path, however the two ar
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -45,14 +46,17 @@ PROBE_LABELS = 16  # label maps read to infer num_classes
 #: sub-folder names (compared in lower case) that other data sets give their splits: with none
 #: of SPLITS beside them the whole folder, split folders included, would be both splits
 SPLIT_LIKE_NAMES = ("train", "training", "trn", "val", "valid", "validation", "test", "testing")
+#: a split-like name, any case, with a year or number as COCO's train2017/ (or train-2017/)
+SPLIT_LIKE = re.compile(rf"(?:{'|'.join(SPLIT_LIKE_NAMES)})(?:[-_ ]?\d+)?", re.IGNORECASE)
 
 
 def _split_like_folders(base: Path) -> list:
-    """The sub-folders of `base` named like a split (SPLIT_LIKE_NAMES, any case)."""
+    """The sub-folders of `base` named like a split (SPLIT_LIKE: SPLIT_LIKE_NAMES, any case,
+    with or without a number)."""
     try:
         with os.scandir(base) as entries:
             return sorted(e.name for e in entries
-                          if e.name.lower() in SPLIT_LIKE_NAMES and e.is_dir())
+                          if SPLIT_LIKE.fullmatch(e.name) and e.is_dir())
     except OSError:  # an unreadable root is named by list_images
         return []
 
