@@ -127,8 +127,9 @@ def test_folder_with_other_split_names_is_refused(tmp_path, names):
     like = sorted(n for n in names if SPLIT_LIKE.fullmatch(n))
     assert [n for n in names if n not in like] == (["trainer"] if "trainer" in names else [])
     for split in ("train", "val"):
-        with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {re.escape('/, '.join(like))}/ "
-                                              r"but not train/ and val/.*rename \(or link\)"):
+        shown = re.escape("/, ".join(like))
+        with pytest.raises(LayoutError, match=rf"has the sub-folder\(s\) {shown}/ but not "
+                                              r"train/ and val/.*rename \(or link\)"):
             build_source("folder", root=tmp_path / "img", split=split,
                          label_root=tmp_path / "lab", num_classes=2)
     # unlabelled (training only, never scored): the whole folder, as before

@@ -10,8 +10,8 @@ sub-folder of label_root, when it has both); with neither, split is ignored and 
 is used. Only one of the two is refused (LayoutError naming the missing one): the other split
 would be the whole folder, so held-out scores would be computed on training images. So is a
 labelled root with neither but with sub-folders named like other splits (`training/`,
-`validation/`, `Val/`, `valid/`, `test/`, COCO's `train2017/`, ...: SPLIT_LIKE, any case); an unlabelled one,
-never scored, uses the whole folder.
+`validation/`, `Val/`, `valid/`, `test/`, COCO's `train2017/`, ...: SPLIT_LIKE, any case); an
+unlabelled one, never scored, uses the whole folder.
 
 `num_classes` (K, >= 2): with labels it defaults to 1 + the largest id in the first (up to 16)
 label maps, warned about when that id lies far above all others (a stray value), and is at most
@@ -295,7 +295,7 @@ def build(root=None, split: str = "train", label_root=None, num_classes: Optiona
             raise LayoutError(f"every image under {image_dir} lies in the label folder "
                               f"{label_dir}: keep the images and the label PNGs in separate "
                               "folders (label_root is the folder of labels only)")
-        _check_split_pairing(images, Path(root), image_dir, label_base, label_dir, split)
+        _check_split_pairing(images, root, image_dir, label_base, label_dir, split)
     if not images:
         raise LayoutError(f"no images under {image_dir}: expected image files "
                           f"({', '.join(('.jpg', '.png', '...'))})")
